@@ -1,0 +1,48 @@
+"""The search space: turn a spec's W&B-style parameter blocks into Optuna suggestions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from .spec import PARAMETERS, ParamSpec, SweepSpec
+
+
+def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
+    kind = p.kind()
+    is_int = PARAMETERS[name]["kind"] == "int"
+    if kind == "categorical":
+        return trial.suggest_categorical(name, list(p.values or []))
+    lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
+    if kind == "uniform":
+        return trial.suggest_float(name, lo, hi)
+    if kind == "log_uniform_values":
+        return trial.suggest_float(name, lo, hi, log=True)
+    if kind == "int_uniform":
+        return trial.suggest_int(name, int(lo), int(hi))
+    if kind == "q_uniform":
+        if is_int:
+            return trial.suggest_int(name, int(lo), int(hi), step=max(1, int(p.q)))  # type: ignore[arg-type]
+        return trial.suggest_float(name, lo, hi, step=float(p.q))  # type: ignore[arg-type]
+    if kind == "q_log_uniform_values":
+        # Optuna has no stepped log-uniform: sample log-uniform, then round to the grid of q
+        # (the rounded value is the one used; the sampler keeps the raw one).
+        raw = trial.suggest_float(name, lo, hi, log=True)
+        q = float(p.q)  # type: ignore[arg-type]
+        val = min(max(round(raw / q) * q, math.ceil(lo / q) * q), math.floor(hi / q) * q)
+        return int(val) if is_int else val
+    raise ValueError(f"cannot sample {name}: distribution {kind}")
+
+
+def sample_params(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
+    """Every training parameter for this trial: spec defaults and fixed values, then the searched ones."""
+    params = spec.fixed_params()
+    for name, p in spec.searched_params().items():
+        params[name] = suggest(trial, name, p)
+    return params
+
+
+def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:
+    return {name: list(p.values or []) for name, p in spec.searched_params().items()}

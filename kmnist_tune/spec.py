@@ -1,0 +1,321 @@
+"""The sweep spec: a YAML file validated into typed settings.
+
+Parameter blocks use the vocabulary of W&B sweep configs (`value`, `values`,
+`distribution`, `min`, `max`, `q`) so a W&B user's `parameters:` block reads the same.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+DISTRIBUTIONS = (
+    "constant",
+    "categorical",
+    "uniform",
+    "log_uniform_values",
+    "int_uniform",
+    "q_uniform",
+    "q_log_uniform_values",
+)
+SAMPLERS = ("tpe", "random", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("imagenet", "small")
+METRICS = ("accuracy", "balanced_accuracy", "valid_loss")
+
+
+class SpecError(UserError):
+    """A sweep spec that does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+# Every hyperparameter a spec may set or search, with its default and its check.
+# `kind` drives both validation of the YAML and how it is sampled.
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "lr": {"kind": "float", "default": 1e-3, "min": 0.0, "min_open": True},
+    "weight_decay": {"kind": "float", "default": 0.01, "min": 0.0},
+    "batch_size": {"kind": "int", "default": 512, "min": 1},
+    "epochs": {"kind": "int", "default": 10, "min": 1, "max": 1000},
+    "pct_start": {"kind": "float", "default": 0.25, "min": 0.0, "max": 1.0, "min_open": True, "max_open": True},
+    "dropout": {"kind": "float", "default": 0.5, "min": 0.0, "max": 1.0, "max_open": True},
+    "arch": {"kind": "choice", "default": "resnet18", "choices": ARCHS},
+    "stem": {"kind": "choice", "default": "imagenet", "choices": STEMS},
+}
+
+
+class ParamSpec(_Strict):
+    value: Any = None
+    values: list[Any] | None = None
+    distribution: str | None = None
+    min: float | None = None
+    max: float | None = None
+    q: float | None = None
+
+    @field_validator("distribution")
+    @classmethod
+    def _known_distribution(cls, v: str | None) -> str | None:
+        if v is not None and v not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {v!r}; use one of {', '.join(DISTRIBUTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        dist = self.kind()
+        if dist == "constant":
+            if self.values is not None or self.min is not None or self.max is not None:
+                raise ValueError("a fixed `value` takes no `values`, `min` or `max`")
+            if self.value is None:
+                raise ValueError("give `value`, `values`, or a `distribution` with `min` and `max`")
+        elif dist == "categorical":
+            if not self.values:
+                raise ValueError("`values` must be a non-empty list")
+        else:
+            if self.min is None or self.max is None:
+                raise ValueError(f"distribution {dist} needs `min` and `max`")
+            if self.min > self.max:
+                raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
+            if dist in ("log_uniform_values", "q_log_uniform_values") and self.min <= 0:
+                raise ValueError(f"distribution {dist} needs min > 0 (got {self.min:g})")
+            if dist.startswith("q_") and (self.q is None or self.q <= 0):
+                raise ValueError(f"distribution {dist} needs a positive `q`")
+            if dist == "int_uniform" and not (float(self.min).is_integer() and float(self.max).is_integer()):
+                raise ValueError("int_uniform needs whole-number min and max")
+        return self
+
+    def kind(self) -> str:
+        """The distribution this block describes, with W&B's shorthands resolved."""
+        if self.distribution is not None:
+            return self.distribution
+        if self.values is not None:
+            return "categorical"
+        if self.min is not None or self.max is not None:
+            # W&B infers int_uniform / uniform from the type of min and max.
+            both_int = all(v is not None and float(v).is_integer() for v in (self.min, self.max))
+            return "int_uniform" if both_int else "uniform"
+        return "constant"
+
+    @property
+    def searched(self) -> bool:
+        return self.kind() != "constant" and not (self.kind() == "categorical" and len(self.values or []) == 1)
+
+
+class DataSpec(_Strict):
+    dataset: Literal["kmnist", "k49"] = "kmnist"
+    format: Literal["npz", "idx"] | None = None
+    train_size: int | None = Field(default=None, gt=0)
+    valid_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    valid_size: int | None = Field(default=None, gt=0)
+    split_seed: int = 0
+
+
+class SamplerSpec(_Strict):
+    name: str = "tpe"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; use one of {', '.join(SAMPLERS)}")
+        return v
+
+
+class PrunerSpec(_Strict):
+    name: str = "median"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRUNERS:
+            raise ValueError(f"unknown pruner {v!r}; use one of {', '.join(PRUNERS)}")
+        return v
+
+
+class BudgetSpec(_Strict):
+    n_trials: int | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, description="seconds, per `run`/`worker` process")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSpec:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("set `n_trials` and/or `timeout`")
+        return self
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    description: str = ""
+    metric: Literal["accuracy", "balanced_accuracy", "valid_loss"] | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    budget: BudgetSpec
+    seed: int = 0
+
+    @field_validator("sampler", "pruner", mode="before")
+    @classmethod
+    def _name_shorthand(cls, v: Any) -> Any:
+        # `sampler: random` is shorthand for `sampler: {name: random}`.
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _bare_values(cls, v: Any) -> Any:
+        # `epochs: 2` is shorthand for `epochs: {value: 2}`.
+        if isinstance(v, dict):
+            return {k: (p if isinstance(p, dict) else {"value": p}) for k, p in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        if self.metric is None:
+            self.metric = "balanced_accuracy" if self.data.dataset == "k49" else "accuracy"
+        natural = "minimize" if self.metric == "valid_loss" else "maximize"
+        if self.direction is None:
+            self.direction = natural
+        elif self.direction != natural:
+            raise ValueError(f"direction {self.direction} contradicts metric {self.metric} (which is to {natural})")
+        for name, p in self.parameters.items():
+            _check_parameter(name, p)
+        if self.sampler.name == "grid":
+            for name, p in self.parameters.items():
+                if p.searched and p.kind() != "categorical":
+                    raise ValueError(f"sampler grid needs every searched parameter as `values`; parameters.{name} is {p.kind()}")
+        return self
+
+    # -- resolved views ------------------------------------------------------
+    def fixed_params(self) -> dict[str, Any]:
+        """Defaults overlaid with every parameter the spec pins to one value."""
+        out = {k: meta["default"] for k, meta in PARAMETERS.items()}
+        for name, p in self.parameters.items():
+            if not p.searched:
+                out[name] = p.value if p.kind() == "constant" else p.values[0]  # type: ignore[index]
+        return out
+
+    def searched_params(self) -> dict[str, ParamSpec]:
+        return {k: p for k, p in self.parameters.items() if p.searched}
+
+
+def _check_parameter(name: str, p: ParamSpec) -> None:
+    if name not in PARAMETERS:
+        raise ValueError(f"parameters.{name}: unknown parameter{_did_you_mean(name, PARAMETERS)}; known: {', '.join(PARAMETERS)}")
+    meta = PARAMETERS[name]
+    kind = p.kind()
+    where = f"parameters.{name}"
+    if meta["kind"] == "choice" and kind not in ("constant", "categorical"):
+        raise ValueError(f"{where}: {name} is a choice; give `value` or `values` from {', '.join(meta['choices'])}")
+    if meta["kind"] == "int" and kind in ("uniform", "log_uniform_values"):
+        raise ValueError(f"{where}: {name} is a whole number; use int_uniform, q_uniform, q_log_uniform_values or values")
+    candidates: list[Any] = []
+    if kind == "constant":
+        candidates = [p.value]
+    elif kind == "categorical":
+        candidates = list(p.values or [])
+    else:
+        candidates = [p.min, p.max]
+    for c in candidates:
+        problem = _value_problem(meta, c)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+
+
+def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
+    if meta["kind"] == "choice":
+        return None if v in meta["choices"] else f"{v!r} is not one of {', '.join(meta['choices'])}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"{v!r} is not a number"
+    if meta["kind"] == "int" and not float(v).is_integer():
+        return f"{v!r} is not a whole number"
+    if not math.isfinite(v):
+        return f"{v!r} is not finite"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (v < lo or (meta.get("min_open") and v == lo)):
+        return f"{v!r} is below the allowed range ({'>' if meta.get('min_open') else '>='} {lo:g})"
+    if hi is not None and (v > hi or (meta.get("max_open") and v == hi)):
+        return f"{v!r} is above the allowed range ({'<' if meta.get('max_open') else '<='} {hi:g})"
+    return None
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at a location, to suggest a fix for a typo."""
+    model: Any = SweepSpec
+    for part in loc[:-1]:
+        if model is SweepSpec and part == "parameters":
+            model = "params"
+            continue
+        if model == "params":
+            model = ParamSpec
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        msg = f"unknown key {key!r} in {parent}{_did_you_mean(key, _fields_at(loc))}"
+    elif first["type"] == "missing":
+        msg = f"{where}: required but missing"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        msg = f"{where}: {text}" if loc else text
+        if first["type"] == "literal_error" or first["type"].endswith("_type") or first["type"].endswith("_parsing"):
+            msg += f" (got {first.get('input')!r})"
+    more = len(err.errors()) - 1
+    return msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a YAML mapping (key: value lines), got {type(data).__name__}")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_one_line(e)}") from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {p} does not exist; pass a YAML spec such as sweeps/quickstart.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{p}: not a UTF-8 text file; pass a YAML spec") from None
+    return parse_spec(data, str(p))
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    """A JSON-safe dict that parse_spec() turns back into the same spec."""
+    return spec.model_dump(mode="json", exclude_none=True)
