@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from . import __version__
@@ -81,26 +80,19 @@ def _storage(url: str | None, *, create: bool):
     return resolved, open_storage(resolved, create=create)
 
 
-def _work(
-    study,
-    spec,
-    *,
-    data_dir: Path | None,
-    mirror: str | None,
-    device: str,
-    label: str,
-    max_trials: int | None = None,
-    timeout: float | None = None,
-) -> int:
+def _load_splits(spec, data_dir: Path | None, mirror: str | None):
     from .data import resolve_data_dir
+    from .train import load_splits
+
+    # Once per process, before any trial is claimed: a data problem must not leave a trial behind.
+    return load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
+
+
+def _work(study, spec, splits, dev, *, label: str, max_trials: int | None = None, timeout: float | None = None) -> int:
     from .objective import Objective
     from .progress import make_reporter
-    from .train import load_splits
     from .worker import work
 
-    dev = _device(device)
-    # Data is loaded once per process, before any trial is claimed.
-    splits = load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
     with make_reporter(spec.budget.n_trials, label=label) as reporter:
         reporter.line(
             f"study {study.study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
@@ -139,10 +131,12 @@ def run(
     from .studies import create_study
 
     spec = _override_budget(load_spec(spec_path), n_trials, timeout)
+    dev = _device(device)
     url, st = _storage(storage, create=True)
+    splits = _load_splits(spec, data_dir, mirror)
     study, created = create_study(spec, st, resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr)
-    _work(study, spec, data_dir=data_dir, mirror=mirror, device=device, label="")
+    _work(study, spec, splits, dev, label="")
     _print_best(study, spec)
 
 
@@ -169,19 +163,12 @@ def worker(
     """
     from .studies import open_study
 
+    dev = _device(device)
     url, st = _storage(storage, create=False)
     # Workers must not all sample the same points: seed each process differently.
     st_obj, spec = open_study(st, study, url=url, seed=None)
-    ran = _work(
-        st_obj,
-        spec,
-        data_dir=data_dir,
-        mirror=mirror,
-        device=device,
-        label=f"worker {os.getpid()}",
-        max_trials=max_trials,
-        timeout=timeout,
-    )
+    splits = _load_splits(spec, data_dir, mirror)
+    ran = _work(st_obj, spec, splits, dev, label=f"worker {os.getpid()}", max_trials=max_trials, timeout=timeout)
     _out(f"worker ran {ran} trial(s)")
     _print_best(st_obj, spec)
 
@@ -422,14 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {mask(str(e))}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 1
-    except click.exceptions.ClickException as e:
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except typer.TyperException as e:  # usage errors: missing option, bad value
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "kmnist-tune"
-        print(f"error: {e.format_message()} (see `{where} --help`)", file=sys.stderr)
-        return e.exit_code
+        fmt = getattr(e, "format_message", None)
+        print(f"error: {fmt() if fmt else e} (see `{where} --help`)", file=sys.stderr)
+        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

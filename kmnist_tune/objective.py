@@ -40,7 +40,8 @@ class Objective:
             self.reporter.epoch(
                 trial.number, rec.epoch, n_epochs, spec.metric or "metric", rec.metric, rec.seconds, rec.images_per_s
             )
-            return not trial.should_prune()
+            # After the last epoch there is nothing left to save: finish, so the trial counts as complete.
+            return rec.epoch + 1 >= n_epochs or not trial.should_prune()
 
         def on_batch(i: int, n: int) -> None:
             self.reporter.batch(trial.number, len(log.result.epochs), i, n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,9 +59,11 @@ class ParamSpec(_Strict):
     value: Any = None
     values: list[Any] | None = None
     distribution: str | None = None
-    min: float | None = None
-    max: float | None = None
-    q: float | None = None
+    # int | float, not float: pydantic would turn `min: 16` into 16.0 and lose the int/float
+    # distinction that W&B's shorthand (min/max without `distribution`) is inferred from.
+    min: int | float | None = None
+    max: int | float | None = None
+    q: int | float | None = None
 
     @field_validator("distribution")
     @classmethod
@@ -90,6 +92,9 @@ class ParamSpec(_Strict):
                 raise ValueError(f"distribution {dist} needs min > 0 (got {self.min:g})")
             if dist.startswith("q_") and (self.q is None or self.q <= 0):
                 raise ValueError(f"distribution {dist} needs a positive `q`")
+            if dist == "q_log_uniform_values" and math.ceil(self.min / self.q - 1e-9) * self.q > self.max + 1e-9:  # type: ignore[operator]
+                # Values are rounded to multiples of q; with none inside [min, max] every one would fall outside.
+                raise ValueError(f"no multiple of q ({self.q:g}) lies between min ({self.min:g}) and max ({self.max:g})")
             if dist == "int_uniform" and not (float(self.min).is_integer() and float(self.max).is_integer()):
                 raise ValueError("int_uniform needs whole-number min and max")
         return self
@@ -101,8 +106,9 @@ class ParamSpec(_Strict):
         if self.values is not None:
             return "categorical"
         if self.min is not None or self.max is not None:
-            # W&B infers int_uniform / uniform from the type of min and max.
-            both_int = all(v is not None and float(v).is_integer() for v in (self.min, self.max))
+            # W&B infers int_uniform / uniform from the type of min and max: `min: 0.0, max: 1.0`
+            # is a float range, not the two integers 0 and 1.
+            both_int = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.max))
             return "int_uniform" if both_int else "uniform"
         return "constant"
 
@@ -120,28 +126,30 @@ class DataSpec(_Strict):
     split_seed: int = 0
 
 
-class SamplerSpec(_Strict):
+class _NamedChoice(_Strict):
+    """`{name: ..., options: {...}}`: an Optuna sampler or pruner picked by name, with its keyword options."""
+
+    KIND: ClassVar[str]
+    CHOICES: ClassVar[tuple[str, ...]]
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in cls.CHOICES:
+            raise ValueError(f"unknown {cls.KIND} {v!r}{_did_you_mean(v, cls.CHOICES)}; use one of {', '.join(cls.CHOICES)}")
+        return v
+
+
+class SamplerSpec(_NamedChoice):
+    KIND, CHOICES = "sampler", SAMPLERS
     name: str = "tpe"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r}; use one of {', '.join(SAMPLERS)}")
-        return v
 
 
-class PrunerSpec(_Strict):
+class PrunerSpec(_NamedChoice):
+    KIND, CHOICES = "pruner", PRUNERS
     name: str = "median"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in PRUNERS:
-            raise ValueError(f"unknown pruner {v!r}; use one of {', '.join(PRUNERS)}")
-        return v
 
 
 class BudgetSpec(_Strict):
@@ -274,7 +282,10 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # An unknown key is reported first: a misspelt `budgte` also makes `budget` missing, and
+    # "budget: required but missing" alone would hide the typo that caused it.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -288,7 +299,7 @@ def _one_line(err: ValidationError) -> str:
         msg = f"{where}: {text}" if loc else text
         if first["type"] == "literal_error" or first["type"].endswith("_type") or first["type"].endswith("_parsing"):
             msg += f" (got {first.get('input')!r})"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     return msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
@@ -306,14 +317,46 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not p.is_file():
         raise SpecError(f"spec file {p} does not exist; pass a YAML spec such as sweeps/quickstart.yaml")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"{p}: not a UTF-8 text file; pass a YAML spec") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe_load semantics
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML{_yaml_problem(e, text)}") from None
     return parse_spec(data, str(p))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`; explicit keys may override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """' at line N: what is wrong', on one line (PyYAML's own str() spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.reader.ReaderError):
+        # Raised for control characters such as NUL; it carries a character offset, not a mark.
+        line = text.count("\n", 0, max(e.position, 0)) + 1
+        code = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "?")
+        return f" at line {line}: unacceptable character #x{code:04x} (control characters are not allowed)"
+    at = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{at}: {problem}"
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:

@@ -103,6 +103,12 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> optuna
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
     except sqlalchemy.exc.ArgumentError as e:
         raise UserError(f"malformed storage URL {mask(url)!r} ({_first_line(e)}); {URL_HELP}") from None
+    except ImportError:
+        # A driver that is not installed (postgresql+psycopg2://, sqlite+pysqlcipher://): Optuna
+        # re-raises SQLAlchemy's ModuleNotFoundError as a bare ImportError.
+        raise UserError(
+            f"the database driver of {mask(url)!r} ({make_url(url).drivername}) is not installed; {URL_HELP}"
+        ) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
         raise UserError(
             f"cannot reach storage {mask(url)}: {_first_line(e.orig or e)}; check that the server runs "

@@ -1,0 +1,125 @@
+"""Shared test helpers: the real-image fixture, tiny specs, the CLI as a subprocess, PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "kmnist-mini"
+K49_FIXTURE = REPO / "tests" / "fixtures" / "k49-mini"
+PG_ADMIN = os.environ.get("KMNIST_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def tiny_spec(name: str = "tiny", **over: Any) -> dict[str, Any]:
+    """A spec sized for tests: resnet18, the fixture's ~1,000 training images, 1 epoch."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "data": {"dataset": "kmnist", "valid_fraction": 0.2},
+        "parameters": {
+            "arch": {"value": "resnet18"},
+            "epochs": {"value": 1},
+            "batch_size": {"value": 32},
+            "lr": {"distribution": "log_uniform_values", "min": 2e-3, "max": 1e-2},
+        },
+        "pruner": "none",
+        "budget": {"n_trials": 2},
+        "seed": 0,
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(spec.get(k), dict):
+            spec[k] = {**spec[k], **v}
+        else:
+            spec[k] = v
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMNIST_TUNE_")}
+    env.update(
+        {
+            "KMNIST_TUNE_DATA": str(FIXTURE),
+            "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",
+            "PYTHONWARNINGS": "ignore",
+            "WANDB_MODE": "disabled",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `kmnist-tune ARGS` as a real process (python -m, so no install step is assumed)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmnist_tune", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"kmnist-tune {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def spawn_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kmnist_tune", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's failure contract: non-zero exit, exactly one stderr line starting 'error:', no traceback."""
+    assert proc.returncode != 0, f"expected failure, got 0; stdout={proc.stdout!r}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards.
+
+    Fails (never skips) when the server cannot be reached: CI must not go green without it."""
+    name = f"kt_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(
+            f"PostgreSQL at {PG_ADMIN} is not reachable ({e}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+        )
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

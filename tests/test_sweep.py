@@ -1,0 +1,88 @@
+"""Real sweeps, end to end through the CLI: real KMNIST images, real training, real storages."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import K49_FIXTURE, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+
+from kmnist_tune.evaluate import TEST_ATTR
+from kmnist_tune.storage import open_storage
+
+CHANCE = 0.1
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+def test_sqlite_sweep_default_storage_then_best_evaluate(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "tiny.yaml", tiny_spec("tiny-sqlite"))
+    # No --storage and no env: the SQLite file in the working directory is the default.
+    proc = run_cli("run", str(spec), cwd=tmp_path)
+    db = tmp_path / "kmnist-tune.db"
+    assert db.is_file()
+    study = optuna.load_study(study_name="tiny-sqlite", storage=f"sqlite:///{db}")
+    done = finished(study)
+    assert len(done) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    for t in done:
+        assert CHANCE < t.value <= 1.0, t.value  # learned something real from real images
+        assert 2e-3 <= t.params["lr"] <= 1e-2
+        assert t.user_attrs["device"] == "cpu"
+        assert t.user_attrs["batch_size_used"] == 32
+        assert len(t.user_attrs["epoch_seconds"]) == 1 and t.user_attrs["epoch_seconds"][0] > 0
+        assert t.user_attrs["train_images_per_s"][0] > 0
+        assert t.intermediate_values.keys() == {0}
+        assert t.intermediate_values[0] == pytest.approx(t.value)
+    assert f"validation accuracy: {study.best_value:.4f}" in proc.stdout
+    assert "trial 0 epoch 1/1" in proc.stderr  # plain progress lines when not on a terminal
+
+    # A second `run` of the same spec resumes: the budget is already used, nothing new runs.
+    again = run_cli("run", str(spec), cwd=tmp_path)
+    assert "resuming study tiny-sqlite" in again.stderr
+    assert len(optuna.load_study(study_name="tiny-sqlite", storage=f"sqlite:///{db}").trials) == 2
+
+    ev = json.loads(run_cli("best", "--study", "tiny-sqlite", "--evaluate", "--json", cwd=tmp_path).stdout)
+    test = ev["test_evaluation"]
+    assert test["trial"] == study.best_trial.number
+    assert test["n_test"] == 300 and test["n_train"] == 1200  # the whole official train split of the fixture
+    assert CHANCE < test["test_value"] <= 1.0
+    stored = optuna.load_study(study_name="tiny-sqlite", storage=f"sqlite:///{db}").user_attrs[TEST_ATTR]
+    assert stored["test_value"] == test["test_value"]
+    shown = run_cli("best", "--study", "tiny-sqlite", cwd=tmp_path).stdout
+    assert re.search(r"test accuracy \(official test split, 300 images.*\): 0\.\d{4}", shown), shown
+
+
+def test_postgres_study_created_elsewhere_and_worked_by_two_workers(tmp_path: Path, pg_url: str) -> None:
+    spec = write_spec(tmp_path / "pg.yaml", tiny_spec("tiny-pg", budget={"n_trials": 3}))
+    created = run_cli("study", "create", str(spec), "--storage", pg_url)
+    assert "created study tiny-pg" in created.stdout
+    # Workers need only the study name and the storage URL: the spec comes from the storage.
+    workers = [spawn_cli("worker", "--study", "tiny-pg", "--storage", pg_url, cwd=tmp_path) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outs, strict=True):
+        assert w.returncode == 0, err
+    ran = sum(int(re.search(r"worker ran (\d+) trial", out).group(1)) for out, _ in outs)  # type: ignore[union-attr]
+    study = optuna.load_study(study_name="tiny-pg", storage=open_storage(pg_url))
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) == ran
+    assert len(finished(study)) >= 3
+    assert all(CHANCE < t.value <= 1.0 for t in finished(study))
+    listed = run_cli("study", "list", "--storage", pg_url).stdout
+    assert re.search(r"tiny-pg\t\d+/\d+ finished\tbest 0\.\d{4}", listed), listed
+
+
+def test_k49_layout_trains_with_balanced_accuracy(tmp_path: Path) -> None:
+    spec = tiny_spec("tiny-k49", data={"dataset": "k49", "valid_fraction": 0.25}, budget={"n_trials": 1})
+    spec["parameters"]["batch_size"] = {"value": 64}
+    path = write_spec(tmp_path / "k49.yaml", spec)
+    run_cli("run", str(path), "--storage", f"sqlite:///{tmp_path / 'k.db'}", env=cli_env(KMNIST_TUNE_DATA=str(K49_FIXTURE)))
+    study = optuna.load_study(study_name="tiny-k49", storage=f"sqlite:///{tmp_path / 'k.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert 0.0 <= trial.value <= 1.0
+    assert study.user_attrs["kmnist_tune.spec"]["metric"] == "balanced_accuracy"
