@@ -88,7 +88,8 @@ def _load_splits(spec, data_dir: Path | None, mirror: str | None):
     return load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
 
 
-def _work(study, spec, splits, dev, *, label: str, max_trials: int | None = None, timeout: float | None = None) -> int:
+def _work(study, spec, splits, dev, url: str, *, label: str, max_trials: int | None = None, timeout: float | None = None) -> int:
+    from .lr_prior import ensure_prior, uses_lr_finder
     from .objective import Objective
     from .progress import make_reporter
     from .worker import work
@@ -98,7 +99,13 @@ def _work(study, spec, splits, dev, *, label: str, max_trials: int | None = None
             f"study {study.study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
             f"images of {spec.data.dataset}, device {dev}"
         )
-        return work(study, spec, Objective(spec, splits, dev, reporter), reporter, max_trials=max_trials, timeout=timeout)
+        lr_range = None
+        if uses_lr_finder(spec):
+            prior, computed = ensure_prior(study, url, spec, splits, dev, log=reporter.line)
+            reporter.line(f"{prior.summary()} ({'computed here' if computed else 'read from the storage'})")
+            lr_range = (prior.low, prior.high)
+        objective = Objective(spec, splits, dev, reporter, lr_range=lr_range)
+        return work(study, spec, objective, reporter, max_trials=max_trials, timeout=timeout)
 
 
 def _print_best(study, spec) -> None:
@@ -136,7 +143,7 @@ def run(
     splits = _load_splits(spec, data_dir, mirror)
     study, created = create_study(spec, st, resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr)
-    _work(study, spec, splits, dev, label="")
+    _work(study, spec, splits, dev, url, label="")
     _print_best(study, spec)
 
 
@@ -168,7 +175,7 @@ def worker(
     # Workers must not all sample the same points: seed each process differently.
     st_obj, spec = open_study(st, study, url=url, seed=None)
     splits = _load_splits(spec, data_dir, mirror)
-    ran = _work(st_obj, spec, splits, dev, label=f"worker {os.getpid()}", max_trials=max_trials, timeout=timeout)
+    ran = _work(st_obj, spec, splits, dev, url, label=f"worker {os.getpid()}", max_trials=max_trials, timeout=timeout)
     _out(f"worker ran {ran} trial(s)")
     _print_best(st_obj, spec)
 
@@ -230,6 +237,41 @@ def best(
             f"test {ev['metric']} (official test split, {ev['n_test']} images; retrained on {ev['n_train']} train "
             f"images): {ev['test_value']:.4f}"
         )
+
+
+@app.command("lr-find")
+def lr_find(
+    study: Annotated[str, typer.Option("--study", help="study name (its spec must use lr: {distribution: lr_finder})")],
+    storage: StorageOpt = None,
+    data_dir: DataDirOpt = None,
+    mirror: MirrorOpt = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path | None, typer.Option("--out", help="PNG of the curve (default lr-find-STUDY.png)")] = None,
+    stored: Annotated[bool, typer.Option("--stored", help="only show the stored prior; do not run the finder")] = False,
+) -> None:
+    """Run (or re-run) fastai's LR finder for a study, store the curve and suggestions, print them, plot a PNG."""
+    from .lr_prior import ensure_prior, plot_prior, stored_prior, uses_lr_finder
+    from .studies import open_study
+
+    dev = _device(device)
+    url, st = _storage(storage, create=False)
+    st_obj, spec = open_study(st, study, url=url)
+    if not uses_lr_finder(spec):
+        raise UserError(
+            f"study {study!r} does not search lr with the LR finder; set `lr: {{distribution: lr_finder}}` in its spec"
+        )
+    if stored:
+        prior = stored_prior(st_obj)
+        if prior is None:
+            raise UserError(f"study {study!r} has no stored LR-finder prior yet; run `kmnist-tune lr-find --study {study}`")
+    else:
+        splits = _load_splits(spec, data_dir, mirror)
+        prior, _ = ensure_prior(st_obj, url, spec, splits, dev, rerun=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+    for name, lr in prior.suggestions.items():
+        _out(f"{name}: {lr:.4g}" + ("  <- centre" if name == prior.suggestion else ""))
+    _out(f"search range: {prior.low:.4g} .. {prior.high:.4g} ({prior.width:g} decades), study key {prior.key}")
+    png = plot_prior(prior, out or Path(f"lr-find-{study}.png"), title=f"{study}: LR finder ({prior.key})")
+    _out(f"plot: {png}")
 
 
 # -- study ------------------------------------------------------------------

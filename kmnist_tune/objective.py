@@ -1,17 +1,21 @@
-"""The Optuna objective: sample a configuration, train it, report every epoch, return the metric."""
+"""The Optuna objective: sample a configuration, train it under the batch-halving guard,
+report every epoch, return the metric."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 import torch
+from fastai.callback.core import Callback
 
+from .halving import DivergenceGuard, HalvingEvent, train_with_halving
 from .progress import Reporter
 from .space import sample_params
 from .spec import SweepSpec
-from .train import EpochLog, EpochRecord, Splits, build_learner, fit
+from .train import EpochLog, EpochRecord, FitResult, Splits, build_learner, fit
 
 
 def device_name(device: torch.device) -> str:
@@ -21,37 +25,71 @@ def device_name(device: torch.device) -> str:
 
 
 class Objective:
-    """Trains one fastai Learner per trial on data loaded once per process."""
+    """Trains one fastai Learner per attempt on data loaded once per process.
 
-    def __init__(self, spec: SweepSpec, splits: Splits, device: torch.device, reporter: Reporter):
+    `extra_cbs` builds additional fastai callbacks for every attempt (tests use it to inject faults).
+    """
+
+    def __init__(
+        self,
+        spec: SweepSpec,
+        splits: Splits,
+        device: torch.device,
+        reporter: Reporter,
+        *,
+        lr_range: tuple[float, float] | None = None,
+        extra_cbs: Callable[[], Sequence[Callback]] | None = None,
+    ):
         self.spec, self.splits, self.device, self.reporter = spec, splits, device, reporter
+        self.lr_range, self.extra_cbs = lr_range, extra_cbs
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = self.spec
-        params = sample_params(trial, spec)
+        params = sample_params(trial, spec, self.lr_range)
         n_epochs = int(params["epochs"])
         trial.set_user_attr("config", params)
         trial.set_user_attr("device", device_name(self.device))
+        trial.set_user_attr("batch_size_initial", int(params["batch_size"]))
         self.reporter.trial_started(trial.number, {k: params[k] for k in spec.searched_params()} or params, n_epochs)
+        reported: set[int] = set()  # steps this trial has reported, across its attempts
 
         def on_epoch(rec: EpochRecord) -> bool:
-            # Step = epoch index; the pruner compares trials at equal steps.
-            trial.report(rec.metric, rec.epoch)
+            # A step is reported once. A restarted attempt trains from scratch, so its early epochs
+            # would repeat steps an earlier attempt already reported: those keep their first value
+            # (Optuna would ignore a second report anyway) and the pruner is asked only at new steps.
             self.reporter.epoch(
                 trial.number, rec.epoch, n_epochs, spec.metric or "metric", rec.metric, rec.seconds, rec.images_per_s
             )
+            if rec.epoch in reported:
+                return True
+            trial.report(rec.metric, rec.epoch)
+            reported.add(rec.epoch)
             # After the last epoch there is nothing left to save: finish, so the trial counts as complete.
             return rec.epoch + 1 >= n_epochs or not trial.should_prune()
 
-        def on_batch(i: int, n: int) -> None:
-            self.reporter.batch(trial.number, len(log.result.epochs), i, n)
+        def attempt(batch_size: int) -> FitResult:
+            p = {**params, "batch_size": batch_size}
+            learn, metric_name = build_learner(
+                self.splits, p, self.device, spec.metric or "accuracy", seed=spec.seed + trial.number
+            )
+            log = EpochLog(metric_name, on_epoch, lambda i, n: self.reporter.batch(trial.number, len(log.result.epochs), i, n))
+            extra = list(self.extra_cbs()) if self.extra_cbs is not None else []
+            return fit(learn, p, log, [DivergenceGuard(spec.halving), *extra])
 
-        learn, metric_name = build_learner(
-            self.splits, params, self.device, spec.metric or "accuracy", seed=spec.seed + trial.number
-        )
-        log = EpochLog(metric_name, on_epoch, on_batch)
-        result = fit(learn, params, log)
-        _record(trial, result.epochs, int(params["batch_size"]))
+        def on_halving(e: HalvingEvent) -> None:
+            to = f"halving to {e.to_bs}" if e.to_bs else "at the minimum batch size, giving up"
+            self.reporter.line(f"trial {trial.number}: {e.reason} at batch size {e.from_bs} ({e.detail}); {to}")
+
+        outcome = train_with_halving(attempt, int(params["batch_size"]), spec.halving, on_halving)
+        trial.set_user_attr("halving_events", [e.as_dict() for e in outcome.events])
+        trial.set_user_attr("attempts", outcome.attempts)
+        trial.set_user_attr("batch_size_used", outcome.batch_size)
+        if outcome.floor_reached:
+            # Pruned, not failed: samplers learn from pruned trials (as bad ones) but ignore failures.
+            trial.set_user_attr("stopped", outcome.stop_reason)
+            raise optuna.TrialPruned(outcome.stop_reason)
+        result: FitResult = outcome.result
+        _record(trial, result.epochs)
         if result.cancelled:
             raise optuna.TrialPruned(f"pruned after epoch {len(result.epochs)}")
         value = result.final_metric
@@ -60,9 +98,8 @@ class Objective:
         return value
 
 
-def _record(trial: optuna.Trial, epochs: list[EpochRecord], batch_size: int) -> None:
+def _record(trial: optuna.Trial, epochs: list[EpochRecord]) -> None:
     attrs: dict[str, Any] = {
-        "batch_size_used": batch_size,
         "epoch_seconds": [round(e.seconds, 3) for e in epochs],
         "train_images_per_s": [round(e.images_per_s, 1) for e in epochs],
         "train_loss": [round(e.train_loss, 5) for e in epochs],

@@ -10,11 +10,15 @@ import optuna
 from .spec import PARAMETERS, ParamSpec, SweepSpec
 
 
-def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
+def suggest(trial: optuna.Trial, name: str, p: ParamSpec, lr_range: tuple[float, float] | None = None) -> Any:
     kind = p.kind()
     is_int = PARAMETERS[name]["kind"] == "int"
     if kind == "categorical":
         return trial.suggest_categorical(name, list(p.values or []))
+    if kind == "lr_finder":
+        if lr_range is None:
+            raise ValueError("lr: distribution lr_finder needs the study's LR-finder prior (see lr_prior.py)")
+        return trial.suggest_float(name, lr_range[0], lr_range[1], log=True)
     lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
     if kind == "uniform":
         return trial.suggest_float(name, lo, hi)
@@ -36,12 +40,23 @@ def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
     raise ValueError(f"cannot sample {name}: distribution {kind}")
 
 
-def sample_params(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
+def sample_params(trial: optuna.Trial, spec: SweepSpec, lr_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """Every training parameter for this trial: spec defaults and fixed values, then the searched ones."""
     params = spec.fixed_params()
     for name, p in spec.searched_params().items():
-        params[name] = suggest(trial, name, p)
+        params[name] = suggest(trial, name, p, lr_range)
     return params
+
+
+def default_within(name: str, p: ParamSpec) -> Any | None:
+    """The parameter's built-in default if this block's space contains it, else None."""
+    default = PARAMETERS[name]["default"]
+    kind = p.kind()
+    if kind == "categorical":
+        return default if default in (p.values or []) else None
+    if kind in ("lr_finder", "constant"):
+        return None
+    return default if p.min is not None and p.max is not None and p.min <= default <= p.max else None
 
 
 def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:

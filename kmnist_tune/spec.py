@@ -24,7 +24,10 @@ DISTRIBUTIONS = (
     "int_uniform",
     "q_uniform",
     "q_log_uniform_values",
+    "lr_finder",
 )
+LR_SUGGESTIONS = ("minimum", "valley", "steep")
+HALVE_ON = ("divergence", "oom")
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -64,6 +67,9 @@ class ParamSpec(_Strict):
     min: int | float | None = None
     max: int | float | None = None
     q: int | float | None = None
+    # distribution: lr_finder -- the range is centred on fastai's LR-finder suggestion.
+    width: float | None = Field(default=None, gt=0, le=8, description="decades around the suggestion")
+    suggestion: Literal["minimum", "valley", "steep"] | None = None
 
     @field_validator("distribution")
     @classmethod
@@ -83,6 +89,11 @@ class ParamSpec(_Strict):
         elif dist == "categorical":
             if not self.values:
                 raise ValueError("`values` must be a non-empty list")
+        elif dist == "lr_finder":
+            if self.min is not None or self.max is not None or self.values is not None:
+                raise ValueError("lr_finder sets the range itself; give `width` (decades) and `suggestion`, not min/max")
+            self.width = 2.0 if self.width is None else self.width
+            self.suggestion = self.suggestion or "minimum"
         else:
             if self.min is None or self.max is None:
                 raise ValueError(f"distribution {dist} needs `min` and `max`")
@@ -101,6 +112,8 @@ class ParamSpec(_Strict):
 
     def kind(self) -> str:
         """The distribution this block describes, with W&B's shorthands resolved."""
+        if (self.width is not None or self.suggestion is not None) and self.distribution is None:
+            return "lr_finder"
         if self.distribution is not None:
             return self.distribution
         if self.values is not None:
@@ -124,6 +137,16 @@ class DataSpec(_Strict):
     valid_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     valid_size: int | None = Field(default=None, gt=0)
     split_seed: int = 0
+
+
+class HalvingSpec(_Strict):
+    """The batch-halving guard (see halving.py); thresholds are documented in the README."""
+
+    min_batch_size: int = Field(default=16, ge=1)
+    halve_on: list[Literal["divergence", "oom"]] = Field(default_factory=lambda: list(HALVE_ON))
+    warmup_batches: int = Field(default=10, ge=1, description="batches before the smoothed-loss checks start")
+    blowup_factor: float = Field(default=4.0, gt=1.0, description="smoothed loss above this x its running minimum")
+    trend_drop: float = Field(default=0.05, ge=0.0, lt=1.0, description="least fractional drop over the first epoch")
 
 
 class _NamedChoice(_Strict):
@@ -172,8 +195,31 @@ class SweepSpec(_Strict):
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    halving: HalvingSpec = Field(default_factory=HalvingSpec)
     budget: BudgetSpec
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_size_block(cls, data: Any) -> Any:
+        """`batch_size: {initial: 512, min: 16, halve_on: [...]}` (or `values: [...]` with `min`) is the
+        issue's short form: the start value stays a parameter, `min`/`halve_on` go to `halving:`."""
+        if not isinstance(data, dict) or not isinstance(data.get("parameters"), dict):
+            return data
+        bs = data["parameters"].get("batch_size")
+        if not isinstance(bs, dict) or not ({"initial", "halve_on"} & bs.keys() or ("values" in bs and "min" in bs)):
+            return data
+        bs = dict(bs)
+        halving = dict(data.get("halving") or {})
+        for key, target in (("min", "min_batch_size"), ("halve_on", "halve_on")):
+            if key in bs:
+                value = bs.pop(key)
+                if target in halving and halving[target] != value:
+                    raise ValueError(f"parameters.batch_size.{key} ({value}) contradicts halving.{target} ({halving[target]})")
+                halving[target] = value
+        if "initial" in bs:
+            bs["value"] = bs.pop("initial")
+        return {**data, "parameters": {**data["parameters"], "batch_size": bs}, "halving": halving}
 
     @field_validator("sampler", "pruner", mode="before")
     @classmethod
@@ -200,6 +246,14 @@ class SweepSpec(_Strict):
             raise ValueError(f"direction {self.direction} contradicts metric {self.metric} (which is to {natural})")
         for name, p in self.parameters.items():
             _check_parameter(name, p)
+        for name, p in self.parameters.items():
+            if p.kind() == "lr_finder" and name != "lr":
+                raise ValueError(f"parameters.{name}: distribution lr_finder is only for lr")
+        bs = self.parameters.get("batch_size")
+        starts = [] if bs is None else [bs.value] if bs.kind() == "constant" else list(bs.values or [])
+        for b in starts:
+            if isinstance(b, int) and b < self.halving.min_batch_size:
+                raise ValueError(f"parameters.batch_size: {b} is below halving.min_batch_size ({self.halving.min_batch_size})")
         if self.sampler.name == "grid":
             for name, p in self.parameters.items():
                 if p.searched and p.kind() != "categorical":
@@ -234,6 +288,8 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
         candidates = [p.value]
     elif kind == "categorical":
         candidates = list(p.values or [])
+    elif kind == "lr_finder":
+        candidates = []
     else:
         candidates = [p.min, p.max]
     for c in candidates:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and lr_find)
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -137,8 +137,6 @@ class EpochLog(Callback):
         self.result.epochs.append(rec)
         if self.on_epoch is not None and self.on_epoch(rec) is False:
             self.result.cancelled = True
-            from fastai.callback.core import CancelFitException
-
             raise CancelFitException()
 
 
@@ -186,12 +184,12 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def fit(learn: Learner, params: dict[str, Any], log: EpochLog) -> FitResult:
+def fit(learn: Learner, params: dict[str, Any], log: EpochLog, extra_cbs: Sequence[Callback] = ()) -> FitResult:
     learn.fit_one_cycle(
         int(params["epochs"]),
         float(params["lr"]),
         wd=float(params["weight_decay"]),
         pct_start=float(params["pct_start"]),
-        cbs=[log],
+        cbs=[log, *extra_cbs],
     )
     return log.result

@@ -1,0 +1,141 @@
+"""The batch-halving rule on real training: divergence, out-of-memory, the floor."""
+
+from __future__ import annotations
+
+import gc
+import io
+import weakref
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import FIXTURE
+from fastai.callback.core import Callback
+
+from kmnist_tune.halving import train_with_halving
+from kmnist_tune.objective import Objective
+from kmnist_tune.progress import Reporter
+from kmnist_tune.spec import parse_spec
+from kmnist_tune.train import load_splits
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def make_spec(lr: float, *, min_bs: int = 8, epochs: int = 1, halve_on: list[str] | None = None):
+    return parse_spec(
+        {
+            "name": "halving",
+            "data": {"dataset": "kmnist", "valid_fraction": 0.2},
+            "parameters": {
+                "arch": "resnet18",
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": {"initial": 32, "min": min_bs, "halve_on": halve_on or ["divergence", "oom"]},
+            },
+            "pruner": "none",
+            "budget": {"n_trials": 1},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def splits():
+    spec = make_spec(1e-3)
+    return load_splits(spec.data, FIXTURE, download=False)
+
+
+def run_trial(spec, splits, tmp_path: Path, extra_cbs=None) -> optuna.trial.FrozenTrial:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'h.db'}", study_name="h", direction="maximize")
+    objective = Objective(spec, splits, torch.device("cpu"), Reporter(io.StringIO()), extra_cbs=extra_cbs)
+    study.optimize(objective, n_trials=1)
+    return study.trials[0]
+
+
+def test_absurd_lr_diverges_is_halved_and_stops_at_the_floor(splits, tmp_path: Path) -> None:
+    trial = run_trial(make_spec(lr=50.0, min_bs=8), splits, tmp_path)
+    events = trial.user_attrs["halving_events"]
+    assert [(e["from_bs"], e["to_bs"]) for e in events] == [(32, 16), (16, 8), (8, None)]
+    assert all(e["reason"] in ("non_finite", "blowup", "no_trend") for e in events)
+    assert all(e["epoch"] == 0 and e["batch"] >= 0 and e["detail"] for e in events)
+    assert trial.user_attrs["attempts"] == 3
+    assert trial.user_attrs["batch_size_used"] == 8
+    # Reaching the floor ends the trial as PRUNED (samplers learn from it) with the reason recorded.
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert "batch size 8, the minimum" in trial.user_attrs["stopped"]
+    assert trial.intermediate_values == {}  # no diverged epoch was ever reported
+
+
+def test_sane_lr_is_not_halved(splits, tmp_path: Path) -> None:
+    trial = run_trial(make_spec(lr=5e-3), splits, tmp_path)
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["halving_events"] == []
+    assert trial.user_attrs["attempts"] == 1
+    assert trial.user_attrs["batch_size_used"] == 32
+    assert trial.value > 0.1
+
+
+class InjectOOM(Callback):
+    """The one place an out-of-memory error is injected (there is no GPU here): any batch larger
+    than `limit` raises exactly what CUDA raises, from inside fastai's training loop."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def before_batch(self) -> None:
+        if self.training and self.xb[0].shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: batch {self.xb[0].shape[0]} > {self.limit})")
+
+
+def test_oom_halves_until_it_fits_and_records_it(splits, tmp_path: Path) -> None:
+    trial = run_trial(make_spec(lr=5e-3), splits, tmp_path, extra_cbs=lambda: [InjectOOM(limit=16)])
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    events = trial.user_attrs["halving_events"]
+    assert [(e["from_bs"], e["to_bs"], e["reason"]) for e in events] == [(32, 16, "oom")]
+    assert "out of memory" in events[0]["detail"]
+    assert trial.user_attrs["batch_size_used"] == 16
+    assert trial.user_attrs["attempts"] == 2
+    assert set(trial.intermediate_values) == {0}
+
+
+def test_failed_attempt_memory_is_released_before_the_retry(splits) -> None:
+    """The model of an attempt that ran out of memory is garbage by the time the next one starts."""
+    from kmnist_tune.train import EpochLog, build_learner, fit
+
+    spec = make_spec(lr=5e-3)
+    models: list[weakref.ref] = []
+    alive_at_start: list[bool] = []
+
+    def attempt(bs: int):
+        gc.collect()
+        alive_at_start.append(any(r() is not None for r in models))
+        params = {**spec.fixed_params(), "batch_size": bs}
+        learn, name = build_learner(splits, params, torch.device("cpu"), "accuracy")
+        models.append(weakref.ref(learn.model))
+        return fit(learn, params, EpochLog(name), [InjectOOM(limit=8)])
+
+    out = train_with_halving(attempt, 32, spec.halving)
+    assert [e.to_bs for e in out.events] == [16, 8]
+    assert out.batch_size == 8 and out.result.epochs
+    assert alive_at_start == [False, False, False]
+
+
+def test_oom_is_not_caught_when_not_asked_for(splits, tmp_path: Path) -> None:
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_trial(make_spec(lr=5e-3, halve_on=["divergence"]), splits, tmp_path, extra_cbs=lambda: [InjectOOM(limit=16)])
+
+
+def test_a_restarted_attempt_does_not_re_report_steps(splits, tmp_path: Path) -> None:
+    """Epoch 0 is reported by the first attempt; an OOM injected in epoch 1 restarts training at half
+    the batch size; the restart's epoch 0 is not reported again, its epoch 1 is."""
+
+    class OOMInSecondEpoch(Callback):
+        def before_batch(self) -> None:
+            if self.training and self.epoch == 1 and self.xb[0].shape[0] > 16:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected in epoch 1)")
+
+    trial = run_trial(make_spec(lr=5e-3, epochs=2), splits, tmp_path, extra_cbs=lambda: [OOMInSecondEpoch()])
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert [(e["from_bs"], e["to_bs"]) for e in trial.user_attrs["halving_events"]] == [(32, 16)]
+    assert set(trial.intermediate_values) == {0, 1}
+    assert trial.intermediate_values[1] == pytest.approx(trial.value)
