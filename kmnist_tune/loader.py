@@ -15,6 +15,8 @@ import torch
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
+from .augment import RandomAffine
+
 
 @dataclass
 class TensorSplit:
@@ -38,24 +40,45 @@ class TensorSplit:
 
 
 class TensorBatches(DataLoader):
-    """A fastai DataLoader over a TensorSplit; shuffling is seeded and reproducible per epoch."""
+    """A fastai DataLoader over a TensorSplit; shuffling is seeded and reproducible per epoch.
 
-    def __init__(self, dataset: TensorSplit, bs: int = 64, shuffle: bool = False, drop_last: bool = False, **kwargs: Any):
+    `augment` (a RandomAffine) warps every batch on the device, with per-image draws keyed by
+    (seed, epoch) on a stream of their own, so turning it on does not change the shuffle order.
+    `channels_last` hands batches over in that memory format (for a channels-last model on CUDA).
+    """
+
+    def __init__(
+        self,
+        dataset: TensorSplit,
+        bs: int = 64,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        augment: RandomAffine | None = None,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ):
         kwargs.pop("n", None)
         super().__init__(dataset, bs=bs, shuffle=shuffle, drop_last=drop_last, n=len(dataset), **kwargs)
+        self.augment, self.channels_last = augment, channels_last
         self._epoch = 0
 
     def __iter__(self):  # type: ignore[override]
         ds: TensorSplit = self.dataset
         self.before_iter()
         n, bs = len(ds), self.bs
+        epoch = self._epoch
+        if self.shuffle or self.augment is not None:
+            self._epoch += 1  # each pass over a training loader is a new epoch for its random draws
         if self.shuffle:
             # A CPU generator keyed by (seed, epoch): the same order on every device and every rerun.
-            g = torch.Generator().manual_seed(ds.seed * 100_003 + self._epoch)
+            g = torch.Generator().manual_seed(ds.seed * 100_003 + epoch)
             order = torch.randperm(n, generator=g).to(ds.x.device)
-            self._epoch += 1
         else:
             order = None
+        # One transfer per epoch: every affine matrix of the epoch, indexed by position in the order.
+        thetas = self.augment.epoch_thetas(n, ds.seed, epoch, ds.x.device) if self.augment is not None else None
+        # (x / 255 - mean) / std in two in-place ops on the raw intensities.
+        shift, inv = 255.0 * ds.mean, 1.0 / (255.0 * ds.std)
         stop = (n // bs) * bs if self.drop_last else n
         for start in range(0, stop, bs):
             if order is None:
@@ -63,9 +86,26 @@ class TensorBatches(DataLoader):
             else:
                 idx = order[start : start + bs]
                 xb, yb = ds.x[idx], ds.y[idx]
-            xb = xb.unsqueeze(1).float().div_(255.0).sub_(ds.mean).div_(ds.std)
+            xb = xb.unsqueeze(1).float()
+            if thetas is not None:
+                xb = self.augment.apply(xb, thetas[start : start + bs])  # type: ignore[union-attr]
+            xb = xb.sub_(shift).mul_(inv)
+            if self.channels_last:
+                xb = to_channels_last(xb)
             yield self.after_batch((xb, yb))
         self.after_iter()
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) batch in channels-last memory format.
+
+    With one channel both layouts hold the same bytes and `contiguous(memory_format=...)` keeps the
+    NCHW strides, which conv kernels then read as NCHW; the exact channels-last strides are set
+    without a copy, so the first convolution already runs (and writes) channels-last."""
+    if x.dim() == 4 and x.shape[1] == 1 and x.is_contiguous():
+        _, _, h, w = x.shape
+        return x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def make_split(x: np.ndarray, y: np.ndarray, device: torch.device, mean: float, std: float, seed: int = 0) -> TensorSplit:
@@ -74,8 +114,20 @@ def make_split(x: np.ndarray, y: np.ndarray, device: torch.device, mean: float, 
     )
 
 
-def make_dls(train: TensorSplit, valid: TensorSplit, bs: int, device: torch.device) -> DataLoaders:
-    train_dl = TensorBatches(train, bs=bs, shuffle=True, drop_last=len(train) > bs, device=device)
+def make_dls(
+    train: TensorSplit,
+    valid: TensorSplit,
+    bs: int,
+    device: torch.device,
+    *,
+    augment: RandomAffine | None = None,
+    channels_last: bool = False,
+) -> DataLoaders:
+    """Training loader (shuffled, drop_last when there is more than one batch, augmented when asked)
+    and validation loader (in order, never augmented)."""
+    train_dl = TensorBatches(
+        train, bs=bs, shuffle=True, drop_last=len(train) > bs, augment=augment, channels_last=channels_last, device=device
+    )
     # Validation order never matters; a larger batch is free since no gradients are kept.
-    valid_dl = TensorBatches(valid, bs=max(bs, 1024), shuffle=False, device=device)
+    valid_dl = TensorBatches(valid, bs=max(bs, 1024), shuffle=False, channels_last=channels_last, device=device)
     return DataLoaders(train_dl, valid_dl, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,14 +15,18 @@ import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and l
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import BalancedAccuracy, accuracy
+from fastcore.foundation import L
+from torch.amp import GradScaler
 
 from . import data as kdata
+from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
-from .model import build_model
+from .model import build_model, prepare_model, resolve_performance
 from .spec import DataSpec
 
 
@@ -156,14 +161,29 @@ def build_learner(
     metric: str,
     seed: int = 0,
     valid: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    augment: Any = None,
+    performance: Any = None,
 ) -> tuple[Learner, str]:
+    """A fastai Learner over device-resident loaders.
+
+    augment: an AugmentSpec (or a dict with its keys, or a RandomAffine); None or `enabled: false` = no
+    augmentation. Only the training loader is augmented, with draws keyed by (seed, epoch).
+    performance: a PerformanceSpec (or a dict with its keys); None = its defaults (`auto`: bf16 autocast,
+    channels-last and cuDNN benchmark on CUDA; plain fp32 on a CPU). The resolved settings are left on
+    the Learner as `learn.kt_performance`.
+    """
+    close_leaked_autocast()  # an earlier attempt that died mid-batch (out of memory) may have left one open
+    perf = resolve_performance(performance, device)
+    aug = augment if isinstance(augment, RandomAffine) else RandomAffine.from_spec(augment)
     mean, std = splits.mean_std
     train = make_split(splits.x_train, splits.y_train, device, mean, std, seed)
     vx, vy = valid if valid is not None else (splits.x_valid, splits.y_valid)
     val: TensorSplit = make_split(vx, vy, device, mean, std)
-    dls = make_dls(train, val, int(params["batch_size"]), device)
+    dls = make_dls(train, val, int(params["batch_size"]), device, augment=aug, channels_last=perf.channels_last)
     torch.manual_seed(seed)
-    model = build_model(params["arch"], splits.n_classes, params["stem"], float(params["dropout"])).to(device)
+    model = build_model(params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
+    model = prepare_model(model, device, perf)
     m, name = metric_for(splits.dataset, metric)
     # fastai writes temporary weights (lr_find) under path/model_dir: keep them out of the user's cwd.
     learn = Learner(
@@ -177,7 +197,68 @@ def build_learner(
     learn.logger = _quiet  # without fastprogress, Recorder would print raw metric lists
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)  # our own progress display replaces fastprogress's
+    if perf.precision == "bf16":
+        learn.add_cb(Bf16Autocast(device.type))
+    learn.kt_performance = perf
     return learn, name
+
+
+class Bf16Autocast(MixedPrecision):
+    """fastai's MixedPrecision in bf16 (autocast, no loss scaling), made exception-safe, on any device type.
+
+    fastai enters autocast in before_batch and leaves it in after_loss. An exception in between (a CUDA
+    out-of-memory error in the forward pass, which the batch-halving guard turns into a restart) skips
+    after_loss and leaves autocast entered for the rest of the process: later fp32 code would run under
+    it, and the cache of bf16 weight copies (cleared only when the outermost autocast exits) would keep
+    handing out the weights of an earlier step. Every context this class enters is recorded per thread,
+    and any left open is closed before the next batch, fit, or Learner (build_learner) starts.
+    """
+
+    def __init__(self, device_type: str = "cuda"):
+        super().__init__(amp_mode="bf16")
+        self.device_type = device_type
+
+    def before_fit(self) -> None:
+        # MixedPrecision.before_fit for bf16, with autocast on this device type (fastai's is CUDA-only).
+        close_leaked_autocast()
+        if self.device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU does not support bfloat16; set performance.precision: fp32")
+        self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16)
+        # bf16 has fp32's range: no loss scaling. A disabled GradScaler passes MixedPrecision's step through.
+        self.learn.scaler, self.scales = GradScaler(self.device_type, enabled=False), L()
+
+    def before_batch(self) -> None:
+        close_leaked_autocast()
+        self.autocast.__enter__()
+        _open_autocasts().append(self.autocast)
+
+    def after_loss(self) -> None:
+        close_leaked_autocast()
+
+    def after_batch(self) -> None:
+        close_leaked_autocast()  # a cancelled batch skips after_loss
+
+    def after_fit(self) -> None:
+        close_leaked_autocast()
+        super().after_fit()
+
+
+_autocast_state = threading.local()
+
+
+def _open_autocasts() -> list[Any]:
+    if not hasattr(_autocast_state, "stack"):
+        _autocast_state.stack = []
+    return _autocast_state.stack
+
+
+def close_leaked_autocast() -> int:
+    """Leave every autocast context Bf16Autocast entered on this thread and did not leave; returns how many."""
+    stack = _open_autocasts()
+    n = len(stack)
+    while stack:
+        stack.pop().__exit__(None, None, None)
+    return n
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One pass of every GPU check, for a machine that has PyTorch but maybe not our other dependencies.
+#
+#   bash benchmarks/gpu_check.sh RESULTS_DIR
+#
+# Installs wheels carried in .whl/ (if any) into /tmp/site, puts them and the repo on PYTHONPATH,
+# then runs each step with a time limit, its output in RESULTS_DIR/<step>.log. A failing step
+# does not stop the others; RESULTS_DIR/summary.txt lists every step's exit status
+# (124 = hit its time limit). The script's own exit status is 0 only if every step passed.
+#
+# Time limits (seconds) can be changed with environment variables:
+#   GPU_CHECK_T_PYTEST (240)  GPU_CHECK_T_BENCH (300)  GPU_CHECK_T_PACKING (120)  GPU_CHECK_T_STORAGE (120)
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 RESULTS_DIR" >&2
+  exit 2
+fi
+OUT="$1"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+PY="${PYTHON:-python3}"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+FAILED=0
+
+# step NAME LIMIT_S CMD...: run CMD with a time limit, output to $OUT/NAME.log, rc to summary.txt.
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  echo "== $name: $* (limit ${limit}s)" | tee -a "$OUT/steps.log"
+  timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$*" >>"$SUMMARY"
+  [ "$rc" -eq 0 ] || FAILED=1
+  tail -n 5 "$OUT/$name.log" | sed 's/^/   /'
+  return 0
+}
+
+# -- environment -------------------------------------------------------------------------------
+{
+  echo "date: $(date -Is)"
+  echo "host: $(hostname)"
+  echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
+  echo "cpus: $(nproc)"
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1
+} >"$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# -- dependencies: wheels carried in .whl/, never the network ---------------------------------------
+SITE=/tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step wheels 300 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+fi
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONWARNINGS=ignore WANDB_MODE=disabled
+"$PY" -c 'import fastai, optuna, pydantic; print("fastai", fastai.__version__, "optuna", optuna.__version__)' >>"$OUT/env.txt" 2>&1
+
+# Official KMNIST files for the benchmarks: KMNIST_TUNE_DATA, else shared/data/kmnist beside or inside the repo.
+DATA="${KMNIST_TUNE_DATA:-}"
+if [ -z "$DATA" ]; then
+  for cand in "$REPO/../shared/data/kmnist" "$REPO/shared/data/kmnist"; do
+    if [ -d "$cand" ]; then DATA="$(cd "$cand" && pwd)"; break; fi
+  done
+fi
+echo "data: ${DATA:-none found (the benchmarks will fail)}" >>"$OUT/env.txt"
+[ -n "$DATA" ] && export KMNIST_TUNE_DATA="$DATA"
+export BENCH_OUT="$OUT"  # for benchmarks that write several files
+
+# -- steps -------------------------------------------------------------------------------------------
+step pytest_gpu "${GPU_CHECK_T_PYTEST:-240}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests
+
+# Full official train split minus validation, batch 512; a run stops after 60 timed seconds at most.
+step bench_epoch "${GPU_CHECK_T_BENCH:-300}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 60 \
+  --json "$OUT/bench_epoch.json"
+
+# Benchmarks owned by the worker/storage side, run when present (adjust their arguments here).
+# Each gets KMNIST_TUNE_DATA and BENCH_OUT (= RESULTS_DIR) in its environment.
+if [ -f benchmarks/bench_packing.py ]; then
+  PACK_DATA=()
+  [ -n "$DATA" ] && PACK_DATA=(--data-dir "$DATA")
+  step bench_packing "${GPU_CHECK_T_PACKING:-120}" "$PY" benchmarks/bench_packing.py ${PACK_DATA[@]+"${PACK_DATA[@]}"} \
+    --json "$OUT/bench_packing.json"
+fi
+if [ -f benchmarks/bench_storage.py ]; then
+  step bench_storage "${GPU_CHECK_T_STORAGE:-120}" "$PY" benchmarks/bench_storage.py --json "$OUT/bench_storage.json"
+fi
+
+nvidia-smi >"$OUT/nvidia-smi-end.txt" 2>&1 || true
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$FAILED"
