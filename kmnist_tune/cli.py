@@ -43,6 +43,17 @@ MirrorOpt = Annotated[
     typer.Option("--mirror", help="base URL to download from (env KMNIST_TUNE_MIRROR; default the official CODH site)"),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if present, else CPU), cpu, or cuda")]
+GpusOpt = Annotated[
+    str,
+    typer.Option(
+        "--gpus",
+        help="all, none, auto (all if any), or indices like 0,2: one worker "
+        "process per GPU slot, pinned with CUDA_VISIBLE_DEVICES",
+    ),
+]
+PerGpuOpt = Annotated[
+    int, typer.Option("--per-gpu", help="trial processes per GPU (small ResNets leave a GPU mostly idle)", min=1)
+]
 
 
 def _out(text: str = "") -> None:
@@ -53,6 +64,7 @@ def _setup_quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Libraries' deprecation chatter is not for our users; real problems surface as errors.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -88,24 +100,103 @@ def _load_splits(spec, data_dir: Path | None, mirror: str | None):
     return load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
 
 
-def _work(study, spec, splits, dev, url: str, *, label: str, max_trials: int | None = None, timeout: float | None = None) -> int:
+def _work(
+    study, storage, spec, splits, dev, url: str, *, label: str, max_trials: int | None = None, timeout: float | None = None
+) -> int:
+    """Work the study in this process: the LR prior first (once per study), then the trial loop."""
     from .lr_prior import ensure_prior, uses_lr_finder
     from .objective import Objective
     from .progress import make_reporter
-    from .worker import work
+    from .worker import StopFlag, work
 
     with make_reporter(spec.budget.n_trials, label=label) as reporter:
+        stop = StopFlag(log=reporter.line)
+        stop.install()
         reporter.line(
             f"study {study.study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
             f"images of {spec.data.dataset}, device {dev}"
         )
         lr_range = None
         if uses_lr_finder(spec):
-            prior, computed = ensure_prior(study, url, spec, splits, dev, log=reporter.line)
+            prior, computed = ensure_prior(study, storage, url, spec, splits, dev, log=reporter.line)
             reporter.line(f"{prior.summary()} ({'computed here' if computed else 'read from the storage'})")
+            if computed:
+                _attach_prior(study, storage, url, prior, reporter.line)
             lr_range = (prior.low, prior.high)
-        objective = Objective(spec, splits, dev, reporter, lr_range=lr_range)
-        return work(study, spec, objective, reporter, max_trials=max_trials, timeout=timeout)
+        objective = Objective(spec, splits, dev, reporter, lr_range=lr_range, stop_requested=lambda: stop.requested)
+        ran = work(
+            study,
+            spec,
+            objective,
+            reporter,
+            storage=storage,
+            url=url,
+            stop=stop,
+            max_trials=max_trials,
+            timeout=timeout,
+            max_retry=spec.workers.max_retry,
+        )
+        if stop.requested:
+            reporter.line(f"stopped by {stop.reason}")
+        return ran
+
+
+def _attach_prior(study, storage, url: str, prior, say) -> None:
+    """The LR-finder evidence on the study for optuna-dashboard: the curve and a note."""
+    import tempfile
+
+    from .dashboard import artifact_store
+    from .tracking import attach_prior
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            attach_prior(study, storage, prior, artifact_store(url), Path(tmp))
+    except Exception as e:  # evidence, not results: the sweep goes on without it
+        say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+
+
+def _open_for_work(url: str, name: str, *, log=None):
+    """The worker's storage (heartbeats, retries) and the study with its spec."""
+    from .storage import open_storage, open_worker_storage
+    from .studies import open_study, stored_spec
+
+    probe = open_storage(url, create=False)
+    spec = stored_spec(name, probe.get_study_user_attrs(require_study_id(probe, name, url)))
+    if hasattr(probe, "engine"):
+        probe.engine.dispose()  # its pooled connection would be a third one held by this worker
+    storage = open_worker_storage(
+        url,
+        heartbeat_interval=spec.workers.heartbeat_interval,
+        grace_period=spec.workers.grace_period,
+        max_retry=spec.workers.max_retry,
+        log=log,
+    )
+    # Workers must not all sample the same points: each process seeds its sampler differently.
+    study, spec = open_study(storage, name, url=url, seed=None)
+    return storage, study, spec
+
+
+def require_study_id(storage, name: str, url: str) -> int:
+    from .storage import require_study
+
+    return require_study(storage, name, url)
+
+
+def _slots(gpus: str, per_gpu: int):
+    from .slots import make_slots, parse_gpus, visible_gpu_count
+
+    return make_slots(parse_gpus(gpus, visible_gpu_count()), per_gpu)
+
+
+def _supervise_slots(name: str, url: str, slots, passthrough: list[str]) -> int:
+    from .slots import supervise
+
+    def log(m: str) -> None:
+        print(mask(m), file=sys.stderr, flush=True)
+
+    env = dict(os.environ, KMNIST_TUNE_STORAGE=url)  # the URL (and its password) stays out of `ps`
+    args = ["worker", "--study", name, "--in-process", *passthrough]
+    return supervise(args, slots, env, log)
 
 
 def _print_best(study, spec) -> None:
@@ -129,21 +220,32 @@ def run(
     storage: StorageOpt = None,
     data_dir: DataDirOpt = None,
     mirror: MirrorOpt = None,
-    device: DeviceOpt = "auto",
+    gpus: GpusOpt = "auto",
+    per_gpu: PerGpuOpt = 1,
     n_trials: Annotated[int | None, typer.Option(help="override the spec's budget.n_trials", min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="override the spec's budget.timeout (seconds)", min=1)] = None,
 ) -> None:
-    """Create the study for SPEC (or resume it) and work it in this process, then print the best trial."""
+    """Create the study for SPEC (or resume it), work it with local workers, then print the best trial.
+
+    One CPU slot works in this process; GPU slots (--gpus, --per-gpu) each get a pinned worker process.
+    """
     from .spec import load_spec
     from .studies import create_study
 
+    slots = _slots(gpus, per_gpu)
     spec = _override_budget(load_spec(spec_path), n_trials, timeout)
-    dev = _device(device)
     url, st = _storage(storage, create=True)
     splits = _load_splits(spec, data_dir, mirror)
     study, created = create_study(spec, st, resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr)
-    _work(study, spec, splits, dev, url, label="")
+    if len(slots) == 1 and slots[0].gpu is None:
+        storage_w, study, spec = _open_for_work(url, spec.name)
+        _work(study, storage_w, spec, splits, _device("cpu"), url, label="")
+    else:
+        passthrough = [*(["--data-dir", str(data_dir)] if data_dir else []), *(["--mirror", mirror] if mirror else [])]
+        rc = _supervise_slots(spec.name, url, slots, passthrough)
+        if rc:
+            raise UserError(f"a worker process failed (exit status {rc}); see its lines above")
     _print_best(study, spec)
 
 
@@ -160,24 +262,56 @@ def worker(
     storage: StorageOpt = None,
     data_dir: DataDirOpt = None,
     mirror: MirrorOpt = None,
-    device: DeviceOpt = "auto",
-    max_trials: Annotated[int | None, typer.Option(help="stop after this many trials in this process", min=1)] = None,
+    gpus: GpusOpt = "auto",
+    per_gpu: PerGpuOpt = 1,
+    max_trials: Annotated[int | None, typer.Option(help="stop after this many trials in each process", min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds (default: the spec's)", min=1)] = None,
+    in_process: Annotated[bool, typer.Option("--in-process", hidden=True, help="be one slot (used by the supervisor)")] = False,
 ) -> None:
     """Attach to a study created elsewhere and work it until its budget is used.
 
     The spec is read back from the storage, so only the study name and the storage URL are needed.
+    One process per GPU slot, pinned with CUDA_VISIBLE_DEVICES; --gpus none trains on the CPU.
     """
-    from .studies import open_study
+    url = _resolve(storage)
+    if not in_process:
+        slots = _slots(gpus, per_gpu)
+        if len(slots) > 1 or slots[0].gpu is not None:
+            _open_for_work(url, study)  # fail here, once, on an unknown study or a bad URL
+            passthrough = [
+                *(["--data-dir", str(data_dir)] if data_dir else []),
+                *(["--mirror", mirror] if mirror else []),
+                *(["--max-trials", str(max_trials)] if max_trials else []),
+                *(["--timeout", str(timeout)] if timeout else []),
+            ]
+            rc = _supervise_slots(study, url, slots, passthrough)
+            if rc:
+                raise UserError(f"a worker process failed (exit status {rc}); see its lines above")
+            return
+    import torch
 
-    dev = _device(device)
-    url, st = _storage(storage, create=False)
-    # Workers must not all sample the same points: seed each process differently.
-    st_obj, spec = open_study(st, study, url=url, seed=None)
+    dev = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    from .worker import WorkerIdentity
+
+    ident = WorkerIdentity()
+    label = f"{ident.host}:{ident.pid} {ident.gpu}"
+    storage_w, st_obj, spec = _open_for_work(url, study, log=lambda m: print(f"[{label}] {mask(m)}", file=sys.stderr))
     splits = _load_splits(spec, data_dir, mirror)
-    ran = _work(st_obj, spec, splits, dev, url, label=f"worker {os.getpid()}", max_trials=max_trials, timeout=timeout)
-    _out(f"worker ran {ran} trial(s)")
-    _print_best(st_obj, spec)
+    ran = _work(st_obj, storage_w, spec, splits, dev, url, label=label, max_trials=max_trials, timeout=timeout)
+    stalled = getattr(storage_w, "stalled_s", 0.0)
+    _out(
+        f"worker ran {ran} trial(s)"
+        + (f"; waited {stalled:.1f} s for the storage" if stalled else "")
+        + (f" [{label}]" if in_process else "")
+    )
+    if not in_process:  # under a supervisor, the supervisor prints the study's summary once
+        _print_best(st_obj, spec)
+
+
+def _resolve(storage: str | None) -> str:
+    from .storage import resolve_url
+
+    return resolve_url(storage)
 
 
 @app.command()
@@ -266,12 +400,76 @@ def lr_find(
             raise UserError(f"study {study!r} has no stored LR-finder prior yet; run `kmnist-tune lr-find --study {study}`")
     else:
         splits = _load_splits(spec, data_dir, mirror)
-        prior, _ = ensure_prior(st_obj, url, spec, splits, dev, rerun=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+        prior, _ = ensure_prior(
+            st_obj, st, url, spec, splits, dev, rerun=True, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
+    if not stored:
+        _attach_prior(st_obj, st, url, prior, lambda m: print(m, file=sys.stderr))
     for name, lr in prior.suggestions.items():
         _out(f"{name}: {lr:.4g}" + ("  <- centre" if name == prior.suggestion else ""))
     _out(f"search range: {prior.low:.4g} .. {prior.high:.4g} ({prior.width:g} decades), study key {prior.key}")
     png = plot_prior(prior, out or Path(f"lr-find-{study}.png"), title=f"{study}: LR finder ({prior.key})")
     _out(f"plot: {png}")
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to bind (loopback unless you mean to expose it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on", min=1, max=65535)] = 8080,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option("--artifacts", help="artifact folder (env KMNIST_TUNE_ARTIFACTS; default: beside the SQLite file)"),
+    ] = None,
+) -> None:
+    """Serve optuna-dashboard over the study storage (http://HOST:PORT/dashboard)."""
+    from .dashboard import artifact_dir, serve
+
+    url, st = _storage(storage, create=False)
+    print(
+        f"optuna-dashboard for {mask(url)} on http://{host}:{port}/dashboard (artifacts in {artifact_dir(url, artifacts)}); "
+        "Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(st, url, host, port, artifacts)
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Option("--study", help="study name")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNG plots and index.html")],
+    storage: StorageOpt = None,
+) -> None:
+    """Write PNG plots (history, importances, LR finder, top trials per epoch, batch halving) and an HTML page."""
+    from .report import write_report
+    from .studies import open_study
+
+    url, st = _storage(storage, create=False)
+    st_obj, spec = open_study(st, study, url=url)
+    index = write_report(st_obj, spec, out)
+    _out(f"report: {index}")
+
+
+@app.command("storage-proxy")
+def storage_proxy(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to bind (loopback unless you mean to expose it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on", min=1, max=65535)] = 13000,
+) -> None:
+    """Serve Optuna's gRPC storage proxy in front of PostgreSQL, for hundreds of workers.
+
+    Workers then use --storage grpc://HOST:PORT and hold no database connection of their own.
+    """
+    import optuna
+
+    from .storage import is_grpc
+
+    url, st = _storage(storage, create=True)
+    if is_grpc(url):
+        raise UserError("--storage for the proxy must be a database URL, not grpc://")
+    print(f"storage proxy for {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    optuna.storages.run_grpc_proxy_server(st, host=host, port=port)
 
 
 # -- study ------------------------------------------------------------------
@@ -339,6 +537,7 @@ def study_show(
         info["best"] = {"trial": bt.number, "value": bt.value, "params": bt.params}
     except ValueError:
         info["best"] = None
+    info["workers"], info["retried"] = _by_worker(study)
     if as_json:
         info["spec"] = spec_to_dict(spec)
         _out(json.dumps(info, indent=2, default=str))
@@ -347,8 +546,38 @@ def study_show(
     _out("trials: " + (", ".join(f"{v} {k.lower()}" for k, v in info["states"].items()) or "none yet"))
     if info["best"]:
         _out(f"best: trial {info['best']['trial']}, {spec.metric} {info['best']['value']:.4f}, params {info['best']['params']}")
+    if info["workers"]:
+        _out("workers (host gpu: running trials; finished, failed):")
+        for w in info["workers"]:
+            running = ", ".join(str(n) for n in w["running"]) or "-"
+            _out(f"  {w['host']} {w['gpu']}: running {running}; {w['finished']} finished, {w['failed']} failed")
+    for r in info["retried"]:
+        _out(f"retried: trial {r['trial']} is a retry of trial {r['retry_of']} ({r['state'].lower()})")
     _out("spec:")
     _out(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip())
+
+
+def _by_worker(study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Trials grouped by the worker host and GPU that ran them, and the retried ones."""
+    from optuna.trial import TrialState
+
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    retried = []
+    for t in study.get_trials(deepcopy=False):
+        w = t.user_attrs.get("worker")
+        if w:
+            g = groups.setdefault(
+                (w["host"], str(w["gpu"])), {"host": w["host"], "gpu": str(w["gpu"]), "running": [], "finished": 0, "failed": 0}
+            )
+            if t.state == TrialState.RUNNING:
+                g["running"].append(t.number)
+            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                g["finished"] += 1
+            elif t.state == TrialState.FAIL:
+                g["failed"] += 1
+        if "retry_of" in t.user_attrs and t.user_attrs.get("worker"):
+            retried.append({"trial": t.number, "retry_of": t.user_attrs["retry_of"], "state": t.state.name})
+    return sorted(groups.values(), key=lambda g: (g["host"], g["gpu"])), retried
 
 
 @study_app.command("delete")

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A bad input or environment problem the user can fix: printed as one line, exit non-zero."""
+
+
+class Interrupted(Exception):
+    """Raised inside training when the worker was asked to stop; the trial is handed back for a retry."""

@@ -45,7 +45,14 @@ def evaluate_on_test(
     splits = load_splits(data_spec, data_dir, mirror=mirror, with_test=True, full_train=True)
     assert splits.x_test is not None and splits.y_test is not None
     learn, metric_name = build_learner(
-        splits, params, device, spec.metric or "accuracy", seed=spec.seed, valid=(splits.x_test, splits.y_test)
+        splits,
+        params,
+        device,
+        spec.metric or "accuracy",
+        seed=spec.seed,
+        valid=(splits.x_test, splits.y_test),
+        augment=spec.augment,
+        performance=spec.performance,
     )
     n_epochs = int(params["epochs"])
 

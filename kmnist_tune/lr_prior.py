@@ -8,26 +8,20 @@ smoothed loss curve, which is exactly fastai's `minimum` suggestion (`lr_at_min_
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import hashlib
 import math
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import torch
 from fastai.callback.schedule import minimum, steep, valley
-from sqlalchemy.pool import NullPool
 
 from .space import default_within
 from .spec import SweepSpec
-from .storage import engine_kwargs, is_sqlite, sqlite_path
+from .storage import storage_lock
 from .train import Splits, build_learner
 
 PRIOR_ATTR = "kmnist_tune.lr_prior"
@@ -91,7 +85,9 @@ def run_lr_find(spec: SweepSpec, splits: Splits, device: torch.device) -> LRPrio
     lr_spec = spec.parameters["lr"]
     params = prior_config(spec)
     t0 = time.perf_counter()
-    learn, _ = build_learner(splits, params, device, spec.metric or "accuracy", seed=spec.seed)
+    learn, _ = build_learner(
+        splits, params, device, spec.metric or "accuracy", seed=spec.seed, augment=spec.augment, performance=spec.performance
+    )
     found = learn.lr_find(num_it=NUM_IT, show_plot=False, suggest_funcs=(minimum, steep, valley))
     suggestions = {name: float(getattr(found, name)) for name in ("minimum", "steep", "valley")}
     lrs = [float(x) for x in learn.recorder.lrs]
@@ -118,42 +114,21 @@ def run_lr_find(spec: SweepSpec, splits: Splits, device: torch.device) -> LRPrio
     )
 
 
-@contextmanager
-def storage_lock(url: str, name: str) -> Iterator[None]:
-    """A lock shared by every process using this storage, held in the storage backend itself:
-    a PostgreSQL advisory lock (released by the server if the holder dies), or for SQLite an
-    flock on a file beside the database (SQLite is one machine's store; the kernel releases it)."""
-    if is_sqlite(url):
-        db = sqlite_path(url)
-        lock_path = Path(f"{db}.lock") if db is not None else Path("kmnist-tune.lock")
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-        return
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-    kwargs = {k: v for k, v in engine_kwargs(url).items() if k == "connect_args"}
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT", **kwargs)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    finally:
-        engine.dispose()
-
-
 def stored_prior(study: optuna.Study) -> LRPrior | None:
     data = study.user_attrs.get(PRIOR_ATTR)
     return LRPrior.from_dict(data) if data else None
 
 
 def ensure_prior(
-    study: optuna.Study, url: str, spec: SweepSpec, splits: Splits, device: torch.device, *, rerun: bool = False, log: Any = None
+    study: optuna.Study,
+    storage: Any,
+    url: str,
+    spec: SweepSpec,
+    splits: Splits,
+    device: torch.device,
+    *,
+    rerun: bool = False,
+    log: Any = None,
 ) -> tuple[LRPrior, bool]:
     """The study's prior, computed at most once however many workers start together.
 
@@ -162,7 +137,7 @@ def ensure_prior(
     prior = stored_prior(study)
     if prior is not None and not rerun:
         return prior, False
-    with storage_lock(url, f"kmnist-tune/lr-find/{study.study_name}"):
+    with storage_lock(storage, url, f"kmnist-tune/lr-find/{study.study_name}"):
         # Re-read under the lock: another worker may have finished while this one waited.
         prior = stored_prior(study)
         if prior is not None and not rerun:

@@ -149,6 +149,55 @@ class HalvingSpec(_Strict):
     trend_drop: float = Field(default=0.05, ge=0.0, lt=1.0, description="least fractional drop over the first epoch")
 
 
+class AugmentSpec(_Strict):
+    """Random affine augmentation of training batches, on the device (see augment.py). Off by default."""
+
+    enabled: bool = False
+    max_shift: float = Field(default=0.1, ge=0.0, le=0.5, description="largest shift, as a fraction of the image side")
+    max_rotate: float = Field(default=10.0, ge=0.0, le=180.0, description="largest rotation, degrees either way")
+    max_scale: float = Field(default=0.1, ge=0.0, lt=1.0, description="scale drawn from 1 +- max_scale")
+
+
+class PerformanceSpec(_Strict):
+    """How a trial uses its device. `auto` means the fast choice on CUDA and plain fp32 on a CPU."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", True, False] = "auto"
+    cudnn_benchmark: bool = True
+    compile: bool = Field(default=False, description="wrap the model in torch.compile")
+
+
+class WorkersSpec(_Strict):
+    """How workers share the study; stored with it, so every worker on every host agrees."""
+
+    heartbeat_interval: int = Field(default=30, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int | None = Field(
+        default=None, ge=1, description="silence after which a trial is failed (default 4 x heartbeat_interval)"
+    )
+    max_retry: int = Field(default=3, ge=0, description="times a trial of a dead or stopped worker is retried")
+
+    @model_validator(mode="after")
+    def _grace(self) -> WorkersSpec:
+        if self.grace_period is None:
+            self.grace_period = 4 * self.heartbeat_interval
+        elif self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval ({self.heartbeat_interval})")
+        return self
+
+
+class WandbSpec(_Strict):
+    """One W&B run per trial, grouped by study. auto = online when logged in, else offline."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str | None = None  # default: the study name
+    entity: str | None = None
+    dir: str | None = None  # where W&B writes (./wandb by default); offline runs wait there for `wandb sync`
+
+
+class TrackingSpec(_Strict):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
 class _NamedChoice(_Strict):
     """`{name: ..., options: {...}}`: an Optuna sampler or pruner picked by name, with its keyword options."""
 
@@ -196,6 +245,10 @@ class SweepSpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     halving: HalvingSpec = Field(default_factory=HalvingSpec)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     budget: BudgetSpec
     seed: int = 0
 

@@ -1,23 +1,74 @@
-"""The worker loop: take trials from a shared study until its budget or time runs out."""
+"""The worker loop: claim a trial of a shared study, train it with heartbeats, report it; repeat
+until the study's budget is used, the time is up, or a signal asks it to stop.
+
+Trials are taken with Optuna's ask/tell rather than `study.optimize` so that the budget check and
+the trial's creation happen together under a lock held by the storage backend: with n_trials N,
+no number of workers can make the study finish more than N trials (MaxTrialsCallback alone can
+overshoot by one per worker).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .progress import Reporter
 from .spec import SweepSpec
+from .storage import count_states, storage_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3
+POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
 
 class TrialsKeepFailing(UserError):
     pass
+
+
+@dataclass
+class StopFlag:
+    """First SIGINT/SIGTERM: finish cleanly (the running trial stops at its next batch and is
+    handed back for another worker to retry). Second: exit at once; the heartbeat then fails
+    the trial after the grace period and it is retried all the same."""
+
+    requested: bool = False
+    reason: str = ""
+    log: Callable[[str], None] | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested, self.reason = True, name
+        if self.log is not None:
+            self.log(f"{name}: stopping after the current batch (again to stop at once)")
+
+
+@dataclass
+class WorkerIdentity:
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    gpu: str = field(default_factory=lambda: os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu")
+    slot: int = field(default_factory=lambda: int(os.environ.get("KMNIST_TUNE_SLOT", "0")))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "gpu": self.gpu, "slot": self.slot}
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -28,8 +79,7 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 
 def budget_left(study: optuna.Study, n_trials: int | None) -> int | None:
-    """Trials still to start: the budget less finished and running ones (running ones count, so
-    workers that start together do not all take the last slot)."""
+    """Trials still to start: the budget less finished and running ones."""
     if n_trials is None:
         return None
     c = counts(study)
@@ -43,53 +93,176 @@ def best_value(study: optuna.Study) -> float | None:
         return None
 
 
+class _Heartbeat:
+    """Records the trial's heartbeat every interval (Optuna's storage API) while it trains."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: int | None):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            # A missed beat is retried next interval; the grace period covers a few.
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class Worker:
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: Any,
+        url: str,
+        spec: SweepSpec,
+        objective: Callable[[optuna.Trial], float],
+        reporter: Reporter,
+        *,
+        stop: StopFlag | None = None,
+        max_retry: int | None = 3,
+    ):
+        self.study, self.storage, self.url, self.spec = study, storage, url, spec
+        self.objective, self.reporter = objective, reporter
+        self.stop = stop or StopFlag()
+        self.identity = WorkerIdentity()
+        self.retry = RetryFailedTrialCallback(max_retry=max_retry)
+        self.sampler_done = False  # the sampler has nothing left to suggest (a finished grid)
+        hb = getattr(storage, "get_heartbeat_interval", None)
+        self.heartbeat_interval: int | None = hb() if hb is not None else None
+
+    # -- claiming -----------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return count_states(self.storage, self.study)
+
+    def claim(self) -> optuna.Trial | None:
+        """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial."""
+        n_budget = self.spec.budget.n_trials
+        with storage_lock(self.storage, self.url, f"kmnist-tune/budget/{self.study.study_name}"):
+            if n_budget is not None:
+                c = self.counts()
+                if c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_budget:
+                    return None
+            return self.study.ask()
+
+    def others_running(self) -> int:
+        return self.counts()["RUNNING"]
+
+    # -- one trial ----------------------------------------------------------
+    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
+        trial.set_user_attr("worker", self.identity.as_dict())
+        # Optuna's Trial has no public id; its storage record says whether this is a retry.
+        original = RetryFailedTrialCallback.retried_trial_number(self.storage.get_trial(trial._trial_id))
+        if original is not None:
+            trial.set_user_attr("retry_of", original)
+        error = ""
+        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
+            try:
+                value = self.objective(trial)
+                state = TrialState.COMPLETE
+            except optuna.TrialPruned:
+                state, value = TrialState.PRUNED, None
+            except Interrupted:
+                state, value, error = TrialState.FAIL, None, f"interrupted by {self.stop.reason}"
+                trial.set_user_attr("interrupted", self.stop.reason)
+            except (RuntimeError, ValueError) as e:
+                state, value = TrialState.FAIL, None
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                trial.set_user_attr("error", error)
+        try:
+            if state == TrialState.COMPLETE:
+                self.study.tell(trial, value, state=state)
+            else:
+                self.study.tell(trial, state=state)
+        except RuntimeError as e:
+            # GridSampler calls study.stop() once the grid is used up, which Optuna allows only
+            # inside study.optimize; the result is stored before that (tell's finally), so just stop.
+            if "Study.stop" not in str(e):
+                raise
+            self.sampler_done = True
+        frozen = self.storage.get_trial(trial._trial_id)
+        if error.startswith("interrupted"):
+            # Hand the trial back: the same parameters are queued for whichever worker comes next.
+            self.retry(self.study, frozen)
+        return frozen, error
+
+    # -- the loop -----------------------------------------------------------
+    def run(self, *, max_trials: int | None = None, timeout: float | None = None) -> int:
+        timeout = timeout if timeout is not None else self.spec.budget.timeout
+        start = time.monotonic()
+        ran = failures = 0
+        waiting_said = False
+        last_stale_check = float("-inf")
+        while not self.stop.requested and not self.sampler_done:
+            if max_trials is not None and ran >= max_trials:
+                break
+            if timeout is not None and time.monotonic() - start >= timeout:
+                break
+            # Fail the trials of workers that died (no heartbeat for the grace period); the retry
+            # callback queues each again with the same parameters. Once per heartbeat interval is
+            # enough: a trial only goes stale after several missed beats.
+            if time.monotonic() - last_stale_check >= (self.heartbeat_interval or 0):
+                optuna.storages.fail_stale_trials(self.study)
+                last_stale_check = time.monotonic()
+            trial = self.claim()
+            if trial is None:
+                running = self.others_running()
+                if running == 0 or not self.heartbeat_interval:
+                    break  # budget used, and no trial elsewhere that could still fail and come back
+                if not waiting_said:
+                    self.reporter.line(f"budget claimed; waiting while {running} trial(s) run elsewhere")
+                    waiting_said = True
+                time.sleep(POLL_S)
+                last_stale_check = float("-inf")  # idle: look for dead workers' trials every poll
+                continue
+            waiting_said = False
+            frozen, error = self.run_trial(trial)
+            ran += 1
+            c = self.counts()
+            self.reporter.trial_finished(
+                trial.number,
+                frozen.state.name + (f" ({error})" if error else ""),
+                frozen.value,
+                best_value(self.study),
+                c["COMPLETE"] + c["PRUNED"],
+            )
+            if frozen.state == TrialState.FAIL and not error.startswith("interrupted"):
+                failures += 1
+                if failures >= MAX_FAILURES_IN_A_ROW:
+                    raise TrialsKeepFailing(
+                        f"{failures} trials in a row failed (last: {error}); check the spec's ranges and `kmnist-tune study show`"
+                    )
+            else:
+                failures = 0
+        return ran
+
+
 def work(
     study: optuna.Study,
     spec: SweepSpec,
     objective: Callable[[optuna.Trial], float],
     reporter: Reporter,
     *,
+    storage: Any = None,
+    url: str = "",
+    stop: StopFlag | None = None,
     max_trials: int | None = None,
     timeout: float | None = None,
+    max_retry: int | None = 3,
 ) -> int:
-    """Run trials of `study` in this process; returns how many this process ran.
-
-    Stops when the study's n_trials budget is used, after `max_trials` here, or after `timeout` s.
-    A trial whose training raises is marked FAIL and the loop goes on; several in a row stop it.
-    """
-    n_budget = spec.budget.n_trials
-    timeout = timeout if timeout is not None else spec.budget.timeout
-    start = time.monotonic()
-    ran = failures = 0
-    mine: list[FrozenTrial] = []
-    last_error = ["unknown"]
-
-    def guarded(trial: optuna.Trial) -> float:
-        try:
-            return objective(trial)
-        except (RuntimeError, ValueError) as e:
-            last_error[0] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            raise
-
-    def on_done(study: optuna.Study, trial: FrozenTrial) -> None:
-        mine.append(trial)
-        c = counts(study)
-        reporter.trial_finished(trial.number, trial.state.name, trial.value, best_value(study), c["COMPLETE"] + c["PRUNED"])
-
-    while True:
-        left = budget_left(study, n_budget)
-        if left is not None and left <= 0:
-            break
-        if max_trials is not None and ran >= max_trials:
-            break
-        if timeout is not None and time.monotonic() - start >= timeout:
-            break
-        study.optimize(guarded, n_trials=1, callbacks=[on_done], catch=(RuntimeError, ValueError))
-        ran += 1
-        last = mine[-1] if mine else None
-        failures = failures + 1 if last is not None and last.state == TrialState.FAIL else 0
-        if failures >= MAX_FAILURES_IN_A_ROW:
-            raise TrialsKeepFailing(
-                f"{failures} trials in a row failed (last: {last_error[0]}); check the spec's ranges and `kmnist-tune study show`"
-            )
-    return ran
+    """Run trials of `study` in this process; returns how many this process ran."""
+    worker = Worker(
+        study, storage if storage is not None else study._storage, url, spec, objective, reporter, stop=stop, max_retry=max_retry
+    )
+    return worker.run(max_trials=max_trials, timeout=timeout)

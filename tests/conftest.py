@@ -14,6 +14,9 @@ import psycopg
 import pytest
 import yaml
 
+# In-process tests train real trials too: keep W&B off unless a test asks for it in its spec.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "kmnist-mini"
 K49_FIXTURE = REPO / "tests" / "fixtures" / "k49-mini"

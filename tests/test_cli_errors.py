@@ -82,7 +82,10 @@ def test_bad_spec_path_and_bad_spec(tmp_path: Path) -> None:
 def test_cli_usage_errors_and_guards(tmp_path: Path) -> None:
     url = make_study(tmp_path)
     assert "--study" in error_line(run_cli("worker", "--storage", url, check=False))
-    assert "no CUDA GPU" in error_line(run_cli("worker", "--study", "exists", "--storage", url, "--device", "cuda", check=False))
+    assert "no CUDA GPU" in error_line(run_cli("worker", "--study", "exists", "--storage", url, "--gpus", "all", check=False))
+    missing = run_cli("worker", "--study", "exists", "--storage", url, "--gpus", "3", check=False)
+    assert "GPU 3 does not exist" in error_line(missing)
+    assert "not a GPU index" in error_line(run_cli("run", "x.yaml", "--gpus", "a,0", check=False))
     assert "--yes" in error_line(run_cli("study", "delete", "exists", "--storage", url, check=False))
     assert "exists" in run_cli("study", "list", "--storage", url).stdout
     run_cli("study", "delete", "exists", "--storage", url, "--yes")

@@ -1,0 +1,196 @@
+"""Orchestration overhead on PostgreSQL: an objective that returns at once, worked through
+kmnist-tune's worker loop (budget claim under an advisory lock, heartbeats, retry wrapper)
+versus a bare `study.optimize`, with 1, 2 and 4 processes.
+
+Prints trials/s, the median milliseconds per trial, the most database connections any one
+worker process held (sampled from pg_stat_activity), and the ratio ours/bare, measured in the
+same run. Needs PostgreSQL at 127.0.0.1:5432 (trust auth), like the tests.
+
+    python benchmarks/bench_storage.py [--trials 200] [--procs 1 2 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import threading
+import time
+import uuid
+import warnings
+from typing import Any
+
+import optuna
+import psycopg
+
+ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _spec(name: str, n_trials: int) -> Any:
+    from kmnist_tune.spec import parse_spec
+
+    return parse_spec(
+        {
+            "name": name,
+            "parameters": {"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}},
+            "pruner": "none",
+            "sampler": "random",
+            "budget": {"n_trials": n_trials},
+            "workers": {"heartbeat_interval": 30},
+        }
+    )
+
+
+def _quiet() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def _quick(trial: optuna.Trial) -> float:
+    return trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+
+
+def bare_proc(url: str, name: str, n: int, out: Any) -> None:
+    from kmnist_tune.storage import open_storage
+
+    _quiet()
+    study = optuna.load_study(study_name=name, storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
+    times: list[float] = []
+    last = time.perf_counter()
+
+    def tick(study: optuna.Study, trial: Any) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+
+    study.optimize(_quick, n_trials=n, callbacks=[tick])
+    out.put(times)
+
+
+def ours_proc(url: str, name: str, n_total: int, out: Any) -> None:
+    import io
+
+    from kmnist_tune.progress import Reporter
+    from kmnist_tune.storage import open_worker_storage
+    from kmnist_tune.studies import open_study
+    from kmnist_tune.worker import Worker
+
+    _quiet()
+    spec = _spec(name, n_total)
+    storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3)
+    study, spec = open_study(storage, name, url=url)
+    times: list[float] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        return _quick(trial)
+
+    reporter = Reporter(io.StringIO())
+    worker = Worker(study, storage, url, spec, objective, reporter)
+    original = worker.run_trial
+    last = [time.perf_counter()]
+
+    def timed(trial: optuna.Trial) -> Any:
+        result = original(trial)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        return result
+
+    worker.run_trial = timed  # type: ignore[method-assign]
+    worker.run()
+    out.put(times)
+
+
+class Sampler(threading.Thread):
+    def __init__(self, dbname: str):
+        super().__init__(daemon=True)
+        self.dbname, self.peak = dbname, 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            while not self.halt.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
+                    "AND application_name LIKE 'kmnist-tune %%' GROUP BY 1",
+                    (self.dbname,),
+                ).fetchall()
+                self.peak = max([self.peak, *[n for _, n in rows]])
+                time.sleep(0.05)
+
+
+def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
+    dbname = f"kt_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{dbname}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
+    try:
+        from kmnist_tune.storage import open_storage
+        from kmnist_tune.studies import create_study
+
+        create_study(_spec("bench", n_trials), open_storage(url, create=True), resume=False)
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        sampler = Sampler(dbname)
+        sampler.start()
+        per = [n_trials // procs + (1 if i < n_trials % procs else 0) for i in range(procs)]
+        target = bare_proc if kind == "bare" else ours_proc
+        ps = [ctx.Process(target=target, args=(url, "bench", per[i] if kind == "bare" else n_trials, out)) for i in range(procs)]
+        t0 = time.perf_counter()
+        for p in ps:
+            p.start()
+        times = [t for _ in ps for t in out.get(timeout=600)]
+        for p in ps:
+            p.join()
+        wall = time.perf_counter() - t0
+        sampler.halt.set()
+        sampler.join(2)
+        study = optuna.load_study(study_name="bench", storage=open_storage(url))
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        return {
+            "kind": kind,
+            "procs": procs,
+            "trials": done,
+            "trials_per_s": done / wall,
+            "median_ms": 1000 * statistics.median(times[1:] or times),
+            "max_connections_per_process": sampler.peak,
+            "wall_s": wall,
+        }
+    finally:
+        with psycopg.connect(ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def main() -> None:
+    _quiet()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    print(f"{'procs':>5} {'kind':>5} {'trials':>6} {'trials/s':>9} {'median ms':>10} {'conns/proc':>10}")
+    for procs in args.procs:
+        pair = {}
+        for kind in ("bare", "ours"):
+            r = measure(kind, procs, args.trials)
+            pair[kind] = r
+            rows.append(r)
+            print(
+                f"{procs:>5} {kind:>5} {r['trials']:>6} {r['trials_per_s']:>9.1f} {r['median_ms']:>10.1f} "
+                f"{r['max_connections_per_process']:>10}"
+            )
+        ratio = pair["ours"]["trials_per_s"] / pair["bare"]["trials_per_s"]
+        print(
+            f"{procs:>5} ratio ours/bare trials/s: {ratio:.2f}x; exact budget: ours finished {pair['ours']['trials']} "
+            f"of {args.trials}, bare {pair['bare']['trials']}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

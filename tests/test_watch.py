@@ -1,0 +1,171 @@
+"""Watching a study: optuna-dashboard on loopback (its API and a real headless browser), one W&B
+offline run per trial, and the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import REPO, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from wandb_records import read_run
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two real studies in one SQLite file: `prior` (LR finder, evidence on the study) and `halve`
+    (a grid over an absurd and a sane learning rate, so one trial halves to the floor)."""
+    tmp = tmp_path_factory.mktemp("watch")
+    url = f"sqlite:///{tmp / 'w.db'}"
+    env = cli_env(KMNIST_TUNE_ARTIFACTS=str(tmp / "artifacts"))
+    env.pop("WANDB_MODE")  # each spec says its own mode
+    prior = tiny_spec("prior", budget={"n_trials": 1})
+    prior["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1}
+    prior["tracking"] = {"wandb": {"mode": "disabled"}}
+    run_cli("run", str(write_spec(tmp / "prior.yaml", prior)), "--storage", url, env=env)
+    halve = tiny_spec("halve", budget={"n_trials": 2}, sampler={"name": "grid"})
+    halve["parameters"].update({"lr": {"values": [50.0, 5e-3]}, "epochs": {"value": 2}, "batch_size": {"initial": 64, "min": 32}})
+    halve["tracking"] = {"wandb": {"mode": "offline", "project": "kt-test", "dir": str(tmp / "wb")}}
+    run_cli("run", str(write_spec(tmp / "halve.yaml", halve)), "--storage", url, env=env)
+    return {"tmp": tmp, "url": url, "env": env}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
+@pytest.fixture(scope="module")
+def dashboard(watched: dict[str, Any]):
+    port = _free_port()
+    proc = spawn_cli("dashboard", "--storage", watched["url"], "--port", str(port), env=watched["env"])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            _get(f"{base}/api/studies")
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"dashboard exited: {proc.communicate()[1]}") from None
+            time.sleep(0.3)
+    else:
+        raise AssertionError("dashboard did not answer on loopback within 60 s")
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def _study_id(base: str, name: str) -> int:
+    studies = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
+    return next(s["study_id"] for s in studies if s["study_name"] == name)
+
+
+def test_dashboard_binds_loopback_and_serves_the_studies(dashboard: str) -> None:
+    names = {s["study_name"] for s in json.loads(_get(f"{dashboard}/api/studies"))["study_summaries"]}
+    assert names == {"prior", "halve"}
+
+
+def test_dashboard_shows_the_lr_finder_evidence_and_trial_notes(dashboard: str, watched: dict[str, Any]) -> None:
+    sid = _study_id(dashboard, "prior")
+    detail = json.loads(_get(f"{dashboard}/api/studies/{sid}"))
+    assert "LR finder (kmnist/resnet18/imagenet/bs32)" in detail["note"]["body"]
+    (art,) = [a for a in detail["artifacts"] if a["filename"] == "lr-find.png"]
+    png = _get(f"{dashboard}/artifacts/{sid}/{art['artifact_id']}")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    hid = _study_id(dashboard, "halve")
+    trials = json.loads(_get(f"{dashboard}/api/studies/{hid}"))["trials"]
+    notes = {t["number"]: t["note"]["body"] for t in trials}
+    stored = optuna.load_study(study_name="halve", storage=watched["url"]).trials
+    absurd = next(t.number for t in stored if t.params["lr"] == 50.0)
+    assert "64 → stop (minimum reached)" in notes[absurd] or "64 → 32" in notes[absurd]
+    sane = 1 - absurd
+    assert "halvings: none" in notes[sane] and "seconds per epoch" in notes[sane] and "images/s" in notes[sane]
+
+
+def test_a_real_browser_renders_the_study_page(dashboard: str, watched: dict[str, Any]) -> None:
+    sid = _study_id(dashboard, "prior")
+    page = f"{dashboard}/dashboard/studies/{sid}"
+    shot = REPO / "tests" / "artifacts-out" / "dashboard-study.png"
+    shot.parent.mkdir(exist_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--virtual-time-budget=15000",
+    ]
+    assert Path(CHROMIUM).exists(), "chromium is not installed; scripts/ci-deps installs Debian's chromium"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--window-size=1400,1000", f"--screenshot={shot}", page],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(
+            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--dump-dom", page],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert f"prior (id={sid})" in dom  # the app rendered the study, not just its loading page
+    assert "History" in dom
+
+
+def test_one_offline_wandb_run_per_trial_with_epochs_and_halving(watched: dict[str, Any]) -> None:
+    files = sorted((watched["tmp"] / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = {r["name"]: r for r in map(read_run, files)}
+    assert set(runs) == {"halve-trial-0", "halve-trial-1"}
+    study = optuna.load_study(study_name="halve", storage=watched["url"])
+    for t in study.trials:
+        run = runs[f"halve-trial-{t.number}"]
+        assert run["group"] == "halve"
+        assert run["config"]["lr"] == t.params["lr"]
+        assert run["summary"]["state"] == t.state.name
+        if t.params["lr"] == 50.0:
+            events = run["summary"]["halving_events"]
+            assert [(e["from_bs"], e["to_bs"]) for e in events] == [(64, 32), (32, None)]
+            assert t.state == optuna.trial.TrialState.PRUNED
+        else:
+            epochs = [h for h in run["history"] if "valid_accuracy" in h]
+            assert [h["epoch"] for h in epochs] == [0, 1]
+            assert all({"train_loss", "valid_loss", "lr", "images_per_s"} <= h.keys() for h in epochs)
+            assert epochs[-1]["valid_accuracy"] == pytest.approx(t.value)
+            assert run["summary"]["halving_events"] == []
+
+
+def test_report_writes_pngs_and_an_html_page_linking_them(watched: dict[str, Any], tmp_path: Path) -> None:
+    for name in ("prior", "halve"):
+        out = tmp_path / name
+        run_cli("report", "--study", name, "--out", str(out), "--storage", watched["url"], env=watched["env"])
+        page = (out / "index.html").read_text()
+        pngs = sorted(out.glob("*.png"))
+        assert {p.name for p in pngs} == {"history.png", "importances.png", "lr-finder.png", "top-trials.png", "halving.png"}
+        for p in pngs:
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+            assert f'src="{p.name}"' in page and f'href="{p.name}"' in page
+        assert f"Study {name}" in page
