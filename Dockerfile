@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# One image for everything kmnist-tune runs in docker-compose.yml: the CLI, GPU workers, the
+# dashboard and the storage proxy. Build: `docker compose build` (or `docker build -t kmnist-tune .`).
+#
+# The CUDA PyTorch base brings torch and torchvision. pip installs the rest of the project around
+# them and may not replace them: a constraints file pins the base's own builds, so a dependency
+# that wants another torch fails the build instead of pulling a multi-GB wheel. The base's torch
+# must lie in pyproject.toml's range (torch>=2.4,<=2.14.1; torchvision>=0.19,<=0.29.1).
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/etc/kmnist-tune/pip-constraints.txt
+
+RUN mkdir -p /etc/kmnist-tune \
+ && python -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('torch', 'torchvision')), sep='\n')" \
+      > /etc/kmnist-tune/pip-constraints.txt \
+ && cat /etc/kmnist-tune/pip-constraints.txt
+
+# The project (only what .dockerignore lets into the build context).
+COPY pyproject.toml README.md /tmp/kmnist-tune/
+COPY kmnist_tune /tmp/kmnist-tune/kmnist_tune
+RUN python -m pip install /tmp/kmnist-tune \
+ && rm -rf /tmp/kmnist-tune \
+ && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
+ && kmnist-tune --version
+
+# A non-root user. The data cache and the artifact store are volumes it owns (a named volume
+# starts as a copy of the image's folder, ownership included); the data is downloaded and
+# md5-checked at first use, never baked into the image.
+ARG KMNIST_UID=10001
+ARG KMNIST_GID=10001
+RUN groupadd --gid "${KMNIST_GID}" kmnist \
+ && useradd --uid "${KMNIST_UID}" --gid kmnist --create-home --shell /usr/sbin/nologin kmnist \
+ && mkdir -p /data /artifacts /app \
+ && chown kmnist:kmnist /data /artifacts /app
+COPY sweeps /app/sweeps
+
+ENV KMNIST_TUNE_DATA=/data \
+    KMNIST_TUNE_ARTIFACTS=/artifacts \
+    WANDB_DIR=/artifacts
+VOLUME ["/data", "/artifacts"]
+WORKDIR /app
+USER kmnist
+
+ENTRYPOINT ["kmnist-tune"]
+CMD ["--help"]

