@@ -49,10 +49,13 @@ from fastai.metrics import accuracy  # noqa: E402
 from fastai.vision.core import PILImageBW  # noqa: E402
 from fastai.vision.data import ImageBlock  # noqa: E402
 
-from kmnist_tune.loader import TensorBatches, make_split  # noqa: E402
-from kmnist_tune.model import build_model, pick_device, resolve_performance  # noqa: E402
-from kmnist_tune.spec import DataSpec  # noqa: E402
-from kmnist_tune.train import Splits, build_learner, load_splits  # noqa: E402
+from kmnist_tune.contract.spec import DataSpec  # noqa: E402
+from kmnist_tune.training.devices import pick_device  # noqa: E402
+from kmnist_tune.training.loader import TensorBatches, make_split  # noqa: E402
+from kmnist_tune.training.model import build_model  # noqa: E402
+from kmnist_tune.training.precision import resolve_performance  # noqa: E402
+from kmnist_tune.training.splits import Splits, load_splits  # noqa: E402
+from kmnist_tune.training.train import build_learner  # noqa: E402
 
 LR = 2e-3
 

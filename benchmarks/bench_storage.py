@@ -15,20 +15,22 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
-import threading
+import sys
 import time
 import uuid
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
 import psycopg
 
-ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pg_sampler import ADMIN, ConnectionSampler  # noqa: E402  (shared with the worker tests)
 
 
 def _spec(name: str, n_trials: int) -> Any:
-    from kmnist_tune.spec import parse_spec
+    from kmnist_tune.contract.spec import parse_spec
 
     return parse_spec(
         {
@@ -52,7 +54,7 @@ def _quick(trial: optuna.Trial) -> float:
 
 
 def bare_proc(url: str, name: str, n: int, out: Any) -> None:
-    from kmnist_tune.storage import open_storage
+    from kmnist_tune.service.storage import open_storage
 
     _quiet()
     study = optuna.load_study(study_name=name, storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
@@ -72,22 +74,22 @@ def bare_proc(url: str, name: str, n: int, out: Any) -> None:
 def ours_proc(url: str, name: str, n_total: int, out: Any) -> None:
     import io
 
-    from kmnist_tune.progress import Reporter
-    from kmnist_tune.storage import open_worker_storage
-    from kmnist_tune.studies import open_study
-    from kmnist_tune.worker import Worker
+    from kmnist_tune.observe.progress import Reporter
+    from kmnist_tune.service.retry import open_worker_storage
+    from kmnist_tune.service.studies import open_study
+    from kmnist_tune.service.worker import Worker
 
     _quiet()
     spec = _spec(name, n_total)
     storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3)
-    study, spec = open_study(storage, name, url=url)
+    study, spec = open_study(storage, name)
     times: list[float] = []
 
     def objective(trial: optuna.Trial) -> float:
         return _quick(trial)
 
     reporter = Reporter(io.StringIO())
-    worker = Worker(study, storage, url, spec, objective, reporter)
+    worker = Worker(study, storage, spec, objective, reporter)
     original = worker.run_trial
     last = [time.perf_counter()]
 
@@ -103,37 +105,19 @@ def ours_proc(url: str, name: str, n_total: int, out: Any) -> None:
     out.put(times)
 
 
-class Sampler(threading.Thread):
-    def __init__(self, dbname: str):
-        super().__init__(daemon=True)
-        self.dbname, self.peak = dbname, 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            while not self.halt.is_set():
-                rows = conn.execute(
-                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
-                    "AND application_name LIKE 'kmnist-tune %%' GROUP BY 1",
-                    (self.dbname,),
-                ).fetchall()
-                self.peak = max([self.peak, *[n for _, n in rows]])
-                time.sleep(0.05)
-
-
 def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
     dbname = f"kt_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{dbname}"')
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
     try:
-        from kmnist_tune.storage import open_storage
-        from kmnist_tune.studies import create_study
+        from kmnist_tune.service.storage import open_storage
+        from kmnist_tune.service.studies import create_study
 
         create_study(_spec("bench", n_trials), open_storage(url, create=True), resume=False)
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
-        sampler = Sampler(dbname)
+        sampler = ConnectionSampler(dbname)
         sampler.start()
         per = [n_trials // procs + (1 if i < n_trials % procs else 0) for i in range(procs)]
         target = bare_proc if kind == "bare" else ours_proc
@@ -145,8 +129,7 @@ def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
         for p in ps:
             p.join()
         wall = time.perf_counter() - t0
-        sampler.halt.set()
-        sampler.join(2)
+        sampler.stop()
         study = optuna.load_study(study_name="bench", storage=open_storage(url))
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         return {
@@ -155,7 +138,7 @@ def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
             "trials": done,
             "trials_per_s": done / wall,
             "median_ms": 1000 * statistics.median(times[1:] or times),
-            "max_connections_per_process": sampler.peak,
+            "max_connections_per_process": sampler.max_per_process,
             "wall_s": wall,
         }
     finally:

@@ -105,20 +105,24 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database on the machine's server, dropped afterwards.
+def pg_admin() -> psycopg.Connection[Any]:
+    """An autocommit connection to the machine's PostgreSQL as its superuser.
 
     Fails (never skips) when the server cannot be reached: CI must not go green without it."""
-    name = f"kt_test_{uuid.uuid4().hex[:10]}"
     try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+        return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
         pytest.fail(
             f"PostgreSQL at {PG_ADMIN} is not reachable ({e}); start it with "
             "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
         )
-    with admin:
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
+    name = f"kt_test_{uuid.uuid4().hex[:10]}"
+    with pg_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     try:

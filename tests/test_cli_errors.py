@@ -35,9 +35,13 @@ def test_malformed_and_unsupported_storage_urls(tmp_path: Path) -> None:
 
 
 def test_missing_storage_file_is_not_created(tmp_path: Path) -> None:
-    line = error_line(run_cli("study", "list", cwd=tmp_path, check=False))
-    assert "no study storage" in line
-    assert not (tmp_path / "kmnist-tune.db").exists()
+    # Listing a storage that does not exist yet is an empty list, not an error; nothing is created.
+    listed = run_cli("study", "list", cwd=tmp_path)
+    assert listed.stdout.startswith("no studies in sqlite:///kmnist-tune.db"), listed.stdout
+    assert run_cli("study", "list", "--json", cwd=tmp_path).stdout.strip() == "[]"
+    line = error_line(run_cli("best", "--study", "x", cwd=tmp_path, check=False))
+    assert "no studies in" in line and "create one" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_data_and_no_network(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmnist_tune import data
-from kmnist_tune.data import DataError
 from kmnist_tune.errors import UserError
+from kmnist_tune.training import data, splits
+from kmnist_tune.training.data import DataError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KMNIST_MINI = FIXTURES / "kmnist-mini"
@@ -416,34 +416,34 @@ def imbalanced_labels() -> np.ndarray:
 
 def test_stratified_split() -> None:
     labels = imbalanced_labels()
-    train, valid = data.stratified_split(labels, 0.2, seed=1)
+    train, valid = splits.stratified_split(labels, 0.2, seed=1)
     assert np.intersect1d(train, valid).size == 0
     assert np.array_equal(np.sort(np.concatenate([train, valid])), np.arange(len(labels)))
     counts = np.bincount(labels)
     v_counts = np.bincount(labels[valid], minlength=5)
     assert np.all(np.abs(v_counts - 0.2 * counts) <= 1)
     assert np.all(v_counts >= 1) and np.all(np.bincount(labels[train], minlength=5) >= 1)
-    again = data.stratified_split(labels, 0.2, seed=1)
+    again = splits.stratified_split(labels, 0.2, seed=1)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], valid)
-    other = data.stratified_split(labels, 0.2, seed=2)
+    other = splits.stratified_split(labels, 0.2, seed=2)
     assert not np.array_equal(other[1], valid)
     assert np.array_equal(np.bincount(labels[other[1]], minlength=5), v_counts)
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(DataError):
-            data.stratified_split(labels, bad, seed=1)
+            splits.stratified_split(labels, bad, seed=1)
 
 
 def test_stratified_subset() -> None:
     labels = imbalanced_labels()
-    train, _ = data.stratified_split(labels, 0.2, seed=1)
-    assert data.stratified_subset(train, labels, None, seed=3) is train
-    assert data.stratified_subset(train, labels, len(train) + 5, seed=3) is train
-    sub = data.stratified_subset(train, labels, 100, seed=3)
+    train, _ = splits.stratified_split(labels, 0.2, seed=1)
+    assert splits.stratified_subset(train, labels, None, seed=3) is train
+    assert splits.stratified_subset(train, labels, len(train) + 5, seed=3) is train
+    sub = splits.stratified_subset(train, labels, 100, seed=3)
     assert len(sub) == 100 and len(np.unique(sub)) == 100
     assert np.isin(sub, train).all()
     share = np.bincount(labels[train], minlength=5) / len(train)
     assert np.all(np.abs(np.bincount(labels[sub], minlength=5) - 100 * share) <= 1)
-    assert np.array_equal(sub, data.stratified_subset(train, labels, 100, seed=3))
-    assert not np.array_equal(sub, data.stratified_subset(train, labels, 100, seed=4))
+    assert np.array_equal(sub, splits.stratified_subset(train, labels, 100, seed=3))
+    assert not np.array_equal(sub, splits.stratified_subset(train, labels, 100, seed=4))
     with pytest.raises(DataError):
-        data.stratified_subset(train, labels, 0, seed=3)
+        splits.stratified_subset(train, labels, 0, seed=3)

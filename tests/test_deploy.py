@@ -39,7 +39,7 @@ import optuna
 import psycopg
 import pytest
 import yaml
-from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, error_line, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, error_line, pg_admin, run_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -419,7 +419,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_builds_the_package(t
         "wandb/run-1/x",
         "tests/conftest.py",
         ".cache/compose-spec/compose-spec.json",
-        "kmnist_tune/__pycache__/cli.cpython-311.pyc",
+        "kmnist_tune/cli/__pycache__/apps.cpython-311.pyc",
     ):
         assert dockerignored(secret_or_junk, patterns), f"{secret_or_junk} would reach the build context"
     # The context as Docker would send it.
@@ -452,7 +452,9 @@ def test_build_context_holds_what_the_dockerfile_copies_and_builds_the_package(t
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "kmnist_tune/cli.py" in names and "kmnist-tune = kmnist_tune.cli:main" in entry_points
+    for layer in ("cli", "contract", "training", "recipe", "service", "observe"):
+        assert f"kmnist_tune/{layer}/__init__.py" in names, f"the wheel lacks kmnist_tune/{layer}"
+    assert "kmnist-tune = kmnist_tune.cli:main" in entry_points
 
 
 # -- every kmnist-tune command named is a real one -----------------------------------------------
@@ -559,13 +561,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as e:
-        pytest.fail(
-            f"PostgreSQL at {PG_ADMIN} is not reachable ({e}); start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
-        )
+    admin = pg_admin()
     c = Cluster(admin)
     try:
         yield c
@@ -642,8 +638,12 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     assert row[6].startswith("SCRAM-SHA-256$") and password not in row[6]  # stored hashed
 
     worker_url = pg_url(role, password, db)
-    # Before the owner has created Optuna's tables the worker role cannot: one clear line.
-    line = error_line(run_cli("study", "list", "--storage", worker_url, check=False, timeout=120))
+    # Before the owner has created Optuna's tables a reader sees no studies and writes nothing, and
+    # the worker role cannot create them: one clear line.
+    listed = run_cli("study", "list", "--storage", worker_url, timeout=120)
+    assert listed.stdout.startswith("no studies in") and password not in listed.stdout
+    create = run_cli("study", "create", str(REPO / "sweeps" / "quickstart.yaml"), "--storage", worker_url, check=False)
+    line = error_line(create)
     assert "permission denied" in line and password not in line
     # The owner creates them: the compose `schema` service's own script, run here...
     schema = compose()["services"]["schema"]

@@ -13,11 +13,11 @@ import torch
 from conftest import FIXTURE
 from fastai.callback.core import Callback
 
-from kmnist_tune.halving import train_with_halving
-from kmnist_tune.objective import Objective
-from kmnist_tune.progress import Reporter
-from kmnist_tune.spec import parse_spec
-from kmnist_tune.train import load_splits
+from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.observe.progress import Reporter
+from kmnist_tune.recipe.halving import train_with_halving
+from kmnist_tune.recipe.objective import Objective
+from kmnist_tune.training.splits import load_splits
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -100,7 +100,7 @@ def test_oom_halves_until_it_fits_and_records_it(splits, tmp_path: Path) -> None
 
 def test_failed_attempt_memory_is_released_before_the_retry(splits) -> None:
     """The model of an attempt that ran out of memory is garbage by the time the next one starts."""
-    from kmnist_tune.train import EpochLog, build_learner, fit
+    from kmnist_tune.training.train import EpochLog, build_learner, fit
 
     spec = make_spec(lr=5e-3)
     models: list[weakref.ref] = []

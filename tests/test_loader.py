@@ -14,11 +14,12 @@ import torch
 from conftest import FIXTURE, tiny_spec
 from fastai.callback.core import Callback, CancelFitException
 
-from kmnist_tune.augment import RandomAffine, stream_seed, warp
-from kmnist_tune.loader import TensorBatches, TensorSplit, make_dls, make_split
-from kmnist_tune.model import Performance, resolve_performance
-from kmnist_tune.spec import AugmentSpec, PerformanceSpec, SpecError, parse_spec, spec_to_dict
-from kmnist_tune.train import Bf16Autocast, EpochLog, Splits, build_learner, close_leaked_autocast, fit, load_splits
+from kmnist_tune.contract.spec import AugmentSpec, PerformanceSpec, SpecError, parse_spec, spec_to_dict
+from kmnist_tune.training.augment import RandomAffine, stream_seed, warp
+from kmnist_tune.training.loader import TensorBatches, TensorSplit, make_dls, make_split
+from kmnist_tune.training.precision import Bf16Autocast, Performance, close_leaked_autocast, resolve_performance
+from kmnist_tune.training.splits import Splits, load_splits
+from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 CPU = torch.device("cpu")
 

@@ -10,8 +10,8 @@ import optuna
 import pytest
 from conftest import error_line, run_cli, spawn_cli, tiny_spec, write_spec
 
-from kmnist_tune.lr_prior import FIRST_TRIAL_TAG, PRIOR_ATTR
-from kmnist_tune.storage import open_storage
+from kmnist_tune.contract.records import PRIOR_ATTR, TrialRecord
+from kmnist_tune.service.storage import open_storage
 
 
 def prior_spec(name: str, n_trials: int, width: float = 1.0) -> dict:
@@ -42,7 +42,7 @@ def test_prior_is_stored_read_by_another_process_and_tried_first(tmp_path: Path)
     first, second = sorted(study.trials, key=lambda t: t.number)
     assert first.params["lr"] == pytest.approx(prior["centre"])  # the suggestion itself, first
     assert first.params["weight_decay"] == 0.01  # the other parameters take their defaults
-    assert FIRST_TRIAL_TAG in first.user_attrs
+    assert TrialRecord.key("enqueued") in first.user_attrs
     assert prior["low"] <= second.params["lr"] <= prior["high"]
     assert first.state == second.state == optuna.trial.TrialState.COMPLETE
 
@@ -66,7 +66,7 @@ def test_many_workers_on_a_fresh_study_run_the_finder_once(tmp_path: Path, pg_ur
     read = sum("(read from the storage)" in e for e in errs)
     assert (computed, read) == (1, 2), errs
     study = optuna.load_study(study_name="prior-pg", storage=open_storage(pg_url))
-    tagged = [t for t in study.trials if FIRST_TRIAL_TAG in t.user_attrs]
+    tagged = [t for t in study.trials if TrialRecord.key("enqueued") in t.user_attrs]
     assert len(tagged) == 1 and tagged[0].params["lr"] == pytest.approx(study.user_attrs[PRIOR_ATTR]["centre"])
 
 

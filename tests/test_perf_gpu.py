@@ -11,10 +11,12 @@ import torch
 from conftest import FIXTURE, tiny_spec
 from fastai.callback.core import Callback
 
-from kmnist_tune.augment import RandomAffine
-from kmnist_tune.loader import TensorBatches, make_split
-from kmnist_tune.spec import parse_spec
-from kmnist_tune.train import Bf16Autocast, EpochLog, Splits, build_learner, close_leaked_autocast, fit, load_splits
+from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.training.augment import RandomAffine
+from kmnist_tune.training.loader import TensorBatches, make_split
+from kmnist_tune.training.precision import Bf16Autocast, close_leaked_autocast
+from kmnist_tune.training.splits import Splits, load_splits
+from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,9 +13,9 @@ import optuna
 import pytest
 import yaml
 
-from kmnist_tune.space import grid_space, sample_params
-from kmnist_tune.spec import PARAMETERS, SpecError, SweepSpec, load_spec, parse_spec, spec_to_dict
-from kmnist_tune.studies import make_sampler
+from kmnist_tune.contract.space import grid_space, sample_params
+from kmnist_tune.contract.spec import PARAMETERS, SpecError, SweepSpec, load_spec, parse_spec, spec_to_dict
+from kmnist_tune.service.studies import make_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))

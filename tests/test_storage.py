@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,18 +17,19 @@ import pytest
 from conftest import tiny_spec
 from sqlalchemy.engine import make_url
 
+from kmnist_tune.contract.records import SPEC_ATTR
+from kmnist_tune.contract.spec import parse_spec, spec_to_dict
 from kmnist_tune.errors import UserError
-from kmnist_tune.spec import parse_spec, spec_to_dict
-from kmnist_tune.storage import (
+from kmnist_tune.masking import MaskSecrets, mask
+from kmnist_tune.service.storage import (
     DEFAULT_STORAGE,
     ENV_STORAGE,
-    MaskSecrets,
-    mask,
+    NoStudies,
     open_storage,
     require_study,
     resolve_url,
 )
-from kmnist_tune.studies import SPEC_ATTR, create_study, open_study
+from kmnist_tune.service.studies import create_study, open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -165,13 +167,38 @@ def test_resolve_url_rejects_bad_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_open_missing_sqlite_without_create(tmp_path: Path) -> None:
     db = tmp_path / "nothing-here.db"
-    with pytest.raises(UserError) as info:
+    with pytest.raises(NoStudies) as info:
         open_storage(f"sqlite:///{db}")
     msg = one_line(info)
-    assert "create a study first" in msg
+    assert "no studies in" in msg and "create one" in msg
     assert str(db) in msg
     assert not db.exists(), "opening for reading must not create the file"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_never_writes_optuna_tables_into_a_foreign_database(tmp_path: Path) -> None:
+    """A database that holds something else (or nothing) is left exactly as it was."""
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    before = foreign.read_bytes()
+    with pytest.raises(NoStudies):
+        open_storage(f"sqlite:///{foreign}")
+    assert foreign.read_bytes() == before
+    with sqlite3.connect(foreign) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"notes"}
+
+
+@pytest.mark.postgres
+def test_reading_an_empty_postgresql_database_creates_nothing(pg_url: str) -> None:
+    with pytest.raises(NoStudies) as info:
+        open_storage(pg_url)
+    assert "no studies in" in one_line(info)
+    admin_url = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url) as conn:
+        n = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'").fetchone()
+    assert n == (0,)
 
 
 def test_open_sqlite_with_create_makes_it(tmp_path: Path) -> None:
@@ -249,21 +276,34 @@ def rich_spec(name: str = "carry", **over: Any) -> dict[str, Any]:
     return spec
 
 
-def test_require_study_lists_existing(storage: optuna.storages.RDBStorage, storage_url: str) -> None:
+def test_require_study_lists_existing(storage: optuna.storages.RDBStorage) -> None:
     with pytest.raises(UserError) as info:
-        require_study(storage, "ghost", storage_url)
+        require_study(storage, "ghost")
     assert "there are no studies there yet" in one_line(info)
     optuna.create_study(storage=storage, study_name="alpha")
     optuna.create_study(storage=storage, study_name="beta")
-    assert require_study(storage, "beta", storage_url) == storage.get_study_id_from_name("beta")
+    assert require_study(storage, "beta") == storage.get_study_id_from_name("beta")
     with pytest.raises(UserError) as info:
-        require_study(storage, "gamma", "postgresql+psycopg://u:topsecret@h/d")
+        require_study(storage, "gamma")
     msg = one_line(info)
     assert "'gamma'" in msg and "alpha" in msg and "beta" in msg
-    assert "topsecret" not in msg
 
 
-def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage, storage_url: str) -> None:
+@pytest.mark.postgres
+def test_unknown_study_error_masks_the_storage_password(pg_url: str) -> None:
+    # Trust authentication ignores the password, so the URL with one still connects.
+    url = pg_url.replace("://postgres@", "://postgres:topsecret@")
+    storage = open_storage(url, create=True)
+    try:
+        with pytest.raises(UserError) as info:
+            require_study(storage, "gamma")
+        msg = one_line(info)
+        assert "'gamma'" in msg and "postgres:***@" in msg and "topsecret" not in msg
+    finally:
+        storage.engine.dispose()
+
+
+def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage) -> None:
     spec = parse_spec(rich_spec())
     study, created = create_study(spec, storage, resume=False, seed=0)
     assert created
@@ -271,7 +311,7 @@ def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage, s
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.user_attrs[SPEC_ATTR] == spec_to_dict(spec)
 
-    opened, stored = open_study(storage, "carry", url=storage_url)
+    opened, stored = open_study(storage, "carry")
     assert stored == spec
     assert spec_to_dict(stored) == spec_to_dict(spec)
     assert stored.parameters["batch_size"].kind() == "int_uniform"
@@ -300,7 +340,7 @@ def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage, s
 
     # opening a name that is not there
     with pytest.raises(UserError) as info:
-        open_study(storage, "carry-typo", url=storage_url)
+        open_study(storage, "carry-typo")
     assert "carry" in one_line(info)
 
 
@@ -324,7 +364,7 @@ def test_postgres_pool_is_bounded(pg_url: str) -> None:
             trial.suggest_float("lr", 1e-3, 1e-2, log=True)
             trial.report(0.5, step=0)
             study.tell(trial, 0.1 * i)
-        open_study(storage, "pool", url=pg_url)
+        open_study(storage, "pool")
         create_study(spec, storage, resume=True)
 
         # Threads share the engine (as a worker's heartbeat thread does): an unbounded pool would

@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -169,3 +170,49 @@ def test_report_writes_pngs_and_an_html_page_linking_them(watched: dict[str, Any
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
             assert f'src="{p.name}"' in page and f'href="{p.name}"' in page
         assert f"Study {name}" in page
+
+
+READ_ONLY = {
+    "study list": ["study", "list"],
+    "study show": ["study", "show", "prior"],
+    "best": ["best", "--study", "prior", "--json"],
+    "report": ["report", "--study", "prior", "--out", "{tmp}/report"],
+    "lr-find --stored": ["lr-find", "--study", "prior", "--stored", "--out", "{tmp}/lr.png"],
+}
+HEAVY = {"torch", "torchvision", "fastai"}
+
+
+def loaded_after(body: str, env: dict[str, str]) -> set[str]:
+    """Runs `body` (which calls the CLI's main) in a fresh interpreter; the top-level packages it loaded."""
+    code = f"import json, sys\nfrom kmnist_tune.cli import main\n{body}\n"
+    code += "print('MODULES ' + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), flush=True)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.rsplit("MODULES ", 1)[1]))
+
+
+@pytest.mark.parametrize("name", sorted(READ_ONLY))
+def test_read_only_commands_never_load_torch_or_fastai(name: str, watched: dict[str, Any], tmp_path: Path) -> None:
+    """Each command runs in full against the real study, then its interpreter's modules are looked at."""
+    argv = [a.format(tmp=tmp_path) for a in READ_ONLY[name]] + ["--storage", watched["url"]]
+    loaded = loaded_after(f"assert main({argv!r}) == 0", watched["env"])
+    assert "optuna" in loaded
+    assert not loaded & HEAVY, f"{name} loaded {sorted(loaded & HEAVY)}"
+
+
+def test_the_dashboard_never_loads_torch_or_fastai(watched: dict[str, Any]) -> None:
+    port = _free_port()
+    argv = ["dashboard", "--storage", watched["url"], "--port", str(port)]
+    body = f"""import threading, time, urllib.request
+threading.Thread(target=main, args=({argv!r},), daemon=True).start()
+for _ in range(600):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:{port}/api/studies", timeout=5).read()
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("the dashboard did not answer")"""
+    loaded = loaded_after(body, watched["env"])
+    assert "optuna_dashboard" in loaded
+    assert not loaded & HEAVY, sorted(loaded & HEAVY)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +19,9 @@ import psycopg
 import pytest
 from conftest import cli_env, run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
+from pg_sampler import ConnectionSampler
 
-from kmnist_tune.storage import open_storage
+from kmnist_tune.service.storage import open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -66,34 +66,6 @@ def fast_spec(name: str, n_trials: int, epochs: int = 1, heartbeat: int = 1) -> 
 def worker_env() -> dict[str, str]:
     # Four training processes on two cores: one thread each keeps them from thrashing.
     return cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-class ConnectionSampler(threading.Thread):
-    """Samples pg_stat_activity while workers run: the most connections any one worker process held."""
-
-    def __init__(self, dbname: str):
-        super().__init__(daemon=True)
-        self.dbname, self.max_per_process, self.samples = dbname, 0, 0
-        self.per_process: dict[str, int] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-            while not self._halt.is_set():
-                rows = conn.execute(
-                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
-                    "AND application_name LIKE 'kmnist-tune %%' GROUP BY 1",
-                    (self.dbname,),
-                ).fetchall()
-                for app, n in rows:
-                    self.per_process[app] = max(self.per_process.get(app, 0), n)
-                    self.max_per_process = max(self.max_per_process, n)
-                self.samples += 1
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
 
 
 def test_four_workers_staggered_finish_exactly_the_budget(tmp_path: Path, pg_url: str) -> None:

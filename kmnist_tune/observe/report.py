@@ -5,64 +5,22 @@ from __future__ import annotations
 import datetime as dt
 import html
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from .lr_prior import plot_prior, stored_prior
-from .spec import SweepSpec
-
-
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _placeholder(path: Path, title: str, why: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _save_axes(ax: Any, path: Path) -> Path:
-    fig = ax.figure
-    fig.set_size_inches(8, 4.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _plt().close(fig)
-    return path
-
-
-def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and trial numbers are whole
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    _plt().close(fig)
-    return path
+from ..contract.records import LRPrior, TrialRecord
+from ..contract.spec import SweepSpec
+from ..service.studies import summarize
+from .plots import finish, placeholder, plot_prior, pyplot, save_axes
 
 
 def history_plot(study: optuna.Study, path: Path) -> Path:
     from optuna.visualization.matplotlib import plot_optimization_history
 
     if not any(t.state == TrialState.COMPLETE for t in study.trials):
-        return _placeholder(path, "Optimisation history", "no completed trial yet")
-    return _save_axes(plot_optimization_history(study), path)
+        return placeholder(path, "Optimisation history", "no completed trial yet")
+    return save_axes(plot_optimization_history(study), path)
 
 
 def importance_plot(study: optuna.Study, path: Path) -> Path:
@@ -70,22 +28,22 @@ def importance_plot(study: optuna.Study, path: Path) -> Path:
 
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if len(complete) < 2 or not complete[0].params:
-        return _placeholder(path, "Parameter importances", "needs at least 2 completed trials with searched parameters")
+        return placeholder(path, "Parameter importances", "needs at least 2 completed trials with searched parameters")
     try:
-        return _save_axes(plot_param_importances(study), path)
+        return save_axes(plot_param_importances(study), path)
     except (RuntimeError, ValueError) as e:  # e.g. every trial has the same parameters
-        return _placeholder(path, "Parameter importances", f"not computable: {e}")
+        return placeholder(path, "Parameter importances", f"not computable: {e}")
 
 
 def top_trials_plot(study: optuna.Study, spec: SweepSpec, path: Path, k: int = 5) -> Path:
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
     if not done:
-        return _placeholder(path, "Validation per epoch", "no trial has reported an epoch yet")
+        return placeholder(path, "Validation per epoch", "no trial has reported an epoch yet")
     reverse = spec.direction == "maximize"
     top = sorted(
         done, key=lambda t: t.value if t.value is not None else float("-inf") if reverse else float("inf"), reverse=reverse
     )[:k]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for t in top:
         steps = sorted(t.intermediate_values)
@@ -95,25 +53,19 @@ def top_trials_plot(study: optuna.Study, spec: SweepSpec, path: Path, k: int = 5
             marker="o",
             label=f"trial {t.number} ({t.state.name.lower()})",
         )
-    return _finish(
+    return finish(
         fig, ax, path, "epoch", f"validation {spec.metric}", f"Validation {spec.metric} per epoch, top {len(top)} trials"
     )
 
 
 def halving_plot(study: optuna.Study, path: Path) -> Path:
+    records = [(t.number, TrialRecord.of(t)) for t in study.trials]
     rows = [
-        (
-            t.number,
-            t.user_attrs.get("batch_size_initial"),
-            t.user_attrs.get("batch_size_used"),
-            len(t.user_attrs.get("halving_events") or []),
-        )
-        for t in study.trials
-        if "batch_size_used" in t.user_attrs
+        (n, r.batch_size_initial, r.batch_size_used, len(r.halving_events)) for n, r in records if r.batch_size_used is not None
     ]
     if not rows:
-        return _placeholder(path, "Batch halving", "no trial has recorded its batch size yet")
-    plt = _plt()
+        return placeholder(path, "Batch halving", "no trial has recorded its batch size yet")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     numbers = [r[0] for r in rows]
     ax.bar(numbers, [r[1] or 0 for r in rows], color="#c7d9ef", label="initial batch size")
@@ -124,13 +76,13 @@ def halving_plot(study: optuna.Study, path: Path) -> Path:
     ax.set_yscale("log", base=2)
     total = sum(r[3] for r in rows)
     title = f"Batch halving: {total} halving(s) in {sum(1 for r in rows if r[3])} of {len(rows)} trials"
-    return _finish(fig, ax, path, "trial", "batch size", title)
+    return finish(fig, ax, path, "trial", "batch size", title)
 
 
 def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     """Writes the PNGs and index.html into `out`; returns the HTML page's path."""
     out.mkdir(parents=True, exist_ok=True)
-    prior = stored_prior(study)
+    prior = LRPrior.read(study.user_attrs)
     figures = [
         ("Optimisation history", history_plot(study, out / "history.png")),
         ("Parameter importances", importance_plot(study, out / "importances.png")),
@@ -138,32 +90,25 @@ def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
             "LR finder",
             plot_prior(prior, out / "lr-finder.png")
             if prior
-            else _placeholder(out / "lr-finder.png", "LR finder", "this study's lr is not searched with the LR finder"),
+            else placeholder(out / "lr-finder.png", "LR finder", "this study's lr is not searched with the LR finder"),
         ),
         ("Validation per epoch (top trials)", top_trials_plot(study, spec, out / "top-trials.png")),
         ("Batch halving", halving_plot(study, out / "halving.png")),
     ]
-    counts: dict[str, int] = {}
-    for t in study.trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    try:
-        best = study.best_trial
-        best_html = (
-            f"<p>Best: trial {best.number}, validation {html.escape(str(spec.metric))} "
-            f"<b>{best.value:.4f}</b>, parameters <code>{html.escape(str(best.params))}</code></p>"
-        )
-    except ValueError:
-        best_html = "<p>No completed trial yet.</p>"
-    test = study.user_attrs.get("kmnist_tune.test_evaluation")
+    summary = summarize(study, spec, with_trials=False)
+    best, test = summary.best, summary.test_evaluation
+    best_html = (
+        f"<p>Best: trial {best.trial}, validation {html.escape(spec.metric)} "
+        f"<b>{best.value:.4f}</b>, parameters <code>{html.escape(str(best.params))}</code></p>"
+        if best
+        else "<p>No completed trial yet.</p>"
+    )
     test_html = (
-        (
-            f"<p>Official test split (trial {test['trial']} retrained): {html.escape(str(test['metric']))} "
-            f"<b>{test['test_value']:.4f}</b> on {test['n_test']} images.</p>"
-        )
+        f"<p>Official test split (trial {test.trial} retrained): {html.escape(test.metric)} "
+        f"<b>{test.test_value:.4f}</b> on {test.n_test} images.</p>"
         if test
         else ""
     )
-    states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())) or "none"
     prior_html = f"<p>{html.escape(prior.summary())}</p>" if prior else ""
     figs = "\n".join(
         f'<figure><a href="{p.name}"><img src="{p.name}" alt="{html.escape(t)}" width="720"></a>'
@@ -174,8 +119,8 @@ def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
 <html lang="en"><head><meta charset="utf-8"><title>kmnist-tune report: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}}figure{{margin:1.5em 0}}</style></head>
 <body><h1>Study {html.escape(study.study_name)}</h1>
-<p>{html.escape(spec.data.dataset)}, metric {html.escape(str(spec.metric))} ({spec.direction}); trials: {states};
-budget {html.escape(str(spec.budget.model_dump(exclude_none=True)))}.</p>
+<p>{html.escape(spec.data.dataset)}, metric {html.escape(spec.metric)} ({spec.direction}); trials: {summary.states.describe()};
+budget {html.escape(str(summary.budget))}.</p>
 {best_html}{test_html}{prior_html}
 {figs}
 <p><small>Written {dt.datetime.now(dt.UTC).isoformat(timespec="seconds")} by kmnist-tune.</small></p>

@@ -11,19 +11,23 @@ from typing import IO, Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from ..contract.events import Listener, TrialEnd, TrialStart
+from ..contract.records import EpochRecord, HalvingEvent
 
 STATUS_ENV = "KMNIST_TUNE_STATUS"  # set by the supervisor: slot processes report structured lines
 STATUS_PREFIX = "STATUS "
+PLAIN_PROGRESS_EVERY_S = 5.0  # off a terminal, long work prints a line this often
 
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-class Reporter:
-    """Plain lines, one per event that matters (trial start, epoch end, trial end).
+class Reporter(Listener):
+    """Plain lines, one per event that matters (trial start, epoch end, trial end, a halving).
 
     Used when stderr is not a terminal (CI, logs, `nohup`), so the output stays greppable.
     """
@@ -35,6 +39,8 @@ class Reporter:
         # Under a supervisor, every line also carries this slot's state for its live row.
         self.structured = os.environ.get(STATUS_ENV) == "1"
         self.state: dict[str, Any] = {"trial": None, "epoch": None, "metric": None, "best": None, "left": total_trials}
+        self.current: TrialStart | None = None
+        self._last_progress: dict[str, float] = {}
 
     def __enter__(self) -> Reporter:
         return self
@@ -48,36 +54,52 @@ class Reporter:
             return
         print(f"{time.strftime('%H:%M:%S')} {self.label}{text}", file=self.stream, flush=True)
 
-    def trial_started(self, number: int, params: dict[str, Any], n_epochs: int) -> None:
-        self.state.update(trial=number, epoch=f"0/{n_epochs}", metric=None)
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        self.line(f"trial {number} started: {shown}")
+    def progress(self, task: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        first = task not in self._last_progress
+        if first or done >= total or now - self._last_progress[task] >= PLAIN_PROGRESS_EVERY_S:
+            self._last_progress[task] = now
+            self.line(f"{task}: {done}/{total}")
+        if done >= total:
+            self._last_progress.pop(task, None)
 
-    def batch(self, number: int, epoch: int, i: int, n: int) -> None:
-        pass
+    def trial_started(self, start: TrialStart) -> None:
+        self.current = start
+        self.state.update(trial=start.number, epoch=f"0/{start.n_epochs}", metric=None)
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in start.shown_params.items())
+        self.line(f"trial {start.number} started: {shown}")
 
-    def epoch(
-        self, number: int, epoch: int, n_epochs: int, metric_name: str, metric: float, seconds: float, images_per_s: float
-    ) -> None:
-        self.state.update(epoch=f"{epoch + 1}/{n_epochs}", metric=metric)
+    def epoch(self, number: int, rec: EpochRecord) -> None:
+        n_epochs = self.current.n_epochs if self.current else rec.epoch + 1
+        metric = self.current.metric if self.current else "metric"
+        self.state.update(epoch=f"{rec.epoch + 1}/{n_epochs}", metric=rec.metric)
         self.line(
-            f"trial {number} epoch {epoch + 1}/{n_epochs}: {metric_name}={metric:.4f} "
-            f"({seconds:.1f} s, {images_per_s:,.0f} images/s)"
+            f"trial {number} epoch {rec.epoch + 1}/{n_epochs}: {metric}={rec.metric:.4f} "
+            f"({rec.seconds:.1f} s, {rec.images_per_s:,.0f} images/s)"
         )
 
-    def trial_finished(self, number: int, state: str, value: float | None, best: float | None, done: int) -> None:
-        self.state.update(best=best, left=None if self.total_trials is None else self.total_trials - done)
-        left = f", {self.total_trials - done} left" if self.total_trials is not None else ""
-        self.line(f"trial {number} {state.lower()}: value={_fmt(value)} best={_fmt(best)} ({done} finished{left})")
+    def halving(self, number: int, event: HalvingEvent) -> None:
+        to = f"halving to {event.to_bs}" if event.to_bs else "at the minimum batch size, giving up"
+        self.line(f"trial {number}: {event.reason} at batch size {event.from_bs} ({event.detail}); {to}")
+
+    def trial_finished(self, end: TrialEnd) -> None:
+        left = None if end.budget is None else end.budget - end.finished
+        self.state.update(best=end.best, left=left)
+        state = end.state.lower() + (f" ({end.error})" if end.error else "")
+        self.line(
+            f"trial {end.number} {state}: value={_fmt(end.value)} best={_fmt(end.best)} "
+            f"({end.finished} finished{'' if left is None else f', {left} left'})"
+        )
 
 
 class LiveReporter(Reporter):
-    """A live display for a terminal: the study's trial count and the running trial's batches."""
+    """A live display for a terminal: the study's trial count and the running trial's batches (or
+    the LR finder's iterations)."""
 
     def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = ""):
         super().__init__(stream, total_trials, label)
         self.console = Console(file=self.stream)
-        self.progress = Progress(
+        self.bars = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -85,25 +107,33 @@ class LiveReporter(Reporter):
             console=self.console,
             transient=False,
         )
-        self.trials_task = self.progress.add_task(f"{self.label}trials (best -)", total=total_trials)
-        self.batch_task = self.progress.add_task("waiting for a trial", total=None)
+        self.trials_task = self.bars.add_task(f"{self.label}trials (best -)", total=total_trials)
+        self.batch_task = self.bars.add_task("waiting for a trial", total=None)
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> LiveReporter:
-        self.progress.start()
+        self.bars.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
+        self.bars.stop()
 
     def line(self, text: str) -> None:
-        self.progress.console.print(f"{time.strftime('%H:%M:%S')} {self.label}{text}", highlight=False)
+        self.bars.console.print(f"{time.strftime('%H:%M:%S')} {self.label}{text}", highlight=False, markup=False)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bars.add_task(task, total=total)
+        self.bars.update(self.tasks[task], completed=done, total=total)
+        if done >= total:
+            self.bars.remove_task(self.tasks.pop(task))
 
     def batch(self, number: int, epoch: int, i: int, n: int) -> None:
-        self.progress.update(self.batch_task, description=f"trial {number} epoch {epoch + 1}", completed=i, total=n)
+        self.bars.update(self.batch_task, description=f"trial {number} epoch {epoch + 1}", completed=i, total=n)
 
-    def trial_finished(self, number: int, state: str, value: float | None, best: float | None, done: int) -> None:
-        super().trial_finished(number, state, value, best, done)
-        self.progress.update(self.trials_task, completed=done, description=f"{self.label}trials (best {_fmt(best)})")
+    def trial_finished(self, end: TrialEnd) -> None:
+        super().trial_finished(end)
+        self.bars.update(self.trials_task, completed=end.finished, description=f"{self.label}trials (best {_fmt(end.best)})")
 
 
 def make_reporter(total_trials: int | None = None, label: str = "", stream: TextIO | None = None) -> Reporter:
@@ -115,6 +145,9 @@ def make_reporter(total_trials: int | None = None, label: str = "", stream: Text
 class SlotBoard:
     """The supervisor's view of its slot processes: one live row per slot on a terminal
     (trial, epoch, accuracy, best so far, trials left), plain prefixed lines otherwise."""
+
+    # Slot processes write structured status lines for the rows (see Reporter.structured).
+    child_env = {STATUS_ENV: "1"}
 
     def __init__(self, labels: list[str], stream: TextIO | None = None):
         self.stream = stream or sys.stderr

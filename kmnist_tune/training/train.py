@@ -1,10 +1,10 @@
-"""One training run: data splits, a fastai Learner, fit_one_cycle, per-epoch metrics."""
+"""One fastai run: a Learner over device-resident loaders, fit_one_cycle with per-epoch records,
+and fastai's LR finder."""
 
 from __future__ import annotations
 
 import math
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,78 +15,21 @@ import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and l
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import minimum, steep, valley
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import BalancedAccuracy, accuracy
-from fastcore.foundation import L
-from torch.amp import GradScaler
 
-from . import data as kdata
+from ..contract.records import EpochRecord
+from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
-from .model import build_model, prepare_model, resolve_performance
-from .spec import DataSpec
+from .model import build_model
+from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
+from .splits import Splits
 
-
-@dataclass
-class Splits:
-    """The arrays one study trains on. `valid` is carved from the official train split;
-    `test` is the official test split, loaded only for the final evaluation."""
-
-    dataset: str
-    n_classes: int
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_valid: np.ndarray
-    y_valid: np.ndarray
-    x_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
-
-    @property
-    def mean_std(self) -> tuple[float, float]:
-        x = self.x_train.astype(np.float32) / 255.0
-        return float(x.mean()), float(x.std())
-
-
-def load_splits(
-    spec: DataSpec,
-    data_dir: Path,
-    *,
-    mirror: str | None = None,
-    download: bool = True,
-    with_test: bool = False,
-    full_train: bool = False,
-) -> Splits:
-    """Official train split -> stratified (train, valid) with a fixed seed, then the spec's subsets.
-
-    full_train=True keeps every official train image for training (the final evaluation retrains on it);
-    the validation part is then still returned for reference but overlaps nothing it is scored on.
-    """
-    info = kdata.get_dataset(spec.dataset)
-    x, y = kdata.load_split(spec.dataset, "train", data_dir, fmt=spec.format, download=download, mirror=mirror)
-    train_idx, valid_idx = kdata.stratified_split(y, spec.valid_fraction, spec.split_seed)
-    if full_train:
-        train_idx = np.sort(np.concatenate([train_idx, valid_idx]))
-    train_idx = kdata.stratified_subset(train_idx, y, spec.train_size, spec.split_seed)
-    valid_idx = kdata.stratified_subset(valid_idx, y, spec.valid_size, spec.split_seed)
-    out = Splits(spec.dataset, info.n_classes, x[train_idx], y[train_idx], x[valid_idx], y[valid_idx])
-    if with_test:
-        out.x_test, out.y_test = kdata.load_split(
-            spec.dataset, "test", data_dir, fmt=spec.format, download=download, mirror=mirror
-        )
-    return out
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    valid_loss: float
-    metric: float
-    seconds: float
-    images_per_s: float
+LR_FIND_ITERATIONS = 100
 
 
 @dataclass
@@ -131,6 +74,7 @@ class EpochLog(Callback):
         names = self.recorder.metric_names
         row = dict(zip(names, self.recorder.log, strict=False))
         metric = float(row.get(self.metric_name, row.get("valid_loss", math.nan)))
+        opt = self.learn.opt
         rec = EpochRecord(
             epoch=self.epoch,
             train_loss=float(row.get("train_loss", math.nan)),
@@ -138,6 +82,7 @@ class EpochLog(Callback):
             metric=metric,
             seconds=time.perf_counter() - self._t0,
             images_per_s=self._seen / max(getattr(self, "_train_s", 0.0), 1e-9),
+            lr=float(opt.hypers[-1]["lr"]) if opt is not None else None,
         )
         self.result.epochs.append(rec)
         if self.on_epoch is not None and self.on_epoch(rec) is False:
@@ -203,64 +148,6 @@ def build_learner(
     return learn, name
 
 
-class Bf16Autocast(MixedPrecision):
-    """fastai's MixedPrecision in bf16 (autocast, no loss scaling), made exception-safe, on any device type.
-
-    fastai enters autocast in before_batch and leaves it in after_loss. An exception in between (a CUDA
-    out-of-memory error in the forward pass, which the batch-halving guard turns into a restart) skips
-    after_loss and leaves autocast entered for the rest of the process: later fp32 code would run under
-    it, and the cache of bf16 weight copies (cleared only when the outermost autocast exits) would keep
-    handing out the weights of an earlier step. Every context this class enters is recorded per thread,
-    and any left open is closed before the next batch, fit, or Learner (build_learner) starts.
-    """
-
-    def __init__(self, device_type: str = "cuda"):
-        super().__init__(amp_mode="bf16")
-        self.device_type = device_type
-
-    def before_fit(self) -> None:
-        # MixedPrecision.before_fit for bf16, with autocast on this device type (fastai's is CUDA-only).
-        close_leaked_autocast()
-        if self.device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU does not support bfloat16; set performance.precision: fp32")
-        self.autocast = torch.autocast(self.device_type, dtype=torch.bfloat16)
-        # bf16 has fp32's range: no loss scaling. A disabled GradScaler passes MixedPrecision's step through.
-        self.learn.scaler, self.scales = GradScaler(self.device_type, enabled=False), L()
-
-    def before_batch(self) -> None:
-        close_leaked_autocast()
-        self.autocast.__enter__()
-        _open_autocasts().append(self.autocast)
-
-    def after_loss(self) -> None:
-        close_leaked_autocast()
-
-    def after_batch(self) -> None:
-        close_leaked_autocast()  # a cancelled batch skips after_loss
-
-    def after_fit(self) -> None:
-        close_leaked_autocast()
-        super().after_fit()
-
-
-_autocast_state = threading.local()
-
-
-def _open_autocasts() -> list[Any]:
-    if not hasattr(_autocast_state, "stack"):
-        _autocast_state.stack = []
-    return _autocast_state.stack
-
-
-def close_leaked_autocast() -> int:
-    """Leave every autocast context Bf16Autocast entered on this thread and did not leave; returns how many."""
-    stack = _open_autocasts()
-    n = len(stack)
-    while stack:
-        stack.pop().__exit__(None, None, None)
-    return n
-
-
 def _quiet(*args: Any, **kwargs: Any) -> None:
     pass
 
@@ -274,3 +161,56 @@ def fit(learn: Learner, params: dict[str, Any], log: EpochLog, extra_cbs: Sequen
         cbs=[log, *extra_cbs],
     )
     return log.result
+
+
+class StopOnRequest(Callback):
+    """Ends training at the next batch once `requested()` says so (the worker got SIGINT/SIGTERM)."""
+
+    order = 1
+
+    def __init__(self, requested: Callable[[], bool]):
+        self.requested = requested
+
+    def before_batch(self) -> None:
+        if self.requested():
+            raise Interrupted("stop requested")
+
+
+class IterationCount(Callback):
+    """Calls `on_iter(done, total)` after every training batch of an LR-finder run."""
+
+    def __init__(self, total: int, on_iter: Callable[[int, int], None]):
+        self.total, self.on_iter, self.done = total, on_iter, 0
+
+    def after_batch(self) -> None:
+        if self.training:
+            self.done += 1
+            self.on_iter(min(self.done, self.total), self.total)
+
+    def after_fit(self) -> None:
+        # fastai stops the finder early once the loss diverges: report it finished where it stopped.
+        self.on_iter(self.done, self.done)
+
+
+@dataclass
+class LRCurve:
+    """fastai's LR-finder result: the smoothed loss at each learning rate, and its suggestions."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestions: dict[str, float]
+    seconds: float
+
+
+def find_lr(learn: Learner, num_it: int = LR_FIND_ITERATIONS, on_iter: Callable[[int, int], None] | None = None) -> LRCurve:
+    """fastai's `lr_find` with its three suggestions (minimum, steep, valley)."""
+    t0 = time.perf_counter()
+    cbs = [IterationCount(num_it, on_iter)] if on_iter is not None else []
+    with learn.added_cbs(cbs):
+        found = learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=(minimum, steep, valley))
+    return LRCurve(
+        lrs=[float(x) for x in learn.recorder.lrs],
+        losses=[float(x) for x in learn.recorder.losses],
+        suggestions={name: float(getattr(found, name)) for name in ("minimum", "steep", "valley")},
+        seconds=round(time.perf_counter() - t0, 2),
+    )

@@ -1,5 +1,5 @@
 """Worker slots: which GPUs a worker uses, and one trial process per slot, each pinned with
-CUDA_VISIBLE_DEVICES, supervised by the `worker` command."""
+CUDA_VISIBLE_DEVICES, supervised by the `run` and `worker` commands."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, Protocol
 
-from .errors import UserError
+from ..errors import UserError
+from ..masking import mask
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,6 @@ class Slot:
     @property
     def label(self) -> str:
         return f"gpu{self.gpu}/{self.index}" if self.gpu is not None else f"cpu/{self.index}"
-
-
-def visible_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def parse_gpus(text: str, n_gpus: int) -> list[int | None]:
@@ -64,6 +60,34 @@ def make_slots(gpus: list[int | None], per_gpu: int) -> list[Slot]:
     return [Slot(i, g) for i, (g, _) in enumerate((g, k) for g in gpus for k in range(per_gpu))]
 
 
+def in_this_process(slots: list[Slot]) -> bool:
+    """One CPU slot works in the calling process; anything else gets a process per slot."""
+    return len(slots) == 1 and slots[0].gpu is None
+
+
+def worker_args(study: str, **options: Any) -> list[str]:
+    """The command line of one slot's `kmnist-tune worker` process: the study, then every option the
+    user gave (None: not given; names as keyword arguments, `data_dir` -> `--data-dir`)."""
+    args = ["worker", "--study", study, "--in-process"]
+    for name, value in options.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def run_slots(url: str, slots: list[Slot], child_args: list[str], board: Board) -> None:
+    """Work the study with one `kmnist-tune worker` process per slot (their lines shown on `board`);
+    a UserError if any of them failed."""
+
+    def log(m: str) -> None:
+        print(mask(m), file=sys.stderr, flush=True)
+
+    env = dict(os.environ, KMNIST_TUNE_STORAGE=url)  # the URL (and its password) stays out of `ps`
+    rc = supervise(child_args, slots, env, log, board)
+    if rc:
+        raise UserError(f"a worker process failed (exit status {rc}); see its lines above")
+
+
 def slot_env(slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     # Pinning by environment: the child sees exactly one GPU (as cuda:0), or none.
@@ -76,21 +100,32 @@ def slot_env(slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def supervise(child_args: list[str], slots: list[Slot], env: dict[str, str], log: Any) -> int:
+class Board(Protocol):
+    """What the supervisor shows its slots' lines on (observe.progress.SlotBoard)."""
+
+    child_env: dict[str, str]  # set in each slot process: how it should write its lines
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+    def feed(self, label: str, raw: str) -> None: ...
+
+    def follow(self, label: str, pipe: IO[str]) -> threading.Thread: ...
+
+
+def supervise(child_args: list[str], slots: list[Slot], env: dict[str, str], log: Any, board: Board) -> int:
     """Start one `kmnist-tune worker` process per slot and wait for all of them.
 
     The first SIGINT/SIGTERM is passed on (each child ends its trial cleanly); a second kills them.
     Returns 0 if every child succeeded, else the first non-zero exit status.
     """
-    from .progress import STATUS_ENV, SlotBoard
-
-    board = SlotBoard([s.label for s in slots])
     procs: list[tuple[Slot, subprocess.Popen[str]]] = []
     pumps = []
     board.__enter__()
     for slot in slots:
         cmd = [sys.executable, "-m", "kmnist_tune", *child_args]
-        proc = subprocess.Popen(cmd, env={**slot_env(slot, env), STATUS_ENV: "1"}, stderr=subprocess.PIPE, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, env={**slot_env(slot, env), **board.child_env}, stderr=subprocess.PIPE, text=True, bufsize=1)
         procs.append((slot, proc))
         pumps.append(board.follow(slot.label, proc.stderr))  # type: ignore[arg-type]
         board.feed(slot.label, f"started worker process {proc.pid}")

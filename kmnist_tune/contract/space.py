@@ -10,15 +10,14 @@ import optuna
 from .spec import PARAMETERS, ParamSpec, SweepSpec
 
 
-def suggest(trial: optuna.Trial, name: str, p: ParamSpec, lr_range: tuple[float, float] | None = None) -> Any:
+def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
     kind = p.kind()
     is_int = PARAMETERS[name]["kind"] == "int"
     if kind == "categorical":
         return trial.suggest_categorical(name, list(p.values or []))
     if kind == "lr_finder":
-        if lr_range is None:
-            raise ValueError("lr: distribution lr_finder needs the study's LR-finder prior (see lr_prior.py)")
-        return trial.suggest_float(name, lr_range[0], lr_range[1], log=True)
+        # The prior turns this block into a log-uniform range (LRPrior.resolve) before any trial.
+        raise ValueError("lr: distribution lr_finder must be resolved by the study's LR-finder prior first")
     lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
     if kind == "uniform":
         return trial.suggest_float(name, lo, hi)
@@ -40,11 +39,11 @@ def suggest(trial: optuna.Trial, name: str, p: ParamSpec, lr_range: tuple[float,
     raise ValueError(f"cannot sample {name}: distribution {kind}")
 
 
-def sample_params(trial: optuna.Trial, spec: SweepSpec, lr_range: tuple[float, float] | None = None) -> dict[str, Any]:
+def sample_params(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
     """Every training parameter for this trial: spec defaults and fixed values, then the searched ones."""
     params = spec.fixed_params()
     for name, p in spec.searched_params().items():
-        params[name] = suggest(trial, name, p, lr_range)
+        params[name] = suggest(trial, name, p)
     return params
 
 

@@ -12,21 +12,22 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from .errors import Interrupted, UserError
-from .progress import Reporter
-from .spec import SweepSpec
-from .storage import count_states, storage_lock
+from ..contract.events import Listener, TrialEnd
+from ..contract.records import TrialRecord, WorkerInfo
+from ..contract.spec import SweepSpec
+from ..errors import Interrupted, UserError
+from .lock import storage_lock
+from .storage import StateCounts, count_states
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3
@@ -60,39 +61,6 @@ class StopFlag:
             self.log(f"{name}: stopping after the current batch (again to stop at once)")
 
 
-@dataclass
-class WorkerIdentity:
-    host: str = field(default_factory=socket.gethostname)
-    pid: int = field(default_factory=os.getpid)
-    gpu: str = field(default_factory=lambda: os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu")
-    slot: int = field(default_factory=lambda: int(os.environ.get("KMNIST_TUNE_SLOT", "0")))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "pid": self.pid, "gpu": self.gpu, "slot": self.slot}
-
-
-def counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state.name] += 1
-    return out
-
-
-def budget_left(study: optuna.Study, n_trials: int | None) -> int | None:
-    """Trials still to start: the budget less finished and running ones."""
-    if n_trials is None:
-        return None
-    c = counts(study)
-    return n_trials - c["COMPLETE"] - c["PRUNED"] - c["RUNNING"]
-
-
-def best_value(study: optuna.Study) -> float | None:
-    try:
-        return study.best_value
-    except ValueError:
-        return None
-
-
 class _Heartbeat:
     """Records the trial's heartbeat every interval (Optuna's storage API) while it trains."""
 
@@ -120,52 +88,56 @@ class _Heartbeat:
             self._thread.join(timeout=5)
 
 
+def best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:
+        return None
+
+
 class Worker:
+    """Works one study in this process: claims trials under the budget, runs `objective` on each
+    with heartbeats, reports the outcome, and stops on a signal, a timeout or an exhausted budget."""
+
     def __init__(
         self,
         study: optuna.Study,
         storage: Any,
-        url: str,
         spec: SweepSpec,
         objective: Callable[[optuna.Trial], float],
-        reporter: Reporter,
+        events: Listener,
         *,
         stop: StopFlag | None = None,
-        max_retry: int | None = 3,
     ):
-        self.study, self.storage, self.url, self.spec = study, storage, url, spec
-        self.objective, self.reporter = objective, reporter
+        self.study, self.storage, self.spec = study, storage, spec
+        self.objective, self.events = objective, events
         self.stop = stop or StopFlag()
-        self.identity = WorkerIdentity()
-        self.retry = RetryFailedTrialCallback(max_retry=max_retry)
+        self.identity = WorkerInfo.here()
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.workers.max_retry)
         self.sampler_done = False  # the sampler has nothing left to suggest (a finished grid)
         hb = getattr(storage, "get_heartbeat_interval", None)
         self.heartbeat_interval: int | None = hb() if hb is not None else None
+        self.study_id = storage.get_study_id_from_name(study.study_name)
 
     # -- claiming -----------------------------------------------------------
-    def counts(self) -> dict[str, int]:
-        return count_states(self.storage, self.study)
+    def counts(self) -> StateCounts:
+        return count_states(self.storage, self.study_id)
 
     def claim(self) -> optuna.Trial | None:
         """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial."""
         n_budget = self.spec.budget.n_trials
-        with storage_lock(self.storage, self.url, f"kmnist-tune/budget/{self.study.study_name}"):
+        with storage_lock(self.storage, f"kmnist-tune/budget/{self.study.study_name}"):
             if n_budget is not None:
                 c = self.counts()
-                if c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= n_budget:
+                if c.finished + c.running >= n_budget:
                     return None
             return self.study.ask()
 
-    def others_running(self) -> int:
-        return self.counts()["RUNNING"]
-
     # -- one trial ----------------------------------------------------------
     def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
-        trial.set_user_attr("worker", self.identity.as_dict())
         # Optuna's Trial has no public id; its storage record says whether this is a retry.
-        original = RetryFailedTrialCallback.retried_trial_number(self.storage.get_trial(trial._trial_id))
-        if original is not None:
-            trial.set_user_attr("retry_of", original)
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.storage.get_trial(trial._trial_id))
+        TrialRecord.write(trial, worker=self.identity, **({"retry_of": original} if original is not None else {}))
         error = ""
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
             try:
@@ -175,11 +147,11 @@ class Worker:
                 state, value = TrialState.PRUNED, None
             except Interrupted:
                 state, value, error = TrialState.FAIL, None, f"interrupted by {self.stop.reason}"
-                trial.set_user_attr("interrupted", self.stop.reason)
+                TrialRecord.write(trial, interrupted=self.stop.reason)
             except (RuntimeError, ValueError) as e:
                 state, value = TrialState.FAIL, None
                 error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                trial.set_user_attr("error", error)
+                TrialRecord.write(trial, error=error)
         try:
             if state == TrialState.COMPLETE:
                 self.study.tell(trial, value, state=state)
@@ -195,10 +167,27 @@ class Worker:
         if error.startswith("interrupted"):
             # Hand the trial back: the same parameters are queued for whichever worker comes next.
             self.retry(self.study, frozen)
+        self.events.trial_finished(
+            TrialEnd(
+                study=self.study.study_name,
+                number=trial.number,
+                state=frozen.state.name,
+                value=frozen.value,
+                metric=self.spec.metric,
+                record=TrialRecord.of(frozen),
+                error=error,
+                best=best_value(self.study),
+                finished=self.counts().finished,
+                budget=self.spec.budget.n_trials,
+                trial=trial,
+            )
+        )
         return frozen, error
 
     # -- the loop -----------------------------------------------------------
     def run(self, *, max_trials: int | None = None, timeout: float | None = None) -> int:
+        """Work until the budget is used, `max_trials` ran here, `timeout` passed or a signal came;
+        returns how many trials this process ran."""
         timeout = timeout if timeout is not None else self.spec.budget.timeout
         start = time.monotonic()
         ran = failures = 0
@@ -217,11 +206,11 @@ class Worker:
                 last_stale_check = time.monotonic()
             trial = self.claim()
             if trial is None:
-                running = self.others_running()
+                running = self.counts().running
                 if running == 0 or not self.heartbeat_interval:
                     break  # budget used, and no trial elsewhere that could still fail and come back
                 if not waiting_said:
-                    self.reporter.line(f"budget claimed; waiting while {running} trial(s) run elsewhere")
+                    self.events.line(f"budget claimed; waiting while {running} trial(s) run elsewhere")
                     waiting_said = True
                 time.sleep(POLL_S)
                 last_stale_check = float("-inf")  # idle: look for dead workers' trials every poll
@@ -229,14 +218,6 @@ class Worker:
             waiting_said = False
             frozen, error = self.run_trial(trial)
             ran += 1
-            c = self.counts()
-            self.reporter.trial_finished(
-                trial.number,
-                frozen.state.name + (f" ({error})" if error else ""),
-                frozen.value,
-                best_value(self.study),
-                c["COMPLETE"] + c["PRUNED"],
-            )
             if frozen.state == TrialState.FAIL and not error.startswith("interrupted"):
                 failures += 1
                 if failures >= MAX_FAILURES_IN_A_ROW:
@@ -246,23 +227,3 @@ class Worker:
             else:
                 failures = 0
         return ran
-
-
-def work(
-    study: optuna.Study,
-    spec: SweepSpec,
-    objective: Callable[[optuna.Trial], float],
-    reporter: Reporter,
-    *,
-    storage: Any = None,
-    url: str = "",
-    stop: StopFlag | None = None,
-    max_trials: int | None = None,
-    timeout: float | None = None,
-    max_retry: int | None = 3,
-) -> int:
-    """Run trials of `study` in this process; returns how many this process ran."""
-    worker = Worker(
-        study, storage if storage is not None else study._storage, url, spec, objective, reporter, stop=stop, max_retry=max_retry
-    )
-    return worker.run(max_trials=max_trials, timeout=timeout)

@@ -10,28 +10,14 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from fastai.callback.core import Callback
 
-from .spec import HalvingSpec
-
-
-@dataclass
-class HalvingEvent:
-    """One halving, as recorded on the trial and in its W&B run."""
-
-    from_bs: int
-    to_bs: int | None  # None: the floor was reached, no further attempt
-    reason: str  # "non_finite" | "blowup" | "no_trend" | "oom"
-    detail: str
-    epoch: int
-    batch: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from ..contract.records import HalvingEvent
+from ..contract.spec import HalvingSpec
 
 
 class Diverged(Exception):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from ..errors import UserError
 
 DISTRIBUTIONS = (
     "constant",
@@ -26,13 +26,29 @@ DISTRIBUTIONS = (
     "q_log_uniform_values",
     "lr_finder",
 )
-LR_SUGGESTIONS = ("minimum", "valley", "steep")
-HALVE_ON = ("divergence", "oom")
+LRSuggestion = Literal["minimum", "valley", "steep"]
+HalveOn = Literal["divergence", "oom"]
+LR_SUGGESTIONS: tuple[str, ...] = get_args(LRSuggestion)
+HALVE_ON: tuple[str, ...] = get_args(HalveOn)
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
-ARCHS = ("resnet18", "resnet34", "resnet50")
-STEMS = ("imagenet", "small")
-METRICS = ("accuracy", "balanced_accuracy", "valid_loss")
+# The one list of each: the model builder, the metric code and the validation all read these.
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+Stem = Literal["imagenet", "small"]
+Metric = Literal["accuracy", "balanced_accuracy", "valid_loss"]
+Direction = Literal["maximize", "minimize"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+STEMS: tuple[str, ...] = get_args(Stem)
+METRICS: tuple[str, ...] = get_args(Metric)
+
+
+def default_metric(dataset: str) -> str:
+    """K49 is imbalanced: balanced accuracy; KMNIST: plain accuracy."""
+    return "balanced_accuracy" if dataset == "k49" else "accuracy"
+
+
+def natural_direction(metric: str) -> str:
+    return "minimize" if metric == "valid_loss" else "maximize"
 
 
 class SpecError(UserError):
@@ -69,7 +85,7 @@ class ParamSpec(_Strict):
     q: int | float | None = None
     # distribution: lr_finder -- the range is centred on fastai's LR-finder suggestion.
     width: float | None = Field(default=None, gt=0, le=8, description="decades around the suggestion")
-    suggestion: Literal["minimum", "valley", "steep"] | None = None
+    suggestion: LRSuggestion | None = None
 
     @field_validator("distribution")
     @classmethod
@@ -92,8 +108,7 @@ class ParamSpec(_Strict):
         elif dist == "lr_finder":
             if self.min is not None or self.max is not None or self.values is not None:
                 raise ValueError("lr_finder sets the range itself; give `width` (decades) and `suggestion`, not min/max")
-            self.width = 2.0 if self.width is None else self.width
-            self.suggestion = self.suggestion or "minimum"
+            self.width, self.suggestion = self.lr_finder_settings()  # stored specs say what was used
         else:
             if self.min is None or self.max is None:
                 raise ValueError(f"distribution {dist} needs `min` and `max`")
@@ -125,6 +140,12 @@ class ParamSpec(_Strict):
             return "int_uniform" if both_int else "uniform"
         return "constant"
 
+    def lr_finder_settings(self) -> tuple[float, str]:
+        """(width in decades, suggestion) of an lr_finder block, with their defaults filled in."""
+        if self.kind() != "lr_finder":
+            raise ValueError(f"not an lr_finder block: {self.kind()}")
+        return float(self.width if self.width is not None else 2.0), self.suggestion or "minimum"
+
     @property
     def searched(self) -> bool:
         return self.kind() != "constant" and not (self.kind() == "categorical" and len(self.values or []) == 1)
@@ -143,7 +164,7 @@ class HalvingSpec(_Strict):
     """The batch-halving guard (see halving.py); thresholds are documented in the README."""
 
     min_batch_size: int = Field(default=16, ge=1)
-    halve_on: list[Literal["divergence", "oom"]] = Field(default_factory=lambda: list(HALVE_ON))
+    halve_on: list[HalveOn] = Field(default_factory=lambda: list(HALVE_ON))
     warmup_batches: int = Field(default=10, ge=1, description="batches before the smoothed-loss checks start")
     blowup_factor: float = Field(default=4.0, gt=1.0, description="smoothed loss above this x its running minimum")
     trend_drop: float = Field(default=0.05, ge=0.0, lt=1.0, description="least fractional drop over the first epoch")
@@ -171,16 +192,24 @@ class WorkersSpec(_Strict):
     """How workers share the study; stored with it, so every worker on every host agrees."""
 
     heartbeat_interval: int = Field(default=30, ge=1, description="seconds between a running trial's heartbeats")
-    grace_period: int | None = Field(
-        default=None, ge=1, description="silence after which a trial is failed (default 4 x heartbeat_interval)"
+    grace_period: int = Field(
+        default=120, ge=1, description="silence after which a trial is failed (default 4 x heartbeat_interval)"
     )
     max_retry: int = Field(default=3, ge=0, description="times a trial of a dead or stopped worker is retried")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_grace(cls, data: Any) -> Any:
+        # The default follows the interval: four missed beats.
+        if isinstance(data, dict) and data.get("grace_period") is None:
+            beat = data.get("heartbeat_interval", 30)
+            if isinstance(beat, int) and not isinstance(beat, bool):
+                data = {**data, "grace_period": 4 * beat}
+        return data
+
     @model_validator(mode="after")
     def _grace(self) -> WorkersSpec:
-        if self.grace_period is None:
-            self.grace_period = 4 * self.heartbeat_interval
-        elif self.grace_period <= self.heartbeat_interval:
+        if self.grace_period <= self.heartbeat_interval:
             raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval ({self.heartbeat_interval})")
         return self
 
@@ -238,8 +267,9 @@ class BudgetSpec(_Strict):
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     description: str = ""
-    metric: Literal["accuracy", "balanced_accuracy", "valid_loss"] | None = None
-    direction: Literal["maximize", "minimize"] | None = None
+    # Filled from the data set (metric) and the metric (direction) when the spec leaves them out.
+    metric: Metric = "accuracy"
+    direction: Direction = "maximize"
     data: DataSpec = Field(default_factory=DataSpec)
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -251,6 +281,19 @@ class SweepSpec(_Strict):
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     budget: BudgetSpec
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_metric(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        d = data.get("data")
+        dataset = d.get("dataset", "kmnist") if isinstance(d, dict) else "kmnist"
+        if data.get("metric") is None:
+            data = {**data, "metric": default_metric(dataset)}
+        if data.get("direction") is None and data["metric"] in METRICS:
+            data = {**data, "direction": natural_direction(data["metric"])}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -290,12 +333,8 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
-        if self.metric is None:
-            self.metric = "balanced_accuracy" if self.data.dataset == "k49" else "accuracy"
-        natural = "minimize" if self.metric == "valid_loss" else "maximize"
-        if self.direction is None:
-            self.direction = natural
-        elif self.direction != natural:
+        natural = natural_direction(self.metric)
+        if self.direction != natural:
             raise ValueError(f"direction {self.direction} contradicts metric {self.metric} (which is to {natural})")
         for name, p in self.parameters.items():
             _check_parameter(name, p)
@@ -324,6 +363,23 @@ class SweepSpec(_Strict):
 
     def searched_params(self) -> dict[str, ParamSpec]:
         return {k: p for k, p in self.parameters.items() if p.searched}
+
+    @property
+    def lr_finder(self) -> ParamSpec | None:
+        """The `lr` block when it asks for the LR-finder prior, else None."""
+        p = self.parameters.get("lr")
+        return p if p is not None and p.kind() == "lr_finder" else None
+
+    def with_budget(self, n_trials: int | None = None, timeout: float | None = None) -> SweepSpec:
+        """This spec with the budget's n_trials and/or timeout replaced (None: keep the spec's)."""
+        update = {k: v for k, v in (("n_trials", n_trials), ("timeout", timeout)) if v is not None}
+        return self.model_copy(update={"budget": self.budget.model_copy(update=update)}) if update else self
+
+    def with_lr_range(self, low: float, high: float) -> SweepSpec:
+        """This spec with `lr` searched log-uniformly over [low, high]: an LR-finder spec resolved by
+        its prior (in memory only; the stored spec keeps saying lr_finder)."""
+        lr = ParamSpec(distribution="log_uniform_values", min=low, max=high)
+        return self.model_copy(update={"parameters": {**self.parameters, "lr": lr}})
 
 
 def _check_parameter(name: str, p: ParamSpec) -> None:

@@ -1,0 +1,72 @@
+"""The `kmnist-tune` command line: each command parses its options, calls one function of the
+package, and prints. Everything behind a command is imported when it runs, so `--help` and the
+commands that only read a study never load torch or fastai."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..errors import UserError
+from ..masking import install_log_masking, mask
+from . import data, study, sweep, watch  # noqa: F401  (each adds its commands to the apps)
+from .apps import app
+from .options import out
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        out(f"kmnist-tune {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:  # a bare `kmnist-tune`: its help, and no error line
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+def _quiet_libraries() -> None:
+    # Libraries' deprecation chatter is not for our users; real problems surface as errors.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*ExperimentalWarning.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    install_log_masking()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: every expected failure is one line on stderr and a non-zero exit."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="kmnist-tune", standalone_mode=False)
+    except UserError as e:
+        print(f"error: {mask(str(e))}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except typer.TyperException as e:  # usage errors: missing option, bad value
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "kmnist-tune"
+        fmt = getattr(e, "format_message", None)
+        print(f"error: {mask(fmt() if fmt else str(e))} (see `{where} --help`)", file=sys.stderr)
+        return int(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`kmnist-tune study ...`: create, list, show and delete studies. Only `create` and `delete` write."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+from .apps import study_app
+from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, storage_url, study_name
+
+
+@study_app.command("create")
+def study_create(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweep spec YAML")], storage: StorageOpt = None
+) -> None:
+    """Create a study from SPEC without running trials; attach workers with `kmnist-tune worker`."""
+    from ..contract.spec import load_spec
+    from ..service.storage import open_storage
+    from ..service.studies import create_study
+
+    spec = load_spec(spec_path)
+    url = storage_url(storage)
+    create_study(spec, open_storage(url, create=True), resume=False)
+    out(f"created study {spec.name} in {url}")
+    out(f"attach workers with: kmnist-tune worker --study {spec.name} --storage '{url}'")
+
+
+@study_app.command("list")
+def study_list(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """List the studies in the storage with their trial counts and best values."""
+    from ..service.storage import NoStudies, open_storage
+    from ..service.studies import list_studies
+
+    url = storage_url(storage)
+    try:
+        studies = list_studies(open_storage(url))
+    except NoStudies:
+        studies = []
+    if as_json:
+        out_json([asdict(s) for s in studies])
+    elif not studies:
+        out(f"no studies in {url}")
+    for s in [] if as_json else studies:
+        out(f"{s.study}\t{s.finished}/{s.total} finished\tbest {'-' if s.best is None else f'{s.best:.4f}'}")
+
+
+@study_app.command("show")
+def study_show(study_arg: StudyArg = None, study: StudyOpt = None, storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a study: trial counts by state, the best trial, who runs what, and its spec."""
+    import yaml
+
+    from ..contract.spec import spec_to_dict
+    from ..observe.summary import show_lines
+    from ..service.studies import read_summary
+
+    summary, spec = read_summary(storage_url(storage), study_name(study_arg, study))
+    if as_json:
+        out_json({**summary.as_json(), "spec": spec_to_dict(spec)})
+        return
+    out_lines(show_lines(summary))
+    out("spec:")
+    out(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip())
+
+
+@study_app.command("delete")
+def study_delete(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+) -> None:
+    """Delete a study and all its trials."""
+    from ..service.storage import describe, open_storage, require_study
+    from ..service.studies import delete_study
+
+    name = study_name(study_arg, study)
+    st = open_storage(storage_url(storage))
+    require_study(st, name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"refusing to delete study {name!r} without confirmation; pass --yes")
+        typer.confirm(f"delete study {name!r} and all its trials from {describe(st)}?", abort=True)
+    delete_study(st, name)
+    out(f"deleted study {name}")

@@ -1,0 +1,179 @@
+"""Commands that work a study or its winner: run, worker, best, lr-find, storage-proxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .apps import app
+from .options import (
+    DataDirOpt,
+    DeviceOpt,
+    GpusOpt,
+    JsonOpt,
+    MirrorOpt,
+    PerGpuOpt,
+    StorageOpt,
+    StudyArg,
+    StudyOpt,
+    out,
+    out_json,
+    out_lines,
+    plan_slots,
+    say,
+    storage_url,
+    study_name,
+)
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweep spec YAML, e.g. sweeps/quickstart.yaml")],
+    storage: StorageOpt = None,
+    gpus: GpusOpt = "auto",
+    per_gpu: PerGpuOpt = 1,
+    n_trials: Annotated[int | None, typer.Option(help="override the spec's budget.n_trials", min=1)] = None,
+    timeout: Annotated[float | None, typer.Option(help="override the spec's budget.timeout (seconds)", min=1)] = None,
+    data_dir: DataDirOpt = None,
+    mirror: MirrorOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the study for SPEC (or resume it), work it with local workers, then print the best trial.
+
+    One CPU slot works in this process; GPU slots (--gpus, --per-gpu) each get a pinned worker process.
+    """
+    from ..contract.spec import load_spec
+    from ..observe.summary import summary_lines
+    from ..recipe.session import DataOptions, run_sweep
+
+    slots = plan_slots(gpus, per_gpu)
+    spec = load_spec(spec_path).with_budget(n_trials, timeout)
+    summary = run_sweep(spec, storage_url(storage), slots, DataOptions(data_dir, mirror))
+    if as_json:
+        out_json(summary.as_json())
+    else:
+        out_lines(summary_lines(summary))
+
+
+@app.command()
+def worker(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    data_dir: DataDirOpt = None,
+    mirror: MirrorOpt = None,
+    gpus: GpusOpt = "auto",
+    per_gpu: PerGpuOpt = 1,
+    max_trials: Annotated[int | None, typer.Option(help="stop after this many trials in each process", min=1)] = None,
+    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds (default: the spec's)", min=1)] = None,
+    in_process: Annotated[bool, typer.Option("--in-process", hidden=True, help="be one slot (used by the supervisor)")] = False,
+) -> None:
+    """Attach to a study created elsewhere and work it until its budget is used.
+
+    The spec is read back from the storage, so only the study name and the storage URL are needed.
+    One process per GPU slot, pinned with CUDA_VISIBLE_DEVICES; --gpus none trains on the CPU.
+    """
+    from ..observe.summary import summary_lines
+    from ..recipe.session import DataOptions, attach_worker
+    from ..service.studies import summarize
+
+    name, url = study_name(study_arg, study), storage_url(storage)
+    slots = [] if in_process else plan_slots(gpus, per_gpu)
+    result = attach_worker(
+        url, name, slots, DataOptions(data_dir, mirror), in_process=in_process, max_trials=max_trials, timeout=timeout
+    )
+    if result is None:  # supervised slots: each reported itself
+        return
+    stalled = f"; waited {result.stalled_s:.1f} s for the storage" if result.stalled_s else ""
+    out(f"worker ran {result.ran} trial(s){stalled}" + (f" [{result.label}]" if in_process else ""))
+    if not in_process:  # under a supervisor, the supervisor prints the study's summary once
+        out_lines(summary_lines(summarize(result.study, result.spec, with_trials=False)))
+
+
+@app.command()
+def best(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate",
+            help="retrain the best configuration on the official train split and report its test score (stored on the study)",
+        ),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    mirror: MirrorOpt = None,
+    device: DeviceOpt = "auto",
+    train_size: Annotated[
+        int | None,
+        typer.Option(help="with --evaluate: train on this many images instead of the whole official train split", min=1),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the best trial's parameters and validation score; --evaluate scores it on the test split."""
+    from ..observe.summary import summary_lines
+
+    name, url = study_name(study_arg, study), storage_url(storage)
+    if evaluate:
+        from ..recipe.evaluate import evaluate_best
+
+        summary = evaluate_best(url, name, data_dir=data_dir, mirror=mirror, device=device, train_size=train_size)
+    else:
+        from ..service.studies import read_summary
+
+        summary, _ = read_summary(url, name, with_trials=False)
+    if as_json:
+        out_json(summary.best_json())
+        return
+    out_lines(summary_lines(summary))
+
+
+@app.command("lr-find")
+def lr_find(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    stored: Annotated[bool, typer.Option("--stored", help="only show the stored prior; do not run the finder")] = False,
+    png: Annotated[Path | None, typer.Option("--out", help="PNG of the curve (default lr-find-STUDY.png)")] = None,
+    data_dir: DataDirOpt = None,
+    mirror: MirrorOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Run (or re-run) fastai's LR finder for a study, store the curve and suggestions, print them, plot a PNG.
+
+    The study's spec must search lr with `lr: {distribution: lr_finder}`.
+    """
+    from ..observe.plots import plot_prior
+
+    name, url = study_name(study_arg, study), storage_url(storage)
+    if stored:
+        from ..service.studies import read_prior
+
+        prior = read_prior(url, name)
+    else:
+        from ..recipe.lr_prior import rerun_prior
+
+        prior = rerun_prior(url, name, data_dir=data_dir, mirror=mirror, device=device)
+    for suggestion, lr in prior.suggestions.items():
+        out(f"{suggestion}: {lr:.4g}" + ("  <- centre" if suggestion == prior.suggestion else ""))
+    out(f"search range: {prior.low:.4g} .. {prior.high:.4g} ({prior.width:g} decades), study key {prior.key}")
+    path = plot_prior(prior, png or Path(f"lr-find-{name}.png"), title=f"{name}: LR finder ({prior.key})")
+    out(f"plot: {path}")
+
+
+@app.command("storage-proxy")
+def storage_proxy(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to bind (loopback unless you mean to expose it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on", min=1, max=65535)] = 13000,
+) -> None:
+    """Serve Optuna's gRPC storage proxy in front of PostgreSQL, for hundreds of workers.
+
+    Workers then use --storage grpc://HOST:PORT and hold no database connection of their own.
+    """
+    from ..service.storage import serve_proxy
+
+    serve_proxy(storage_url(storage), host, port, announce=say)

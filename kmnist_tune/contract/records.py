@@ -1,0 +1,224 @@
+"""The typed records kmnist-tune keeps beside Optuna's own: one for a trial, one for each epoch and
+halving, and the study-level ones (the LR-finder prior, the test evaluation).
+
+This module is the only place that knows the user-attribute keys: writers call `TrialRecord.write`
+(or a study record's `store`), readers call `TrialRecord.of` (or a study record's `read`). It works on
+anything with Optuna's `set_user_attr` / `user_attrs`, so it imports neither Optuna nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
+
+# Study user attributes.
+SPEC_ATTR = "kmnist_tune.spec"
+CREATED_ATTR = "kmnist_tune.created"
+PRIOR_ATTR = "kmnist_tune.lr_prior"
+TEST_ATTR = "kmnist_tune.test_evaluation"
+
+
+@dataclass
+class HalvingEvent:
+    """One halving of the batch size, as recorded on the trial and in its W&B run."""
+
+    from_bs: int
+    to_bs: int | None  # None: the floor was reached, no further attempt
+    reason: str  # "non_finite" | "blowup" | "no_trend" | "oom"
+    detail: str
+    epoch: int
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch of one attempt: what progress lines, W&B and the pruner see."""
+
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    metric: float
+    seconds: float
+    images_per_s: float
+    lr: float | None = None  # the learning rate at the end of the epoch (one-cycle moves it)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Which process ran a trial: host, pid, GPU (or cpu) and slot."""
+
+    host: str
+    pid: int
+    gpu: str
+    slot: int
+
+    @classmethod
+    def here(cls) -> WorkerInfo:
+        return cls(
+            socket.gethostname(),
+            os.getpid(),
+            os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu",
+            int(os.environ.get("KMNIST_TUNE_SLOT", "0")),
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.pid} {self.gpu}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StudyRecord:
+    """A record kept in one user attribute of the study (`ATTR`), as a dict of its fields."""
+
+    ATTR: ClassVar[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def store(self, study: Any) -> None:
+        study.set_user_attr(self.ATTR, self.as_dict())
+
+    @classmethod
+    def read(cls, study_attrs: dict[str, Any]) -> Any:
+        """The record stored in a study's user attributes, or None. Unknown keys (a newer version's)
+        are left out, missing ones (an older version's) are None."""
+        data = study_attrs.get(cls.ATTR)
+        return cls(**{k: data.get(k) for k in _names(cls)}) if data else None
+
+
+@dataclass
+class TestEvaluation(StudyRecord):
+    """The official test score of a retrained trial (`best --evaluate`), stored on the study."""
+
+    ATTR: ClassVar[str] = TEST_ATTR
+    trial: int
+    metric: str
+    test_value: float
+    valid_value: float | None
+    n_train: int
+    n_test: int
+    params: dict[str, Any]
+    device: str
+    at: str
+
+
+@dataclass
+class TrialRecord:
+    """Everything kmnist-tune records about one trial beyond Optuna's params, values and state."""
+
+    config: dict[str, Any] | None = None  # every training parameter, searched or fixed
+    device: str | None = None
+    worker: WorkerInfo | None = None
+    retry_of: int | None = None  # the trial this one retries (a dead, stale or stopped worker's)
+    enqueued: str | None = None  # why it was queued before sampling (the LR finder's suggestion)
+    batch_size_initial: int | None = None
+    batch_size_used: int | None = None
+    attempts: int | None = None
+    halving_events: list[HalvingEvent] = field(default_factory=list)
+    stopped: str | None = None  # why the halving rule gave up (the trial is then pruned)
+    interrupted: str | None = None  # the signal that handed the trial back
+    error: str | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+    train_images_per_s: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    valid_loss: list[float] = field(default_factory=list)
+    # Not a trial attribute (Optuna freezes a finished trial's attributes): attached by `of` from the
+    # study's test evaluation when it is of this trial.
+    test_evaluation: TestEvaluation | None = None
+
+    # Field -> user-attribute key, where they differ (keys of studies written by earlier versions).
+    KEYS: ClassVar[dict[str, str]] = {"enqueued": "kmnist_tune.enqueued"}
+    NOT_STORED: ClassVar[frozenset[str]] = frozenset({"test_evaluation"})
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        if name not in _names(cls) or name in cls.NOT_STORED:
+            raise KeyError(f"TrialRecord has no stored field {name!r}")
+        return cls.KEYS.get(name, name)
+
+    @classmethod
+    def write(cls, trial: Any, **fields: Any) -> None:
+        """Store the given fields on a running trial (anything with Optuna's `set_user_attr`)."""
+        for name, value in fields.items():
+            trial.set_user_attr(cls.key(name), _encode(value))
+
+    @classmethod
+    def of(cls, trial: Any, study_attrs: dict[str, Any] | None = None) -> TrialRecord:
+        """The record of a trial (a FrozenTrial, a Trial, or its user-attrs dict)."""
+        attrs: dict[str, Any] = trial if isinstance(trial, dict) else trial.user_attrs
+        rec = cls()
+        for name in _names(cls) - cls.NOT_STORED:
+            key = cls.KEYS.get(name, name)
+            if key in attrs:
+                setattr(rec, name, attrs[key])
+        rec.halving_events = [e if isinstance(e, HalvingEvent) else HalvingEvent(**e) for e in rec.halving_events or []]
+        if isinstance(rec.worker, dict):
+            rec.worker = WorkerInfo(**{k: rec.worker.get(k) for k in _names(WorkerInfo)})
+        number = getattr(trial, "number", None)
+        test = TestEvaluation.read(study_attrs or {})
+        if test is not None and test.trial == number:
+            rec.test_evaluation = test
+        return rec
+
+    @staticmethod
+    def timings(epochs: list[EpochRecord]) -> dict[str, list[float]]:
+        """The per-epoch fields of a finished attempt, rounded for storage."""
+        return {
+            "epoch_seconds": [round(e.seconds, 3) for e in epochs],
+            "train_images_per_s": [round(e.images_per_s, 1) for e in epochs],
+            "train_loss": [round(e.train_loss, 5) for e in epochs],
+            "valid_loss": [round(e.valid_loss, 5) for e in epochs],
+        }
+
+
+@dataclass
+class LRPrior(StudyRecord):
+    """fastai's LR-finder curve for a study key, its suggestions, and the search range centred on one."""
+
+    ATTR: ClassVar[str] = PRIOR_ATTR
+    key: str
+    lrs: list[float]
+    losses: list[float]
+    suggestions: dict[str, float]
+    suggestion: str  # which one is the centre
+    centre: float
+    low: float
+    high: float
+    width: float
+    computed_at: str
+    seconds: float
+    host: str
+
+    def resolve(self, spec: SweepSpec) -> SweepSpec:
+        """The spec with `lr: {distribution: lr_finder}` replaced by this prior's log-uniform range."""
+        return spec.with_lr_range(self.low, self.high)
+
+    def summary(self) -> str:
+        sugg = ", ".join(f"{k} {v:.3g}" for k, v in self.suggestions.items())
+        return (
+            f"LR finder ({self.key}): {sugg}; centre {self.centre:.3g} ({self.suggestion}), "
+            f"search {self.low:.3g} .. {self.high:.3g} ({self.width:g} decades)"
+        )
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value

@@ -1,0 +1,85 @@
+"""optuna-dashboard notes: the recipe's evidence where the dashboard shows it. A note on every trial
+(a listener on its end) and, on the study, the LR-finder suggestions with the curve as an artifact."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..contract.events import Listener, TrialEnd
+from ..contract.records import LRPrior, TrialRecord
+
+
+def trial_note(number: int, state: str, value: float | None, metric: str, rec: TrialRecord) -> str:
+    """The markdown note optuna-dashboard shows on a trial: the recipe's evidence at a glance."""
+    lines = [f"### Trial {number}: {state.lower()}" + (f", {metric} {value:.4f}" if value is not None else "")]
+    lines.append(f"- batch size: {rec.batch_size_initial} → {rec.batch_size_used} used ({rec.attempts or 1} attempt(s))")
+    if rec.halving_events:
+        lines.append("- halvings:")
+        for e in rec.halving_events:
+            to = e.to_bs if e.to_bs else "stop (minimum reached)"
+            where = f" at epoch {e.epoch}, batch {e.batch}" if e.epoch >= 0 else ""
+            lines.append(f"  - {e.from_bs} → {to}: {e.reason}{where} — {e.detail}")
+    else:
+        lines.append("- halvings: none")
+    if rec.epoch_seconds:
+        lines.append(f"- seconds per epoch: {', '.join(f'{s:.1f}' for s in rec.epoch_seconds)}")
+        lines.append(f"- training images/s: {', '.join(f'{i:,.0f}' for i in rec.train_images_per_s)}")
+    if rec.device:
+        lines.append(f"- device: {rec.device}")
+    if rec.retry_of is not None:
+        lines.append(f"- retry of trial {rec.retry_of}")
+    if rec.stopped:
+        lines.append(f"- stopped: {rec.stopped}")
+    return "\n".join(lines)
+
+
+class NoteListener(Listener):
+    """Saves a trial's note when it ends, whatever the outcome."""
+
+    def trial_finished(self, end: TrialEnd) -> None:
+        from optuna_dashboard import save_note
+
+        if end.trial is not None:
+            save_note(end.trial, trial_note(end.number, end.state, end.value, end.metric, end.record))
+
+
+def _decades(width: float) -> str:
+    return f"{width:g} decade" + ("" if width == 1 else "s")
+
+
+def prior_note(prior: LRPrior, study_name: str) -> str:
+    rows = "\n".join(f"| {k} | {v:.3g}{' ← centre' if k == prior.suggestion else ''} |" for k, v in prior.suggestions.items())
+    return (
+        f"## LR finder ({prior.key})\n\nfastai `lr_find`, {len(prior.lrs)} iterations on the training split, "
+        f"{prior.seconds:.1f} s on {prior.host} at {prior.computed_at}.\n\n| suggestion | lr |\n|---|---|\n{rows}\n\n"
+        f"The learning rate of study **{study_name}** is searched log-uniformly over "
+        f"**{prior.low:.3g} … {prior.high:.3g}** ({_decades(prior.width)} around the {prior.suggestion} suggestion); "
+        "the suggestion itself was the first trial. The curve is attached as `lr-find.png`."
+    )
+
+
+def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], None]) -> None:
+    """The LR-finder curve (a PNG artifact) and a note with its suggestions, on the study. Evidence,
+    not results: the sweep goes on without it when it cannot be written."""
+    from optuna.artifacts import upload_artifact
+    from optuna_dashboard import save_note
+
+    from ..service.artifacts import artifact_store
+    from .plots import plot_prior
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_prior(prior, Path(tmp) / "lr-find.png", title=f"{study.study_name}: LR finder ({prior.key})")
+            upload_artifact(
+                artifact_store=artifact_store(storage),
+                file_path=str(png),
+                study_or_trial=study,
+                storage=storage,
+                mimetype="image/png",
+            )
+        save_note(study, prior_note(prior, study.study_name))
+    except Exception as e:
+        say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {' '.join(str(e).split())[:120]})")

@@ -1,0 +1,50 @@
+"""A study summary as the lines a user reads: the end of `run` and `worker`, `best`, `study show`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..service.studies import StudySummary
+
+
+def _value(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else f"{v}"
+
+
+def counts_line(s: StudySummary) -> str:
+    c = s.states
+    waiting = f", {c['WAITING']} waiting" if c["WAITING"] else ""
+    return f"study {s.study}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed, {c['RUNNING']} running{waiting}"
+
+
+def best_lines(s: StudySummary) -> list[str]:
+    """The best trial, every training parameter it used, and its official test score if there is one."""
+    if s.best is None:
+        return ["no completed trial yet"]
+    lines = [f"best trial {s.best.trial}: validation {s.metric} {s.best.value:.4f}"]
+    lines += [f"  {k}: {_value(v)}" for k, v in (s.best.config or s.best.params).items()]
+    ev = s.test_evaluation
+    if ev is not None:
+        lines.append(
+            f"test {ev.metric} of trial {ev.trial} (official test split, {ev.n_test} images; retrained on "
+            f"{ev.n_train} train images): {ev.test_value:.4f}"
+        )
+    return lines
+
+
+def summary_lines(s: StudySummary) -> list[str]:
+    return [counts_line(s), *best_lines(s)]
+
+
+def show_lines(s: StudySummary) -> list[str]:
+    """`study show`: the summary, then who runs what and which trials are retries."""
+    lines = [f"study {s.study} in {s.storage}", *summary_lines(s)]
+    if s.budget:
+        lines.append("budget: " + ", ".join(f"{k} {v}" for k, v in s.budget.items()))
+    if s.workers:
+        lines.append("workers (host gpu: running trials; finished, failed):")
+        for w in s.workers:
+            running = ", ".join(str(n) for n in w.running) or "-"
+            lines.append(f"  {w.host} {w.gpu}: running {running}; {w.finished} finished, {w.failed} failed")
+    lines += [f"retried: trial {r['trial']} is a retry of trial {r['retry_of']} ({r['state'].lower()})" for r in s.retried or []]
+    return lines

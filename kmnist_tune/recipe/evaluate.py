@@ -1,0 +1,84 @@
+"""The one place the official test split is used: retrain the chosen trial, score it on test."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import optuna
+import torch
+
+from ..contract.events import Listener, TrialStart
+from ..contract.records import EpochRecord, TestEvaluation, TrialRecord
+from ..contract.spec import SweepSpec
+from ..observe.progress import make_reporter
+from ..service.storage import open_storage
+from ..service.studies import StudySummary, open_study, require_best, summarize
+from ..training.data import resolve_data_dir
+from ..training.devices import resolve_device
+from ..training.splits import load_splits
+from ..training.train import EpochLog, build_learner, fit
+
+
+def evaluate_on_test(
+    study: optuna.Study,
+    spec: SweepSpec,
+    data_dir: Path,
+    device: torch.device,
+    events: Listener,
+    *,
+    mirror: str | None = None,
+    train_size: int | None = None,
+) -> TestEvaluation:
+    """Retrain the best trial's configuration on the official train split (all of it, or `train_size`
+    images) and score the official test split; the result is stored on the study."""
+    best = require_best(study)
+    rec = TrialRecord.of(best)
+    params = dict(rec.config or {**spec.fixed_params(), **best.params})
+    params["batch_size"] = rec.batch_size_used or params["batch_size"]
+    data_spec = spec.data.model_copy(update={"train_size": train_size})
+    splits = load_splits(data_spec, data_dir, mirror=mirror, with_test=True, full_train=True)
+    assert splits.x_test is not None and splits.y_test is not None
+    learn, metric_name = build_learner(
+        splits,
+        params,
+        device,
+        spec.metric,
+        seed=spec.seed,
+        valid=(splits.x_test, splits.y_test),
+        augment=spec.augment,
+        performance=spec.performance,
+    )
+    metric = f"test {spec.metric}"
+    events.trial_started(TrialStart(study.study_name, best.number, params, [], int(params["epochs"]), str(device), metric))
+
+    def on_epoch(r: EpochRecord) -> bool:
+        events.epoch(best.number, r)
+        return True
+
+    log = EpochLog(metric_name, on_epoch, lambda i, n: events.batch(best.number, len(log.result.epochs), i, n))
+    result = fit(learn, params, log)
+    out = TestEvaluation(
+        trial=best.number,
+        metric=spec.metric,
+        test_value=result.final_metric,
+        valid_value=best.value,
+        n_train=int(len(splits.y_train)),
+        n_test=int(len(splits.y_test)),
+        params=params,
+        device=str(device),
+        at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    out.store(study)
+    return out
+
+
+def evaluate_best(
+    url: str, name: str, *, data_dir: Path | None, mirror: str | None, device: str, train_size: int | None
+) -> StudySummary:
+    """`best --evaluate`: score the study's best trial on the official test split; its summary after."""
+    dev = resolve_device(device)
+    study, spec = open_study(open_storage(url), name)
+    with make_reporter(label="evaluate") as reporter:
+        evaluate_on_test(study, spec, resolve_data_dir(data_dir), dev, reporter, mirror=mirror, train_size=train_size)
+    return summarize(study, spec, with_trials=False)

@@ -1,0 +1,148 @@
+"""The LR-finder prior: run fastai's `lr_find` once per study, keep the curve and its suggestions
+in the study's storage, and centre the learning-rate search on the chosen suggestion.
+
+The tutorial's rule: take the learning rate one order of magnitude below the minimum of the
+smoothed loss curve, which is exactly fastai's `minimum` suggestion (`lr_at_min_loss / 10`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from ..contract.events import Listener
+from ..contract.records import LRPrior, TrialRecord
+from ..contract.space import default_within
+from ..contract.spec import SweepSpec
+from ..observe.notes import attach_prior
+from ..observe.progress import make_reporter
+from ..service.lock import storage_lock
+from ..service.storage import open_storage
+from ..service.studies import open_study, require_lr_finder
+from ..training.data import resolve_data_dir
+from ..training.devices import resolve_device
+from ..training.splits import Splits, load_splits
+from ..training.train import LR_FIND_ITERATIONS, build_learner, find_lr
+
+
+def prior_config(spec: SweepSpec) -> dict[str, Any]:
+    """The configuration the finder runs with: fixed values, and for a searched arch, stem or
+    batch size its first listed value (the study key says which)."""
+    params = spec.fixed_params()
+    for name in ("arch", "stem", "batch_size"):
+        p = spec.parameters.get(name)
+        if p is not None and p.searched and p.values:
+            params[name] = p.values[0]
+    return params
+
+
+def study_key(spec: SweepSpec) -> str:
+    c = prior_config(spec)
+    return f"{spec.data.dataset}/{c['arch']}/{c['stem']}/bs{c['batch_size']}"
+
+
+def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events: Listener) -> LRPrior:
+    """fastai's `lr_find` on the training split, with the study's fixed configuration."""
+    lr_spec = spec.lr_finder
+    if lr_spec is None:
+        raise ValueError("the spec does not search lr with the LR finder")
+    width, chosen = lr_spec.lr_finder_settings()
+    learn, _ = build_learner(
+        splits, prior_config(spec), device, spec.metric, seed=spec.seed, augment=spec.augment, performance=spec.performance
+    )
+    task = f"LR finder ({study_key(spec)})"
+    curve = find_lr(learn, LR_FIND_ITERATIONS, on_iter=lambda done, total: events.progress(task, done, total))
+    centre = curve.suggestions[chosen]
+    if not (math.isfinite(centre) and centre > 0):
+        raise RuntimeError(f"the LR finder's {chosen} suggestion is {centre}; the loss curve never fell")
+    half = 10 ** (width / 2)
+    return LRPrior(
+        key=study_key(spec),
+        lrs=curve.lrs,
+        losses=curve.losses,
+        suggestions=curve.suggestions,
+        suggestion=chosen,
+        centre=centre,
+        low=centre / half,
+        high=centre * half,
+        width=width,
+        computed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        seconds=curve.seconds,
+        host=socket.gethostname(),
+    )
+
+
+def ensure_prior(
+    study: optuna.Study,
+    storage: Any,
+    spec: SweepSpec,
+    splits: Splits,
+    device: torch.device,
+    events: Listener,
+    *,
+    rerun: bool = False,
+) -> tuple[LRPrior, bool]:
+    """The study's prior, computed at most once however many workers start together.
+
+    Returns (prior, computed_here). The first computation also enqueues the suggestion as a trial,
+    and every computation leaves its evidence (curve, note) on the study for the dashboard.
+    """
+    prior = LRPrior.read(study.user_attrs)
+    if prior is not None and not rerun:
+        return prior, False
+    with storage_lock(storage, f"kmnist-tune/lr-find/{study.study_name}"):
+        # Re-read under the lock (user_attrs asks the storage): another worker may have finished
+        # while this one waited.
+        prior = LRPrior.read(study.user_attrs)
+        if prior is not None and not rerun:
+            return prior, False
+        events.line(f"running the LR finder for {study_key(spec)} ({LR_FIND_ITERATIONS} iterations)")
+        first = prior is None
+        prior = compute_prior(spec, splits, device, events)
+        prior.store(study)
+        if first:
+            enqueue_suggestion(study, spec, prior)
+    attach_prior(study, storage, prior, events.line)
+    return prior, True
+
+
+def resolve_spec(
+    study: optuna.Study, storage: Any, spec: SweepSpec, splits: Splits, device: torch.device, events: Listener
+) -> SweepSpec:
+    """The spec a worker samples from: an `lr: {distribution: lr_finder}` block becomes the study
+    prior's concrete log-uniform range (computing the prior if this worker is the first)."""
+    if spec.lr_finder is None:
+        return spec
+    prior, computed = ensure_prior(study, storage, spec, splits, device, events)
+    events.line(f"{prior.summary()} ({'computed here' if computed else 'read from the storage'})")
+    return prior.resolve(spec)
+
+
+def enqueue_suggestion(study: optuna.Study, spec: SweepSpec, prior: LRPrior) -> None:
+    """The suggestion itself is the study's first trial; the other searched parameters take their
+    built-in defaults where the space holds them (else the sampler picks)."""
+    params: dict[str, Any] = {"lr": prior.centre}
+    for name, p in spec.searched_params().items():
+        if name != "lr" and (d := default_within(name, p)) is not None:
+            params[name] = d
+    study.enqueue_trial(
+        params, user_attrs={TrialRecord.key("enqueued"): f"LR finder {prior.suggestion} suggestion"}, skip_if_exists=True
+    )
+
+
+def rerun_prior(url: str, name: str, *, data_dir: Path | None, mirror: str | None, device: str) -> LRPrior:
+    """`lr-find`: run the finder again for a study and store the new curve (the first trial stays)."""
+    dev = resolve_device(device)
+    storage = open_storage(url)
+    study, spec = open_study(storage, name)
+    require_lr_finder(name, spec)
+    splits = load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
+    with make_reporter(label="lr-find") as reporter:
+        prior, _ = ensure_prior(study, storage, spec, splits, dev, reporter, rerun=True)
+    return prior

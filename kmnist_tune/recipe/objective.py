@@ -1,0 +1,112 @@
+"""The Optuna objective: sample a configuration, train it under the batch-halving guard,
+report every epoch, return the metric. What it does is told to listeners as trial events."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+import torch
+from fastai.callback.core import Callback
+
+from ..contract.events import Listener, TrialStart
+from ..contract.records import EpochRecord, HalvingEvent, TrialRecord
+from ..contract.space import sample_params
+from ..contract.spec import SweepSpec
+from ..training.devices import device_name
+from ..training.splits import Splits
+from ..training.train import EpochLog, FitResult, StopOnRequest, build_learner, fit
+from .halving import DivergenceGuard, train_with_halving
+
+
+class Objective:
+    """Trains one fastai Learner per attempt on data loaded once per process.
+
+    `spec` is resolved (its lr range concrete, see lr_prior.resolve_spec). `extra_cbs` builds
+    additional fastai callbacks for every attempt (tests use it to inject faults).
+    """
+
+    def __init__(
+        self,
+        spec: SweepSpec,
+        splits: Splits,
+        device: torch.device,
+        events: Listener,
+        *,
+        extra_cbs: Callable[[], Sequence[Callback]] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+    ):
+        self.spec, self.splits, self.device, self.events = spec, splits, device, events
+        self.extra_cbs, self.stop_requested = extra_cbs, stop_requested
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec = self.spec
+        params = sample_params(trial, spec)
+        device = device_name(self.device)
+        TrialRecord.write(trial, config=params, device=device, batch_size_initial=int(params["batch_size"]))
+        self.events.trial_started(
+            TrialStart(
+                study=trial.study.study_name,
+                number=trial.number,
+                params=params,
+                searched=list(spec.searched_params()),
+                n_epochs=int(params["epochs"]),
+                device=device,
+                metric=spec.metric,
+            )
+        )
+        return self._train(trial, params)
+
+    def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        spec = self.spec
+        n_epochs = int(params["epochs"])
+        reported: set[int] = set()  # steps this trial has reported, across its attempts
+
+        def on_epoch(rec: EpochRecord) -> bool:
+            # A step is reported once. A restarted attempt trains from scratch, so its early epochs
+            # would repeat steps an earlier attempt already reported: those keep their first value
+            # (Optuna would ignore a second report anyway) and the pruner is asked only at new steps.
+            self.events.epoch(trial.number, rec)
+            if rec.epoch in reported:
+                return True
+            trial.report(rec.metric, rec.epoch)
+            reported.add(rec.epoch)
+            # After the last epoch there is nothing left to save: finish, so the trial counts as complete.
+            return rec.epoch + 1 >= n_epochs or not trial.should_prune()
+
+        def attempt(batch_size: int) -> FitResult:
+            p = {**params, "batch_size": batch_size}
+            learn, metric_name = build_learner(
+                self.splits,
+                p,
+                self.device,
+                spec.metric,
+                seed=spec.seed + trial.number,
+                augment=spec.augment,
+                performance=spec.performance,
+            )
+            log = EpochLog(metric_name, on_epoch, lambda i, n: self.events.batch(trial.number, len(log.result.epochs), i, n))
+            extra = list(self.extra_cbs()) if self.extra_cbs is not None else []
+            if self.stop_requested is not None:
+                extra.append(StopOnRequest(self.stop_requested))
+            return fit(learn, p, log, [DivergenceGuard(spec.halving), *extra])
+
+        def on_halving(e: HalvingEvent) -> None:
+            self.events.halving(trial.number, e)
+
+        outcome = train_with_halving(attempt, int(params["batch_size"]), spec.halving, on_halving)
+        TrialRecord.write(trial, halving_events=outcome.events, attempts=outcome.attempts, batch_size_used=outcome.batch_size)
+        if outcome.floor_reached:
+            # Pruned, not failed: samplers learn from pruned trials (as bad ones) but ignore failures.
+            TrialRecord.write(trial, stopped=outcome.stop_reason)
+            raise optuna.TrialPruned(outcome.stop_reason)
+        result: FitResult = outcome.result
+        TrialRecord.write(trial, **TrialRecord.timings(result.epochs))
+        if result.cancelled:
+            raise optuna.TrialPruned(f"pruned after epoch {len(result.epochs)}")
+        value = result.final_metric
+        if not math.isfinite(value):
+            raise RuntimeError(f"training produced a non-finite {spec.metric}")
+        return value

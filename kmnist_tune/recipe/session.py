@@ -1,0 +1,121 @@
+"""Working a study: the data loaded once, the LR prior, the objective, the worker loop and the
+listeners that watch it, put together for the `run` and `worker` commands."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from ..contract.events import Events
+from ..contract.records import WorkerInfo
+from ..contract.spec import SweepSpec
+from ..masking import mask
+from ..observe.notes import NoteListener
+from ..observe.progress import SlotBoard, make_reporter
+from ..observe.tracking import WandbListener
+from ..service.slots import Slot, in_this_process, run_slots, worker_args
+from ..service.storage import open_storage
+from ..service.studies import StudySummary, create_study, open_for_work, summarize
+from ..service.worker import StopFlag, Worker
+from ..training.data import resolve_data_dir
+from ..training.devices import slot_device
+from ..training.splits import Splits, load_splits
+from .lr_prior import resolve_spec
+from .objective import Objective
+
+
+@dataclass
+class DataOptions:
+    data_dir: Path | None = None
+    mirror: str | None = None
+
+
+@dataclass
+class WorkResult:
+    ran: int  # trials this process ran
+    stalled_s: float  # seconds it waited for the storage to come back
+    study: optuna.Study
+    spec: SweepSpec
+    label: str
+
+
+def load_data(spec: SweepSpec, data: DataOptions) -> Splits:
+    # Once per process, before any trial is claimed: a data problem must not leave a trial behind.
+    return load_splits(spec.data, resolve_data_dir(data.data_dir), mirror=data.mirror)
+
+
+def work_here(
+    url: str,
+    study_name: str,
+    data: DataOptions,
+    *,
+    device: torch.device | None = None,
+    label: str = "",
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    splits: Splits | None = None,
+) -> WorkResult:
+    """Work the study in this process until its budget is used, the time is up or a signal comes:
+    the LR prior first (once per study), then the trial loop."""
+    device = device or slot_device()
+
+    def log(m: str) -> None:
+        print(f"[{label}] {mask(m)}" if label else mask(m), file=sys.stderr, flush=True)
+
+    storage, study, spec = open_for_work(url, study_name, log=log)
+    splits = splits if splits is not None else load_data(spec, data)
+    with make_reporter(spec.budget.n_trials, label=label) as reporter:
+        events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
+        stop = StopFlag(log=reporter.line)
+        stop.install()
+        reporter.line(
+            f"study {study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
+            f"images of {spec.data.dataset}, device {device}"
+        )
+        resolved = resolve_spec(study, storage, spec, splits, device, events)
+        objective = Objective(resolved, splits, device, events, stop_requested=lambda: stop.requested)
+        ran = Worker(study, storage, spec, objective, events, stop=stop).run(max_trials=max_trials, timeout=timeout)
+        if stop.requested:
+            reporter.line(f"stopped by {stop.reason}")
+    return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label)
+
+
+def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -> StudySummary:
+    """`kmnist-tune run`: create the study (or resume it), work it with local slots, summarise it."""
+    splits = load_data(spec, data)  # data problems surface before anything is stored
+    study, created = create_study(spec, open_storage(url, create=True), resume=True, seed=spec.seed)
+    print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr, flush=True)
+    if in_this_process(slots):
+        work_here(url, spec.name, data, device=torch.device("cpu"), splits=splits)
+    else:
+        run_slots(url, slots, worker_args(spec.name, data_dir=data.data_dir, mirror=data.mirror), _board(slots))
+    return summarize(study, spec, with_trials=False)
+
+
+def attach_worker(
+    url: str,
+    study_name: str,
+    slots: list[Slot],
+    data: DataOptions,
+    *,
+    in_process: bool,
+    max_trials: int | None = None,
+    timeout: float | None = None,
+) -> WorkResult | None:
+    """`kmnist-tune worker`: work a study created elsewhere, here (one CPU slot, or one slot of a
+    supervisor) or with one pinned process per GPU slot (then None: each slot reports itself)."""
+    if in_process or in_this_process(slots):
+        label = WorkerInfo.here().label
+        return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout)
+    open_for_work(url, study_name)  # fail here, once, on an unknown study or a bad URL
+    args = worker_args(study_name, data_dir=data.data_dir, mirror=data.mirror, max_trials=max_trials, timeout=timeout)
+    run_slots(url, slots, args, _board(slots))
+    return None
+
+
+def _board(slots: list[Slot]) -> SlotBoard:
+    return SlotBoard([s.label for s in slots])

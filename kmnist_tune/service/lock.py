@@ -1,0 +1,54 @@
+"""A lock shared by every process that uses one study storage, held by the storage backend itself."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+
+from .storage import backend, sqlite_file, unwrap
+
+
+def lock_path(db: Path | None, name: str) -> Path:
+    """Where the SQLite flock for `name` lives: `<db>.locks/<name>.lock` beside the database file."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    return Path(f"{db if db is not None else 'kmnist-tune'}.locks") / f"{slug}.lock"
+
+
+@contextmanager
+def storage_lock(storage: Any, name: str) -> Iterator[None]:
+    """A lock held in the storage backend itself: a PostgreSQL advisory lock taken on one of the
+    storage's own pooled connections (so a worker never opens more), released by the server if the
+    holder dies; for SQLite an flock on a file beside the database (SQLite is one machine's store,
+    and the kernel releases the lock with the process). Through the gRPC proxy there is no shared
+    lock: callers fall back to best effort."""
+    kind = backend(storage)
+    if kind == "grpc":
+        yield
+        return
+    if kind == "sqlite":
+        path = lock_path(sqlite_file(storage), name)
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    engine = unwrap(storage).engine
+    # AUTOCOMMIT: a session-level lock needs no open transaction, and the connection must not sit
+    # "idle in transaction" while the holder works (the LR finder runs for minutes).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})

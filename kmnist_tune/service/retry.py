@@ -1,0 +1,153 @@
+"""Storage calls that ride out a database restart or a network blip, and the storage a worker uses
+(heartbeats on, stale trials failed and retried)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages._heartbeat import BaseHeartbeat
+
+from .storage import first_line, is_grpc, open_grpc, open_storage
+
+
+def is_transient(e: BaseException) -> bool:
+    """A lost or refused database connection (a restart, a network blip), not a bad request."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        if isinstance(cur, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError)):
+            return True
+        if type(cur).__module__.startswith("psycopg") and type(cur).__name__ in ("OperationalError", "InterfaceError"):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class _Retrying:
+    """Retries a call that failed on a lost connection, with backoff (0.5 s doubling to 10 s, for up
+    to `patience` seconds), instead of letting a database restart kill the worker.
+
+    A retried write whose first try reached the database before the connection broke could apply
+    twice; Optuna's writes are state updates (idempotent) except trial creation, and a duplicate
+    trial created that way is left RUNNING without a heartbeat and failed as stale.
+    """
+
+    def _init_retry(self, patience: float, log: Callable[[str], None] | None) -> None:
+        self.patience = patience
+        self.log = log or (lambda m: logging.getLogger("kmnist_tune").warning(m))
+        self.stalled_s = 0.0  # total time spent waiting for the database
+
+    def retrying(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+                if waited:
+                    self.log(f"storage is back after {waited:.1f} s")
+                    self.stalled_s += waited
+                return result
+            except Exception as e:
+                if not is_transient(e) or waited >= self.patience:
+                    raise
+                if not waited:
+                    self.log(f"storage unreachable ({first_line(e)[:120]}); retrying for up to {self.patience:.0f} s")
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 10.0)
+
+
+# Storage methods Optuna calls during ask/tell/report and heartbeats: the ones worth retrying.
+_RETRIED = sorted(
+    optuna.storages.BaseStorage.__abstractmethods__
+    | BaseHeartbeat.__abstractmethods__
+    | {
+        "get_n_trials",
+        "get_best_trial",
+        "get_trial_id_from_study_id_trial_number",
+        "check_trial_is_updatable",
+        "get_trial_number_from_id",
+        "get_trial_params",
+        "get_trial_user_attrs",
+        "get_trial_system_attrs",
+    }
+)
+
+
+class RetryingRDBStorage(_Retrying, optuna.storages.RDBStorage):
+    """Optuna's RDBStorage with every storage call retried through a database restart. Still an
+    RDBStorage, so Optuna keeps its trial cache in front of it."""
+
+    def __init__(self, url: str, *, patience: float = 600.0, log: Callable[[str], None] | None = None, **kwargs: Any):
+        self._init_retry(patience, log)
+        super().__init__(url, **kwargs)
+
+
+class RetryingStorage(_Retrying, optuna.storages.BaseStorage, BaseHeartbeat):
+    """The same retries around any other storage (the gRPC proxy), by delegation."""
+
+    def __init__(self, inner: Any, patience: float = 600.0, log: Callable[[str], None] | None = None):
+        self._inner = inner
+        self._init_retry(patience, log)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_heartbeat_interval(self) -> int | None:
+        # The gRPC proxy has no heartbeat API: report heartbeats as off rather than fail.
+        return self.retrying(self._inner.get_heartbeat_interval) if isinstance(self._inner, BaseHeartbeat) else None
+
+
+def _retried_method(name: str, base: type) -> Callable[..., Any]:
+    if base is optuna.storages.RDBStorage:
+        inherited = getattr(base, name)
+
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.retrying(inherited, self, *args, **kwargs)
+    else:
+
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.retrying(getattr(self._inner, name), *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in _RETRIED:
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(RetryingRDBStorage, _name, _retried_method(_name, optuna.storages.RDBStorage))
+    if _name != "get_heartbeat_interval":
+        setattr(RetryingStorage, _name, _retried_method(_name, object))
+RetryingStorage.__abstractmethods__ = frozenset()
+
+
+def open_worker_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    max_retry: int | None,
+    patience: float = 600.0,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """The storage a worker uses: heartbeats on (RDB storages), a killed worker's trials failed
+    after the grace period and retried with the same parameters, transient errors retried."""
+    if is_grpc(url):
+        return RetryingStorage(open_grpc(url), patience, log)  # the proxy has no heartbeat API
+    return open_storage(
+        url,
+        create=False,
+        storage_cls=RetryingRDBStorage,
+        patience=patience,
+        log=log,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+    )

@@ -1,0 +1,273 @@
+"""Storage access: URL resolution, opening Optuna's storages, what backend a storage is, and the
+queries every command shares (does the study exist, how many trials are in each state).
+
+Every place that talks to the study database goes through here (retries: retry.py, the shared lock:
+lock.py), so connection limits, time-outs and the error lines a user sees are decided once.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
+
+from ..errors import UserError
+from ..masking import mask
+
+# Optuna's INFO lines ("A new study created ...") and its notes that heartbeats and retries are
+# experimental are not for our users; our own lines say what happened.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+DEFAULT_STORAGE = "sqlite:///kmnist-tune.db"
+ENV_STORAGE = "KMNIST_TUNE_STORAGE"
+URL_HELP = (
+    "use sqlite:///path/to/file.db, postgresql+psycopg://user:password@host:5432/dbname, "
+    "or grpc://host:port (a `kmnist-tune storage-proxy`)"
+)
+
+
+def resolve_url(url: str | None) -> str:
+    """--storage, else $KMNIST_TUNE_STORAGE, else a SQLite file in the working directory."""
+    url = url or os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
+    if url.startswith("grpc://"):
+        _grpc_host_port(url)
+        return url
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise UserError(f"malformed storage URL {mask(url)!r}; {URL_HELP}") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        # psycopg (3) is the driver we ship; SQLAlchemy's default would be psycopg2.
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    elif backend not in ("sqlite", "postgresql"):
+        raise UserError(f"unsupported storage {mask(url)!r}; {URL_HELP}")
+    return url
+
+
+def _grpc_host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"malformed storage URL {url!r}: a proxy URL is grpc://host:port")
+    return host, int(port)
+
+
+def is_grpc(url: str) -> bool:
+    return url.startswith("grpc://")
+
+
+def is_sqlite(url: str) -> bool:
+    return not is_grpc(url) and make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    db = make_url(url).database
+    return Path(db) if db and db != ":memory:" else None
+
+
+class NoStudies(UserError):
+    """The storage holds no Optuna studies at all (a missing SQLite file, an empty database)."""
+
+
+def backend(storage: Any) -> str:
+    """ "sqlite", "postgresql", or "grpc" (the storage proxy) for an opened storage, however wrapped."""
+    inner = unwrap(storage)
+    if isinstance(inner, optuna.storages.RDBStorage):
+        return inner.engine.url.get_backend_name()
+    return "grpc"
+
+
+def sqlite_file(storage: Any) -> Path | None:
+    """The database file of a SQLite storage, else None."""
+    inner = unwrap(storage)
+    if isinstance(inner, optuna.storages.RDBStorage) and backend(inner) == "sqlite":
+        return sqlite_path(inner.url)
+    return None
+
+
+def describe(storage: Any) -> str:
+    """The storage's URL with its password masked, for messages."""
+    inner = unwrap(storage)
+    if isinstance(inner, optuna.storages.RDBStorage):
+        return mask(inner.url)
+    return f"grpc://{getattr(inner, '_host', '?')}:{getattr(inner, '_port', '?')}"
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    if is_sqlite(url):
+        # Several local processes share one file: wait for the write lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    # At most 2 per process: the main thread's and one for the heartbeat thread or a held lock.
+    # Both stay pooled (an overflow connection would be re-opened, with its TCP and auth
+    # round-trips, on every claim).
+    return {
+        "pool_size": 2,
+        "max_overflow": 0,
+        "pool_pre_ping": True,
+        "pool_recycle": 300,
+        # The pid in the name lets pg_stat_activity count connections per worker process.
+        "connect_args": {"connect_timeout": 10, "application_name": f"kmnist-tune {os.getpid()}"},
+    }
+
+
+def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
+    """Open (and with create=True, initialise) the storage; failures become one-line UserErrors.
+
+    Returns an RDBStorage, or for grpc:// a GrpcStorageProxy."""
+    if is_grpc(url):
+        return open_grpc(url)
+    try:
+        if not create:
+            _require_schema(url)
+        cls = rdb_kwargs.pop("storage_cls", optuna.storages.RDBStorage)
+        return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise UserError(f"malformed storage URL {mask(url)!r} ({first_line(e)}); {URL_HELP}") from None
+    except ImportError:
+        # A driver that is not installed (postgresql+psycopg2://, sqlite+pysqlcipher://): Optuna
+        # re-raises SQLAlchemy's ModuleNotFoundError as a bare ImportError.
+        raise UserError(
+            f"the database driver of {mask(url)!r} ({make_url(url).drivername}) is not installed; {URL_HELP}"
+        ) from None
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+        raise UserError(
+            f"cannot reach storage {mask(url)}: {first_line(e.orig or e)}; check that the server runs "
+            "and the host, port, database and credentials are right"
+        ) from None
+    except sqlalchemy.exc.DatabaseError as e:
+        raise UserError(f"storage {mask(url)} is not a usable Optuna database: {first_line(e.orig or e)}") from None
+
+
+def _require_schema(url: str) -> None:
+    """Raise NoStudies unless the database already holds Optuna's tables. Opening an RDBStorage
+    creates them, and a command that only reads must never write into a foreign or empty database."""
+    no_studies = NoStudies(
+        f"no studies in {mask(url)} yet; create one (`kmnist-tune run SPEC` or `kmnist-tune study create SPEC`) "
+        f"or pass --storage / set {ENV_STORAGE}"
+    )
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            raise no_studies  # and sqlite3 must not create the file either
+    # One short-lived connection, closed on return (NullPool): the bound on a worker's connections holds.
+    engine = sqlalchemy.create_engine(url, connect_args=engine_kwargs(url)["connect_args"], poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+    if not {"studies", "version_info"} <= tables:
+        raise no_studies
+
+
+def first_line(e: BaseException) -> str:
+    text = mask(str(e)).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [s.study_name for s in storage.get_all_studies()]
+
+
+def require_study(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """The study's id, or a UserError naming the studies that do exist."""
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        known = study_names(storage)
+        hint = f"studies there: {', '.join(known)}" if known else "there are no studies there yet"
+        raise UserError(f"no study named {name!r} in {describe(storage)}; {hint}") from None
+
+
+def open_grpc(url: str) -> optuna.storages.GrpcStorageProxy:
+    host, port = _grpc_host_port(url)
+    proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=10)
+    except Exception as e:  # grpc raises its own FutureTimeoutError / ConnectionError
+        raise UserError(
+            f"cannot reach the storage proxy at {host}:{port} ({type(e).__name__}); start it with "
+            "`kmnist-tune storage-proxy --storage URL --port PORT`"
+        ) from None
+    return proxy
+
+
+def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Optuna's gRPC storage proxy in front of a database, until interrupted."""
+    if is_grpc(url):
+        raise UserError("--storage for the proxy must be a database URL, not grpc://")
+    storage = open_storage(url, create=True)
+    announce(f"storage proxy for {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)")
+    optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
+
+
+def unwrap(storage: Any) -> Any:
+    """The RDBStorage (or proxy) under our retrying wrapper and Optuna's cache."""
+    while True:
+        inner = getattr(storage, "_inner", None) or getattr(storage, "_backend", None)
+        if inner is None:
+            return storage
+        storage = inner
+
+
+# -- what every command asks of a study ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateCounts:
+    """How many trials of a study are in each state (Optuna's state names)."""
+
+    by_state: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, state: str) -> int:
+        return self.by_state.get(state, 0)
+
+    @property
+    def finished(self) -> int:
+        """Complete and pruned: what the budget counts."""
+        return self["COMPLETE"] + self["PRUNED"]
+
+    @property
+    def running(self) -> int:
+        return self["RUNNING"]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+    def nonzero(self) -> dict[str, int]:
+        return {k: v for k, v in self.by_state.items() if v}
+
+    def describe(self) -> str:
+        return ", ".join(f"{v} {k.lower()}" for k, v in self.nonzero().items()) or "none yet"
+
+
+def count_states(storage: Any, study_id: int) -> StateCounts:
+    """Trials per state, counted by the database (one small query) rather than by loading every
+    trial: workers ask before each claim, and a study may hold thousands of trials."""
+    out = {st.name: 0 for st in optuna.trial.TrialState}
+    rdb = unwrap(storage)
+    if isinstance(rdb, optuna.storages.RDBStorage):
+        query = sqlalchemy.text("SELECT state, count(*) FROM trials WHERE study_id = :sid GROUP BY state")
+
+        def run() -> list[Any]:
+            with rdb.engine.connect() as conn:
+                return list(conn.execute(query, {"sid": study_id}))
+
+        retrying = getattr(storage, "retrying", None)  # a worker's storage rides out database restarts
+        for state, n in retrying(run) if retrying is not None else run():
+            name = state if isinstance(state, str) else optuna.trial.TrialState(state).name
+            out[str(name).split(".")[-1]] = int(n)
+    else:
+        for t in storage.get_all_trials(study_id, deepcopy=False):
+            out[t.state.name] += 1
+    return StateCounts(out)

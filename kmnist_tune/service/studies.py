@@ -1,0 +1,290 @@
+"""Optuna studies that carry their spec: create, open and delete them, build their sampler and
+pruner, and summarise them (the one summary `study show`, `study list`, `best` and `run` print)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import __version__
+from ..contract.records import CREATED_ATTR, SPEC_ATTR, LRPrior, TestEvaluation, TrialRecord
+from ..contract.space import grid_space
+from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
+from ..errors import UserError
+from .retry import open_worker_storage
+from .storage import StateCounts, count_states, describe, open_storage, require_study, study_names, unwrap
+
+
+def make_sampler(spec: SweepSpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    opts: dict[str, Any] = dict(spec.sampler.options)
+    name = spec.sampler.name
+    try:
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **opts)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **opts)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, **opts)
+        return optuna.samplers.GridSampler(grid_space(spec), seed=seed, **opts)
+    except TypeError as e:
+        raise SpecError(f"sampler.options: {e}; see Optuna's {name} sampler for its options") from None
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    opts: dict[str, Any] = dict(spec.pruner.options)
+    name = spec.pruner.name
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**opts)
+        if name == "hyperband":
+            opts.setdefault("max_resource", "auto")
+            return optuna.pruners.HyperbandPruner(**opts)
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**opts)
+        return optuna.pruners.NopPruner()
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"pruner.options: {e}; see Optuna's {name} pruner for its options") from None
+
+
+def stored_spec(study_name: str, attrs: dict[str, Any]) -> SweepSpec:
+    data = attrs.get(SPEC_ATTR)
+    if data is None:
+        raise UserError(
+            f"study {study_name!r} was not created by kmnist-tune (it has no stored spec); "
+            "create it with `kmnist-tune study create SPEC`"
+        )
+    return parse_spec(data, f"spec stored in study {study_name!r}")
+
+
+def create_study(
+    spec: SweepSpec, storage: optuna.storages.BaseStorage, *, resume: bool, seed: int | None = None
+) -> tuple[optuna.Study, bool]:
+    """Create the study for `spec`, or (resume=True) reopen it if it exists with the same spec.
+
+    Returns (study, created). The spec is stored in the study's user attrs, so workers need
+    only the study name and the storage URL.
+    """
+    if spec.name in study_names(storage):
+        if not resume:
+            raise UserError(
+                f"study {spec.name!r} already exists; use `kmnist-tune run` to resume it, or give the spec another name"
+            )
+        old = stored_spec(spec.name, storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name)))
+        if spec_to_dict(old) != spec_to_dict(spec):
+            raise UserError(
+                f"study {spec.name!r} already exists with a different spec; rename the study in your spec, "
+                f"or delete the old one (`kmnist-tune study delete {spec.name}`)"
+            )
+        return open_study(storage, spec.name, seed=seed)[0], False
+    make_pruner(spec)  # fail on bad options before anything is written
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.name,
+        direction=spec.direction,
+        sampler=make_sampler(spec, seed),
+        pruner=make_pruner(spec),
+    )
+    # Write the spec right after creation; a reader that finds the study before this
+    # line lands is told it has no spec and retries (workers poll), never trains blind.
+    study.set_user_attr(SPEC_ATTR, spec_to_dict(spec))
+    study.set_user_attr(CREATED_ATTR, {"version": __version__, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    return study, True
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, *, seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
+    study_id = require_study(storage, name)
+    spec = stored_spec(name, storage.get_study_user_attrs(study_id))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+    return study, spec
+
+
+def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = None) -> tuple[Any, optuna.Study, SweepSpec]:
+    """The worker's storage (heartbeats, stale-trial retries, retried calls) and the study with its spec."""
+    probe = open_storage(url)
+    spec = stored_spec(name, probe.get_study_user_attrs(require_study(probe, name)))
+    # The heartbeat settings live in the spec, so the spec is read before the worker's storage opens;
+    # the probe's pooled connection would be a third one held by this worker.
+    engine = getattr(unwrap(probe), "engine", None)
+    if engine is not None:
+        engine.dispose()
+    storage = open_worker_storage(
+        url,
+        heartbeat_interval=spec.workers.heartbeat_interval,
+        grace_period=spec.workers.grace_period,
+        max_retry=spec.workers.max_retry,
+        log=log,
+    )
+    # Workers must not all sample the same points: each process seeds its sampler differently.
+    study, spec = open_study(storage, name, seed=None)
+    return storage, study, spec
+
+
+def delete_study(storage: optuna.storages.BaseStorage, name: str) -> None:
+    require_study(storage, name)
+    optuna.delete_study(study_name=name, storage=storage)
+
+
+def best_or_none(study: optuna.Study) -> FrozenTrial | None:
+    """The best finished trial, or None while there is none (Optuna raises)."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def no_completed_trial(name: str) -> UserError:
+    return UserError(f"study {name!r} has no completed trial yet; run `kmnist-tune worker --study {name}` first")
+
+
+def require_best(study: optuna.Study) -> FrozenTrial:
+    best = best_or_none(study)
+    if best is None:
+        raise no_completed_trial(study.study_name)
+    return best
+
+
+def read_study(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
+    """Open a study to read it: nothing is created or written, not even Optuna's tables."""
+    return open_study(open_storage(url), name)
+
+
+def read_prior(url: str, name: str) -> LRPrior:
+    """The LR-finder prior stored on a study; one line saying why when there is none."""
+    study, spec = read_study(url, name)
+    require_lr_finder(name, spec)
+    prior = LRPrior.read(study.user_attrs)
+    if prior is None:
+        raise UserError(f"study {name!r} has no stored LR-finder prior yet; run `kmnist-tune lr-find --study {name}`")
+    return prior
+
+
+def require_lr_finder(name: str, spec: SweepSpec) -> None:
+    if spec.lr_finder is None:
+        raise UserError(
+            f"study {name!r} does not search lr with the LR finder; set `lr: {{distribution: lr_finder}}` in its spec"
+        )
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+
+@dataclass
+class BestTrial:
+    trial: int
+    value: float
+    params: dict[str, Any]
+    config: dict[str, Any] | None
+
+
+@dataclass
+class WorkerRow:
+    host: str
+    gpu: str
+    running: list[int] = field(default_factory=list)
+    finished: int = 0
+    failed: int = 0
+
+
+@dataclass
+class StudySummary:
+    """What a user asks of a study: counts, the best trial, who runs what, and the test score."""
+
+    study: str
+    storage: str  # masked
+    metric: str
+    direction: str
+    states: StateCounts
+    budget: dict[str, Any]
+    best: BestTrial | None
+    test_evaluation: TestEvaluation | None
+    workers: list[WorkerRow] | None = None  # None: not asked for (summarize(with_trials=False))
+    retried: list[dict[str, Any]] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None or k not in ("workers", "retried")}
+        out["states"] = self.states.nonzero()
+        return out
+
+    def best_json(self) -> dict[str, Any]:
+        """`best --json`: the best trial, its configuration and (when there is one) its test score."""
+        if self.best is None:
+            raise no_completed_trial(self.study)
+        return {
+            "study": self.study,
+            "trial": self.best.trial,
+            "metric": self.metric,
+            "valid_value": self.best.value,
+            "params": self.best.params,
+            "config": self.best.config,
+            **({"test_evaluation": asdict(self.test_evaluation)} if self.test_evaluation else {}),
+        }
+
+
+def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True) -> StudySummary:
+    """One pass over the study: the summary every command prints. with_trials=False skips the
+    per-worker table (which loads every trial)."""
+    storage = study._storage
+    best = best_or_none(study)
+    summary = StudySummary(
+        study=study.study_name,
+        storage=describe(storage),
+        metric=spec.metric,
+        direction=spec.direction,
+        states=count_states(storage, study._study_id),
+        budget=spec.budget.model_dump(exclude_none=True),
+        best=None if best is None else BestTrial(best.number, best.value, best.params, TrialRecord.of(best).config),
+        test_evaluation=TestEvaluation.read(study.user_attrs),
+    )
+    if with_trials:
+        summary.workers, summary.retried = _by_worker(study.get_trials(deepcopy=False))
+    return summary
+
+
+def read_summary(url: str, name: str, *, with_trials: bool = True) -> tuple[StudySummary, SweepSpec]:
+    study, spec = read_study(url, name)
+    return summarize(study, spec, with_trials=with_trials), spec
+
+
+def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[str, Any]]]:
+    """Trials grouped by the worker host and GPU that ran them, and the retried ones."""
+    groups: dict[tuple[str, str], WorkerRow] = {}
+    retried = []
+    for t in trials:
+        rec = TrialRecord.of(t)
+        if rec.worker is None:
+            continue
+        row = groups.setdefault((rec.worker.host, str(rec.worker.gpu)), WorkerRow(rec.worker.host, str(rec.worker.gpu)))
+        if t.state == TrialState.RUNNING:
+            row.running.append(t.number)
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            row.finished += 1
+        elif t.state == TrialState.FAIL:
+            row.failed += 1
+        if rec.retry_of is not None:
+            retried.append({"trial": t.number, "retry_of": rec.retry_of, "state": t.state.name})
+    return sorted(groups.values(), key=lambda g: (g.host, g.gpu)), retried
+
+
+@dataclass
+class StudyListing:
+    study: str
+    finished: int
+    total: int
+    best: float | None
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyListing]:
+    out = []
+    for s in storage.get_all_studies():
+        counts = count_states(storage, s._study_id)
+        best = None
+        with contextlib.suppress(ValueError):  # no completed trial yet
+            best = storage.get_best_trial(s._study_id).value
+        out.append(StudyListing(s.study_name, counts.finished, counts.total, best))
+    return out

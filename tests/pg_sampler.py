@@ -1,0 +1,41 @@
+"""Counts the PostgreSQL connections each kmnist-tune process holds while workers run (shared by
+the worker tests and benchmarks/bench_storage.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+class ConnectionSampler(threading.Thread):
+    """Samples pg_stat_activity every 50 ms: the most connections any one worker process held.
+    Processes are told apart by the application name kmnist-tune gives its connections ("kmnist-tune <pid>")."""
+
+    def __init__(self, dbname: str, admin: str = ADMIN):
+        super().__init__(daemon=True)
+        self.dbname, self.admin = dbname, admin
+        self.max_per_process, self.samples = 0, 0
+        self.per_process: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            while not self._halt.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
+                    "AND application_name LIKE 'kmnist-tune %%' GROUP BY 1",
+                    (self.dbname,),
+                ).fetchall()
+                for app, n in rows:
+                    self.per_process[app] = max(self.per_process.get(app, 0), n)
+                    self.max_per_process = max(self.max_per_process, n)
+                self.samples += 1
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
