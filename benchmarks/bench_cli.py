@@ -129,7 +129,7 @@ def main() -> None:
             for i in range(args.runs):
                 # Alternate which tree goes first, so neither always meets a warm page cache.
                 for label in ("before", "now") if i % 2 == 0 else ("now", "before"):
-                    out = tmp / label / str(i)
+                    out = tmp / label / name.replace(" ", "_") / str(i)
                     out.mkdir(parents=True)
                     runs[label].append(timed(commands(url, out)[name], trees[label], env))
             before, now = statistics.median(runs["before"]), statistics.median(runs["now"])

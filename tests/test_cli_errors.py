@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -120,3 +121,33 @@ def test_data_info_and_verify_on_fixture() -> None:
     assert out.count("ok") == 8
     info = run_cli("data", "info", "--data-dir", str(FIXTURE)).stdout
     assert "kmnist: 10 classes" in info
+
+
+def test_help_as_a_user_expects_it() -> None:
+    bare = run_cli()
+    assert bare.stdout.startswith("Usage: kmnist-tune") and bare.stderr == ""  # help, and no empty error line
+    assert run_cli("study").stdout.startswith("Usage: kmnist-tune study")
+    short = run_cli("best", "-h").stdout
+    assert short == run_cli("best", "--help").stdout
+    # Boolean flags are shown as flags, not as options taking a value.
+    assert "--evaluate " in short and "--json " in short and "<bool>" not in short
+    assert "--study NAME" in short and "--storage URL" in short
+    script = run_cli("--show-completion", "bash", env=cli_env(SHELL="/bin/bash")).stdout
+    assert "_KMNIST_TUNE_COMPLETE" in script and "complete " in script
+    # What that script asks the program when the user presses Tab after `kmnist-tune study s`:
+    words = cli_env(COMP_WORDS="kmnist-tune study s", COMP_CWORD="2", _KMNIST_TUNE_COMPLETE="complete_bash")
+    assert run_cli(env=words).stdout.split() == ["show"]
+
+
+def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path) -> None:
+    url = make_study(tmp_path)
+    by_option = run_cli("study", "show", "--study", "exists", "--storage", url, "--json").stdout
+    by_name = run_cli("study", "show", "exists", "--storage", url, "--json").stdout
+    assert json.loads(by_option)["study"] == json.loads(by_name)["study"] == "exists"
+    for cmd in (["best"], ["worker"], ["report"], ["lr-find"], ["study", "show"], ["study", "delete"]):
+        line = error_line(run_cli(*cmd, "one", "--study", "other", "--storage", url, check=False))
+        assert "two study names" in line, cmd
+    listed = json.loads(run_cli("study", "list", "--storage", url, "--json").stdout)
+    assert listed == [{"study": "exists", "finished": 0, "total": 0, "best": None}]
+    info = json.loads(run_cli("data", "info", "--data-dir", str(FIXTURE), "--json").stdout)
+    assert info["n_classes"] == 10 and {f["state"] for f in info["files"]} == {"ok"} and len(info["files"]) == 8

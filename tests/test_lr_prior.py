@@ -78,6 +78,10 @@ def test_sqlite_lock_serialises_two_workers(tmp_path: Path) -> None:
     assert all(w.returncode == 0 for w in workers), errs
     assert sum("(computed here)" in e for e in errs) == 1, errs
     assert re.search(r"LR finder \(kmnist/resnet18/imagenet/bs32\): minimum", errs[0] + errs[1])
+    # Not on a terminal, the finder's progress is a plain line at its start, every 5 s, and its end.
+    finder = next(e for e in errs if "(computed here)" in e)
+    assert re.search(r"LR finder \(kmnist/resnet18/imagenet/bs32\): 1/100\n", finder), finder
+    assert re.search(r"LR finder \(kmnist/resnet18/imagenet/bs32\): (\d+)/\1\n", finder), finder
 
 
 def test_lr_find_needs_a_study_that_uses_it(tmp_path: Path) -> None:

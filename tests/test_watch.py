@@ -216,3 +216,18 @@ else:
     loaded = loaded_after(body, watched["env"])
     assert "optuna_dashboard" in loaded
     assert not loaded & HEAVY, sorted(loaded & HEAVY)
+
+
+def test_json_summaries_agree_with_the_study(watched: dict[str, Any]) -> None:
+    study = optuna.load_study(study_name="halve", storage=watched["url"])
+    shown = json.loads(run_cli("study", "show", "halve", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
+    states: dict[str, int] = {}
+    for t in study.trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    assert shown["states"] == states and shown["best"]["trial"] == study.best_trial.number
+    assert shown["spec"]["name"] == "halve" and shown["workers"][0]["finished"] == len(study.trials)
+    best = json.loads(run_cli("best", "--study", "halve", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
+    assert best["trial"] == study.best_trial.number and best["valid_value"] == study.best_value
+    assert best["config"]["lr"] == study.best_trial.params["lr"] and best["config"]["batch_size"] == 64
+    listed = json.loads(run_cli("study", "list", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
+    assert {s["study"]: s["total"] for s in listed} == {"prior": 1, "halve": 2}

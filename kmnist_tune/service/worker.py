@@ -28,8 +28,8 @@ from ..contract.spec import SweepSpec
 from ..errors import Interrupted, UserError
 from .lock import storage_lock
 from .storage import StateCounts, count_states
+from .studies import best_or_none
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
@@ -86,13 +86,6 @@ class _Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def best_value(study: optuna.Study) -> float | None:
-    try:
-        return study.best_value
-    except ValueError:
-        return None
 
 
 class Worker:
@@ -176,7 +169,7 @@ class Worker:
                 metric=self.spec.metric,
                 record=TrialRecord.of(frozen),
                 error=error,
-                best=best_value(self.study),
+                best=None if (best := best_or_none(self.study)) is None else best.value,
                 finished=self.counts().finished,
                 budget=self.spec.budget.n_trials,
                 trial=trial,

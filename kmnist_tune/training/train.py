@@ -189,7 +189,8 @@ class IterationCount(Callback):
 
     def after_fit(self) -> None:
         # fastai stops the finder early once the loss diverges: report it finished where it stopped.
-        self.on_iter(self.done, self.done)
+        if self.done < self.total:
+            self.on_iter(self.done, self.done)
 
 
 @dataclass
