@@ -52,12 +52,12 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KMNIST_TUNE_")}
+    # The CLI decides which warnings to show (PYTHONWARNINGS would override it): see deprecation_free.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMNIST_TUNE_") and k != "PYTHONWARNINGS"}
     env.update(
         {
             "KMNIST_TUNE_DATA": str(FIXTURE),
             "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",
-            "PYTHONWARNINGS": "ignore",
             "WANDB_MODE": "disabled",
         }
     )
@@ -81,7 +81,15 @@ def run_cli(
         raise AssertionError(
             f"kmnist-tune {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
+    deprecation_free(proc.stderr)
     return proc
+
+
+def deprecation_free(stderr: str) -> None:
+    """Every CLI run of the suite: no deprecation warning about Optuna's or this package's APIs (the
+    CLI shows those and hides other libraries' chatter), so a deprecated call fails the tests."""
+    for category in ("FutureWarning", "DeprecationWarning"):
+        assert category not in stderr, f"a {category} from kmnist-tune's own calls:\n{stderr[-3000:]}"
 
 
 def spawn_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
-from conftest import cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_env, deprecation_free, run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
 from pg_sampler import ConnectionSampler
 
@@ -51,6 +51,7 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = 900) -> list[tup
     for p in procs:
         out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, f"worker exited {p.returncode}\n{err}"
+        deprecation_free(err)
         outs.append((out, err))
     return outs
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages._heartbeat import BaseHeartbeat
 
 from .storage import first_line, is_grpc, open_grpc, open_storage
 
@@ -42,7 +41,7 @@ class _Retrying:
 
     def _init_retry(self, patience: float, log: Callable[[str], None] | None) -> None:
         self.patience = patience
-        self.log = log or (lambda m: logging.getLogger("kmnist_tune").warning(m))
+        self.log = log or _log_warning
         self.stalled_s = 0.0  # total time spent waiting for the database
 
     def retrying(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -64,10 +63,16 @@ class _Retrying:
                 delay = min(delay * 2, 10.0)
 
 
-# Storage methods Optuna calls during ask/tell/report and heartbeats: the ones worth retrying.
+def _log_warning(message: str) -> None:
+    logging.getLogger("kmnist_tune").warning(message)
+
+
+# Storage methods Optuna calls during ask/tell/report and heartbeats: the ones worth retrying. The
+# heartbeat methods are named here, not taken from Optuna's private heartbeat base class.
+HEARTBEAT_METHODS = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
 _RETRIED = sorted(
     optuna.storages.BaseStorage.__abstractmethods__
-    | BaseHeartbeat.__abstractmethods__
+    | HEARTBEAT_METHODS
     | {
         "get_n_trials",
         "get_best_trial",
@@ -89,9 +94,17 @@ class RetryingRDBStorage(_Retrying, optuna.storages.RDBStorage):
         self._init_retry(patience, log)
         super().__init__(url, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optuna's storage contract: a storage pickles (RDBStorage drops its engine and re-creates it).
+        # The logger is this process's (often a closure): the copy logs as the default does.
+        state = dict(super().__getstate__())
+        state["log"] = _log_warning
+        return state
 
-class RetryingStorage(_Retrying, optuna.storages.BaseStorage, BaseHeartbeat):
-    """The same retries around any other storage (the gRPC proxy), by delegation."""
+
+class RetryingStorage(_Retrying, optuna.storages.BaseStorage):
+    """The same retries around any other storage (the gRPC proxy), by delegation. The proxy has no
+    heartbeat API, so this storage reports heartbeats as off (get_heartbeat_interval is None)."""
 
     def __init__(self, inner: Any, patience: float = 600.0, log: Callable[[str], None] | None = None):
         self._inner = inner
@@ -101,8 +114,7 @@ class RetryingStorage(_Retrying, optuna.storages.BaseStorage, BaseHeartbeat):
         return getattr(self._inner, name)
 
     def get_heartbeat_interval(self) -> int | None:
-        # The gRPC proxy has no heartbeat API: report heartbeats as off rather than fail.
-        return self.retrying(self._inner.get_heartbeat_interval) if isinstance(self._inner, BaseHeartbeat) else None
+        return None
 
 
 def _retried_method(name: str, base: type) -> Callable[..., Any]:
@@ -123,7 +135,7 @@ def _retried_method(name: str, base: type) -> Callable[..., Any]:
 for _name in _RETRIED:
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(RetryingRDBStorage, _name, _retried_method(_name, optuna.storages.RDBStorage))
-    if _name != "get_heartbeat_interval":
+    if _name not in HEARTBEAT_METHODS:
         setattr(RetryingStorage, _name, _retried_method(_name, object))
 RetryingStorage.__abstractmethods__ = frozenset()
 
