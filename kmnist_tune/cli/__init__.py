@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: every expected failure is one line on stderr and a non-zero exit."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    args = sys.argv[1:] if argv is None else list(argv)
+    # The arguments are parsed as given; everything else that reads sys.argv (W&B records it in every
+    # run's metadata) sees a `--storage` password masked.
+    sys.argv[1:] = [mask(a) for a in sys.argv[1:]]
     command = typer.main.get_command(app)
     try:
-        rc = command.main(args=argv, prog_name="kmnist-tune", standalone_mode=False)
+        rc = command.main(args=args, prog_name="kmnist-tune", standalone_mode=False)
     except UserError as e:
         print(f"error: {mask(str(e))}", file=sys.stderr)
         return 2

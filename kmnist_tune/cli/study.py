@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from ..masking import has_password, mask
 from .apps import study_app
 from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, storage_url, study_name
 
@@ -27,7 +28,11 @@ def study_create(
     url = storage_url(storage)
     create_study(spec, open_storage(url, create=True), resume=False)
     out(f"created study {spec.name} in {url}")
-    out(f"attach workers with: kmnist-tune worker --study {spec.name} --storage '{url}'")
+    if has_password(url):  # never print it, and keep it out of other users' `ps`: the environment
+        out(f"attach workers with: KMNIST_TUNE_STORAGE='{mask(url)}' kmnist-tune worker --study {spec.name}")
+        out("  (put the real password where *** stands, or export KMNIST_TUNE_STORAGE from a .env file)")
+    else:
+        out(f"attach workers with: kmnist-tune worker --study {spec.name} --storage '{url}'")
 
 
 @study_app.command("list")

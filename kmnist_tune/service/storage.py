@@ -39,6 +39,8 @@ def resolve_url(url: str | None) -> str:
     """--storage, else $KMNIST_TUNE_STORAGE, else a SQLite file in the working directory."""
     url = url or os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
     if url.startswith("grpc://"):
+        if "@" in url.removeprefix("grpc://").split("/")[0]:
+            raise UserError(f"storage URL {mask(url)!r}: the storage proxy takes no credentials; use grpc://host:port")
         _grpc_host_port(url)
         return url
     try:
@@ -57,7 +59,7 @@ def resolve_url(url: str | None) -> str:
 def _grpc_host_port(url: str) -> tuple[str, int]:
     host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"malformed storage URL {url!r}: a proxy URL is grpc://host:port")
+        raise UserError(f"malformed storage URL {mask(url)!r}: a proxy URL is grpc://host:port")
     return host, int(port)
 
 
