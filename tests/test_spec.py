@@ -85,6 +85,20 @@ def test_quickstart_is_what_its_comment_says() -> None:
 
 LR = {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}
 
+NESTED_ALIASES = """name: laughs
+budget: {n_trials: 2}
+sampler:
+  name: tpe
+  options:
+    a: &a [x, x, x, x, x, x, x, x, x, x]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+"""
+
+
 MISTAKES: list[tuple[str, Any, list[str]]] = [
     # A misspelt top-level key also leaves `budget` missing: the typo must be what is reported.
     ("unknown top-level key", {"name": "t", "budgte": {"n_trials": 2}}, ["budgte", "'budget'"]),
@@ -144,6 +158,22 @@ MISTAKES: list[tuple[str, Any, list[str]]] = [
     ("a control character", "name: t\nseed: 0\x00\nbudget: {n_trials: 2}\n", ["not valid YAML", "line 2", "#x0000"]),
     ("non-UTF-8 (latin-1)", "name: caf\u00e9\nbudget: {n_trials: 2}\n".encode("latin-1"), ["UTF-8"]),
     ("non-UTF-8 (UTF-16)", "name: t\nbudget: {n_trials: 2}\n".encode("utf-16"), ["UTF-8"]),
+    # Bounded input: booleans are no numbers, a whole-number parameter takes a whole-number step,
+    # NaN is called NaN, a spec stays a page of settings even through YAML aliases.
+    ("a boolean trial budget", base(budget={"n_trials": True}), ["budget.n_trials", "true is a boolean"]),
+    ("a boolean retry count", base(workers={"max_retry": False}), ["workers.max_retry", "false is a boolean"]),
+    ("a boolean timeout", base(budget={"timeout": True}), ["budget.timeout", "boolean"]),
+    (
+        "a fractional step for a whole number",
+        base(parameters={"batch_size": {"distribution": "q_uniform", "min": 16, "max": 64, "q": 0.5}}),
+        ["parameters.batch_size", "q must be a whole number", "0.5"],
+    ),
+    ("NaN as a value", "name: t\nbudget: {n_trials: 2}\nparameters: {weight_decay: .nan}\n", ["weight_decay", "NaN"]),
+    ("NaN as a bound", "name: t\nbudget: {timeout: .nan}\n", ["budget.timeout", "NaN"]),
+    ("NaN as a range end", "name: t\nbudget: {n_trials: 2}\nparameters: {lr: {min: .nan, max: 0.1}}\n", ["lr.min", "NaN"]),
+    ("infinity as a fraction", "name: t\nbudget: {n_trials: 2}\ndata: {valid_fraction: .inf}\n", ["valid_fraction", "infinity"]),
+    ("nested YAML aliases", NESTED_ALIASES, ["expands to more than 64 KB"]),
+    ("a spec past 64 KB", "name: t\nbudget: {n_trials: 2}\n" + "# padding\n" * 7000, ["at most 64 KB"]),
 ]
 
 

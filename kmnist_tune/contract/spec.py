@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import UserError
 
@@ -55,9 +55,29 @@ class SpecError(UserError):
     """A sweep spec that does not validate; the message names the field."""
 
 
+MAX_SPEC_BYTES = 64 * 1024  # a spec is a page of settings; it is stored in the study and read by every worker
+
+
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors: a typo must never be silently ignored. NaN and infinity are no numbers.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # YAML's true/false are not 1/0: `n_trials: true` is a mistake, not one trial.
+        if isinstance(v, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not Any and not _admits_bool(annotation):
+                raise ValueError(f"{str(v).lower()} is a boolean; give a number")
+        return v
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type accepts a boolean (bool itself, a Literal of True/False, a union holding one)."""
+    if annotation is bool:
+        return True
+    return any(a is bool or a is True or a is False or _admits_bool(a) for a in get_args(annotation))
 
 
 # Every hyperparameter a spec may set or search, with its default and its check.
@@ -116,7 +136,7 @@ class ParamSpec(_Strict):
                 raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
             if dist in ("log_uniform_values", "q_log_uniform_values") and self.min <= 0:
                 raise ValueError(f"distribution {dist} needs min > 0 (got {self.min:g})")
-            if dist.startswith("q_") and (self.q is None or self.q <= 0):
+            if dist.startswith("q_") and (self.q is None or isinstance(self.q, bool) or self.q <= 0):
                 raise ValueError(f"distribution {dist} needs a positive `q`")
             if dist == "q_log_uniform_values" and math.ceil(self.min / self.q - 1e-9) * self.q > self.max + 1e-9:  # type: ignore[operator]
                 # Values are rounded to multiples of q; with none inside [min, max] every one would fall outside.
@@ -392,6 +412,9 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
         raise ValueError(f"{where}: {name} is a choice; give `value` or `values` from {', '.join(meta['choices'])}")
     if meta["kind"] == "int" and kind in ("uniform", "log_uniform_values"):
         raise ValueError(f"{where}: {name} is a whole number; use int_uniform, q_uniform, q_log_uniform_values or values")
+    if meta["kind"] == "int" and kind.startswith("q_") and not float(p.q).is_integer():  # type: ignore[arg-type]
+        # A step of 0.5 over whole numbers would silently become a step of 1.
+        raise ValueError(f"{where}: {name} is a whole number; q must be a whole number too (got {p.q:g})")
     candidates: list[Any] = []
     if kind == "constant":
         candidates = [p.value]
@@ -415,13 +438,17 @@ def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
     if meta["kind"] == "int" and not float(v).is_integer():
         return f"{v!r} is not a whole number"
     if not math.isfinite(v):
-        return f"{v!r} is not finite"
+        return f"{_non_finite(v)} is not a usable number; give a finite value"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (v < lo or (meta.get("min_open") and v == lo)):
         return f"{v!r} is below the allowed range ({'>' if meta.get('min_open') else '>='} {lo:g})"
     if hi is not None and (v > hi or (meta.get("max_open") and v == hi)):
         return f"{v!r} is above the allowed range ({'<' if meta.get('max_open') else '<='} {hi:g})"
     return None
+
+
+def _non_finite(v: float) -> str:
+    return "NaN" if math.isnan(v) else "infinity" if v > 0 else "-infinity"
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
@@ -446,8 +473,15 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+_UNION_MEMBERS = ("int", "float")  # pydantic names the member of `int | float` it tried in the location
+
+
 def _one_line(err: ValidationError) -> str:
     errors = err.errors()
+    for e in errors:
+        e["loc"] = tuple(p for p in e["loc"] if p not in _UNION_MEMBERS)
+    # One problem per place: `int | float` reports each member's failure at the same field.
+    errors = list({e["loc"]: e for e in reversed(errors)}.values())[::-1]
     # An unknown key is reported first: a misspelt `budgte` also makes `budget` missing, and
     # "budget: required but missing" alone would hide the typo that caused it.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -459,6 +493,8 @@ def _one_line(err: ValidationError) -> str:
         msg = f"unknown key {key!r} in {parent}{_did_you_mean(key, _fields_at(loc))}"
     elif first["type"] == "missing":
         msg = f"{where}: required but missing"
+    elif first["type"] == "finite_number":
+        msg = f"{where}: {_non_finite(float(first['input']))} is not a usable number; give a finite value"
     else:
         text = first["msg"].removeprefix("Value error, ")
         msg = f"{where}: {text}" if loc else text
@@ -471,16 +507,42 @@ def _one_line(err: ValidationError) -> str:
 def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping (key: value lines), got {type(data).__name__}")
+    if _expanded_size(data, MAX_SPEC_BYTES) > MAX_SPEC_BYTES:
+        # YAML aliases repeat one node many times: 354 bytes of nested aliases expand to megabytes.
+        raise SpecError(
+            f"{source}: the spec expands to more than {MAX_SPEC_BYTES // 1024} KB (nested YAML aliases or huge values); "
+            "write the settings out plainly"
+        )
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{source}: {_one_line(e)}") from None
 
 
+def _expanded_size(data: Any, limit: int) -> int:
+    """Roughly how many bytes `data` takes written out with every alias expanded; stops counting
+    once past `limit`, so a billion laughs costs no more than the limit to measure."""
+    size, stack = 0, [data]
+    while stack and size <= limit:
+        node = stack.pop()
+        if isinstance(node, dict):
+            size += 2 + 2 * len(node)
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            size += 2 + len(node)
+            stack.extend(node)
+        else:
+            size += len(str(node))
+    return size
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file {p} does not exist; pass a YAML spec such as sweeps/quickstart.yaml")
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: {p.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES // 1024} KB")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
