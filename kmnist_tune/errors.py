@@ -1,8 +1,17 @@
-"""The one exception type the CLI turns into a single line and a non-zero exit."""
+"""The exceptions the CLI turns into a single line and a non-zero exit."""
 
 
 class UserError(Exception):
     """A bad input or environment problem the user can fix: printed as one line, exit non-zero."""
+
+    exit_code = 2
+
+
+class WorkerStopped(UserError):
+    """A worker cannot go on (its trials keep failing, its study was deleted, its storage is gone):
+    one line and exit status 3, which a supervisor or container can tell from bad input."""
+
+    exit_code = 3
 
 
 class Interrupted(Exception):

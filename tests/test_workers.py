@@ -20,7 +20,9 @@ import pytest
 from conftest import cli_env, deprecation_free, run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
 from pg_sampler import ConnectionSampler
+from tcp_proxy import TcpProxy
 
+from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.service.storage import open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -140,7 +142,11 @@ def test_sigterm_hands_the_trial_back_and_exits_promptly(tmp_path: Path) -> None
     finish([spawn_cli("worker", "--study", "term", "--storage", url, "--gpus", "none")])
     study = load(url, "term")
     assert sum(t.state in FINISHED for t in study.trials) == n
-    assert any(t.user_attrs.get("retry_of") == stopped.number and t.state in FINISHED for t in study.trials)
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == stopped.number]
+    assert retry.state in FINISHED
+    # Optuna copies the original's attributes into the retry; how the original ended is not kept.
+    record = TrialRecord.of(retry)
+    assert record.interrupted is None and record.error is None and record.epoch_seconds
 
 
 # -- a database restart, on a throwaway cluster this test owns -------------------------------
@@ -224,3 +230,44 @@ def test_a_study_worked_through_the_grpc_proxy_completes(tmp_path: Path, pg_url:
         proxy.wait(20)
     study = load(pg_url, "proxied")  # the trials are in PostgreSQL, behind the proxy
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+
+
+# -- a network partition between one worker and PostgreSQL -----------------------------------------
+
+
+def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_on(tmp_path: Path, pg_url: str) -> None:
+    """Worker A reaches PostgreSQL through a loopback proxy that is cut, while worker B runs, for longer
+    than the grace period: B fails A's trial as stale and retries it; A, back, discards its result."""
+    n = 4
+    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", fast_spec("partition", n, heartbeat=1))), "--storage", pg_url)
+    proxy = TcpProxy(5432)
+    try:
+        via_proxy = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        env = worker_env()
+        a = spawn_cli("worker", "--study", "partition", "--storage", via_proxy, "--gpus", "none", env=env)
+        wait_until(lambda: any(t.user_attrs.get("worker", {}).get("pid") == a.pid for t in running(pg_url)), 120, "A's trial")
+        (a_trial,) = [t for t in running(pg_url) if t.user_attrs["worker"]["pid"] == a.pid]
+        b = spawn_cli("worker", "--study", "partition", "--storage", pg_url, "--gpus", "none", env=env)
+        proxy.cut()
+        wait_until(
+            lambda: load(pg_url, "partition").trials[a_trial.number].state == TrialState.FAIL, 120, "A's trial failed as stale"
+        )
+        time.sleep(2)
+        proxy.mend()
+        (out_a, err_a), (out_b, err_b) = finish([a, b], timeout=600)
+    finally:
+        proxy.close()
+    assert "Traceback" not in err_a + err_b
+    assert f"trial {a_trial.number} was failed as stale while this worker was unreachable; its result is discarded" in err_a
+    study = load(pg_url, "partition")
+    assert sum(t.state in FINISHED for t in study.trials) == n, states(study)
+    assert states(study).get("RUNNING", 0) == 0
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == a_trial.number]
+    assert retry.state in FINISHED and retry.params == a_trial.params
+    ran = sum(int(re.search(r"worker ran (\d+) trial", out).group(1)) for out in (out_a, out_b))  # type: ignore[union-attr]
+    assert ran == n  # the discarded trial is not counted
+    print(f"\nA: {err_a.strip().splitlines()[-1]}")
+
+
+def running(url: str) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in load(url, "partition").trials if t.state == TrialState.RUNNING]

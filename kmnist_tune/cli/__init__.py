@@ -5,6 +5,7 @@ commands that only read a study never load torch or fastai."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Annotated
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = command.main(args=args, prog_name="kmnist-tune", standalone_mode=False)
     except UserError as e:
         print(f"error: {mask(str(e))}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 1
@@ -74,7 +75,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a user sees one line, never a traceback (KMNIST_TUNE_DEBUG=1 shows it)
+        if os.environ.get("KMNIST_TUNE_DEBUG"):
+            raise
+        return _unexpected(e)
     return rc if isinstance(rc, int) else 0
+
+
+def _unexpected(e: Exception) -> int:
+    chain, cur = [], e  # Optuna wraps a database's error in its own (StorageInternalError)
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    db = next((c for c in reversed(chain) if type(c).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg")), None)
+    if db is not None:
+        text = _line(db)
+        hint = "; check that the storage and its folder may be written" if "readonly" in text.replace("-", "") else ""
+        print(f"error: the storage failed: {text}{hint}", file=sys.stderr)
+        return 2
+    print(f"error: unexpected {type(e).__name__}: {_line(e)} (a bug; KMNIST_TUNE_DEBUG=1 shows where)", file=sys.stderr)
+    return 1
+
+
+def _line(e: BaseException) -> str:
+    return mask(" ".join(str(e).split()))[:300] or type(e).__name__
 
 
 if __name__ == "__main__":

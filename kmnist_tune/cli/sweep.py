@@ -146,9 +146,10 @@ def lr_find(
 
     The study's spec must search lr with `lr: {distribution: lr_finder}`.
     """
-    from ..observe.plots import plot_prior
+    from ..observe.plots import image_path, plot_prior
 
     name, url = study_name(study_arg, study), storage_url(storage)
+    path = image_path(png or Path(f"lr-find-{name}.png"), "--out")  # before minutes of work, not after
     if stored:
         from ..service.studies import read_prior
 
@@ -160,8 +161,7 @@ def lr_find(
     for suggestion, lr in prior.suggestions.items():
         out(f"{suggestion}: {lr:.4g}" + ("  <- centre" if suggestion == prior.suggestion else ""))
     out(f"search range: {prior.low:.4g} .. {prior.high:.4g} ({prior.width:g} decades), study key {prior.key}")
-    path = plot_prior(prior, png or Path(f"lr-find-{name}.png"), title=f"{name}: LR finder ({prior.key})")
-    out(f"plot: {path}")
+    out(f"plot: {plot_prior(prior, path, title=f'{name}: LR finder ({prior.key})')}")
 
 
 @app.command("storage-proxy")

@@ -171,6 +171,17 @@ class TrialRecord:
             rec.test_evaluation = test
         return rec
 
+    @classmethod
+    def fresh(cls) -> dict[str, Any]:
+        """The fields of how an attempt went, emptied: a retry starts with its original's attributes
+        (Optuna copies them) and must not keep its `interrupted`, `error` or timings."""
+        keep = {"config", "enqueued", "retry_of", "worker"} | cls.NOT_STORED
+        return {
+            f.name: _encode(f.default_factory() if callable(f.default_factory) else f.default)
+            for f in dataclasses.fields(cls)
+            if f.name not in keep
+        }
+
     @staticmethod
     def timings(epochs: list[EpochRecord]) -> dict[str, list[float]]:
         """The per-epoch fields of a finished attempt, rounded for storage."""

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..contract.records import LRPrior
+from ..errors import UserError
+
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def writable_folder(folder: Path, option: str) -> Path:
+    """`folder`, made if missing; one line saying why when it cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: a file is there, not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {folder}: cannot write there ({e.strerror}); choose another folder") from None
+    return folder
+
+
+def image_path(path: Path, option: str) -> Path:
+    """A path to write a figure to: a known format, not a folder, in a folder that can be written."""
+    if path.is_dir():
+        raise UserError(f"{option} {path}: a folder; give a file name ending in {', '.join(FORMATS)}")
+    if path.suffix.lower() not in FORMATS:
+        kind = path.suffix or "a file without a suffix"
+        raise UserError(f"{option} {path}: cannot write {kind}; end the name in {', '.join(FORMATS)}")
+    writable_folder(path.parent, option)
+    return path
 
 
 def pyplot() -> Any:

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from ..contract.records import LRPrior, TrialRecord
 from ..contract.spec import SweepSpec
 from ..service.studies import summarize
-from .plots import finish, placeholder, plot_prior, pyplot, save_axes
+from .plots import finish, placeholder, plot_prior, pyplot, save_axes, writable_folder
 
 
 def history_plot(study: optuna.Study, path: Path) -> Path:
@@ -102,7 +102,7 @@ def halving_plot(study: optuna.Study, path: Path) -> Path:
 
 def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     """Writes the PNGs and index.html into `out`; returns the HTML page's path."""
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     prior = LRPrior.read(study.user_attrs)
     figures = [
         ("Optimisation history", history_plot(study, out / "history.png")),

@@ -3,6 +3,7 @@ listeners that watch it, put together for the `run` and `worker` commands."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..masking import mask
 from ..observe.notes import NoteListener
 from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
-from ..service.slots import Slot, in_this_process, run_slots, worker_args
+from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
 from ..service.storage import open_storage
 from ..service.studies import StudySummary, create_study, open_for_work, summarize
 from ..service.worker import StopFlag, Worker
@@ -41,6 +42,7 @@ class WorkResult:
     study: optuna.Study
     spec: SweepSpec
     label: str
+    stopped: StopFlag
 
 
 def load_data(spec: SweepSpec, data: DataOptions) -> Splits:
@@ -81,7 +83,7 @@ def work_here(
         ran = Worker(study, storage, spec, objective, events, stop=stop).run(max_trials=max_trials, timeout=timeout)
         if stop.requested:
             reporter.line(f"stopped by {stop.reason}")
-    return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label)
+    return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label, stop)
 
 
 def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -> StudySummary:
@@ -90,7 +92,9 @@ def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -
     study, created = create_study(spec, open_storage(url, create=True), resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr, flush=True)
     if in_this_process(slots):
-        work_here(url, spec.name, data, device=torch.device("cpu"), splits=splits)
+        result = work_here(url, spec.name, data, device=torch.device("cpu"), splits=splits)
+        if result.stopped.requested:
+            raise Stopped(result.stopped.reason, 128 + result.stopped.signum)
     else:
         run_slots(url, slots, worker_args(spec.name, data_dir=data.data_dir, mirror=data.mirror), _board(slots))
     return summarize(study, spec, with_trials=False)
@@ -113,7 +117,9 @@ def attach_worker(
         return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout)
     open_for_work(url, study_name)  # fail here, once, on an unknown study or a bad URL
     args = worker_args(study_name, data_dir=data.data_dir, mirror=data.mirror, max_trials=max_trials, timeout=timeout)
-    run_slots(url, slots, args, _board(slots))
+    # A worker asked to stop hands its trials back and exits 0 (containers are stopped that way).
+    with contextlib.suppress(Stopped):
+        run_slots(url, slots, args, _board(slots))
     return None
 
 

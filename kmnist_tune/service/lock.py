@@ -12,7 +12,8 @@ from typing import Any
 
 import sqlalchemy
 
-from .storage import backend, sqlite_file, unwrap
+from ..errors import UserError
+from .storage import backend, engine_kwargs, is_sqlite, sqlite_file, sqlite_path, unwrap
 
 
 def lock_path(db: Path | None, name: str) -> Path:
@@ -31,19 +32,49 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
     kind = backend(storage)
     if kind == "grpc":
         yield
+    elif kind == "sqlite":
+        with _file_lock(lock_path(sqlite_file(storage), name)):
+            yield
+    else:
+        with _advisory_lock(unwrap(storage).engine, name):
+            yield
+
+
+@contextmanager
+def schema_lock(url: str) -> Iterator[None]:
+    """Held while a storage is opened with `create`, before there is a storage object to lock with."""
+    name = "kmnist-tune/schema"
+    if is_sqlite(url):
+        with _file_lock(lock_path(sqlite_path(url), name)):
+            yield
         return
-    if kind == "sqlite":
-        path = lock_path(sqlite_file(storage), name)
+    # A short-lived connection of its own (NullPool): it is closed when the tables are there.
+    engine = sqlalchemy.create_engine(url, connect_args=engine_kwargs(url)["connect_args"], poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with _advisory_lock(engine, name):
+            yield
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
         path.parent.mkdir(exist_ok=True)
-        with open(path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-        return
+        fh = open(path, "a+")  # noqa: SIM115  (held across the yield)
+    except OSError as e:
+        raise UserError(f"cannot make the lock file {path} beside the SQLite file ({e.strerror}); it must be writable") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _advisory_lock(engine: Any, name: str) -> Iterator[None]:
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-    engine = unwrap(storage).engine
     # AUTOCOMMIT: a session-level lock needs no open transaction, and the connection must not sit
     # "idle in transaction" while the holder works (the LR finder runs for minutes).
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

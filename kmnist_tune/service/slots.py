@@ -84,6 +84,8 @@ def run_slots(url: str, slots: list[Slot], child_args: list[str], board: Board) 
 
     env = dict(os.environ, KMNIST_TUNE_STORAGE=url)  # the URL (and its password) stays out of `ps`
     rc = supervise(child_args, slots, env, log, board)
+    if rc > 128:
+        raise Stopped(signal.Signals(rc - 128).name, rc)
     if rc:
         raise UserError(f"a worker process failed (exit status {rc}); see its lines above")
 
@@ -98,6 +100,14 @@ def slot_env(slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
         # fragmenting it, so that K small ResNets fit side by side.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return env
+
+
+class Stopped(UserError):
+    """The work was stopped by a signal before the study's budget was used (exit 128 + the signal)."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(f"stopped by {signal_name} before the study's budget was used; run it again to go on")
+        self.exit_code = exit_code
 
 
 class Board(Protocol):
@@ -129,10 +139,11 @@ def supervise(child_args: list[str], slots: list[Slot], env: dict[str, str], log
         procs.append((slot, proc))
         pumps.append(board.follow(slot.label, proc.stderr))  # type: ignore[arg-type]
         board.feed(slot.label, f"started worker process {proc.pid}")
-    signals_seen = {"n": 0}
+    signals_seen = {"n": 0, "first": 0}
 
     def forward(signum: int, frame: Any) -> None:
         signals_seen["n"] += 1
+        signals_seen["first"] = signals_seen["first"] or signum
         for _, p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL if signals_seen["n"] > 1 else signum)
@@ -151,4 +162,6 @@ def supervise(child_args: list[str], slots: list[Slot], env: dict[str, str], log
     for (slot, p), rc in zip(procs, rcs, strict=True):
         if rc:
             log(f"slot {slot.label}: worker process {p.pid} exited with status {rc}")
-    return next((rc for rc in rcs if rc), 0)
+    failed = next((rc for rc in rcs if rc), 0)
+    # Stopped by a signal before the work was done: say so in the exit status, as a shell would.
+    return failed or (128 + signals_seen["first"] if signals_seen["first"] else 0)

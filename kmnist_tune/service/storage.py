@@ -53,6 +53,10 @@ def resolve_url(url: str | None) -> str:
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     elif backend not in ("sqlite", "postgresql"):
         raise UserError(f"unsupported storage {mask(url)!r}; {URL_HELP}")
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise UserError(
+            f"storage {url!r} is an in-memory SQLite database, gone when the command ends; give a file: sqlite:///path/to/file.db"
+        )
     return url
 
 
@@ -72,7 +76,10 @@ def is_sqlite(url: str) -> bool:
 
 
 def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (a `file:...?mode=ro&uri=true` one too), None in memory."""
     db = make_url(url).database
+    if db and db.startswith("file:"):
+        db = db.removeprefix("file:").split("?")[0]
     return Path(db) if db and db != ":memory:" else None
 
 
@@ -131,7 +138,17 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
         if not create:
             _require_schema(url)
         cls = rdb_kwargs.pop("storage_cls", optuna.storages.RDBStorage)
-        return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
+        if not create:
+            return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
+        folder = sqlite_path(url).parent if is_sqlite(url) and sqlite_path(url) else None  # type: ignore[union-attr]
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"cannot open SQLite storage {mask(url)}: its folder {folder} does not exist; create it first")
+        # Optuna creates its tables on open; processes that open one new database at once would
+        # race to create them (PostgreSQL: a duplicate key in pg_type), so they take turns.
+        from .lock import schema_lock
+
+        with schema_lock(url):
+            return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
     except sqlalchemy.exc.ArgumentError as e:
         raise UserError(f"malformed storage URL {mask(url)!r} ({first_line(e)}); {URL_HELP}") from None
     except ImportError:
@@ -141,6 +158,11 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
             f"the database driver of {mask(url)!r} ({make_url(url).drivername}) is not installed; {URL_HELP}"
         ) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+        if is_sqlite(url):
+            raise UserError(
+                f"cannot open SQLite storage {mask(url)}: {first_line(e.orig or e)}; check that its folder exists and "
+                "that you may write there"
+            ) from None
         raise UserError(
             f"cannot reach storage {mask(url)}: {first_line(e.orig or e)}; check that the server runs "
             "and the host, port, database and credentials are right"
@@ -273,3 +295,23 @@ def count_states(storage: Any, study_id: int) -> StateCounts:
         for t in storage.get_all_trials(study_id, deepcopy=False):
             out[t.state.name] += 1
     return StateCounts(out)
+
+
+def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat (made by `optuna ask`, by a
+    plain Optuna script, or by a worker that died before its first beat). Optuna's stale-trial check
+    skips them, so alone they would block the budget forever. Table names are Optuna's RDB schema."""
+    rdb = unwrap(storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        return []
+    query = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+
+    def run() -> list[int]:
+        with rdb.engine.connect() as conn:
+            return [int(r[0]) for r in conn.execute(query, {"sid": study_id})]
+
+    retrying = getattr(storage, "retrying", None)
+    return retrying(run) if retrying is not None else run()

@@ -3,35 +3,73 @@ pruner, and summarise them (the one summary `study show`, `study list`, `best` a
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import datetime as dt
+import inspect
+import sys
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
 from ..contract.records import CREATED_ATTR, SPEC_ATTR, LRPrior, TestEvaluation, TrialRecord
 from ..contract.space import grid_space
 from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
 from ..errors import UserError
+from .lock import storage_lock
 from .retry import open_worker_storage
 from .storage import StateCounts, count_states, describe, open_storage, require_study, study_names, unwrap
 
+SAMPLER_CLASSES: dict[str, type] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "grid": optuna.samplers.GridSampler,
+}
+PRUNER_CLASSES: dict[str, type] = {
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def check_options(cls: type, options: dict[str, Any], where: str) -> None:
+    """Each option against the type its constructor declares, so that a wrong one fails when the study
+    is created rather than later in every worker (TPE's `gamma: 5` fails only when it samples)."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    module = sys.modules[cls.__module__]
+    names = {**vars(typing), **vars(collections.abc), **vars(optuna), **vars(module), "FrozenTrial": FrozenTrial}
+    for key, value in options.items():
+        if key not in params:
+            continue  # the constructor itself names an unknown option
+        annotation = params[key].annotation
+        try:
+            hint = eval(annotation, names) if isinstance(annotation, str) else annotation  # Optuna's own annotations
+            adapter = TypeAdapter(hint)
+        except Exception:  # a type this check cannot evaluate: the constructor still checks what it can
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as e:
+            problem = e.errors()[0]["msg"].lower()
+            wanted = getattr(annotation, "__name__", annotation)
+            raise SpecError(f"{where}.{key}: {value!r} does not fit {cls.__name__}'s {key} ({wanted}): {problem}") from None
+
 
 def make_sampler(spec: SweepSpec, seed: int | None) -> optuna.samplers.BaseSampler:
-    opts: dict[str, Any] = dict(spec.sampler.options)
+    opts: dict[str, Any] = {"seed": seed, **spec.sampler.options}
     name = spec.sampler.name
+    cls = SAMPLER_CLASSES[name]
+    check_options(cls, spec.sampler.options, "sampler.options")
     try:
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, **opts)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed, **opts)
-        if name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, **opts)
-        return optuna.samplers.GridSampler(grid_space(spec), seed=seed, **opts)
+        return cls(grid_space(spec), **opts) if name == "grid" else cls(**opts)
     except TypeError as e:
         raise SpecError(f"sampler.options: {e}; see Optuna's {name} sampler for its options") from None
 
@@ -39,15 +77,11 @@ def make_sampler(spec: SweepSpec, seed: int | None) -> optuna.samplers.BaseSampl
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     opts: dict[str, Any] = dict(spec.pruner.options)
     name = spec.pruner.name
+    if name == "hyperband":
+        opts.setdefault("max_resource", "auto")
+    check_options(PRUNER_CLASSES[name], opts, "pruner.options")
     try:
-        if name == "median":
-            return optuna.pruners.MedianPruner(**opts)
-        if name == "hyperband":
-            opts.setdefault("max_resource", "auto")
-            return optuna.pruners.HyperbandPruner(**opts)
-        if name == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(**opts)
-        return optuna.pruners.NopPruner()
+        return PRUNER_CLASSES[name](**opts)
     except (TypeError, ValueError) as e:
         raise SpecError(f"pruner.options: {e}; see Optuna's {name} pruner for its options") from None
 
@@ -70,6 +104,18 @@ def create_study(
     Returns (study, created). The spec is stored in the study's user attrs, so workers need
     only the study name and the storage URL.
     """
+    # Under a storage-held lock: of several `run`/`study create` of one new study, exactly one creates
+    # it and writes its spec before any other looks (workers wait on the same lock: open_for_work).
+    with storage_lock(storage, f"kmnist-tune/create/{spec.name}"):
+        try:
+            return _create_or_reopen(spec, storage, resume=resume, seed=seed)
+        except optuna.exceptions.DuplicatedStudyError:  # no shared lock (the gRPC proxy): it won the race
+            return _create_or_reopen(spec, storage, resume=resume, seed=seed)
+
+
+def _create_or_reopen(
+    spec: SweepSpec, storage: optuna.storages.BaseStorage, *, resume: bool, seed: int | None
+) -> tuple[optuna.Study, bool]:
     if spec.name in study_names(storage):
         if not resume:
             raise UserError(
@@ -107,7 +153,12 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, *, seed: int | N
 def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = None) -> tuple[Any, optuna.Study, SweepSpec]:
     """The worker's storage (heartbeats, stale-trial retries, retried calls) and the study with its spec."""
     probe = open_storage(url)
-    spec = stored_spec(name, probe.get_study_user_attrs(require_study(probe, name)))
+    study_id = require_study(probe, name)
+    if SPEC_ATTR not in probe.get_study_user_attrs(study_id):
+        # Created this instant by another process, which holds the lock until the spec is written.
+        with storage_lock(probe, f"kmnist-tune/create/{name}"):
+            pass
+    spec = stored_spec(name, probe.get_study_user_attrs(study_id))
     # The heartbeat settings live in the spec, so the spec is read before the worker's storage opens;
     # the probe's pooled connection would be a third one held by this worker.
     engine = getattr(unwrap(probe), "engine", None)
@@ -284,7 +335,8 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyListing]:
     for s in storage.get_all_studies():
         counts = count_states(storage, s._study_id)
         best = None
-        with contextlib.suppress(ValueError):  # no completed trial yet
-            best = storage.get_best_trial(s._study_id).value
+        if len(s.directions) == 1:  # another tool's multi-objective study has no single best
+            with contextlib.suppress(ValueError):  # no completed trial yet
+                best = storage.get_best_trial(s._study_id).value
         out.append(StudyListing(s.study_name, counts.finished, counts.total, best))
     return out

@@ -19,22 +19,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..contract.events import Listener, TrialEnd
 from ..contract.records import TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, WorkerStopped
 from .lock import storage_lock
-from .storage import StateCounts, count_states
+from .retry import is_transient
+from .storage import StateCounts, count_states, first_line, running_without_heartbeat
 from .studies import best_or_none
 
 MAX_FAILURES_IN_A_ROW = 3
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
 
-class TrialsKeepFailing(UserError):
+class TrialsKeepFailing(WorkerStopped):
+    pass
+
+
+class StudyGone(WorkerStopped):
+    pass
+
+
+class StorageLost(WorkerStopped):
     pass
 
 
@@ -46,6 +56,7 @@ class StopFlag:
 
     requested: bool = False
     reason: str = ""
+    signum: int = 0
     log: Callable[[str], None] | None = None
 
     def install(self) -> None:
@@ -56,7 +67,7 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self.requested:
             os._exit(128 + signum)
-        self.requested, self.reason = True, name
+        self.requested, self.reason, self.signum = True, name, signum
         if self.log is not None:
             self.log(f"{name}: stopping after the current batch (again to stop at once)")
 
@@ -111,6 +122,7 @@ class Worker:
         hb = getattr(storage, "get_heartbeat_interval", None)
         self.heartbeat_interval: int | None = hb() if hb is not None else None
         self.study_id = storage.get_study_id_from_name(study.study_name)
+        self._silent_since: dict[int, float] = {}  # RUNNING trials seen without a heartbeat, since when
 
     # -- claiming -----------------------------------------------------------
     def counts(self) -> StateCounts:
@@ -127,12 +139,27 @@ class Worker:
             return self.study.ask()
 
     # -- one trial ----------------------------------------------------------
-    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
-        # Optuna's Trial has no public id; its storage record says whether this is a retry.
+    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str] | None:
+        """Run and tell one trial; None when its result was discarded (it was failed as stale while
+        this worker could not reach the storage, and another worker retries it)."""
+        try:
+            return self._run_trial(trial)
+        except UpdateFinishedTrialError:
+            self.events.line(
+                f"trial {trial.number} was failed as stale while this worker was unreachable; its result is discarded"
+            )
+            return None
+
+    def _run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
+        # Optuna's Trial has no public id; its storage record says whether this is a retry. A retry
+        # starts with its original's attributes: the marks of how that one ended are cleared.
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.storage.get_trial(trial._trial_id))
-        TrialRecord.write(trial, worker=self.identity, **({"retry_of": original} if original is not None else {}))
+        fresh = TrialRecord.fresh() if original is not None else {}
+        TrialRecord.write(trial, worker=self.identity, **fresh, **({"retry_of": original} if original is not None else {}))
         error = ""
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
+            # As Optuna's own optimize loop does: whatever the objective raises fails this trial
+            # (with a one-line reason), not the worker. Losing the storage is the worker's problem.
             try:
                 value = self.objective(trial)
                 state = TrialState.COMPLETE
@@ -141,15 +168,18 @@ class Worker:
             except Interrupted:
                 state, value, error = TrialState.FAIL, None, f"interrupted by {self.stop.reason}"
                 TrialRecord.write(trial, interrupted=self.stop.reason)
-            except (RuntimeError, ValueError) as e:
+            except UpdateFinishedTrialError:
+                raise
+            except Exception as e:
+                if is_transient(e):
+                    raise StorageLost(f"the storage stayed unreachable ({first_line(e)[:160]}); this worker stops") from None
                 state, value = TrialState.FAIL, None
                 error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 TrialRecord.write(trial, error=error)
+        if self.storage.get_trial(trial._trial_id).state.is_finished():
+            raise UpdateFinishedTrialError(f"trial {trial.number} is finished already")
         try:
-            if state == TrialState.COMPLETE:
-                self.study.tell(trial, value, state=state)
-            else:
-                self.study.tell(trial, state=state)
+            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
         except RuntimeError as e:
             # GridSampler calls study.stop() once the grid is used up, which Optuna allows only
             # inside study.optimize; the result is stored before that (tell's finally), so just stop.
@@ -177,10 +207,47 @@ class Worker:
         )
         return frozen, error
 
+    # -- trials nobody works on ---------------------------------------------
+    def fail_stale(self) -> None:
+        """Fail the trials of workers that died, and queue each again with the same parameters.
+
+        Optuna's `fail_stale_trials` handles trials whose heartbeat stopped. A RUNNING trial that
+        never beat at all (made by `optuna ask`, a plain Optuna script, or a worker that died before
+        its first beat) it leaves alone; this worker fails one once it has watched it for a grace
+        period without a beat (its own clock: hosts' clocks need not agree)."""
+        optuna.storages.fail_stale_trials(self.study)
+        if not self.heartbeat_interval:
+            return
+        now = time.monotonic()
+        silent = set(running_without_heartbeat(self.storage, self.study_id))
+        self._silent_since = {tid: self._silent_since.get(tid, now) for tid in silent}
+        for tid, since in list(self._silent_since.items()):
+            if now - since < self.spec.workers.grace_period:
+                continue
+            try:
+                failed = self.storage.set_trial_state_values(tid, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:  # it ended (or another worker failed it) meanwhile
+                failed = False
+            if failed:
+                frozen = self.storage.get_trial(tid)
+                grace = self.spec.workers.grace_period
+                self.events.line(f"trial {frozen.number} ran {grace} s without a heartbeat; failed and queued again")
+                self.retry(self.study, frozen)
+            del self._silent_since[tid]
+
     # -- the loop -----------------------------------------------------------
     def run(self, *, max_trials: int | None = None, timeout: float | None = None) -> int:
         """Work until the budget is used, `max_trials` ran here, `timeout` passed or a signal came;
-        returns how many trials this process ran."""
+        returns how many trials this process ran (results it had to discard do not count)."""
+        try:
+            return self._loop(max_trials, timeout)
+        except KeyError as e:
+            # Optuna's storages raise KeyError for a study id that no longer exists.
+            if self.study.study_name not in {s.study_name for s in self.storage.get_all_studies()}:
+                raise StudyGone(f"study {self.study.study_name!r} was deleted while this worker ran; it stops") from None
+            raise e
+
+    def _loop(self, max_trials: int | None, timeout: float | None) -> int:
         timeout = timeout if timeout is not None else self.spec.budget.timeout
         start = time.monotonic()
         ran = failures = 0
@@ -191,11 +258,9 @@ class Worker:
                 break
             if timeout is not None and time.monotonic() - start >= timeout:
                 break
-            # Fail the trials of workers that died (no heartbeat for the grace period); the retry
-            # callback queues each again with the same parameters. Once per heartbeat interval is
-            # enough: a trial only goes stale after several missed beats.
+            # Once per heartbeat interval is enough: a trial only goes stale after several missed beats.
             if time.monotonic() - last_stale_check >= (self.heartbeat_interval or 0):
-                optuna.storages.fail_stale_trials(self.study)
+                self.fail_stale()
                 last_stale_check = time.monotonic()
             trial = self.claim()
             if trial is None:
@@ -209,7 +274,10 @@ class Worker:
                 last_stale_check = float("-inf")  # idle: look for dead workers' trials every poll
                 continue
             waiting_said = False
-            frozen, error = self.run_trial(trial)
+            outcome = self.run_trial(trial)
+            if outcome is None:
+                continue
+            frozen, error = outcome
             ran += 1
             if frozen.state == TrialState.FAIL and not error.startswith("interrupted"):
                 failures += 1
