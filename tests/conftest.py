@@ -51,6 +51,13 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
+def created_study(tmp_path: Path, name: str) -> str:
+    """A study made by `kmnist-tune study create` in tmp_path/ok.db (no trial yet); its storage URL."""
+    url = f"sqlite:///{tmp_path / 'ok.db'}"
+    run_cli("study", "create", str(write_spec(tmp_path / f"{name}.yaml", tiny_spec(name))), "--storage", url)
+    return url
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     # The CLI decides which warnings to show (PYTHONWARNINGS would override it): see deprecation_free.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMNIST_TUNE_") and k != "PYTHONWARNINGS"}

@@ -7,13 +7,11 @@ import shutil
 from pathlib import Path
 
 import optuna
-from conftest import FIXTURE, cli_env, error_line, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, cli_env, created_study, error_line, run_cli, tiny_spec, write_spec
 
 
 def make_study(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'ok.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("exists"))), "--storage", url)
-    return url
+    return created_study(tmp_path, "exists")
 
 
 def test_unknown_study_names_the_ones_that_exist(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_env, created_study, error_line, run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
 
 from kmnist_tune.contract.records import TrialRecord
@@ -136,9 +136,7 @@ def test_read_only_commands_leave_an_empty_file_and_a_foreign_database_alone(tmp
 
 
 def made_study(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'ok.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("ok"))), "--storage", url)
-    return url
+    return created_study(tmp_path, "ok")
 
 
 def test_storages_that_cannot_be_written(tmp_path: Path) -> None:
