@@ -134,7 +134,7 @@ def test_help_as_a_user_expects_it() -> None:
     assert "_KMNIST_TUNE_COMPLETE" in script and "complete " in script
     # What that script asks the program when the user presses Tab after `kmnist-tune study s`:
     words = cli_env(COMP_WORDS="kmnist-tune study s", COMP_CWORD="2", _KMNIST_TUNE_COMPLETE="complete_bash")
-    assert run_cli(env=words).stdout.split() == ["show"]
+    assert run_cli(env=words).stdout.split() == ["show", "stop"]
 
 
 def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_spec
 from sqlalchemy.engine import make_url
 
-from kmnist_tune.contract.records import SPEC_ATTR
+from kmnist_tune.contract.records import SPEC_ATTR, Budget
 from kmnist_tune.contract.spec import parse_spec, spec_to_dict
 from kmnist_tune.errors import UserError
 from kmnist_tune.masking import MaskSecrets, mask
@@ -324,8 +324,16 @@ def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage) -
     assert resumed._study_id == study._study_id
     assert len(storage.get_all_studies()) == 1
 
-    # a different spec under the same name
-    changed = parse_spec(rich_spec(budget={"n_trials": 3}))
+    # the budget is study state, not the spec's identity: a larger one grows the study, a smaller
+    # one (an old spec file run again) never shrinks it
+    grown, created = create_study(parse_spec(rich_spec(budget={"n_trials": 5})), storage, resume=True)
+    assert not created and Budget.read(grown.user_attrs).n_trials == 5
+    create_study(parse_spec(rich_spec(budget={"n_trials": 3})), storage, resume=True)
+    assert Budget.read(grown.user_attrs).n_trials == 5
+
+    # a different search space under the same name
+    changed = parse_spec(rich_spec())
+    changed.parameters["lr"].max = 0.5
     with pytest.raises(UserError) as info:
         create_study(changed, storage, resume=True)
     msg = one_line(info)

@@ -92,3 +92,59 @@ def study_delete(
         typer.confirm(f"delete study {name!r} and all its trials from {describe(st)}?", abort=True)
     delete_study(st, name)
     out(f"deleted study {name}")
+
+
+@study_app.command("extend")
+def study_extend(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", metavar="N", help="the new total of trials", min=1)] = None,
+    timeout: Annotated[float | None, typer.Option(help="the new per-worker timeout, seconds", min=1)] = None,
+) -> None:
+    """Set a study's budget: the new total of trials (and/or the timeout). Running workers take it up
+    before their next claim; `run SPEC` or `worker` work the new trials."""
+    from ..observe.notes import refresh_study_note
+    from ..service.studies import open_existing, set_budget
+
+    name = study_name(study_arg, study)
+    if n_trials is None and timeout is None:
+        raise UserError("give the new total with --n-trials N (and/or --timeout S)")
+    st, spec = open_existing(storage_url(storage), name)
+    budget = set_budget(st, spec, n_trials, timeout)
+    refresh_study_note(st)
+    out(f"study {name}: budget {budget.describe()}")
+
+
+@study_app.command("stop")
+def study_stop(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    now: Annotated[
+        bool, typer.Option("--now", help="also hand running trials back (failed as interrupted, queued again)")
+    ] = False,
+) -> None:
+    """Stop a study: workers on every host claim no more trials and exit; running trials finish (or,
+    with --now, are handed back at their next heartbeat). `study resume` undoes it."""
+    from ..observe.notes import refresh_study_note
+    from ..service.studies import open_existing, stop_study
+
+    name = study_name(study_arg, study)
+    st, _ = open_existing(storage_url(storage), name)
+    stopped = stop_study(st, now=now)
+    refresh_study_note(st)
+    out(f"study {name} {stopped.describe()}; workers claim no more trials" + ("; running ones are handed back" if now else ""))
+
+
+@study_app.command("resume")
+def study_resume(study_arg: StudyArg = None, study: StudyOpt = None, storage: StorageOpt = None) -> None:
+    """Let workers claim a stopped study's trials again (start workers, or `run SPEC`, to work them)."""
+    from ..observe.notes import refresh_study_note
+    from ..service.studies import open_existing, resume_study
+
+    name = study_name(study_arg, study)
+    st, _ = open_existing(storage_url(storage), name)
+    lifted = resume_study(st)
+    refresh_study_note(st)
+    out(f"study {name} resumed" + (f" (it was {lifted.describe()})" if lifted else " (it was not stopped)"))

@@ -34,8 +34,12 @@ def run(
     storage: StorageOpt = None,
     gpus: GpusOpt = "auto",
     per_gpu: PerGpuOpt = 1,
-    n_trials: Annotated[int | None, typer.Option(help="override the spec's budget.n_trials", min=1)] = None,
-    timeout: Annotated[float | None, typer.Option(help="override the spec's budget.timeout (seconds)", min=1)] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(help="the study's budget: at least this many trials (an existing study's only grows)", min=1)
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="per-worker timeout in seconds (an existing study's only grows)", min=1)
+    ] = None,
     data_dir: DataDirOpt = None,
     mirror: MirrorOpt = None,
     as_json: JsonOpt = False,
@@ -66,6 +70,9 @@ def worker(
     mirror: MirrorOpt = None,
     gpus: GpusOpt = "auto",
     per_gpu: PerGpuOpt = 1,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", metavar="N", help="raise the study's budget to N trials first", min=1)
+    ] = None,
     max_trials: Annotated[int | None, typer.Option(help="stop after this many trials in each process", min=1)] = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds (default: the spec's)", min=1)] = None,
     in_process: Annotated[bool, typer.Option("--in-process", hidden=True, help="be one slot (used by the supervisor)")] = False,
@@ -82,7 +89,14 @@ def worker(
     name, url = study_name(study_arg, study), storage_url(storage)
     slots = [] if in_process else plan_slots(gpus, per_gpu)
     result = attach_worker(
-        url, name, slots, DataOptions(data_dir, mirror), in_process=in_process, max_trials=max_trials, timeout=timeout
+        url,
+        name,
+        slots,
+        DataOptions(data_dir, mirror),
+        in_process=in_process,
+        n_trials=n_trials,
+        max_trials=max_trials,
+        timeout=timeout,
     )
     if result is None:  # supervised slots: each reported itself
         return

@@ -22,6 +22,8 @@ SPEC_ATTR = "kmnist_tune.spec"
 CREATED_ATTR = "kmnist_tune.created"
 PRIOR_ATTR = "kmnist_tune.lr_prior"
 TEST_ATTR = "kmnist_tune.test_evaluation"
+BUDGET_ATTR = "kmnist_tune.budget"
+STOP_ATTR = "kmnist_tune.stopped"
 
 
 @dataclass
@@ -95,6 +97,54 @@ class StudyRecord:
         are left out, missing ones (an older version's) are None."""
         data = study_attrs.get(cls.ATTR)
         return cls(**{k: data.get(k) for k in _names(cls)}) if data else None
+
+
+@dataclass
+class Budget(StudyRecord):
+    """The study's trial budget and per-process timeout: study state (extend it any time), not part
+    of the spec's identity. Studies made before it existed use their spec's `budget:` block."""
+
+    ATTR: ClassVar[str] = BUDGET_ATTR
+    n_trials: int | None
+    timeout: float | None
+    at: str = ""
+    by: str = ""
+
+    @classmethod
+    def of(cls, study_attrs: dict[str, Any], spec: SweepSpec) -> Budget:
+        stored = cls.read(study_attrs)
+        return stored if stored is not None else cls(spec.budget.n_trials, spec.budget.timeout)
+
+    def describe(self) -> str:
+        parts = [f"{self.n_trials} trials" if self.n_trials is not None else "no trial limit"]
+        if self.timeout is not None:
+            parts.append(f"{self.timeout:g} s per worker")
+        return ", ".join(parts)
+
+
+@dataclass
+class StudyStop(StudyRecord):
+    """`study stop`: workers claim no more trials (with `now`, they hand running ones back too)."""
+
+    ATTR: ClassVar[str] = STOP_ATTR
+    at: str
+    by: str
+    now: bool = False
+
+    def describe(self) -> str:
+        return f"stopped{' (now)' if self.now else ''} at {self.at} by {self.by}"
+
+
+def who_and_when() -> tuple[str, str]:
+    """(UTC time, user@host) for records of who changed a study."""
+    import datetime as dt
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in a container without a passwd entry
+        user = str(os.getuid())
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), f"{user}@{socket.gethostname()}"
 
 
 @dataclass

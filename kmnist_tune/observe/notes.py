@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract.events import Listener, TrialEnd
-from ..contract.records import LRPrior, TrialRecord
+from ..contract.records import Budget, LRPrior, StudyStop, TrialRecord
 
 
 def trial_note(number: int, state: str, value: float | None, metric: str, rec: TrialRecord) -> str:
@@ -61,11 +61,33 @@ def prior_note(prior: LRPrior, study_name: str) -> str:
     )
 
 
+def study_note(study_name: str, attrs: dict[str, Any]) -> str:
+    """The study's note: its state (budget, stopped?) and, when there is one, the LR-finder evidence."""
+    budget = Budget.read(attrs)
+    stopped = StudyStop.read(attrs)
+    lines = [f"## Study {study_name}"]
+    if budget is not None:
+        lines.append(f"- budget: {budget.describe()}" + (f" (set at {budget.at} by {budget.by})" if budget.by else ""))
+    lines.append(
+        f"- **{stopped.describe()}**; `kmnist-tune study resume {study_name}` lets workers claim again"
+        if stopped
+        else "- running: workers may claim trials"
+    )
+    prior = LRPrior.read(attrs)
+    return "\n".join(lines) + ("\n\n" + prior_note(prior, study_name) if prior else "")
+
+
+def refresh_study_note(study: Any) -> None:
+    """Write the study's note for optuna-dashboard again (after the prior, a budget change, a stop)."""
+    from optuna_dashboard import save_note
+
+    save_note(study, study_note(study.study_name, study.user_attrs))
+
+
 def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], None]) -> None:
     """The LR-finder curve (a PNG artifact) and a note with its suggestions, on the study. Evidence,
     not results: the sweep goes on without it when it cannot be written."""
     from optuna.artifacts import upload_artifact
-    from optuna_dashboard import save_note
 
     from ..service.artifacts import artifact_store
     from .plots import plot_prior
@@ -80,6 +102,6 @@ def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], 
                 storage=storage,
                 mimetype="image/png",
             )
-        save_note(study, prior_note(prior, study.study_name))
+        refresh_study_note(study)
     except Exception as e:
         say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {' '.join(str(e).split())[:120]})")

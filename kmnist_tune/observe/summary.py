@@ -39,8 +39,15 @@ def summary_lines(s: StudySummary) -> list[str]:
 def show_lines(s: StudySummary) -> list[str]:
     """`study show`: the summary, then who runs what and which trials are retries."""
     lines = [f"study {s.study} in {s.storage}", *summary_lines(s)]
-    if s.budget:
-        lines.append("budget: " + ", ".join(f"{k} {v}" for k, v in s.budget.items()))
+    budget = s.budget
+    if budget:
+        lines.append(
+            f"budget: {budget.get('n_trials', 'no limit of')} trials"
+            + (f", {budget['timeout']:g} s per worker" if budget.get("timeout") else "")
+            + (f" (set at {budget['at']} by {budget['by']})" if budget.get("by") else "")
+        )
+    if s.stopped is not None:
+        lines.append(f"{s.stopped.describe()}: workers claim no more trials (`kmnist-tune study resume {s.study}`)")
     if s.workers:
         lines.append("workers (host gpu: running trials; finished, failed):")
         for w in s.workers:

@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from ..contract.events import Events
-from ..contract.records import WorkerInfo
+from ..contract.records import Budget, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..masking import mask
 from ..observe.notes import NoteListener
@@ -20,7 +20,7 @@ from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
 from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
 from ..service.storage import open_storage
-from ..service.studies import StudySummary, create_study, open_for_work, summarize
+from ..service.studies import StudySummary, create_study, open_existing, open_for_work, raise_budget, summarize
 from ..service.worker import StopFlag, Worker
 from ..training.data import resolve_data_dir
 from ..training.devices import slot_device
@@ -70,7 +70,7 @@ def work_here(
 
     storage, study, spec = open_for_work(url, study_name, log=log)
     splits = splits if splits is not None else load_data(spec, data)
-    with make_reporter(spec.budget.n_trials, label=label) as reporter:
+    with make_reporter(Budget.of(study.user_attrs, spec).n_trials, label=label) as reporter:
         events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
         stop = StopFlag(log=reporter.line)
         stop.install()
@@ -93,7 +93,7 @@ def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr, flush=True)
     if in_this_process(slots):
         result = work_here(url, spec.name, data, device=torch.device("cpu"), splits=splits)
-        if result.stopped.requested:
+        if result.stopped.signum:  # a signal, not `study stop` (which ends a run as planned)
             raise Stopped(result.stopped.reason, 128 + result.stopped.signum)
     else:
         run_slots(url, slots, worker_args(spec.name, data_dir=data.data_dir, mirror=data.mirror), _board(slots))
@@ -107,11 +107,15 @@ def attach_worker(
     data: DataOptions,
     *,
     in_process: bool,
+    n_trials: int | None = None,
     max_trials: int | None = None,
     timeout: float | None = None,
 ) -> WorkResult | None:
     """`kmnist-tune worker`: work a study created elsewhere, here (one CPU slot, or one slot of a
-    supervisor) or with one pinned process per GPU slot (then None: each slot reports itself)."""
+    supervisor) or with one pinned process per GPU slot (then None: each slot reports itself).
+    `n_trials` raises the study's budget first (it never lowers it)."""
+    if n_trials is not None:
+        raise_budget(*open_existing(url, study_name), n_trials, None)
     if in_process or in_this_process(slots):
         label = WorkerInfo.here().label
         return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout)

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
-from ..contract.records import CREATED_ATTR, SPEC_ATTR, LRPrior, TestEvaluation, TrialRecord
+from ..contract.records import CREATED_ATTR, SPEC_ATTR, Budget, LRPrior, StudyStop, TestEvaluation, TrialRecord, who_and_when
 from ..contract.space import grid_space
 from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
 from ..errors import UserError
@@ -122,12 +122,14 @@ def _create_or_reopen(
                 f"study {spec.name!r} already exists; use `kmnist-tune run` to resume it, or give the spec another name"
             )
         old = stored_spec(spec.name, storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name)))
-        if spec_to_dict(old) != spec_to_dict(spec):
+        if spec_identity(old) != spec_identity(spec):
             raise UserError(
                 f"study {spec.name!r} already exists with a different spec; rename the study in your spec, "
                 f"or delete the old one (`kmnist-tune study delete {spec.name}`)"
             )
-        return open_study(storage, spec.name, seed=seed)[0], False
+        study = open_study(storage, spec.name, seed=seed)[0]
+        raise_budget(study, spec, spec.budget.n_trials, spec.budget.timeout)  # a budget only ever grows here
+        return study, False
     make_pruner(spec)  # fail on bad options before anything is written
     study = optuna.create_study(
         storage=storage,
@@ -140,7 +142,54 @@ def _create_or_reopen(
     # line lands is told it has no spec and retries (workers poll), never trains blind.
     study.set_user_attr(SPEC_ATTR, spec_to_dict(spec))
     study.set_user_attr(CREATED_ATTR, {"version": __version__, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    Budget(spec.budget.n_trials, spec.budget.timeout, *who_and_when()).store(study)
     return study, True
+
+
+def spec_identity(spec: SweepSpec) -> dict[str, Any]:
+    """What makes two specs the same study: everything but the budget, which is study state."""
+    return {k: v for k, v in spec_to_dict(spec).items() if k != "budget"}
+
+
+def raise_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeout: float | None) -> Budget:
+    """The study's budget, grown to `n_trials` / `timeout` where they are larger (`run --n-trials`,
+    `worker --n-trials`): running the same spec file again never shrinks an extended study."""
+    current = Budget.of(study.user_attrs, spec)
+    grown_n = current.n_trials if n_trials is None or (current.n_trials or 0) >= n_trials else n_trials
+    grown_t = current.timeout if timeout is None or (current.timeout or 0) >= timeout else timeout
+    if (grown_n, grown_t) == (current.n_trials, current.timeout):
+        return current
+    budget = Budget(grown_n, grown_t, *who_and_when())
+    budget.store(study)
+    return budget
+
+
+def set_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeout: float | None) -> Budget:
+    """`study extend`: the new total (and/or timeout). Every worker reads it before its next claim."""
+    current = Budget.of(study.user_attrs, spec)
+    if n_trials is not None:
+        done = count_states(study._storage, study._study_id).finished
+        if n_trials < done:
+            raise UserError(f"study {study.study_name!r} has {done} finished trials already; give --n-trials of at least {done}")
+    budget = Budget(
+        current.n_trials if n_trials is None else n_trials, current.timeout if timeout is None else timeout, *who_and_when()
+    )
+    budget.store(study)
+    return budget
+
+
+def stop_study(study: optuna.Study, *, now: bool) -> StudyStop:
+    """Workers on every host stop claiming; with `now`, they hand their running trials back as well."""
+    stop = StudyStop(*who_and_when(), now=now)
+    stop.store(study)
+    return stop
+
+
+def resume_study(study: optuna.Study) -> StudyStop | None:
+    """Workers may claim again; returns the stop that was lifted, if there was one."""
+    stop = StudyStop.read(study.user_attrs)
+    study.set_user_attr(StudyStop.ATTR, {})
+    return stop
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, *, seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
@@ -200,6 +249,11 @@ def require_best(study: optuna.Study) -> FrozenTrial:
     return best
 
 
+def open_existing(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
+    """Open a study to change it (its budget, its stop)."""
+    return open_study(open_storage(url), name)
+
+
 def read_study(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
     """Open a study to read it: nothing is created or written, not even Optuna's tables."""
     return open_study(open_storage(url), name)
@@ -254,6 +308,7 @@ class StudySummary:
     budget: dict[str, Any]
     best: BestTrial | None
     test_evaluation: TestEvaluation | None
+    stopped: StudyStop | None = None
     workers: list[WorkerRow] | None = None  # None: not asked for (summarize(with_trials=False))
     retried: list[dict[str, Any]] | None = None
 
@@ -281,6 +336,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
     """One pass over the study: the summary every command prints. with_trials=False skips the
     per-worker table (which loads every trial)."""
     storage = study._storage
+    attrs = study.user_attrs
     best = best_or_none(study)
     summary = StudySummary(
         study=study.study_name,
@@ -288,9 +344,10 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         metric=spec.metric,
         direction=spec.direction,
         states=count_states(storage, study._study_id),
-        budget=spec.budget.model_dump(exclude_none=True),
+        budget={k: v for k, v in asdict(Budget.of(attrs, spec)).items() if v not in (None, "")},
         best=None if best is None else BestTrial(best.number, best.value, best.params, TrialRecord.of(best).config),
-        test_evaluation=TestEvaluation.read(study.user_attrs),
+        test_evaluation=TestEvaluation.read(attrs),
+        stopped=StudyStop.read(attrs),
     )
     if with_trials:
         summary.workers, summary.retried = _by_worker(study.get_trials(deepcopy=False))

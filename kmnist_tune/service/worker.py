@@ -24,7 +24,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..contract.events import Listener, TrialEnd
-from ..contract.records import TrialRecord, WorkerInfo
+from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped
 from .lock import storage_lock
@@ -63,6 +63,13 @@ class StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
+    def request(self, reason: str) -> None:
+        """Stop as the first signal would (from `study stop --now`, seen by the heartbeat thread)."""
+        if not self.requested:
+            self.requested, self.reason = True, reason
+            if self.log is not None:
+                self.log(f"{reason}: stopping after the current batch; the trial is handed back")
+
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested:
@@ -73,10 +80,11 @@ class StopFlag:
 
 
 class _Heartbeat:
-    """Records the trial's heartbeat every interval (Optuna's storage API) while it trains."""
+    """Records the trial's heartbeat every interval (Optuna's storage API) while it trains, and calls
+    `on_beat` after each beat (the worker looks whether its study was stopped with --now)."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: int | None):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+    def __init__(self, storage: Any, trial_id: int, interval: int | None, on_beat: Callable[[], None] | None = None):
+        self.storage, self.trial_id, self.interval, self.on_beat = storage, trial_id, interval, on_beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,6 +100,8 @@ class _Heartbeat:
             # A missed beat is retried next interval; the grace period covers a few.
             with contextlib.suppress(Exception):
                 self.storage.record_heartbeat(self.trial_id)
+                if self.on_beat is not None:
+                    self.on_beat()
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -128,15 +138,29 @@ class Worker:
     def counts(self) -> StateCounts:
         return count_states(self.storage, self.study_id)
 
-    def claim(self) -> optuna.Trial | None:
-        """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial."""
-        n_budget = self.spec.budget.n_trials
+    def study_state(self) -> tuple[Budget, StudyStop | None]:
+        """The study's budget and stop, as they are now: `study extend` and `study stop` change them
+        while workers run, and every worker reads them before each claim."""
+        attrs = self.storage.get_study_user_attrs(self.study_id)
+        return Budget.of(attrs, self.spec), StudyStop.read(attrs)
+
+    def claim(self) -> optuna.Trial | StudyStop | None:
+        """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial; the
+        stop if the study was stopped; None if the budget is claimed."""
         with storage_lock(self.storage, f"kmnist-tune/budget/{self.study.study_name}"):
-            if n_budget is not None:
+            budget, stopped = self.study_state()
+            if stopped is not None:
+                return stopped
+            if budget.n_trials is not None:
                 c = self.counts()
-                if c.finished + c.running >= n_budget:
+                if c.finished + c.running >= budget.n_trials:
                     return None
             return self.study.ask()
+
+    def _look_for_stop_now(self) -> None:
+        stopped = self.study_state()[1]
+        if stopped is not None and stopped.now:
+            self.stop.request("study stop --now")
 
     # -- one trial ----------------------------------------------------------
     def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str] | None:
@@ -157,7 +181,7 @@ class Worker:
         fresh = TrialRecord.fresh() if original is not None else {}
         TrialRecord.write(trial, worker=self.identity, **fresh, **({"retry_of": original} if original is not None else {}))
         error = ""
-        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval):
+        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval, self._look_for_stop_now):
             # As Optuna's own optimize loop does: whatever the objective raises fails this trial
             # (with a one-line reason), not the worker. Losing the storage is the worker's problem.
             try:
@@ -201,7 +225,7 @@ class Worker:
                 error=error,
                 best=None if (best := best_or_none(self.study)) is None else best.value,
                 finished=self.counts().finished,
-                budget=self.spec.budget.n_trials,
+                budget=self.study_state()[0].n_trials,
                 trial=trial,
             )
         )
@@ -248,7 +272,7 @@ class Worker:
             raise e
 
     def _loop(self, max_trials: int | None, timeout: float | None) -> int:
-        timeout = timeout if timeout is not None else self.spec.budget.timeout
+        timeout = timeout if timeout is not None else self.study_state()[0].timeout
         start = time.monotonic()
         ran = failures = 0
         waiting_said = False
@@ -263,6 +287,9 @@ class Worker:
                 self.fail_stale()
                 last_stale_check = time.monotonic()
             trial = self.claim()
+            if isinstance(trial, StudyStop):
+                self.events.line(f"study {self.study.study_name} was {trial.describe()}; this worker claims no more trials")
+                break
             if trial is None:
                 running = self.counts().running
                 if running == 0 or not self.heartbeat_interval:
