@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -13,6 +14,8 @@ from ..errors import UserError
 from ..masking import has_password, mask
 from .apps import study_app
 from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, storage_url, study_name
+
+T = TypeVar("T")
 
 
 @study_app.command("create")
@@ -94,6 +97,18 @@ def study_delete(
     out(f"deleted study {name}")
 
 
+def _change(study_arg: str | None, study: str | None, storage: str | None, change: Callable[[Any, Any], T]) -> tuple[str, T]:
+    """Open the named study, apply `change(study, spec)`, and write its dashboard note again."""
+    from ..observe.notes import refresh_study_note
+    from ..service.studies import open_existing
+
+    name = study_name(study_arg, study)
+    st, spec = open_existing(storage_url(storage), name)
+    result = change(st, spec)
+    refresh_study_note(st)
+    return name, result
+
+
 @study_app.command("extend")
 def study_extend(
     study_arg: StudyArg = None,
@@ -104,15 +119,11 @@ def study_extend(
 ) -> None:
     """Set a study's budget: the new total of trials (and/or the timeout). Running workers take it up
     before their next claim; `run SPEC` or `worker` work the new trials."""
-    from ..observe.notes import refresh_study_note
-    from ..service.studies import open_existing, set_budget
+    from ..service.studies import set_budget
 
-    name = study_name(study_arg, study)
     if n_trials is None and timeout is None:
         raise UserError("give the new total with --n-trials N (and/or --timeout S)")
-    st, spec = open_existing(storage_url(storage), name)
-    budget = set_budget(st, spec, n_trials, timeout)
-    refresh_study_note(st)
+    name, budget = _change(study_arg, study, storage, lambda st, spec: set_budget(st, spec, n_trials, timeout))
     out(f"study {name}: budget {budget.describe()}")
 
 
@@ -127,24 +138,16 @@ def study_stop(
 ) -> None:
     """Stop a study: workers on every host claim no more trials and exit; running trials finish (or,
     with --now, are handed back at their next heartbeat). `study resume` undoes it."""
-    from ..observe.notes import refresh_study_note
-    from ..service.studies import open_existing, stop_study
+    from ..service.studies import stop_study
 
-    name = study_name(study_arg, study)
-    st, _ = open_existing(storage_url(storage), name)
-    stopped = stop_study(st, now=now)
-    refresh_study_note(st)
+    name, stopped = _change(study_arg, study, storage, lambda st, _: stop_study(st, now=now))
     out(f"study {name} {stopped.describe()}; workers claim no more trials" + ("; running ones are handed back" if now else ""))
 
 
 @study_app.command("resume")
 def study_resume(study_arg: StudyArg = None, study: StudyOpt = None, storage: StorageOpt = None) -> None:
     """Let workers claim a stopped study's trials again (start workers, or `run SPEC`, to work them)."""
-    from ..observe.notes import refresh_study_note
-    from ..service.studies import open_existing, resume_study
+    from ..service.studies import resume_study
 
-    name = study_name(study_arg, study)
-    st, _ = open_existing(storage_url(storage), name)
-    lifted = resume_study(st)
-    refresh_study_note(st)
+    name, lifted = _change(study_arg, study, storage, lambda st, _: resume_study(st))
     out(f"study {name} resumed" + (f" (it was {lifted.describe()})" if lifted else " (it was not stopped)"))
