@@ -120,3 +120,45 @@ def test_stop_now_hands_the_running_trial_back(tmp_path: Path) -> None:
     (queued,) = [t for t in trials(url, "halt") if t.state == TrialState.WAITING]
     assert queued.params == handed.params
     assert count(url, "halt", TrialState.RUNNING) == 0
+
+
+def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    old = tiny_spec("old", budget={"n_trials": 3})
+    old["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
+    run_cli("run", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
+    done = sorted((t for t in trials(url, "old") if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
+    new = tiny_spec("new", budget={"n_trials": 4})
+    new["parameters"]["lr"] = {"distribution": "log_uniform_values", "min": 3e-3, "max": 5e-3}  # narrower: clipped
+    new["parameters"]["weight_decay"] = {"values": [0.01, 0.1]}  # 0.0 is not among them: left to the sampler
+    new["parameters"]["stem"] = {"values": ["imagenet", "small"]}  # not in the old study: sampled
+    out = run_cli(
+        "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
+    ).stdout
+    assert out.count("queued trial") == 2
+    for t in done[:2]:
+        assert f"queued trial {t.number} of old ({t.value:.4f})" in out
+        if not 3e-3 <= t.params["lr"] <= 5e-3:
+            assert f"trial {t.number}, lr: {t.params['lr']:g} clipped to" in out
+        if t.params["weight_decay"] == 0.0:
+            assert f"trial {t.number}, weight_decay: 0.0 is not among [0.01, 0.1]; left to the sampler" in out
+    run_cli("worker", "--study", "new", "--max-trials", "2", "--storage", url, "--gpus", "none")
+    first = sorted(trials(url, "new"), key=lambda t: t.number)[:2]
+    for t, source in zip(first, done[:2], strict=True):
+        assert TrialRecord.of(t).enqueued == f"warm start: trial {source.number} of old ({source.value:.4f})"
+        assert t.params["lr"] == pytest.approx(min(max(source.params["lr"], 3e-3), 5e-3))
+        if source.params["weight_decay"] == 0.01:
+            assert t.params["weight_decay"] == 0.01
+
+
+def test_warm_start_refusals_leave_no_study_behind(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    old = tiny_spec("fixed", budget={"n_trials": 1})
+    old["parameters"]["lr"] = {"value": 5e-3}  # searches nothing
+    run_cli("run", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
+    new = write_spec(tmp_path / "new.yaml", tiny_spec("fresh"))
+    line = error_line(run_cli("study", "create", str(new), "--warm-start", "fixed", "--storage", url, check=False))
+    assert "no parameter to carry over" in line
+    line = error_line(run_cli("study", "create", str(new), "--warm-start", "ghost", "--storage", url, check=False))
+    assert "no study named 'ghost'" in line
+    assert optuna.get_all_study_names(url) == ["fixed"]

@@ -20,17 +20,25 @@ T = TypeVar("T")
 
 @study_app.command("create")
 def study_create(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweep spec YAML")], storage: StorageOpt = None
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweep spec YAML")],
+    storage: StorageOpt = None,
+    warm: Annotated[
+        str | None,
+        typer.Option(
+            "--warm-start", metavar="STUDY", help="queue the best configurations of this earlier study (same storage) first"
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", metavar="K", help="with --warm-start: how many of its best", min=1)] = 5,
 ) -> None:
     """Create a study from SPEC without running trials; attach workers with `kmnist-tune worker`."""
     from ..contract.spec import load_spec
-    from ..service.storage import open_storage
-    from ..service.studies import create_study
+    from ..service.studies import create_warm
 
     spec = load_spec(spec_path)
     url = storage_url(storage)
-    create_study(spec, open_storage(url, create=True), resume=False)
+    lines = create_warm(spec, url, warm, top)
     out(f"created study {spec.name} in {url}")
+    out_lines(lines)
     if has_password(url):  # never print it, and keep it out of other users' `ps`: the environment
         out(f"attach workers with: KMNIST_TUNE_STORAGE='{mask(url)}' kmnist-tune worker --study {spec.name}")
         out("  (put the real password where *** stands, or export KMNIST_TUNE_STORAGE from a .env file)")

@@ -58,5 +58,22 @@ def default_within(name: str, p: ParamSpec) -> Any | None:
     return default if p.min is not None and p.max is not None and p.min <= default <= p.max else None
 
 
+def fit_into(name: str, p: ParamSpec, value: Any) -> tuple[Any | None, str]:
+    """`value` (from another study) placed in this block's space: (the value to use or None to leave
+    it to the sampler, what was done to it: "" when it fits as it is)."""
+    kind = p.kind()
+    if kind == "categorical":
+        return (value, "") if value in (p.values or []) else (None, f"{value!r} is not among {p.values}; left to the sampler")
+    if kind == "lr_finder":
+        return value, ""  # the range is the prior's; Optuna samples instead if the value falls outside it
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, f"{value!r} is not a number; left to the sampler"
+    lo, hi = p.min, p.max
+    fitted = min(max(value, lo), hi)  # type: ignore[type-var]
+    if PARAMETERS[name]["kind"] == "int":
+        fitted = int(round(fitted))
+    return fitted, "" if fitted == value else f"{value:g} clipped to {fitted:g} (the range is {lo:g} .. {hi:g})"
+
+
 def grid_space(spec: SweepSpec) -> dict[str, list[Any]]:
     return {name: list(p.values or []) for name, p in spec.searched_params().items()}

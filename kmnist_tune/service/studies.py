@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
 from ..contract.records import CREATED_ATTR, SPEC_ATTR, Budget, LRPrior, StudyStop, TestEvaluation, TrialRecord, who_and_when
-from ..contract.space import grid_space
+from ..contract.space import fit_into, grid_space
 from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
 from ..errors import UserError
 from .lock import storage_lock
@@ -144,6 +144,52 @@ def _create_or_reopen(
     study.set_user_attr(CREATED_ATTR, {"version": __version__, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     Budget(spec.budget.n_trials, spec.budget.timeout, *who_and_when()).store(study)
     return study, True
+
+
+def create_warm(spec: SweepSpec, url: str, old_name: str | None, top: int) -> list[str]:
+    """`study create` [--warm-start OLD --top K]: the configurations to carry over are worked out
+    before anything is written, so a refusal leaves no new study behind."""
+    storage = open_storage(url, create=True)
+    plan: list[tuple[dict[str, Any], str]] = []
+    lines: list[str] = []
+    if old_name is not None:
+        if old_name == spec.name:
+            raise UserError(f"--warm-start {old_name!r} is the study being created; name an earlier one")
+        plan, lines = warm_start_plan(spec, open_study(storage, old_name)[0], top)
+    study, _ = create_study(spec, storage, resume=False)
+    for params, tag in plan:
+        study.enqueue_trial(params, user_attrs={TrialRecord.key("enqueued"): tag}, skip_if_exists=True)
+    return lines
+
+
+def warm_start_plan(spec: SweepSpec, old: optuna.Study, top: int) -> tuple[list[tuple[dict[str, Any], str]], list[str]]:
+    """The `top` best configurations of `old` for this spec's first trials: only the parameters this
+    spec searches, each clipped into its range or left to the sampler. Returns (params and tag per
+    configuration, a line for each configuration and for every value that had to change)."""
+    searched = spec.searched_params()
+    done = old.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise UserError(f"study {old.study_name!r} has no completed trial to warm-start from")
+    best = sorted(done, key=lambda t: t.value, reverse=old.direction == optuna.study.StudyDirection.MAXIMIZE)[:top]
+    if not set(best[0].params) & set(searched):
+        raise UserError(
+            f"study {old.study_name!r} searched {', '.join(sorted(best[0].params)) or 'nothing'}; this spec searches "
+            f"{', '.join(sorted(searched)) or 'nothing'}: no parameter to carry over"
+        )
+    plan, lines = [], []
+    for t in best:
+        params: dict[str, Any] = {}
+        for name, p in searched.items():
+            if name in t.params:
+                value, change = fit_into(name, p, t.params[name])
+                if change:
+                    lines.append(f"  trial {t.number}, {name}: {change}")
+                if value is not None:
+                    params[name] = value
+        plan.append((params, f"warm start: trial {t.number} of {old.study_name} ({t.value:.4f})"))
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        lines.append(f"queued trial {t.number} of {old.study_name} ({t.value:.4f}): {shown}")
+    return plan, lines
 
 
 def spec_identity(spec: SweepSpec) -> dict[str, Any]:
