@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UserError
 from .apps import app
 from .options import (
     DataDirOpt,
@@ -125,16 +126,25 @@ def best(
         int | None,
         typer.Option(help="with --evaluate: train on this many images instead of the whole official train split", min=1),
     ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option("--export", metavar="DIR", help="with --evaluate: write the retrained model to this new folder"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the best trial's parameters and validation score; --evaluate scores it on the test split."""
     from ..observe.summary import summary_lines
 
     name, url = study_name(study_arg, study), storage_url(storage)
+    if export is not None and not evaluate:
+        raise UserError(
+            f"--export needs --evaluate (the model is the one retrained for the test score); or fetch a kept one "
+            f"with `kmnist-tune export --study {name} {export}`"
+        )
     if evaluate:
         from ..recipe.evaluate import evaluate_best
 
-        summary = evaluate_best(url, name, data_dir=data_dir, mirror=mirror, device=device, train_size=train_size)
+        summary = evaluate_best(url, name, data_dir=data_dir, mirror=mirror, device=device, train_size=train_size, export=export)
     else:
         from ..service.studies import read_summary
 
@@ -143,6 +153,54 @@ def best(
         out_json(summary.best_json())
         return
     out_lines(summary_lines(summary))
+    if export is not None:
+        out(f"model: {export} (predict with `kmnist-tune predict {export} IMAGES...`)")
+
+
+@app.command("export")
+def export_model(
+    study_arg: StudyArg = None,
+    folder: Annotated[Path | None, typer.Argument(metavar="DIR", help="a new folder for the model directory")] = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Write the model `best --evaluate` kept on a study (the retrained winner) to a new folder DIR."""
+    from ..recipe.export import fetch_model
+
+    if folder is None and study is not None and study_arg is not None:  # `export --study NAME DIR`
+        folder, study_arg = Path(study_arg), None
+    if folder is None:
+        raise UserError("give the folder to write: kmnist-tune export --study NAME DIR")
+    out(f"model: {fetch_model(storage_url(storage), study_name(study_arg, study), folder)}")
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="a model directory (best --evaluate --export)")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(metavar="INPUTS...", help="pictures (any size), folders of them, .npz/idx files of 28x28 images"),
+    ],
+    top: Annotated[int, typer.Option("--top", metavar="K", help="the K most likely classes of each input", min=1)] = 1,
+    dest: Annotated[Path | None, typer.Option("--out", metavar="FILE", help="write .csv or .json instead of printing")] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", metavar="FILE", help="true labels (.npz/idx) of an array input: print the score")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", metavar="cpu|cuda|auto", help="where to run")] = "cpu",
+) -> None:
+    """Classify Kuzushiji characters with an exported model: index, character and probability."""
+    from ..training.devices import resolve_device
+    from ..training.inference import run_predict, write_predictions
+
+    result = run_predict(model_dir, inputs, device=resolve_device(device), top=top, labels=labels)
+    if dest is not None:
+        write_predictions(result.predictions, dest)
+        out(f"{len(result.predictions)} predictions: {dest}")
+    else:
+        for p in result.predictions:
+            out(p.name + "\t" + "\t".join(f"{i}\t{c}\t{prob:.4f}" for i, c, prob in p.top))
+    if result.value is not None:
+        out(f"{result.metric} on {len(result.predictions)} labelled images: {result.value:.4f}")
 
 
 @app.command("lr-find")

@@ -23,6 +23,7 @@ CREATED_ATTR = "kmnist_tune.created"
 PRIOR_ATTR = "kmnist_tune.lr_prior"
 TEST_ATTR = "kmnist_tune.test_evaluation"
 BUDGET_ATTR = "kmnist_tune.budget"
+MODEL_ATTR = "kmnist_tune.model"
 STOP_ATTR = "kmnist_tune.stopped"
 
 
@@ -145,6 +146,18 @@ def who_and_when() -> tuple[str, str]:
     except Exception:  # no user name in a container without a passwd entry
         user = str(os.getuid())
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class KeptModel(StudyRecord):
+    """The retrained winner kept on the study: its model directory, file by file, in the study's
+    artifact store (`best --evaluate` writes it, `export` fetches it)."""
+
+    ATTR: ClassVar[str] = MODEL_ATTR
+    trial: int
+    at: str
+    artifacts: dict[str, str]  # file name in the model directory -> artifact id
+    sha256: dict[str, str]
 
 
 @dataclass

@@ -1,12 +1,17 @@
-"""The one place the official test split is used: retrain the chosen trial, score it on test."""
+"""The one place the official test split is used: retrain the chosen trial, score it on test (and,
+when asked, take the retrained model home: recipe/export.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
+from fastai.learner import Learner
 
 from ..contract.events import Listener, TrialStart
 from ..contract.records import EpochRecord, TestEvaluation, TrialRecord
@@ -16,8 +21,21 @@ from ..service.storage import open_storage
 from ..service.studies import StudySummary, open_study, require_best, summarize
 from ..training.data import resolve_data_dir
 from ..training.devices import resolve_device
-from ..training.splits import load_splits
+from ..training.splits import Splits, load_splits
 from ..training.train import EpochLog, build_learner, fit
+
+
+@dataclass
+class Retrained:
+    """The best trial's configuration retrained on the whole official train split, and its test score."""
+
+    trial: optuna.trial.FrozenTrial
+    params: dict[str, Any]
+    learn: Learner
+    splits: Splits
+    evaluation: TestEvaluation
+    seconds: float
+    epochs: list[EpochRecord]
 
 
 def evaluate_on_test(
@@ -29,9 +47,9 @@ def evaluate_on_test(
     *,
     mirror: str | None = None,
     train_size: int | None = None,
-) -> TestEvaluation:
+) -> Retrained:
     """Retrain the best trial's configuration on the official train split (all of it, or `train_size`
-    images) and score the official test split; the result is stored on the study."""
+    images) and score the official test split; the score is stored on the study."""
     best = require_best(study)
     rec = TrialRecord.of(best)
     params = dict(rec.config or {**spec.fixed_params(), **best.params})
@@ -57,8 +75,10 @@ def evaluate_on_test(
         return True
 
     log = EpochLog(metric_name, on_epoch, lambda i, n: events.batch(best.number, len(log.result.epochs), i, n))
+    t0 = time.perf_counter()
     result = fit(learn, params, log)
-    out = TestEvaluation(
+    seconds = time.perf_counter() - t0
+    evaluation = TestEvaluation(
         trial=best.number,
         metric=spec.metric,
         test_value=result.final_metric,
@@ -69,16 +89,31 @@ def evaluate_on_test(
         device=str(device),
         at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    out.store(study)
-    return out
+    evaluation.store(study)
+    return Retrained(best, params, learn, splits, evaluation, seconds, result.epochs)
 
 
 def evaluate_best(
-    url: str, name: str, *, data_dir: Path | None, mirror: str | None, device: str, train_size: int | None
+    url: str,
+    name: str,
+    *,
+    data_dir: Path | None,
+    mirror: str | None,
+    device: str,
+    train_size: int | None,
+    export: Path | None = None,
 ) -> StudySummary:
-    """`best --evaluate`: score the study's best trial on the official test split; its summary after."""
+    """`best --evaluate [--export DIR]`: score the study's best trial on the official test split, keep
+    the retrained model on the study (and in DIR); the study's summary after."""
+    from .export import check_destination, keep_model
+
     dev = resolve_device(device)
-    study, spec = open_study(open_storage(url), name)
+    if export is not None:
+        check_destination(export)  # before minutes of training, not after
+    storage = open_storage(url)
+    study, spec = open_study(storage, name)
+    folder = resolve_data_dir(data_dir)
     with make_reporter(label="evaluate") as reporter:
-        evaluate_on_test(study, spec, resolve_data_dir(data_dir), dev, reporter, mirror=mirror, train_size=train_size)
+        retrained = evaluate_on_test(study, spec, folder, dev, reporter, mirror=mirror, train_size=train_size)
+        keep_model(retrained, study, storage, spec, folder, export, say=reporter.line)
     return summarize(study, spec, with_trials=False)

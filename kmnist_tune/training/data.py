@@ -50,6 +50,20 @@ class DataError(UserError):
         super().__init__(" ".join(str(message).split()))
 
 
+# The characters each class index stands for, in the order of CODH's kmnist_classmap.csv and
+# k49_classmap.csv: KMNIST takes one hiragana from each row of the gojuon table; K49 is the 48
+# hiragana in gojuon order (with the archaic ゐ and ゑ) and the iteration mark ゝ.
+CLASS_CHARS = {
+    "kmnist": "おきすつなはまやれを",
+    "k49": "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわゐゑをんゝ",
+}
+
+
+def class_map(dataset: str) -> list[dict[str, int | str]]:
+    """[{index, codepoint ("U+304A"), char}] for every class of the data set."""
+    return [{"index": i, "codepoint": f"U+{ord(c):04X}", "char": c} for i, c in enumerate(CLASS_CHARS[dataset])]
+
+
 @dataclass(frozen=True)
 class DataFile:
     name: str
@@ -596,3 +610,17 @@ def load_split(
 
 # ---------------------------------------------------------------------------------------------
 # Stratified index selection
+
+
+def read_array_file(path: Path, *, images: bool) -> np.ndarray:
+    """Images (N, 28, 28) or labels (N,) from a user's own file: an `.npz` (its `arr_0`), or an idx
+    file, gzipped or not. No checksum: this is for inputs to predict, not the data sets."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix == ".npz":
+        arr = _parse_npz(path, data)
+    else:
+        arr = _parse_idx(path, data if data[:2] == b"\x1f\x8b" else gzip.compress(data), images)
+    return _as_images(path, arr) if images else _as_labels(path, arr, 10**6)

@@ -38,6 +38,10 @@ class TensorSplit:
     def to(self, device: torch.device) -> TensorSplit:
         return TensorSplit(self.x.to(device), self.y.to(device), self.mean, self.std, self.seed)
 
+    def new_empty(self) -> TensorSplit:
+        """No images, same normalisation: what fastai's `Learner.export` keeps of the data."""
+        return TensorSplit(self.x[:0], self.y[:0], self.mean, self.std, self.seed)
+
 
 class TensorBatches(DataLoader):
     """A fastai DataLoader over a TensorSplit; shuffling is seeded and reproducible per epoch.

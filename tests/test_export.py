@@ -1,0 +1,138 @@
+"""The winner taken home: a model directory from `best --evaluate --export`, kept on the study, fetched
+by `export`, loaded by PyTorch alone, and used by `predict` on pictures and arrays of real images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
+from PIL import Image
+
+TEST_IMAGES = FIXTURE / "kmnist-test-imgs.npz"
+TEST_LABELS = FIXTURE / "kmnist-test-labels.npz"
+
+
+@pytest.fixture(scope="module")
+def winner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("export")
+    url = f"sqlite:///{tmp / 'w.db'}"
+    run_cli("run", str(write_spec(tmp / "s.yaml", tiny_spec("home", budget={"n_trials": 1}))), "--storage", url)
+    shown = run_cli("best", "--study", "home", "--evaluate", "--export", str(tmp / "winner"), "--storage", url).stdout
+    stored = json.loads(run_cli("best", "--study", "home", "--json", "--storage", url).stdout)["test_evaluation"]
+    return {"tmp": tmp, "url": url, "dir": tmp / "winner", "shown": shown, "test": stored}
+
+
+def test_the_model_directory_holds_program_fastai_export_classes_and_card(winner: dict[str, Any]) -> None:
+    folder = winner["dir"]
+    assert {p.name for p in folder.iterdir()} == {"model.pt2", "fastai-learner.pkl", "classes.csv", "model.json", "model-card.md"}
+    assert not list(winner["tmp"].glob(".kmnist-tune-export-*"))  # the temporary name is gone
+    card = json.loads((folder / "model.json").read_text())
+    assert card["data"]["dataset"] == "kmnist" and card["data"]["n_test"] == 300 and card["data"]["n_train"] == 1200
+    assert {f["name"] for f in card["data"]["files"]} >= {"kmnist-train-imgs.npz", "kmnist-test-imgs.npz"}
+    assert card["metrics"]["test"]["value"] == winner["test"]["test_value"]
+    assert card["hyperparameters"]["lr"] == winner["test"]["params"]["lr"] and card["batch_size_used"] == 32
+    assert card["source"] == {**card["source"], "study": "home", "trial": winner["test"]["trial"], "storage": "sqlite"}
+    assert {"torch", "fastai", "optuna", "kmnist_tune"} <= set(card["versions"])
+    rows = (folder / "classes.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "index,codepoint,char" and rows[1] == "0,U+304A,お" and rows[10] == "9,U+3092,を"
+    md = (folder / "model-card.md").read_text(encoding="utf-8")
+    assert f"**{winner['test']['test_value']:.4f}** on 300 images of the official test split" in md
+
+
+def test_predict_reproduces_the_stored_test_score(winner: dict[str, Any]) -> None:
+    out = run_cli("predict", str(winner["dir"]), str(TEST_IMAGES), "--labels", str(TEST_LABELS)).stdout
+    assert f"accuracy on 300 labelled images: {winner['test']['test_value']:.4f}" in out
+
+
+def test_the_exported_program_loads_with_pytorch_alone(winner: dict[str, Any]) -> None:
+    code = f"""
+import json, sys
+import numpy as np, torch
+net = torch.export.load({str(winner["dir"] / "model.pt2")!r}).module()
+x = torch.from_numpy(np.load({str(TEST_IMAGES)!r}, allow_pickle=False)["arr_0"]).unsqueeze(1).float()
+y = np.load({str(TEST_LABELS)!r}, allow_pickle=False)["arr_0"]
+acc = float((net(x).argmax(1).numpy() == y).mean())
+print(json.dumps({{"acc": acc, "loaded": sorted(m for m in ("fastai", "kmnist_tune", "optuna") if m in sys.modules)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert result["acc"] == pytest.approx(winner["test"]["test_value"], abs=5e-5)
+
+
+def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tmp_path: Path) -> None:
+    images = np.load(TEST_IMAGES, allow_pickle=False)["arr_0"][:10]
+    as_28 = tmp_path / "as-28"
+    dark_on_light = tmp_path / "dark-on-light"
+    large = tmp_path / "large"
+    for folder in (as_28, dark_on_light, large):
+        folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(as_28 / f"{i}.png")
+        Image.fromarray(255 - img).save(dark_on_light / f"{i}.png")  # a scan: dark ink on white paper
+        Image.fromarray(img).resize((84, 84), Image.Resampling.BICUBIC).convert("RGB").save(large / f"{i}.jpg", quality=95)
+    truth = run_cli("predict", str(winner["dir"]), str(TEST_IMAGES), "--out", str(tmp_path / "a.json")).stdout
+    assert "300 predictions" in truth
+    by_array = [r["index"] for r in json.loads((tmp_path / "a.json").read_text())[:10]]
+
+    def classes_of(folder: Path) -> list[int]:
+        out = tmp_path / f"{folder.name}.csv"
+        run_cli("predict", str(winner["dir"]), str(folder), "--top", "3", "--out", str(out))
+        rows = [ln.split(",") for ln in out.read_text(encoding="utf-8").splitlines()[1:]]
+        assert len(rows) == 30 and [r[1] for r in rows[:3]] == ["1", "2", "3"]
+        probs = [float(r[4]) for r in rows[:3]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        return [int(r[2]) for r in rows if r[1] == "1"]
+
+    # Files come in name order: 0.png, 1.png, ... 9.png.
+    assert classes_of(as_28) == by_array
+    assert classes_of(dark_on_light) == by_array
+    agree = sum(a == b for a, b in zip(classes_of(large), by_array, strict=True))
+    assert agree >= 7, f"only {agree} of 10 resized pictures agree with the originals"
+    printed = run_cli("predict", str(winner["dir"]), str(as_28 / "0.png"), "--top", "2").stdout
+    assert printed.startswith(f"{as_28 / '0.png'}\t{by_array[0]}\t")
+
+
+def test_export_fetches_the_kept_model(winner: dict[str, Any], tmp_path: Path) -> None:
+    dest = tmp_path / "again"
+    run_cli("export", "--study", "home", str(dest), "--storage", winner["url"])
+    for name in ("model.pt2", "model.json", "classes.csv", "fastai-learner.pkl", "model-card.md"):
+        assert (dest / name).read_bytes() == (winner["dir"] / name).read_bytes(), name
+
+
+def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], tmp_path: Path) -> None:
+    model, url = str(winner["dir"]), winner["url"]
+    assert "no such model directory" in error_line(run_cli("predict", str(tmp_path / "none"), str(TEST_IMAGES), check=False))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for p in winner["dir"].iterdir():
+        damaged.joinpath(p.name).write_bytes(p.read_bytes())
+    blob = bytearray((damaged / "model.pt2").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (damaged / "model.pt2").write_bytes(bytes(blob))
+    assert "does not match its checksum" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))
+    (damaged / "model.json").write_text("{}")
+    assert "not a kmnist-tune model card" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a picture at all")
+    assert "cannot be read as an image" in error_line(run_cli("predict", model, str(junk), check=False))
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, np.zeros((3, 32, 32), np.uint8))
+    assert "expected (N, 28, 28)" in error_line(run_cli("predict", model, str(wrong), check=False))
+    assert "end the name in .csv or .json" in error_line(
+        run_cli("predict", model, str(TEST_IMAGES), "--out", str(tmp_path / "x.txt"), check=False)
+    )
+    line = error_line(run_cli("export", "--study", "home", model, "--storage", url, check=False))
+    assert "not an empty folder" in line
+    run_cli("study", "create", str(write_spec(tmp_path / "o.yaml", tiny_spec("other"))), "--storage", url)
+    line = error_line(run_cli("export", "--study", "other", str(tmp_path / "o"), "--storage", url, check=False))
+    assert "keeps no model yet" in line and not (tmp_path / "o").exists()
+    line = error_line(run_cli("best", "--study", "home", "--export", str(tmp_path / "n"), "--storage", url, check=False))
+    assert "--export needs --evaluate" in line
