@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pytest
 from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
 from PIL import Image
@@ -98,6 +99,12 @@ def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tm
     assert agree >= 7, f"only {agree} of 10 resized pictures agree with the originals"
     printed = run_cli("predict", str(winner["dir"]), str(as_28 / "0.png"), "--top", "2").stdout
     assert printed.startswith(f"{as_28 / '0.png'}\t{by_array[0]}\t")
+
+
+def test_the_model_is_kept_on_the_study_for_the_dashboard(winner: dict[str, Any]) -> None:
+    study = optuna.load_study(study_name="home", storage=winner["url"])
+    names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(study)}
+    assert names == {"model.pt2", "fastai-learner.pkl", "classes.csv", "model.json", "model-card.md"}
 
 
 def test_export_fetches_the_kept_model(winner: dict[str, Any], tmp_path: Path) -> None:

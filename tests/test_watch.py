@@ -4,6 +4,7 @@ offline run per trial, and the report."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -231,3 +232,15 @@ def test_json_summaries_agree_with_the_study(watched: dict[str, Any]) -> None:
     assert best["config"]["lr"] == study.best_trial.params["lr"] and best["config"]["batch_size"] == 64
     listed = json.loads(run_cli("study", "list", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
     assert {s["study"]: s["total"] for s in listed} == {"prior": 1, "halve": 2}
+
+
+def test_the_dashboard_note_says_when_and_by_whom_a_study_was_stopped(dashboard: str, watched: dict[str, Any]) -> None:
+    run_cli("study", "stop", "prior", "--storage", watched["url"], env=watched["env"])
+    try:
+        note = json.loads(_get(f"{dashboard}/api/studies/{_study_id(dashboard, 'prior')}"))["note"]["body"]
+        assert re.search(r"\*\*stopped at \d{4}-\d\d-\d\dT[\d:]+\+00:00 by [^@\s]+@\S+\*\*", note), note
+        assert "LR finder (kmnist/resnet18/imagenet/bs32)" in note  # the prior's evidence stays
+    finally:
+        run_cli("study", "resume", "prior", "--storage", watched["url"], env=watched["env"])
+    note = json.loads(_get(f"{dashboard}/api/studies/{_study_id(dashboard, 'prior')}"))["note"]["body"]
+    assert "stopped" not in note and "running: workers may claim trials" in note
