@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy
 
 from ..errors import UserError
+from .retry import is_transient
 from .storage import backend, engine_kwargs, is_sqlite, sqlite_file, sqlite_path, unwrap
 
 
@@ -36,7 +37,8 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
         with _file_lock(lock_path(sqlite_file(storage), name)):
             yield
     else:
-        with _advisory_lock(unwrap(storage).engine, name):
+        # A worker's storage retries through a database restart: so does taking its lock.
+        with _advisory_lock(unwrap(storage).engine, name, getattr(storage, "retrying", None)):
             yield
 
 
@@ -73,13 +75,29 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _advisory_lock(engine: Any, name: str) -> Iterator[None]:
+def _advisory_lock(engine: Any, name: str, retrying: Callable[..., Any] | None = None) -> Iterator[None]:
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
-    # AUTOCOMMIT: a session-level lock needs no open transaction, and the connection must not sit
-    # "idle in transaction" while the holder works (the LR finder runs for minutes).
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+
+    def acquire() -> Any:
+        # AUTOCOMMIT: a session-level lock needs no open transaction, and the connection must not sit
+        # "idle in transaction" while the holder works (the LR finder runs for minutes).
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
-            yield
-        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = retrying(acquire) if retrying is not None else acquire()
+    try:
+        yield
+    finally:
+        try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            # The connection died while the lock was held: the server released the lock with it.
+        finally:
+            conn.close()
