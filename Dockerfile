@@ -38,8 +38,9 @@ RUN groupadd --gid "${KMNIST_GID}" kmnist \
  && chown kmnist:kmnist /data /artifacts /app
 COPY sweeps /app/sweeps
 
+# Study artifacts (LR plots, checkpoints, kept models) live in the study's PostgreSQL database, which
+# every host reaches; /artifacts only holds this container's W&B offline runs.
 ENV KMNIST_TUNE_DATA=/data \
-    KMNIST_TUNE_ARTIFACTS=/artifacts \
     WANDB_DIR=/artifacts
 VOLUME ["/data", "/artifacts"]
 WORKDIR /app

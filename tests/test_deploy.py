@@ -375,7 +375,9 @@ def test_dockerfile_builds_one_non_root_image_on_a_cuda_pytorch_base() -> None:
     users = [a for i, a in instrs if i == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
     assert json.loads(next(a for i, a in instrs if i == "VOLUME")) == ["/data", "/artifacts"]
-    assert env["KMNIST_TUNE_DATA"] == "/data" and env["KMNIST_TUNE_ARTIFACTS"] == "/artifacts"
+    assert env["KMNIST_TUNE_DATA"] == "/data" and env["WANDB_DIR"] == "/artifacts"
+    # Study artifacts go to the study's PostgreSQL (every host sees them), not a host-local folder.
+    assert "KMNIST_TUNE_ARTIFACTS" not in env
     assert dockerfile_json("ENTRYPOINT") == ["kmnist-tune"]
     # Data is fetched at first use: no download step, no data in the image.
     assert "data fetch" not in text and "fixtures" not in text
@@ -650,7 +652,7 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     # The owner creates them: the compose `schema` service's own script, run here...
     schema = compose()["services"]["schema"]
     owner_env = {**os.environ, "KMNIST_TUNE_STORAGE": pg_url(PG_SUPERUSER, env["POSTGRES_PASSWORD"], db)}
-    argv = [sys.executable if a == "python" else a for a in as_argv(schema["entrypoint"])]
+    argv = [sys.executable, "-m", "kmnist_tune", *as_argv(schema["command"])]  # the image's ENTRYPOINT
     for _ in range(2):  # it runs before every `up`: the second time it finds them in place
         made = subprocess.run(argv, env=owner_env, capture_output=True, text=True, timeout=120)
         assert made.returncode == 0 and "ready" in made.stdout, made.stderr
@@ -666,6 +668,9 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
         w.execute("DELETE FROM study_directions WHERE study_id = %s", (sid,))
         w.execute("DELETE FROM studies WHERE study_id = %s", (sid,))
         w.execute("SELECT pg_advisory_lock(42), pg_advisory_unlock(42)")  # kmnist-tune's storage locks
+        w.execute("INSERT INTO kmnist_tune_artifacts (artifact_id, chunk, data) VALUES ('a', 0, 'x')")  # artifacts
+        assert w.execute("SELECT data FROM kmnist_tune_artifacts WHERE artifact_id = 'a'").fetchone() == (b"x",)
+        w.execute("DELETE FROM kmnist_tune_artifacts WHERE artifact_id = 'a'")
         cluster.databases.append(f"{db}_x")  # dropped after the test, were it made after all
         cluster.roles.append(f"{role}_x")
         forbidden = {

@@ -15,6 +15,8 @@ import pytest
 from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
 from PIL import Image
 
+from kmnist_tune.training.inference import image_to_28
+
 TEST_IMAGES = FIXTURE / "kmnist-test-imgs.npz"
 TEST_LABELS = FIXTURE / "kmnist-test-labels.npz"
 
@@ -95,8 +97,12 @@ def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tm
     # Files come in name order: 0.png, 1.png, ... 9.png.
     assert classes_of(as_28) == by_array
     assert classes_of(dark_on_light) == by_array
-    agree = sum(a == b for a, b in zip(classes_of(large), by_array, strict=True))
-    assert agree >= 7, f"only {agree} of 10 resized pictures agree with the originals"
+    assert len(classes_of(large)) == 10
+    # A 3x larger colour JPEG comes back to (nearly) the original 28x28 grey image: what the model
+    # sees, whatever the model (a 1-epoch fixture model is too weak to compare predictions on).
+    for i, img in enumerate(images):
+        back = image_to_28(large / f"{i}.jpg").astype(int)
+        assert np.abs(back - img.astype(int)).mean() < 8, i
     printed = run_cli("predict", str(winner["dir"]), str(as_28 / "0.png"), "--top", "2").stdout
     assert printed.startswith(f"{as_28 / '0.png'}\t{by_array[0]}\t")
 

@@ -101,8 +101,8 @@ def study_delete(
         if not sys.stdin.isatty():
             raise UserError(f"refusing to delete study {name!r} without confirmation; pass --yes")
         typer.confirm(f"delete study {name!r} and all its trials from {describe(st)}?", abort=True)
-    delete_study(st, name)
-    out(f"deleted study {name}")
+    removed = delete_study(st, name)
+    out(f"deleted study {name}" + (f" and its {removed} artifact(s)" if removed else ""))
 
 
 def _change(study_arg: str | None, study: str | None, storage: str | None, change: Callable[[Any, Any], T]) -> tuple[str, T]:

@@ -236,6 +236,15 @@ def lr_find(
     out(f"plot: {plot_prior(prior, path, title=f'{name}: LR finder ({prior.key})')}")
 
 
+@app.command()
+def schema(storage: StorageOpt = None) -> None:
+    """Create the storage's tables (Optuna's and the artifact table), or migrate them after an Optuna
+    upgrade. Run it once as the database owner (compose's `schema` service does)."""
+    from ..service.storage import init_schema
+
+    out(f"{init_schema(storage_url(storage))}: ready")
+
+
 @app.command("storage-proxy")
 def storage_proxy(
     storage: StorageOpt = None,

@@ -19,17 +19,20 @@ def dashboard(
     artifacts: Annotated[
         Path | None,
         typer.Option(
-            "--artifacts", help="artifact folder (env KMNIST_TUNE_ARTIFACTS; default: beside the SQLite file)", show_default=False
+            "--artifacts",
+            help="artifact folder or s3://bucket/prefix (env KMNIST_TUNE_ARTIFACTS; "
+            "default: the study database, or beside the SQLite file)",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     """Serve optuna-dashboard over the study storage (http://HOST:PORT/dashboard)."""
     from ..observe.dashboard import serve
-    from ..service.artifacts import artifact_dir
+    from ..service.artifacts import describe_store
     from ..service.storage import describe, open_storage
 
     st = open_storage(storage_url(storage))
-    where = artifact_dir(st, artifacts)
+    where = describe_store(st, artifacts)
     say(f"optuna-dashboard for {describe(st)} on http://{host}:{port}/dashboard (artifacts in {where}); Ctrl-C to stop")
     serve(st, host, port, artifacts)
 

@@ -145,10 +145,13 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
             raise UserError(f"cannot open SQLite storage {mask(url)}: its folder {folder} does not exist; create it first")
         # Optuna creates its tables on open; processes that open one new database at once would
         # race to create them (PostgreSQL: a duplicate key in pg_type), so they take turns.
+        from .artifacts import ensure_artifact_table
         from .lock import schema_lock
 
         with schema_lock(url):
-            return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
+            storage = cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
+            ensure_artifact_table(storage.engine)  # PostgreSQL keeps the study's artifacts beside it
+            return storage
     except sqlalchemy.exc.ArgumentError as e:
         raise UserError(f"malformed storage URL {mask(url)!r} ({first_line(e)}); {URL_HELP}") from None
     except ImportError:
@@ -223,6 +226,17 @@ def open_grpc(url: str) -> optuna.storages.GrpcStorageProxy:
             "`kmnist-tune storage-proxy --storage URL --port PORT`"
         ) from None
     return proxy
+
+
+def init_schema(url: str) -> str:
+    """`kmnist-tune schema`: Optuna's tables at the head version and the artifact table; what is there."""
+    if is_grpc(url):
+        raise UserError("schema needs a database URL, not the storage proxy's grpc://")
+    storage = open_storage(url, create=True, skip_compatibility_check=True)
+    if storage.get_current_version() != storage.get_head_version():
+        storage.upgrade()
+    what = f"Optuna schema {storage.get_current_version()}"
+    return what + (" and the kmnist_tune_artifacts table" if backend(storage) == "postgresql" else "")
 
 
 def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:

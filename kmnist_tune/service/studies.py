@@ -271,9 +271,25 @@ def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = No
     return storage, study, spec
 
 
-def delete_study(storage: optuna.storages.BaseStorage, name: str) -> None:
+def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str | None = None) -> int:
+    """Delete a study with its artifacts (plots, checkpoints, kept models) first: Optuna keeps the
+    artifact list in the study's attributes, which go with it. Returns how many artifacts went."""
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from .artifacts import artifact_store
+
     require_study(storage, name)
+    study = optuna.load_study(study_name=name, storage=storage)
+    metas = get_all_artifact_meta(study) + [
+        m for t in study.get_trials(deepcopy=False) for m in get_all_artifact_meta(t, storage=storage)
+    ]
+    store = artifact_store(storage, artifacts) if metas else None
+    for meta in metas:
+        with contextlib.suppress(ArtifactNotFound):  # gone already (a folder cleaned by hand)
+            store.remove(meta.artifact_id)  # type: ignore[union-attr]
     optuna.delete_study(study_name=name, storage=storage)
+    return len(metas)
 
 
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:
