@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +147,38 @@ def pg_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def browse(page: str, shot: Path) -> str:
+    """Render `page` in headless Chromium: a screenshot into `shot`, and the DOM after its scripts ran."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--virtual-time-budget=15000",
+    ]
+    assert Path(CHROMIUM).exists(), "chromium is not installed; scripts/ci-deps installs Debian's chromium"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--window-size=1400,1000", f"--screenshot={shot}", page],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--dump-dom", page],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
-from conftest import cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
@@ -76,6 +76,11 @@ def test_a_dashboard_elsewhere_shows_the_plot_a_worker_uploaded_and_delete_clear
         (art,) = [a for a in json.loads(_get(f"{base}/api/studies/{sid}"))["artifacts"] if a["filename"] == "lr-find.png"]
         png = _get(f"{base}/artifacts/{sid}/{art['artifact_id']}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        # A real browser on the study page: the app lists the plot the other host uploaded.
+        shot = REPO / "tests" / "artifacts-out" / "dashboard-shared-artifact.png"
+        dom = browse(f"{base}/dashboard/studies/{sid}", shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"shared (id={sid})" in dom
+        assert "lr-find.png" in dom
     finally:
         dash.terminate()
         dash.wait(10)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,10 +15,8 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import REPO, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
 from wandb_records import read_run
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -106,33 +102,7 @@ def test_a_real_browser_renders_the_study_page(dashboard: str, watched: dict[str
     page = f"{dashboard}/dashboard/studies/{sid}"
     shot = REPO / "tests" / "artifacts-out" / "dashboard-study.png"
     shot.parent.mkdir(exist_ok=True)
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-        "--virtual-time-budget=15000",
-    ]
-    assert Path(CHROMIUM).exists(), "chromium is not installed; scripts/ci-deps installs Debian's chromium"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--window-size=1400,1000", f"--screenshot={shot}", page],
-            capture_output=True,
-            timeout=120,
-            check=True,
-        )
-    with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run(
-            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--dump-dom", page],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
+    dom = browse(page, shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     assert f"prior (id={sid})" in dom  # the app rendered the study, not just its loading page
     assert "History" in dom

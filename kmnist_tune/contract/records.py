@@ -192,6 +192,8 @@ class TrialRecord:
     stopped: str | None = None  # why the halving rule gave up (the trial is then pruned)
     interrupted: str | None = None  # the signal that handed the trial back
     error: str | None = None
+    checkpoint: dict[str, Any] | None = None  # the newest: {"epoch", "model", "meta", "batch_size"} (artifact ids)
+    resumed_from: dict[str, int] | None = None  # {"trial", "epoch"}: the checkpoint this trial continued
     epoch_seconds: list[float] = field(default_factory=list)
     train_images_per_s: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
@@ -238,7 +240,8 @@ class TrialRecord:
     def fresh(cls) -> dict[str, Any]:
         """The fields of how an attempt went, emptied: a retry starts with its original's attributes
         (Optuna copies them) and must not keep its `interrupted`, `error` or timings."""
-        keep = {"config", "enqueued", "retry_of", "worker"} | cls.NOT_STORED
+        # The checkpoint stays: it is what the retry resumes from.
+        keep = {"config", "enqueued", "retry_of", "worker", "checkpoint"} | cls.NOT_STORED
         return {
             f.name: _encode(f.default_factory() if callable(f.default_factory) else f.default)
             for f in dataclasses.fields(cls)

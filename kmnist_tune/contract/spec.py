@@ -190,6 +190,22 @@ class HalvingSpec(_Strict):
     trend_drop: float = Field(default=0.05, ge=0.0, lt=1.0, description="least fractional drop over the first epoch")
 
 
+class CheckpointSpec(_Strict):
+    """Checkpoints after epochs, which a retried trial (stale, killed, handed back) resumes from."""
+
+    enabled: Literal["auto", True, False] = Field(default="auto", description="auto: when a trial has more than 2 epochs")
+    every: int = Field(default=1, ge=1, description="save after every N epochs")
+    keep: int = Field(default=1, ge=1, description="checkpoints kept per trial (the newest)")
+    # A 140 MB checkpoint after every 2-second epoch costs a fifth to a third of the epoch on an H200
+    # (benchmarks/RESULTS.md); spaced in time, a kill loses at most this much work.
+    min_interval_s: float = Field(
+        default=30.0, ge=0.0, description="least seconds of training between two checkpoints (0: after every N epochs)"
+    )
+
+    def on_for(self, n_epochs: int) -> bool:
+        return n_epochs > 2 if self.enabled == "auto" else bool(self.enabled)
+
+
 class AugmentSpec(_Strict):
     """Random affine augmentation of training batches, on the device (see augment.py). Off by default."""
 
@@ -298,6 +314,7 @@ class SweepSpec(_Strict):
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     budget: BudgetSpec
     seed: int = 0

@@ -31,6 +31,8 @@ def trial_note(number: int, state: str, value: float | None, metric: str, rec: T
         lines.append(f"- device: {rec.device}")
     if rec.retry_of is not None:
         lines.append(f"- retry of trial {rec.retry_of}")
+    if rec.resumed_from:
+        lines.append(f"- resumed from trial {rec.resumed_from['trial']}'s checkpoint at epoch {rec.resumed_from['epoch'] + 1}")
     if rec.stopped:
         lines.append(f"- stopped: {rec.stopped}")
     return "\n".join(lines)

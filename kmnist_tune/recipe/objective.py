@@ -10,14 +10,17 @@ from typing import Any
 import optuna
 import torch
 from fastai.callback.core import Callback
+from fastai.learner import Learner
 
 from ..contract.events import Listener, TrialStart
 from ..contract.records import EpochRecord, HalvingEvent, TrialRecord
 from ..contract.space import sample_params
 from ..contract.spec import SweepSpec
+from ..training.checkpoint import load_checkpoint
 from ..training.devices import device_name
 from ..training.splits import Splits
 from ..training.train import EpochLog, FitResult, StopOnRequest, build_learner, fit
+from .checkpoints import TrialCheckpoints
 from .halving import DivergenceGuard, train_with_halving
 
 
@@ -57,12 +60,17 @@ class Objective:
                 metric=spec.metric,
             )
         )
-        return self._train(trial, params)
+        checkpoints = TrialCheckpoints(trial, spec, self.events.line)
+        try:
+            return self._train(trial, params, checkpoints)
+        finally:
+            checkpoints.close()
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+    def _train(self, trial: optuna.Trial, params: dict[str, Any], checkpoints: TrialCheckpoints) -> float:
         spec = self.spec
         n_epochs = int(params["epochs"])
         reported: set[int] = set()  # steps this trial has reported, across its attempts
+        resume = checkpoints.resume_point(params)
 
         def on_epoch(rec: EpochRecord) -> bool:
             # A step is reported once. A restarted attempt trains from scratch, so its early epochs
@@ -78,25 +86,45 @@ class Objective:
 
         def attempt(batch_size: int) -> FitResult:
             p = {**params, "batch_size": batch_size}
-            learn, metric_name = build_learner(
-                self.splits,
-                p,
-                self.device,
-                spec.metric,
-                seed=spec.seed + trial.number,
-                augment=spec.augment,
-                performance=spec.performance,
+            # The first attempt of a retry continues its original's newest checkpoint, with the
+            # original's seed: the same shuffles and augmentations go on.
+            r = resume if resume is not None and not resume.used and batch_size == resume.batch_size else None
+            seed = int(r.info["seed"]) if r is not None else spec.seed + trial.number
+
+            def learner(seed: int) -> tuple[Learner, str]:
+                return build_learner(
+                    self.splits, p, self.device, spec.metric, seed=seed, augment=spec.augment, performance=spec.performance
+                )
+
+            learn, metric_name = learner(seed)
+            start = 0
+            if r is not None:
+                r.used = True
+                try:
+                    start = load_checkpoint(learn, r.weights, r.info)
+                except Exception as e:  # corrupt, or of another model or library version
+                    why = " ".join(str(e).split())[:160] or type(e).__name__
+                    what = f"the checkpoint of trial {r.from_trial} does not load ({why})"
+                    self.events.line(f"trial {trial.number}: {what}; starting from scratch")
+                    seed = spec.seed + trial.number
+                    learn, metric_name = learner(seed)  # nothing of a half-loaded model is kept
+                else:
+                    TrialRecord.write(trial, resumed_from={"trial": r.from_trial, "epoch": start})
+                    self.events.line(f"trial {trial.number}: resumed from trial {r.from_trial} at epoch {start + 1}/{n_epochs}")
+            log = EpochLog(
+                metric_name, on_epoch, lambda i, n: self.events.batch(trial.number, start + len(log.result.epochs), i, n)
             )
-            log = EpochLog(metric_name, on_epoch, lambda i, n: self.events.batch(trial.number, len(log.result.epochs), i, n))
             extra = list(self.extra_cbs()) if self.extra_cbs is not None else []
             if self.stop_requested is not None:
                 extra.append(StopOnRequest(self.stop_requested))
-            return fit(learn, p, log, [DivergenceGuard(spec.halving), *extra])
+            saver = checkpoints.callback(learn, p, seed)
+            return fit(learn, p, log, [DivergenceGuard(spec.halving), *extra, *([saver] if saver else [])], start_epoch=start)
 
         def on_halving(e: HalvingEvent) -> None:
             self.events.halving(trial.number, e)
 
-        outcome = train_with_halving(attempt, int(params["batch_size"]), spec.halving, on_halving)
+        first_bs = resume.batch_size if resume is not None else int(params["batch_size"])  # as halved before
+        outcome = train_with_halving(attempt, first_bs, spec.halving, on_halving)
         TrialRecord.write(trial, halving_events=outcome.events, attempts=outcome.attempts, batch_size_used=outcome.batch_size)
         if outcome.floor_reached:
             # Pruned, not failed: samplers learn from pruned trials (as bad ones) but ignore failures.

@@ -11,6 +11,7 @@ checkpoints, the kept model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -184,3 +185,42 @@ class _ChunkReader(io.RawIOBase):
         b[:n] = self.buffer[:n]
         self.buffer = self.buffer[n:]
         return n
+
+
+def remove_artifacts(store: Any, artifact_ids: list[str]) -> None:
+    """Remove artifacts that may already be gone (a retry and its original share a checkpoint)."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    for artifact_id in artifact_ids:
+        with contextlib.suppress(ArtifactNotFound, FileNotFoundError):
+            store.remove(artifact_id)
+
+
+CHECKPOINT_PREFIX = "kmnist-tune-checkpoint-"
+
+
+def checkpoint_base(trial_id: int, epoch: int) -> str:
+    """The artifact name (without .pth/.json) of a trial's checkpoint after `epoch`."""
+    return f"{CHECKPOINT_PREFIX}{trial_id}-{epoch}"
+
+
+def remove_checkpoints(store: Any, trial_ids: list[int], n_epochs: int) -> None:
+    """Every checkpoint of these trials, recorded or not: a worker killed between an upload and the
+    trial's record of it leaves one that no record names."""
+    if not trial_ids:
+        return
+    if isinstance(store, PostgresArtifactStore):
+        with store.engine.begin() as conn:
+            for trial_id in sorted(set(trial_ids)):
+                prefix = f"{CHECKPOINT_PREFIX}{trial_id}-"
+                conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.startswith(prefix, autoescape=True)))
+        return
+    # Optuna's folder and S3 stores have no listing in their protocol: try every name there can be.
+    names = [checkpoint_base(t, e) for t in sorted(set(trial_ids)) for e in range(n_epochs)]
+    remove_artifacts(store, [f"{n}.{ext}" for n in names for ext in ("pth", "json")])
+
+
+def checkpoint_ids(record: Any) -> list[str]:
+    """The artifacts of a trial record's newest checkpoint (a TrialRecord)."""
+    ckpt = getattr(record, "checkpoint", None) or {}
+    return [ckpt[k] for k in ("model", "meta") if k in ckpt]

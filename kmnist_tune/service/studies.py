@@ -275,21 +275,26 @@ def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str
     """Delete a study with its artifacts (plots, checkpoints, kept models) first: Optuna keeps the
     artifact list in the study's attributes, which go with it. Returns how many artifacts went."""
     from optuna.artifacts import get_all_artifact_meta
-    from optuna.artifacts.exceptions import ArtifactNotFound
 
-    from .artifacts import artifact_store
+    from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
 
     require_study(storage, name)
     study = optuna.load_study(study_name=name, storage=storage)
-    metas = get_all_artifact_meta(study) + [
-        m for t in study.get_trials(deepcopy=False) for m in get_all_artifact_meta(t, storage=storage)
-    ]
-    store = artifact_store(storage, artifacts) if metas else None
-    for meta in metas:
-        with contextlib.suppress(ArtifactNotFound):  # gone already (a folder cleaned by hand)
-            store.remove(meta.artifact_id)  # type: ignore[union-attr]
+    trials = study.get_trials(deepcopy=False)
+    ids = [m.artifact_id for m in get_all_artifact_meta(study)]
+    ids += [m.artifact_id for t in trials for m in get_all_artifact_meta(t, storage=storage)]
+    ids += [i for t in trials for i in checkpoint_ids(TrialRecord.of(t))]  # checkpoints left by failed trials
+    store = artifact_store(storage, artifacts)
+    if ids:
+        remove_artifacts(store, ids)
+    try:
+        epochs = int(stored_spec(name, study.user_attrs).fixed_params()["epochs"])
+    except UserError:  # a study another tool made: it has no checkpoints of ours by name
+        epochs = 0
+    for t in trials:  # and any a killed worker uploaded but never recorded
+        remove_checkpoints(store, [t._trial_id], int(t.params.get("epochs", epochs)))
     optuna.delete_study(study_name=name, storage=storage)
-    return len(metas)
+    return len(ids)
 
 
 def best_or_none(study: optuna.Study) -> FrozenTrial | None:

@@ -27,6 +27,7 @@ from ..contract.events import Listener, TrialEnd
 from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped
+from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .lock import storage_lock
 from .retry import is_transient
 from .storage import StateCounts, count_states, first_line, running_without_heartbeat
@@ -162,6 +163,16 @@ class Worker:
         if stopped is not None and stopped.now:
             self.stop.request("study stop --now")
 
+    def remove_checkpoints(self, frozen: optuna.trial.FrozenTrial) -> None:
+        chain = [frozen._trial_id] + [
+            self.storage.get_trial_id_from_study_id_trial_number(self.study_id, n)
+            for n in optuna.storages.RetryFailedTrialCallback.retry_history(frozen)
+        ]
+        n_epochs = int(frozen.params.get("epochs", self.spec.fixed_params()["epochs"]))
+        store = artifact_store(self.storage)
+        remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen)))
+        remove_checkpoints(store, chain, n_epochs)
+
     # -- one trial ----------------------------------------------------------
     def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str] | None:
         """Run and tell one trial; None when its result was discarded (it was failed as stale while
@@ -212,8 +223,12 @@ class Worker:
             self.sampler_done = True
         frozen = self.storage.get_trial(trial._trial_id)
         if error.startswith("interrupted"):
-            # Hand the trial back: the same parameters are queued for whichever worker comes next.
+            # Hand the trial back: the same parameters (and its newest checkpoint) are queued for
+            # whichever worker comes next.
             self.retry(self.study, frozen)
+        else:
+            # It ended for good: its checkpoints and those of the trials it retries are not needed.
+            self.remove_checkpoints(frozen)
         self.events.trial_finished(
             TrialEnd(
                 study=self.study.study_name,

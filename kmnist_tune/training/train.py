@@ -71,6 +71,8 @@ class EpochLog(Callback):
         self._train_s = time.perf_counter() - self._t0
 
     def after_epoch(self) -> None:
+        if self.epoch < getattr(self.learn, "kt_start_epoch", 0):
+            return  # fit(start_epoch=k) ends the epochs it skips too: they were trained before a checkpoint
         names = self.recorder.metric_names
         row = dict(zip(names, self.recorder.log, strict=False))
         metric = float(row.get(self.metric_name, row.get("valid_loss", math.nan)))
@@ -152,13 +154,18 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def fit(learn: Learner, params: dict[str, Any], log: EpochLog, extra_cbs: Sequence[Callback] = ()) -> FitResult:
+def fit(
+    learn: Learner, params: dict[str, Any], log: EpochLog, extra_cbs: Sequence[Callback] = (), start_epoch: int = 0
+) -> FitResult:
+    """fastai's fit_one_cycle; from `start_epoch` when a checkpoint was loaded (training/checkpoint.py)."""
+    learn.kt_start_epoch = start_epoch
     learn.fit_one_cycle(
         int(params["epochs"]),
         float(params["lr"]),
         wd=float(params["weight_decay"]),
         pct_start=float(params["pct_start"]),
         cbs=[log, *extra_cbs],
+        start_epoch=start_epoch,
     )
     return log.result
 
