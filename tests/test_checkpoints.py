@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from conftest import run_cli, spawn_cli, tiny_spec, write_spec
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 from sqlalchemy.engine import make_url
 
 from kmnist_tune.contract.records import TrialRecord
@@ -100,6 +101,9 @@ def test_sigterm_hands_the_trial_back_and_the_retry_resumes(tmp_path: Path) -> N
     assert "resumed from trial 0 at epoch 3/4" in out.stderr
     (retry,) = [t for t in trials(url, "term") if t.state == TrialState.COMPLETE]
     assert TrialRecord.of(retry).resumed_from["epoch"] == 2  # type: ignore[index]
+    study = optuna.load_study(study_name="term", storage=open_storage(url))
+    note = get_note(optuna.Trial(study, retry._trial_id))  # the trial's note in optuna-dashboard
+    assert "resumed from trial 0's checkpoint at epoch 3" in note, note
     # Finished for good: no checkpoint of either trial is left in the folder beside the database.
     assert list((tmp_path / "kmnist-tune-artifacts").iterdir()) == []
 
