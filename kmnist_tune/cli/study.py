@@ -13,7 +13,7 @@ import typer
 from ..errors import UserError
 from ..masking import has_password, mask
 from .apps import study_app
-from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, storage_url, study_name
+from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, say, storage_url, study_name
 
 T = TypeVar("T")
 
@@ -35,6 +35,8 @@ def study_create(
     from ..service.studies import create_warm
 
     spec = load_spec(spec_path)
+    for note in spec.notes:
+        say(note)
     url = storage_url(storage)
     lines = create_warm(spec, url, warm, top)
     out(f"created study {spec.name} in {url}")

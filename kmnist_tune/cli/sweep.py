@@ -55,6 +55,8 @@ def run(
 
     slots = plan_slots(gpus, per_gpu)
     spec = load_spec(spec_path).with_budget(n_trials, timeout)
+    for note in spec.notes:
+        say(note)
     summary = run_sweep(spec, storage_url(storage), slots, DataOptions(data_dir, mirror))
     if as_json:
         out_json(summary.as_json())

@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from .spec import PARAMETERS, ParamSpec, SweepSpec
+from .spec import LOG_UNIFORM, PARAMETERS, ParamSpec, SweepSpec
 
 
 def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
@@ -18,10 +18,12 @@ def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
     if kind == "lr_finder":
         # The prior turns this block into a log-uniform range (LRPrior.resolve) before any trial.
         raise ValueError("lr: distribution lr_finder must be resolved by the study's LR-finder prior first")
-    lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
+    lo, hi = p.support()
     if kind == "uniform":
         return trial.suggest_float(name, lo, hi)
-    if kind == "log_uniform_values":
+    if kind in LOG_UNIFORM:
+        # W&B's exp(U(min, max)), exp(-U(min, max)) and 1/LogUniform(1/max, 1/min) are log-uniform
+        # over their support: Optuna's own log-uniform, and the stored value is the one used.
         return trial.suggest_float(name, lo, hi, log=True)
     if kind == "int_uniform":
         return trial.suggest_int(name, int(lo), int(hi))
@@ -55,7 +57,10 @@ def default_within(name: str, p: ParamSpec) -> Any | None:
         return default if default in (p.values or []) else None
     if kind in ("lr_finder", "constant"):
         return None
-    return default if p.min is not None and p.max is not None and p.min <= default <= p.max else None
+    if p.min is None or p.max is None:
+        return None
+    lo, hi = p.support()
+    return default if lo <= default <= hi else None
 
 
 def fit_into(name: str, p: ParamSpec, value: Any) -> tuple[Any | None, str]:
@@ -68,7 +73,7 @@ def fit_into(name: str, p: ParamSpec, value: Any) -> tuple[Any | None, str]:
         return value, ""  # the range is the prior's; Optuna samples instead if the value falls outside it
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f"{value!r} is not a number; left to the sampler"
-    lo, hi = p.min, p.max
+    lo, hi = p.support()
     fitted = min(max(value, lo), hi)  # type: ignore[type-var]
     if PARAMETERS[name]["kind"] == "int":
         fitted = int(round(fitted))

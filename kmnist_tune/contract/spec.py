@@ -1,18 +1,20 @@
 """The sweep spec: a YAML file validated into typed settings.
 
 Parameter blocks use the vocabulary of W&B sweep configs (`value`, `values`,
-`distribution`, `min`, `max`, `q`) so a W&B user's `parameters:` block reads the same.
+`distribution`, `min`, `max`, `q`); a W&B sweep file's own top-level keys are translated first
+(contract/wandb.py).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import UserError
 
@@ -24,8 +26,14 @@ DISTRIBUTIONS = (
     "int_uniform",
     "q_uniform",
     "q_log_uniform_values",
+    # W&B's log-uniform family over exponents: all log-uniform in value space, so Optuna samples them
+    # natively (see ParamSpec.support).
+    "log_uniform",
+    "inv_log_uniform",
+    "inv_log_uniform_values",
     "lr_finder",
 )
+LOG_UNIFORM = ("log_uniform_values", "log_uniform", "inv_log_uniform", "inv_log_uniform_values")
 LRSuggestion = Literal["minimum", "valley", "steep"]
 HalveOn = Literal["divergence", "oom"]
 LR_SUGGESTIONS: tuple[str, ...] = get_args(LRSuggestion)
@@ -134,7 +142,7 @@ class ParamSpec(_Strict):
                 raise ValueError(f"distribution {dist} needs `min` and `max`")
             if self.min > self.max:
                 raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
-            if dist in ("log_uniform_values", "q_log_uniform_values") and self.min <= 0:
+            if dist in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values") and self.min <= 0:
                 raise ValueError(f"distribution {dist} needs min > 0 (got {self.min:g})")
             if dist.startswith("q_") and (self.q is None or isinstance(self.q, bool) or self.q <= 0):
                 raise ValueError(f"distribution {dist} needs a positive `q`")
@@ -159,6 +167,16 @@ class ParamSpec(_Strict):
             both_int = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.max))
             return "int_uniform" if both_int else "uniform"
         return "constant"
+
+    def support(self) -> tuple[float, float]:
+        """The [low, high] of the values a range distribution yields (its min/max are exponents for
+        W&B's log_uniform, -exponents for inv_log_uniform: X = exp(U) and X = exp(-U))."""
+        lo, hi = float(self.min), float(self.max)  # type: ignore[arg-type]
+        if self.kind() == "log_uniform":
+            return math.exp(lo), math.exp(hi)
+        if self.kind() == "inv_log_uniform":
+            return math.exp(-hi), math.exp(-lo)
+        return lo, hi
 
     def lr_finder_settings(self) -> tuple[float, str]:
         """(width in decades, suggestion) of an lr_finder block, with their defaults filled in."""
@@ -318,6 +336,11 @@ class SweepSpec(_Strict):
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     budget: BudgetSpec
     seed: int = 0
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what reading a W&B sweep file left unused
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes)
 
     @model_validator(mode="before")
     @classmethod
@@ -380,8 +403,12 @@ class SweepSpec(_Strict):
                 raise ValueError(f"parameters.{name}: distribution lr_finder is only for lr")
         bs = self.parameters.get("batch_size")
         starts = [] if bs is None else [bs.value] if bs.kind() == "constant" else list(bs.values or [])
+        starts = [b for b in starts if isinstance(b, int) and not isinstance(b, bool)]
+        if starts and min(starts) < self.halving.min_batch_size and "min_batch_size" not in self.halving.model_fields_set:
+            # A W&B user's `batch_size: {values: [8, 16, 32]}`: the smallest start is the floor.
+            self.halving.min_batch_size = min(starts)
         for b in starts:
-            if isinstance(b, int) and b < self.halving.min_batch_size:
+            if b < self.halving.min_batch_size:
                 raise ValueError(f"parameters.batch_size: {b} is below halving.min_batch_size ({self.halving.min_batch_size})")
         if self.sampler.name == "grid":
             for name, p in self.parameters.items():
@@ -421,13 +448,16 @@ class SweepSpec(_Strict):
 
 def _check_parameter(name: str, p: ParamSpec) -> None:
     if name not in PARAMETERS:
-        raise ValueError(f"parameters.{name}: unknown parameter{_did_you_mean(name, PARAMETERS)}; known: {', '.join(PARAMETERS)}")
+        from .wandb import ALIASES
+
+        known = [*PARAMETERS, *ALIASES]
+        raise ValueError(f"parameters.{name}: unknown parameter{_did_you_mean(name, known)}; known: {', '.join(known)}")
     meta = PARAMETERS[name]
     kind = p.kind()
     where = f"parameters.{name}"
     if meta["kind"] == "choice" and kind not in ("constant", "categorical"):
         raise ValueError(f"{where}: {name} is a choice; give `value` or `values` from {', '.join(meta['choices'])}")
-    if meta["kind"] == "int" and kind in ("uniform", "log_uniform_values"):
+    if meta["kind"] == "int" and kind in ("uniform", *LOG_UNIFORM):
         raise ValueError(f"{where}: {name} is a whole number; use int_uniform, q_uniform, q_log_uniform_values or values")
     if meta["kind"] == "int" and kind.startswith("q_") and not float(p.q).is_integer():  # type: ignore[arg-type]
         # A step of 0.5 over whole numbers would silently become a step of 1.
@@ -440,7 +470,7 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
     elif kind == "lr_finder":
         candidates = []
     else:
-        candidates = [p.min, p.max]
+        candidates = list(p.support())
     for c in candidates:
         problem = _value_problem(meta, c)
         if problem:
@@ -530,10 +560,18 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
             f"{source}: the spec expands to more than {MAX_SPEC_BYTES // 1024} KB (nested YAML aliases or huge values); "
             "write the settings out plainly"
         )
+    from .wandb import TranslationError, translate
+
     try:
-        return SweepSpec.model_validate(data)
+        data, notes = translate(data)
+    except TranslationError as e:
+        raise SpecError(f"{source}: {e}") from None
+    try:
+        spec = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{source}: {_one_line(e)}") from None
+    spec._notes = notes
+    return spec
 
 
 def _expanded_size(data: Any, limit: int) -> int:
@@ -588,6 +626,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-5` and `3e4` as strings: it wants a dot and a signed exponent. W&B
+# users write them as numbers, and so does YAML 1.2; read them as floats everywhere in a spec.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:

@@ -1,0 +1,171 @@
+"""A W&B sweep file read as this project's spec: W&B's top-level keys and parameter names translated.
+
+W&B's sweep config (https://docs.wandb.ai/guides/sweeps/sweep-config-keys) has `method`, `metric:
+{name, goal}`, `early_terminate`, `run_cap` and keys for W&B's own agent (`program`, `command`, ...).
+`translate` rewrites them into the keys of `SweepSpec` before validation, and says what it did not
+use, so a W&B user's file runs as it is. Native specs pass through untouched (apart from parameter
+aliases, which both kinds may use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# W&B's search methods -> Optuna's samplers (TPE is Optuna's Bayesian optimisation).
+METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}
+# Keys only W&B's own agent uses: accepted, reported once, not used.
+AGENT_ONLY = ("program", "command", "entity", "controller", "job", "image_uri")
+# W&B metric names in common use -> this project's metrics.
+METRIC_NAMES: dict[str, str] = {
+    **dict.fromkeys(
+        ("accuracy", "acc", "val_accuracy", "val_acc", "valid_accuracy", "valid_acc", "validation_accuracy", "eval_accuracy"),
+        "accuracy",
+    ),
+    **dict.fromkeys(("balanced_accuracy", "val_balanced_accuracy", "valid_balanced_accuracy"), "balanced_accuracy"),
+    **dict.fromkeys(("loss", "val_loss", "valid_loss", "validation_loss", "eval_loss"), "valid_loss"),
+}
+# Parameter names as W&B users write them -> this project's parameters.
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "max_epochs": "epochs",
+    "drop": "dropout",
+    "ps": "dropout",
+    "architecture": "arch",
+    "model": "arch",
+}
+GOALS = {"maximize": "maximize", "minimize": "minimize"}
+
+
+class TranslationError(ValueError):
+    """A W&B key this project cannot honour; the message says what to write instead."""
+
+
+def looks_like_wandb(data: dict[str, Any]) -> bool:
+    return any(k in data for k in ("method", "early_terminate", "run_cap", *AGENT_ONLY, "project")) or isinstance(
+        data.get("metric"), dict
+    )
+
+
+def translate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the spec's keys, notes for the user: what was ignored)."""
+    out = dict(data)
+    notes: list[str] = []
+    if isinstance(out.get("parameters"), dict):
+        out["parameters"] = _parameters(out["parameters"])
+    if not looks_like_wandb(data):
+        return out, notes
+    ignored = [k for k in AGENT_ONLY if k in out]
+    for k in ignored:
+        out.pop(k)
+    if "method" in out:
+        method = out.pop("method")
+        if method not in METHODS:
+            raise TranslationError(f"method: {method!r} is not a W&B search method; use one of {', '.join(METHODS)}")
+        if "sampler" in out:
+            raise TranslationError("give either W&B's `method` or `sampler`, not both")
+        out["sampler"] = {"name": METHODS[method]}
+    if isinstance(out.get("metric"), dict):
+        metric = dict(out.pop("metric"))
+        name = metric.pop("name", None)
+        goal = metric.pop("goal", None)
+        if "target" in metric:
+            metric.pop("target")
+            ignored.append("metric.target")
+        if metric:
+            raise TranslationError(f"metric: unknown key {next(iter(metric))!r}; W&B's metric has name, goal and target")
+        if name is not None:
+            if name not in METRIC_NAMES:
+                known = ", ".join(sorted(METRIC_NAMES))
+                raise TranslationError(f"metric.name: {name!r} is not a metric this project records; use one of {known}")
+            out["metric"] = METRIC_NAMES[name]
+        if goal is not None:
+            if goal not in GOALS:
+                raise TranslationError(f"metric.goal: {goal!r}; use maximize or minimize")
+            out["direction"] = GOALS[goal]
+    if "early_terminate" in out:
+        if "pruner" in out:
+            raise TranslationError("give either W&B's `early_terminate` or `pruner`, not both")
+        out["pruner"] = _hyperband(out.pop("early_terminate"))
+    elif "method" in data and "pruner" not in out:
+        out["pruner"] = {"name": "none"}  # W&B stops no run early unless early_terminate says so
+    if "run_cap" in out:
+        cap = out.pop("run_cap")
+        budget = dict(out.get("budget") or {})
+        if budget.get("n_trials") not in (None, cap):
+            raise TranslationError(f"run_cap ({cap}) contradicts budget.n_trials ({budget['n_trials']}); give one")
+        out["budget"] = {**budget, "n_trials": cap}
+    if "budget" not in out and "method" in data:
+        out["budget"] = _grid_budget(out)
+    if "project" in out:
+        project = out.pop("project")
+        tracking = dict(out.get("tracking") or {})
+        wandb = dict(tracking.get("wandb") or {})
+        wandb.setdefault("project", project)
+        out["tracking"] = {**tracking, "wandb": wandb}
+    if ignored:
+        notes.append(f"ignored: {', '.join(ignored)} (used by W&B's own agent; kmnist-tune runs the trials itself)")
+    return out, notes
+
+
+def _grid_budget(spec: dict[str, Any]) -> dict[str, Any]:
+    """A W&B sweep without run_cap: a grid ends when it is used up; random and bayes never end."""
+    if (spec.get("sampler") or {}).get("name") != "grid":
+        raise TranslationError(
+            "run_cap: W&B runs a random or bayes sweep until you stop it; give run_cap: N (the number of trials)"
+        )
+    size = 1
+    for block in (spec.get("parameters") or {}).values():
+        if isinstance(block, dict) and isinstance(block.get("values"), list):
+            size *= max(1, len(block["values"]))
+    return {"n_trials": size}
+
+
+def _parameters(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # our name -> the name the file used
+    for name, block in params.items():
+        if isinstance(block, dict) and "parameters" in block:
+            raise TranslationError(
+                f"parameters.{name}: nested `parameters:` blocks are not supported; "
+                f"flatten them into top-level parameters (e.g. {name}.x -> x)"
+            )
+        target = ALIASES.get(name, name)
+        if target in out:
+            raise TranslationError(f"parameters: {given[target]} and {name} name the same parameter ({target}); give one")
+        out[target], given[target] = block, name
+    return out
+
+
+def _hyperband(block: Any) -> dict[str, Any]:
+    """W&B's hyperband -> Optuna's HyperbandPruner with the same smallest budget and rate.
+
+    W&B brackets at min_iter * eta^k (or max_iter / eta^k for k = 1..s); Optuna's brackets are
+    min_resource * reduction_factor^k up to max_resource."""
+    if not isinstance(block, dict) or block.get("type") != "hyperband":
+        raise TranslationError(
+            "early_terminate: only `type: hyperband` exists in W&B; give type, min_iter (or max_iter and s), eta"
+        )
+    known = {"type", "min_iter", "max_iter", "s", "eta", "strict"}
+    unknown = set(block) - known
+    if unknown:
+        first, keys = sorted(unknown)[0], ", ".join(sorted(known))
+        raise TranslationError(f"early_terminate: unknown key {first!r}; W&B's hyperband has {keys}")
+    eta = block.get("eta", 3)
+    if not isinstance(eta, int) or isinstance(eta, bool) or eta < 2:
+        raise TranslationError(f"early_terminate.eta: {eta!r}; give a whole number >= 2")
+    options: dict[str, Any] = {"reduction_factor": eta}
+    if "min_iter" in block:
+        options["min_resource"] = block["min_iter"]
+        if "max_iter" in block:
+            options["max_resource"] = block["max_iter"]
+    elif "max_iter" in block:
+        s = block.get("s", 0)
+        options["max_resource"] = block["max_iter"]
+        options["min_resource"] = max(1, int(block["max_iter"] // eta**s))
+    else:
+        raise TranslationError("early_terminate: give min_iter, or max_iter (with s)")
+    return {"name": "hyperband", "options": options}
