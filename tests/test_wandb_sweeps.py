@@ -3,6 +3,7 @@ aliases, YAML 1.1 numbers, and a real run of such a file on the fixture."""
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -11,6 +12,7 @@ import optuna
 import pytest
 from conftest import run_cli
 
+from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.contract.spec import SpecError, load_spec
 from kmnist_tune.service.storage import open_storage
 
@@ -47,6 +49,10 @@ parameters:
     values: [0, 1e-5, 1e-4]
   num_epochs:
     value: 1
+  dropout:
+    distribution: beta
+    a: 2
+    b: 5
 data:
   dataset: kmnist
   valid_fraction: 0.2
@@ -67,7 +73,7 @@ def test_a_wandb_sweep_file_reads_as_a_spec(tmp_path: Path) -> None:
     assert spec.pruner.name == "hyperband" and spec.pruner.options == {"reduction_factor": 2, "min_resource": 1}
     assert spec.budget.n_trials == 2  # run_cap
     assert spec.tracking.wandb.project == "kuzushiji"
-    assert set(spec.parameters) == {"lr", "batch_size", "weight_decay", "epochs"}  # W&B names -> ours
+    assert set(spec.parameters) == {"lr", "batch_size", "weight_decay", "epochs", "dropout"}  # W&B names -> ours
     lo, hi = spec.parameters["lr"].support()
     assert lo == pytest.approx(math.exp(-6.2)) and hi == pytest.approx(math.exp(-4.6))
     assert spec.parameters["weight_decay"].values == [0, 1e-5, 1e-4]  # YAML 1.1 would read "1e-5" as text
@@ -154,3 +160,126 @@ def test_the_wandb_file_runs_unchanged(tmp_path: Path) -> None:
     assert len(finished) == 2 and all(t.state != optuna.trial.TrialState.FAIL for t in finished)
     for t in finished:
         assert math.exp(-6.2) <= t.params["lr"] <= math.exp(-4.6) and t.params["batch_size"] in (16, 32)
+        assert 0 < t.params["dropout"] < 1 and TrialRecord.of(t).config["dropout"] == t.params["dropout"]  # used = stored
+    best = json.loads(run_cli("best", "--study", "wb-fastai", "--storage", url, "--json").stdout)
+    assert "dropout" in best["params"] and "dropout_quantile" not in best["params"]  # the sampler's quantile stays inside
+
+
+# -- W&B's distributions, drawn by Optuna's random sampler through the product's own code ---------
+# The reference is scipy.stats, the library W&B's own sweeps code draws with; our code uses the
+# standard library's NormalDist and scipy.special.betaincinv, so the two are independent.
+N_DRAWS = 3000
+TOL = 0.035  # |empirical - expected| of a cumulative share, about 4 standard errors at 3000 draws
+
+
+def draws(parameters: dict, n: int = N_DRAWS) -> tuple[dict[str, list], list[optuna.trial.FrozenTrial]]:
+    from kmnist_tune.contract.space import sample_params
+    from kmnist_tune.contract.spec import parse_spec
+
+    spec = parse_spec({"name": "dists", "parameters": parameters, "budget": {"n_trials": 1}, "sampler": "random"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    used: dict[str, list] = {k: [] for k in parameters}
+    for _ in range(n):
+        trial = study.ask()
+        params = sample_params(trial, spec)
+        for k in parameters:
+            used[k].append(params[k])
+        study.tell(trial, 0.0)
+    return used, study.trials
+
+
+def assert_continuous(xs: list[float], cdf, quantiles=(0.05, 0.25, 0.5, 0.75, 0.95)) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    arr = np.asarray(xs, dtype=float)
+    for p in quantiles:
+        x = float(np.quantile(arr, p))
+        assert abs(cdf(x) - p) < TOL, (p, x, cdf(x))
+
+
+def assert_rounded(xs: list[float], q: float, cdf, lo: float, hi: float) -> None:  # type: ignore[no-untyped-def]
+    """W&B rounds to the nearest multiple of q: P(X <= g) = F(g + q/2) at each multiple g."""
+    import numpy as np
+
+    arr = np.asarray(xs, dtype=float)
+    assert np.allclose(arr / q, np.round(arr / q)), "every value is a multiple of q"
+    grid = sorted(set(np.round(arr / q).astype(int).tolist()))
+    inner = [g * q for g in grid[len(grid) // 10 : -max(1, len(grid) // 10)]] or [grid[0] * q]
+    for g in inner:
+        assert abs(float(np.mean(arr <= g + 1e-12)) - cdf(g + q / 2)) < TOL, (g, float(np.mean(arr <= g)), cdf(g + q / 2))
+    assert lo - 1e-9 <= arr.min() and arr.max() <= hi + 1e-9
+
+
+def test_wandb_shaped_distributions_follow_wandb_definitions() -> None:
+    from scipy import stats
+
+    used, trials = draws(
+        {
+            "lr": {"distribution": "log_normal", "mu": -7, "sigma": 1},
+            "pct_start": {"distribution": "beta", "a": 2, "b": 2},
+            "dropout": {"distribution": "q_beta", "a": 2, "b": 5, "q": 0.05},
+            "batch_size": {"distribution": "q_normal", "mu": 128, "sigma": 16, "q": 8},
+            "epochs": {"distribution": "q_log_normal", "mu": 3, "sigma": 0.3},  # q: W&B's default 1
+            "weight_decay": {"distribution": "q_log_uniform", "min": math.log(1e-3), "max": math.log(1e-1), "q": 0.001},
+        }
+    )
+    assert_continuous(used["lr"], stats.lognorm(s=1, scale=math.exp(-7)).cdf)
+    assert_continuous(used["pct_start"], stats.beta(2, 2).cdf)
+    assert_rounded(used["dropout"], 0.05, stats.beta(2, 5).cdf, 0.0, 1.0)
+    assert_rounded(used["batch_size"], 8, stats.norm(128, 16).cdf, 0, 256)
+    assert_rounded(used["epochs"], 1, stats.lognorm(s=0.3, scale=math.exp(3)).cdf, 1, 1000)
+    log_cdf = stats.uniform(-3 * math.log(10), 2 * math.log(10)).cdf
+    assert_rounded(used["weight_decay"], 0.001, lambda x: log_cdf(math.log(x)), 1e-3, 0.1)
+    assert all(isinstance(b, int) for b in used["batch_size"] + used["epochs"])
+    # The parameter Optuna stores is the value training used, for every trial.
+    for i, t in enumerate(trials):
+        assert {k: t.params[k] for k in used} == {k: v[i] for k, v in used.items()}
+
+
+def test_wandb_quantised_and_weighted_distributions_follow_wandb_definitions() -> None:
+    from collections import Counter
+
+    from scipy import stats
+
+    used, trials = draws(
+        {
+            "weight_decay": {"distribution": "q_uniform", "min": 0, "max": 0.1, "q": 0.05},
+            "epochs": {"distribution": "q_uniform", "min": 3, "max": 12, "q": 3},
+            "batch_size": {"distribution": "q_log_uniform_values", "min": 16, "max": 256, "q": 16},
+            "lr": {"distribution": "normal", "mu": 0.05, "sigma": 0.005},
+            "arch": {"values": ["resnet18", "resnet34", "resnet50"], "probabilities": [0.7, 0.2, 0.1]},
+        }
+    )
+    # W&B rounds a uniform draw: the ends of the range get half the share of the inner multiples
+    # (Optuna's stepped uniform would give each a third).
+    share = {k: v / N_DRAWS for k, v in Counter(round(x, 9) for x in used["weight_decay"]).items()}
+    assert set(share) == {0.0, 0.05, 0.1}
+    for value, expected in ((0.0, 0.25), (0.05, 0.5), (0.1, 0.25)):
+        assert abs(share[value] - expected) < TOL, share
+    share = {k: v / N_DRAWS for k, v in Counter(used["epochs"]).items()}
+    for value, expected in ((3, 1.5 / 9), (6, 3 / 9), (9, 3 / 9), (12, 1.5 / 9)):
+        assert abs(share[value] - expected) < TOL, share
+    log_cdf = stats.uniform(math.log(16), math.log(256) - math.log(16)).cdf
+    assert_rounded(used["batch_size"], 16, lambda x: log_cdf(math.log(x)), 16, 256)
+    assert_continuous(used["lr"], stats.norm(0.05, 0.005).cdf)
+    share = {k: v / N_DRAWS for k, v in Counter(used["arch"]).items()}
+    for value, expected in (("resnet18", 0.7), ("resnet34", 0.2), ("resnet50", 0.1)):
+        assert abs(share[value] - expected) < TOL, share
+    for i, t in enumerate(trials):
+        assert {k: t.params[k] for k in used} == {k: v[i] for k, v in used.items()}
+        assert t.params["batch_size"] % 16 == 0  # the used, rounded value: never the raw draw
+
+
+def test_shaped_distributions_refuse_what_cannot_be_used() -> None:
+    from kmnist_tune.contract.spec import parse_spec
+
+    cases = [
+        ({"dropout": {"distribution": "beta", "min": 0, "max": 1}}, "distribution beta is shaped by a and b, not min/max"),
+        ({"epochs": {"distribution": "normal", "mu": 10, "sigma": 1}}, "epochs is a whole number"),
+        ({"lr": {"distribution": "normal", "mu": 0.001, "sigma": 0.01}}, "is below the allowed range"),
+        ({"arch": {"values": ["resnet18", "resnet34"], "probabilities": [0.5]}}, "`probabilities` needs one weight"),
+    ]
+    for parameters, message in cases:
+        with pytest.raises(SpecError) as err:
+            parse_spec({"name": "bad", "parameters": parameters, "budget": {"n_trials": 1}})
+        assert message in str(err.value), str(err.value)

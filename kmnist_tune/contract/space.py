@@ -7,14 +7,24 @@ from typing import Any
 
 import optuna
 
-from .spec import LOG_UNIFORM, PARAMETERS, ParamSpec, SweepSpec
+from .quantiles import QUANTILE_EPS, categorical_at, ppf
+from .spec import BOUNDED_BY_SHAPE, LOG_UNIFORM, PARAMETERS, THROUGH_QUANTILE, ParamSpec, SweepSpec
+
+# The sampler's own parameter for a distribution drawn through its quantile: "lr_quantile".
+QUANTILE_SUFFIX = "_quantile"
 
 
-def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
+def suggest(trial: optuna.Trial, name: str, p: ParamSpec, grid: bool = False) -> Any:
     kind = p.kind()
     is_int = PARAMETERS[name]["kind"] == "int"
+    if kind == "categorical" and p.probabilities is not None and not grid:
+        u = trial.suggest_float(name + QUANTILE_SUFFIX, 0.0, 1.0)
+        value = categorical_at(list(p.values or []), p.probabilities, u)
+        return _store(trial, name, value, optuna.distributions.CategoricalDistribution(list(p.values or [])))
     if kind == "categorical":
         return trial.suggest_categorical(name, list(p.values or []))
+    if kind in THROUGH_QUANTILE:
+        return _through_quantile(trial, name, p, is_int)
     if kind == "lr_finder":
         # The prior turns this block into a log-uniform range (LRPrior.resolve) before any trial.
         raise ValueError("lr: distribution lr_finder must be resolved by the study's LR-finder prior first")
@@ -27,25 +37,44 @@ def suggest(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
         return trial.suggest_float(name, lo, hi, log=True)
     if kind == "int_uniform":
         return trial.suggest_int(name, int(lo), int(hi))
-    if kind == "q_uniform":
-        if is_int:
-            return trial.suggest_int(name, int(lo), int(hi), step=max(1, int(p.q)))  # type: ignore[arg-type]
-        return trial.suggest_float(name, lo, hi, step=float(p.q))  # type: ignore[arg-type]
-    if kind == "q_log_uniform_values":
-        # Optuna has no stepped log-uniform: sample log-uniform, then round to the grid of q
-        # (the rounded value is the one used; the sampler keeps the raw one).
-        raw = trial.suggest_float(name, lo, hi, log=True)
-        q = float(p.q)  # type: ignore[arg-type]
-        val = min(max(round(raw / q) * q, math.ceil(lo / q) * q), math.floor(hi / q) * q)
-        return int(val) if is_int else val
     raise ValueError(f"cannot sample {name}: distribution {kind}")
+
+
+def _through_quantile(trial: optuna.Trial, name: str, p: ParamSpec, is_int: bool) -> Any:
+    """W&B's way: the sampler proposes the quantile u (its own parameter, NAME_quantile), the value
+    is the distribution's inverse CDF at u, rounded to q. Optuna has no normal, beta or W&B-rounded
+    distribution, so the value used is then stored as the trial's parameter NAME itself."""
+    lo_u, hi_u = (QUANTILE_EPS, 1 - QUANTILE_EPS) if p.kind() in BOUNDED_BY_SHAPE else (0.0, 1.0)
+    value = ppf(p, trial.suggest_float(name + QUANTILE_SUFFIX, lo_u, hi_u))
+    lo, hi = p.support()
+    dist: optuna.distributions.BaseDistribution
+    if is_int:
+        value = int(round(value))
+        dist = optuna.distributions.IntDistribution(math.floor(lo), max(math.ceil(hi), math.floor(lo)))
+    else:
+        value = float(value)
+        dist = optuna.distributions.FloatDistribution(min(lo, hi), max(lo, hi))
+    return _store(trial, name, value, dist)
+
+
+def _store(trial: optuna.Trial, name: str, value: Any, dist: optuna.distributions.BaseDistribution) -> Any:
+    """Record `value` as the trial's parameter `name` (BaseStorage.set_trial_param, what suggest_*
+    does after sampling), so every Optuna client shows the value training used."""
+    trial.storage.set_trial_param(trial._trial_id, name, dist.to_internal_repr(value), dist)  # no public id
+    return value
+
+
+def without_quantiles(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's stored parameters less the sampler's quantiles (NAME_quantile beside NAME)."""
+    return {k: v for k, v in params.items() if not (k.endswith(QUANTILE_SUFFIX) and k.removesuffix(QUANTILE_SUFFIX) in params)}
 
 
 def sample_params(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
     """Every training parameter for this trial: spec defaults and fixed values, then the searched ones."""
     params = spec.fixed_params()
+    grid = spec.sampler.name == "grid"
     for name, p in spec.searched_params().items():
-        params[name] = suggest(trial, name, p)
+        params[name] = suggest(trial, name, p, grid)
     return params
 
 
@@ -71,6 +100,8 @@ def fit_into(name: str, p: ParamSpec, value: Any) -> tuple[Any | None, str]:
         return (value, "") if value in (p.values or []) else (None, f"{value!r} is not among {p.values}; left to the sampler")
     if kind == "lr_finder":
         return value, ""  # the range is the prior's; Optuna samples instead if the value falls outside it
+    if kind in THROUGH_QUANTILE or p.probabilities is not None:
+        return None, f"W&B's {kind} is drawn through its quantile; left to the sampler"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f"{value!r} is not a number; left to the sampler"
     lo, hi = p.support()

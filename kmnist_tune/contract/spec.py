@@ -31,9 +31,20 @@ DISTRIBUTIONS = (
     "log_uniform",
     "inv_log_uniform",
     "inv_log_uniform_values",
+    # W&B's families that Optuna has no distribution for: sampled through their quantile (space.py).
+    "q_log_uniform",
+    "normal",
+    "q_normal",
+    "log_normal",
+    "q_log_normal",
+    "beta",
+    "q_beta",
     "lr_finder",
 )
 LOG_UNIFORM = ("log_uniform_values", "log_uniform", "inv_log_uniform", "inv_log_uniform_values")
+BOUNDED_BY_SHAPE = ("normal", "q_normal", "log_normal", "q_log_normal", "beta", "q_beta")  # no min/max
+# Sampled as W&B does: a uniform quantile in [0, 1] through the distribution's inverse CDF.
+THROUGH_QUANTILE = ("q_uniform", "q_log_uniform_values", "q_log_uniform", *BOUNDED_BY_SHAPE)
 LRSuggestion = Literal["minimum", "valley", "steep"]
 HalveOn = Literal["divergence", "oom"]
 LR_SUGGESTIONS: tuple[str, ...] = get_args(LRSuggestion)
@@ -111,6 +122,12 @@ class ParamSpec(_Strict):
     min: int | float | None = None
     max: int | float | None = None
     q: int | float | None = None
+    # W&B's normal / log_normal (mu, sigma) and beta (a, b) shapes, with W&B's defaults.
+    mu: float | None = None
+    sigma: float | None = Field(default=None, gt=0)
+    a: float | None = Field(default=None, gt=0)
+    b: float | None = Field(default=None, gt=0)
+    probabilities: list[float] | None = None  # categorical: W&B's weights of `values`
     # distribution: lr_finder -- the range is centred on fastai's LR-finder suggestion.
     width: float | None = Field(default=None, gt=0, le=8, description="decades around the suggestion")
     suggestion: LRSuggestion | None = None
@@ -133,6 +150,16 @@ class ParamSpec(_Strict):
         elif dist == "categorical":
             if not self.values:
                 raise ValueError("`values` must be a non-empty list")
+            if self.probabilities is not None:
+                probs = self.probabilities
+                if len(probs) != len(self.values) or any(x < 0 for x in probs) or abs(sum(probs) - 1) > 1e-6:
+                    raise ValueError("`probabilities` needs one weight >= 0 per value, summing to 1")
+        elif dist in BOUNDED_BY_SHAPE:
+            if self.min is not None or self.max is not None or self.values is not None:
+                shaped_by = "a and b" if "beta" in dist else "mu and sigma"
+                raise ValueError(f"distribution {dist} is shaped by {shaped_by}, not min/max")
+            if dist.startswith("q_") and (isinstance(self.q, bool) or (self.q is not None and self.q <= 0)):
+                raise ValueError(f"distribution {dist} needs a positive `q`")
         elif dist == "lr_finder":
             if self.min is not None or self.max is not None or self.values is not None:
                 raise ValueError("lr_finder sets the range itself; give `width` (decades) and `suggestion`, not min/max")
@@ -144,11 +171,11 @@ class ParamSpec(_Strict):
                 raise ValueError(f"min ({self.min:g}) is greater than max ({self.max:g})")
             if dist in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values") and self.min <= 0:
                 raise ValueError(f"distribution {dist} needs min > 0 (got {self.min:g})")
-            if dist.startswith("q_") and (self.q is None or isinstance(self.q, bool) or self.q <= 0):
-                raise ValueError(f"distribution {dist} needs a positive `q`")
-            if dist == "q_log_uniform_values" and math.ceil(self.min / self.q - 1e-9) * self.q > self.max + 1e-9:  # type: ignore[operator]
+            if dist.startswith("q_") and (isinstance(self.q, bool) or (self.q is not None and self.q <= 0)):
+                raise ValueError(f"distribution {dist} needs a positive `q`")  # none given: W&B's q = 1
+            if dist == "q_log_uniform_values" and math.ceil(self.min / self.step - 1e-9) * self.step > self.max + 1e-9:
                 # Values are rounded to multiples of q; with none inside [min, max] every one would fall outside.
-                raise ValueError(f"no multiple of q ({self.q:g}) lies between min ({self.min:g}) and max ({self.max:g})")
+                raise ValueError(f"no multiple of q ({self.step:g}) lies between min ({self.min:g}) and max ({self.max:g})")
             if dist == "int_uniform" and not (float(self.min).is_integer() and float(self.max).is_integer()):
                 raise ValueError("int_uniform needs whole-number min and max")
         return self
@@ -168,9 +195,26 @@ class ParamSpec(_Strict):
             return "int_uniform" if both_int else "uniform"
         return "constant"
 
+    @property
+    def step(self) -> int | float:
+        """q of a q_ distribution; W&B's default is 1."""
+        return self.q if self.q is not None else 1
+
+    @property
+    def shape(self) -> tuple[float, float]:
+        """(mu, sigma) of the normal family, (a, b) of beta, W&B's defaults filled in."""
+        if "beta" in self.kind():
+            return float(self.a if self.a is not None else 1.0), float(self.b if self.b is not None else 1.0)
+        return float(self.mu if self.mu is not None else 0.0), float(self.sigma if self.sigma is not None else 1.0)
+
     def support(self) -> tuple[float, float]:
-        """The [low, high] of the values a range distribution yields (its min/max are exponents for
-        W&B's log_uniform, -exponents for inv_log_uniform: X = exp(U) and X = exp(-U))."""
+        """The [low, high] of the values a distribution yields (its min/max are exponents for W&B's
+        log_uniform, -exponents for inv_log_uniform: X = exp(U) and X = exp(-U)); the normal family's
+        ends are its quantiles at QUANTILE_EPS and 1 - QUANTILE_EPS, after rounding to q."""
+        if self.kind() in THROUGH_QUANTILE:
+            from .quantiles import ppf
+
+            return ppf(self, 0.0), ppf(self, 1.0)
         lo, hi = float(self.min), float(self.max)  # type: ignore[arg-type]
         if self.kind() == "log_uniform":
             return math.exp(lo), math.exp(hi)
@@ -457,11 +501,11 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
     where = f"parameters.{name}"
     if meta["kind"] == "choice" and kind not in ("constant", "categorical"):
         raise ValueError(f"{where}: {name} is a choice; give `value` or `values` from {', '.join(meta['choices'])}")
-    if meta["kind"] == "int" and kind in ("uniform", *LOG_UNIFORM):
+    if meta["kind"] == "int" and kind in ("uniform", *LOG_UNIFORM, "normal", "log_normal", "beta"):
         raise ValueError(f"{where}: {name} is a whole number; use int_uniform, q_uniform, q_log_uniform_values or values")
-    if meta["kind"] == "int" and kind.startswith("q_") and not float(p.q).is_integer():  # type: ignore[arg-type]
+    if meta["kind"] == "int" and kind.startswith("q_") and not float(p.step).is_integer():
         # A step of 0.5 over whole numbers would silently become a step of 1.
-        raise ValueError(f"{where}: {name} is a whole number; q must be a whole number too (got {p.q:g})")
+        raise ValueError(f"{where}: {name} is a whole number; q must be a whole number too (got {p.step:g})")
     candidates: list[Any] = []
     if kind == "constant":
         candidates = [p.value]

@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
 from ..contract.records import CREATED_ATTR, SPEC_ATTR, Budget, LRPrior, StudyStop, TestEvaluation, TrialRecord, who_and_when
-from ..contract.space import fit_into, grid_space
+from ..contract.space import fit_into, grid_space, without_quantiles
 from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
 from ..errors import UserError
 from .lock import storage_lock
@@ -412,7 +412,9 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         direction=spec.direction,
         states=count_states(storage, study._study_id),
         budget={k: v for k, v in asdict(Budget.of(attrs, spec)).items() if v not in (None, "")},
-        best=None if best is None else BestTrial(best.number, best.value, best.params, TrialRecord.of(best).config),
+        best=None
+        if best is None
+        else BestTrial(best.number, best.value, without_quantiles(best.params), TrialRecord.of(best).config),
         test_evaluation=TestEvaluation.read(attrs),
         stopped=StudyStop.read(attrs),
     )
