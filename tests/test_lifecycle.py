@@ -136,7 +136,11 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
         "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
     ).stdout
     assert out.count("queued trial") == 2
-    for t in done[:2]:
+    # Clipping may make two old configurations one: the next best is taken instead (tested below).
+    by_number = {t.number: t for t in done}
+    sources = [by_number[int(n)] for n in re.findall(r"^queued trial (\d+) of old", out, re.M)]
+    assert [t.number for t in sources] == [t.number for t in done if t in sources][:2]
+    for t in sources:
         assert f"queued trial {t.number} of old ({t.value:.4f})" in out
         if not 3e-3 <= t.params["lr"] <= 5e-3:
             assert f"trial {t.number}, lr: {t.params['lr']:g} clipped to" in out
@@ -144,11 +148,39 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
             assert f"trial {t.number}, weight_decay: 0.0 is not among [0.01, 0.1]; left to the sampler" in out
     run_cli("worker", "--study", "new", "--max-trials", "2", "--storage", url, "--gpus", "none")
     first = sorted(trials(url, "new"), key=lambda t: t.number)[:2]
-    for t, source in zip(first, done[:2], strict=True):
+    for t, source in zip(first, sources, strict=True):
         assert TrialRecord.of(t).enqueued == f"warm start: trial {source.number} of old ({source.value:.4f})"
         assert t.params["lr"] == pytest.approx(min(max(source.params["lr"], 3e-3), 5e-3))
         if source.params["weight_decay"] == 0.01:
             assert t.params["weight_decay"] == 0.01
+
+
+def test_warm_start_skips_configurations_that_clipping_makes_one(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    old = tiny_spec("old", budget={"n_trials": 3})
+    old["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
+    run_cli("study", "create", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
+    study = optuna.load_study(study_name="old", storage=url)
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "weight_decay": optuna.distributions.CategoricalDistribution([0.0, 0.01]),
+    }
+    for lr, value in [(1e-2, 0.9), (2e-2, 0.8), (4e-3, 0.7)]:  # the second clips onto the first
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "weight_decay": 0.01}, distributions=dists, value=value))
+    new = tiny_spec("new", budget={"n_trials": 4})
+    new["parameters"]["lr"] = {"distribution": "log_uniform_values", "min": 3e-3, "max": 5e-3}
+    new["parameters"]["weight_decay"] = {"values": [0.01, 0.1]}
+    out = run_cli(
+        "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
+    ).stdout
+    assert "trial 1: the same configuration as trial 0 once fitted; skipped" in out
+    assert re.findall(r"^queued trial (\d+) of old", out, re.M) == ["0", "2"]
+    waiting = sorted(trials(url, "new"), key=lambda t: t.number)
+    assert [TrialRecord.of(t).enqueued for t in waiting] == [
+        "warm start: trial 0 of old (0.9000)",
+        "warm start: trial 2 of old (0.7000)",
+    ]
+    assert [t.state for t in waiting] == [TrialState.WAITING] * 2
 
 
 def test_warm_start_refusals_leave_no_study_behind(tmp_path: Path) -> None:

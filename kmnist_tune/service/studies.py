@@ -7,6 +7,7 @@ import collections.abc
 import contextlib
 import datetime as dt
 import inspect
+import json
 import sys
 import typing
 from collections.abc import Callable
@@ -170,22 +171,34 @@ def warm_start_plan(spec: SweepSpec, old: optuna.Study, top: int) -> tuple[list[
     done = old.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise UserError(f"study {old.study_name!r} has no completed trial to warm-start from")
-    best = sorted(done, key=lambda t: t.value, reverse=old.direction == optuna.study.StudyDirection.MAXIMIZE)[:top]
-    if not set(best[0].params) & set(searched):
+    ranked = sorted(done, key=lambda t: t.value, reverse=old.direction == optuna.study.StudyDirection.MAXIMIZE)
+    if not set(ranked[0].params) & set(searched):
         raise UserError(
-            f"study {old.study_name!r} searched {', '.join(sorted(best[0].params)) or 'nothing'}; this spec searches "
+            f"study {old.study_name!r} searched {', '.join(sorted(ranked[0].params)) or 'nothing'}; this spec searches "
             f"{', '.join(sorted(searched)) or 'nothing'}: no parameter to carry over"
         )
     plan, lines = [], []
-    for t in best:
+    taken: dict[str, int] = {}  # a configuration once fitted -> the old trial that brought it
+    for t in ranked:
+        if len(plan) == top:
+            break
         params: dict[str, Any] = {}
+        changes = []
         for name, p in searched.items():
             if name in t.params:
                 value, change = fit_into(name, p, t.params[name])
                 if change:
-                    lines.append(f"  trial {t.number}, {name}: {change}")
+                    changes.append(f"  trial {t.number}, {name}: {change}")
                 if value is not None:
                     params[name] = value
+        # Clipping can make two old configurations one; Optuna would skip the second enqueue
+        # silently (skip_if_exists), so say so here and take the next best instead.
+        key = json.dumps(params, sort_keys=True, default=str)
+        if key in taken:
+            lines.append(f"  trial {t.number}: the same configuration as trial {taken[key]} once fitted; skipped")
+            continue
+        taken[key] = t.number
+        lines.extend(changes)
         plan.append((params, f"warm start: trial {t.number} of {old.study_name} ({t.value:.4f})"))
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         lines.append(f"queued trial {t.number} of {old.study_name} ({t.value:.4f}): {shown}")
