@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from optuna_dashboard import get_note
 from sqlalchemy.engine import make_url
 
 from kmnist_tune.contract.records import TrialRecord
+from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.recipe.checkpoints import TrialCheckpoints
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
 from kmnist_tune.service.storage import open_storage
 
@@ -154,3 +157,28 @@ def test_study_delete_removes_unrecorded_checkpoints_from_the_folder(tmp_path: P
     assert len(list(folder.iterdir())) == 4
     run_cli("study", "delete", "orphans", "--yes", "--storage", f"sqlite:///{tmp_path / 'o.db'}")
     assert list(folder.iterdir()) == []
+
+
+def test_a_restart_at_a_halved_batch_size_keeps_its_own_checkpoint(tmp_path: Path) -> None:
+    """The halving rule restarts a trial from epoch 0, so its new checkpoints take the names of the
+    old ones; keep: 1 must drop the old record without deleting the new files under those names."""
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    run_cli("study", "create", str(write_spec(tmp_path / "h.yaml", four_epochs("halved"))), "--storage", url)
+    study = optuna.load_study(study_name="halved", storage=open_storage(url))
+    trial = study.ask()
+    lines: list[str] = []
+    ckpts = TrialCheckpoints(trial, parse_spec(four_epochs("halved")), lines.append)
+    try:
+        for bs, payload in ((64, b"weights at batch 64"), (32, b"weights at batch 32")):
+            staging = tempfile.TemporaryDirectory()
+            weights, info = Path(staging.name) / "w.pth", Path(staging.name) / "m.json"
+            weights.write_bytes(payload)
+            info.write_text('{"epoch": 0}')
+            ckpts._upload(staging, weights, info, 0, bs)  # epoch 1 of each start
+    finally:
+        ckpts.close()
+    record = TrialRecord.of(study.trials[0]).checkpoint
+    assert record is not None and record["batch_size"] == 32
+    with artifact_store(open_storage(url)).open_reader(record["model"]) as fh:
+        assert fh.read() == b"weights at batch 32"
+    assert not lines

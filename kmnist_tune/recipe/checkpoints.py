@@ -108,7 +108,9 @@ class TrialCheckpoints:
         self.saved.append(record)
         while len(self.saved) > self.spec.checkpoints.keep:
             old = self.saved.pop(0)
-            remove_artifacts(self.store, [old["model"], old["meta"]])
+            # A restart at a halved batch size saves its epochs under the same names: keep those.
+            in_use = {r[k] for r in self.saved for k in ("model", "meta")}
+            remove_artifacts(self.store, [old[k] for k in ("model", "meta") if old[k] not in in_use])
 
     # -- resuming --------------------------------------------------------------------------------
     def resume_point(self, params: dict[str, Any]) -> Resume | None:
