@@ -16,47 +16,12 @@ from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.contract.spec import SpecError, load_spec
 from kmnist_tune.service.storage import open_storage
 
-# What a W&B user of a fastai image classifier has (W&B's keys and distributions, as documented);
-# `data:` and the epochs are the only lines that size it for the test fixture.
-WANDB_FILE = """\
-program: train.py
-method: bayes
-name: wb-fastai
-description: a W&B sweep of a fastai classifier
-project: kuzushiji
-entity: my-team
-metric:
-  name: val_accuracy
-  goal: maximize
-early_terminate:
-  type: hyperband
-  min_iter: 1
-  eta: 2
-run_cap: 2
-command:
-  - ${env}
-  - python
-  - ${program}
-  - ${args}
-parameters:
-  learning_rate:
-    distribution: log_uniform
-    min: -6.2   # e^-6.2 = 0.002
-    max: -4.6   # e^-4.6 = 0.010
-  batch_size:
-    values: [16, 32]
-  weight_decay:
-    values: [0, 1e-5, 1e-4]
-  num_epochs:
-    value: 1
-  dropout:
-    distribution: beta
-    a: 2
-    b: 5
-data:
-  dataset: kmnist
-  valid_fraction: 0.2
-"""
+CORPUS = Path(__file__).parent / "wandb_corpus"
+# What a W&B user of a fastai image classifier has: program, method bayes, val_accuracy, hyperband,
+# log_uniform learning rate, batch sizes as values, an optimizer categorical (the issue's done-when).
+WANDB_FILE = (CORPUS / "fastai_bayes.yaml").read_text()
+# W&B's own JSON schema of sweep configs (scripts/ci-deps takes it from W&B's `sweeps` package).
+WANDB_SCHEMA = Path(__file__).parents[1] / ".cache" / "wandb-sweeps" / "schema.json"
 
 
 def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
@@ -67,13 +32,13 @@ def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
 
 def test_a_wandb_sweep_file_reads_as_a_spec(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, WANDB_FILE))
-    assert spec.name == "wb-fastai" and spec.description.startswith("a W&B sweep")
+    assert spec.name == "wb-fastai" and spec.description.startswith("bayes search of a fastai")
     assert spec.sampler.name == "tpe"  # bayes
     assert (spec.metric, spec.direction) == ("accuracy", "maximize")
     assert spec.pruner.name == "hyperband" and spec.pruner.options == {"reduction_factor": 2, "min_resource": 1}
     assert spec.budget.n_trials == 2  # run_cap
     assert spec.tracking.wandb.project == "kuzushiji"
-    assert set(spec.parameters) == {"lr", "batch_size", "weight_decay", "epochs", "dropout"}  # W&B names -> ours
+    assert set(spec.parameters) == {"lr", "batch_size", "optimizer", "weight_decay", "epochs", "dropout"}  # W&B names -> ours
     lo, hi = spec.parameters["lr"].support()
     assert lo == pytest.approx(math.exp(-6.2)) and hi == pytest.approx(math.exp(-4.6))
     assert spec.parameters["weight_decay"].values == [0, 1e-5, 1e-4]  # YAML 1.1 would read "1e-5" as text
@@ -84,9 +49,12 @@ def test_a_wandb_sweep_file_reads_as_a_spec(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("method: bayes", "method: hyperopt"), "method: 'hyperopt' is not a W&B search method; use one of grid, random, bayes"),
+        (("method: bayes", "method: hyperopt"), "method: 'hyperopt' is not supported; use one of grid, random, bayes"),
         (("name: val_accuracy", "name: f1_macro"), "metric.name: 'f1_macro' is not a metric this project records"),
         (("goal: maximize", "goal: up"), "metric.goal: 'up'; use maximize or minimize"),
+        (("  goal: maximize\n", ""), "metric.goal: W&B's default goal is minimize, which would minimise val_accuracy"),
+        (("method: bayes", "method: custom"), "method: 'custom' is not supported; use one of grid, random, bayes"),
+        (("values: [adam, sgd]", "values: [adam, adamax]"), "parameters.optimizer: 'adamax' is not one of adam, sgd"),
         (("run_cap: 2\n", ""), "run_cap: W&B runs a random or bayes sweep until you stop it; give run_cap: N"),
         (("type: hyperband", "type: envelope"), "early_terminate: only `type: hyperband` exists in W&B"),
         (
@@ -160,6 +128,7 @@ def test_the_wandb_file_runs_unchanged(tmp_path: Path) -> None:
     assert len(finished) == 2 and all(t.state != optuna.trial.TrialState.FAIL for t in finished)
     for t in finished:
         assert math.exp(-6.2) <= t.params["lr"] <= math.exp(-4.6) and t.params["batch_size"] in (16, 32)
+        assert t.params["optimizer"] in ("adam", "sgd") and TrialRecord.of(t).config["optimizer"] == t.params["optimizer"]
         assert 0 < t.params["dropout"] < 1 and TrialRecord.of(t).config["dropout"] == t.params["dropout"]  # used = stored
     best = json.loads(run_cli("best", "--study", "wb-fastai", "--storage", url, "--json").stdout)
     assert "dropout" in best["params"] and "dropout_quantile" not in best["params"]  # the sampler's quantile stays inside
@@ -283,3 +252,112 @@ def test_shaped_distributions_refuse_what_cannot_be_used() -> None:
         with pytest.raises(SpecError) as err:
             parse_spec({"name": "bad", "parameters": parameters, "budget": {"n_trials": 1}})
         assert message in str(err.value), str(err.value)
+
+
+# -- a corpus of W&B sweep files: W&B's own schema accepts each, and so does kmnist-tune -------------
+def wandb_validator():  # type: ignore[no-untyped-def]
+    import jsonschema
+
+    assert WANDB_SCHEMA.is_file(), f"{WANDB_SCHEMA} is missing: run ./scripts/ci-deps"
+    return jsonschema.Draft7Validator(json.loads(WANDB_SCHEMA.read_text()))
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    from kmnist_tune.contract.spec import _UniqueKeyLoader
+
+    return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # YAML 1.2 numbers (1e-5), as W&B reads them
+
+
+CORPUS_FILES = sorted(CORPUS.glob("*.yaml"))
+
+
+def test_the_corpus_covers_every_wandb_distribution_and_top_level_key() -> None:
+    schema = json.loads(WANDB_SCHEMA.read_text())
+    # W&B's distributions are the enums of `distribution` in its parameter definitions.
+    wandb_dists = {
+        d
+        for name, block in schema["definitions"].items()
+        if name.startswith("param_")
+        for alt in block.get("anyOf", [block])
+        for d in alt.get("properties", {}).get("distribution", {}).get("enum", [])
+    }
+    assert len(wandb_dists) >= 17, wandb_dists
+    used_dists, used_keys = set(), set()
+    for path in CORPUS_FILES:
+        data = read_yaml(path)
+        used_keys |= set(data)
+        for block in data["parameters"].values():
+            implied = "categorical_w_probabilities" if "probabilities" in block else "shorthand"
+            used_dists.add(block.get("distribution") or implied)
+    assert wandb_dists <= used_dists, f"not in the corpus: {sorted(wandb_dists - used_dists)}"
+    # Every top-level key but those that need W&B's own machinery: `metrics` (multi-objective, method: custom)
+    # and `scheduler` (W&B Launch's Optuna/Ax engines), both refused in one line.
+    wanted = set(schema["properties"]) - {"metrics", "scheduler"}
+    assert wanted <= used_keys, f"not in the corpus: {sorted(wanted - used_keys)}"
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.stem)
+def test_each_corpus_file_is_a_wandb_sweep_and_samples_inside_its_space(path: Path) -> None:
+    from kmnist_tune.contract.space import sample_params, without_quantiles
+
+    data = read_yaml(path)
+    errors = [e.message for e in wandb_validator().iter_errors(data)]
+    assert not errors, errors  # a genuine W&B sweep file, by W&B's own schema
+    spec = load_spec(path)
+    assert spec.sampler.name == {"bayes": "tpe", "random": "random", "grid": "grid"}[data["method"]]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    used = []
+    for _ in range(200):
+        trial = study.ask()
+        params = sample_params(trial, spec)
+        used.append({k: params[k] for k in spec.searched_params()})
+        for name, p in spec.parameters.items():
+            if p.kind() in ("constant",):
+                assert params[name] == p.value
+            elif p.kind() == "categorical":
+                assert params[name] in p.values
+            else:
+                lo, hi = p.support()
+                assert lo <= params[name] <= hi, (name, params[name], lo, hi)
+        study.tell(trial, 0.0)
+    assert [without_quantiles(t.params) for t in study.trials] == used  # what Optuna stores is what training used
+
+
+@pytest.mark.parametrize("path", CORPUS_FILES, ids=lambda p: p.stem)
+def test_study_show_as_wandb_writes_a_wandb_file_that_reads_back(tmp_path: Path, path: Path) -> None:
+    import yaml
+
+    from kmnist_tune.contract.spec import spec_to_dict
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_cli("study", "create", str(path), "--storage", url)
+    spec = load_spec(path)
+    text = run_cli("study", "show", spec.name, "--as-wandb", "--storage", url).stdout
+    back = yaml.safe_load(text)
+    errors = [e.message for e in wandb_validator().iter_errors(back)]
+    assert not errors, (errors, text)
+    again = load_spec(write(tmp_path, text, "back.yaml"))
+    a, b = spec_to_dict(spec), spec_to_dict(again)
+    for key in ("name", "metric", "direction", "sampler", "pruner", "budget", "parameters"):
+        assert a[key] == b[key], key
+
+
+def test_as_wandb_says_what_wandb_has_no_key_for(tmp_path: Path) -> None:
+    from conftest import tiny_spec, write_spec
+
+    native = tiny_spec("native", pruner={"name": "median"}, budget={"n_trials": 3, "timeout": 600})
+    native["parameters"]["lr"] = {"distribution": "lr_finder", "width": 2}
+    native["parameters"]["dropout"] = {"values": [0.1, 0.5], "probabilities": [0.5, 0.5]}
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    run_cli("study", "create", str(write_spec(tmp_path / "n.yaml", native)), "--storage", url)
+    out = run_cli("study", "show", "native", "--as-wandb", "--json", "--storage", url).stdout
+    got = json.loads(out)
+    assert not [e.message for e in wandb_validator().iter_errors(got["sweep"])]
+    assert got["sweep"]["method"] == "bayes" and got["sweep"]["run_cap"] == 3 and "early_terminate" not in got["sweep"]
+    assert got["sweep"]["parameters"]["dropout"]["distribution"] == "categorical_w_probabilities"
+    assert "lr" not in got["sweep"]["parameters"]  # the LR finder has not run: no range to write yet
+    notes = "\n".join(got["not_in_wandb"])
+    for said in ("pruner: median", "budget.timeout: 600", "parameters.lr: lr_finder (2 decades", "data: {"):
+        assert said in notes, (said, notes)

@@ -68,14 +68,31 @@ def study_list(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @study_app.command("show")
-def study_show(study_arg: StudyArg = None, study: StudyOpt = None, storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
+def study_show(
+    study_arg: StudyArg = None,
+    study: StudyOpt = None,
+    storage: StorageOpt = None,
+    as_json: JsonOpt = False,
+    as_wandb: Annotated[bool, typer.Option("--as-wandb", help="print the study's spec as a W&B sweep file")] = False,
+) -> None:
     """Show a study: trial counts by state, the best trial, who runs what, and its spec."""
     import yaml
 
     from ..contract.spec import spec_to_dict
     from ..observe.summary import show_lines
-    from ..service.studies import read_summary
+    from ..service.studies import read_summary, wandb_sweep
 
+    if as_wandb:
+        config, notes = wandb_sweep(storage_url(storage), study_name(study_arg, study))
+        if as_json:
+            out_json({"sweep": config, "not_in_wandb": notes})
+            return
+        out(f"# W&B sweep file of kmnist-tune study {config['name']} (`kmnist-tune run` reads it back)")
+        if notes:
+            out("# W&B's sweep config has no key for these settings of the study:")
+            out_lines([f"#   {n}" for n in notes])
+        out(yaml.safe_dump(config, sort_keys=False).rstrip())
+        return
     summary, spec = read_summary(storage_url(storage), study_name(study_arg, study))
     if as_json:
         out_json({**summary.as_json(), "spec": spec_to_dict(spec)})

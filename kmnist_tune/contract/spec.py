@@ -56,6 +56,8 @@ Arch = Literal["resnet18", "resnet34", "resnet50"]
 Stem = Literal["imagenet", "small"]
 Metric = Literal["accuracy", "balanced_accuracy", "valid_loss"]
 Direction = Literal["maximize", "minimize"]
+Optimizer = Literal["adam", "sgd", "rmsprop", "lamb", "ranger"]  # fastai's (training/optim.py)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ARCHS: tuple[str, ...] = get_args(Arch)
 STEMS: tuple[str, ...] = get_args(Stem)
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -110,6 +112,15 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "dropout": {"kind": "float", "default": 0.5, "min": 0.0, "max": 1.0, "max_open": True},
     "arch": {"kind": "choice", "default": "resnet18", "choices": ARCHS},
     "stem": {"kind": "choice", "default": "imagenet", "choices": STEMS},
+    # The knobs image-classifier sweeps tune, each a fastai part (training/optim.py). The defaults
+    # are fastai's: Adam, one-cycle momentum 0.95 (-> 0.85 -> 0.95), sqr_mom 0.99, no smoothing, no mixing.
+    "optimizer": {"kind": "choice", "default": "adam", "choices": OPTIMIZERS},
+    "momentum": {"kind": "float", "default": 0.95, "min": 0.0, "max": 1.0, "max_open": True},
+    "beta2": {"kind": "float", "default": 0.99, "min": 0.0, "max": 1.0, "max_open": True},
+    "label_smoothing": {"kind": "float", "default": 0.0, "min": 0.0, "max": 1.0, "max_open": True},
+    "mixup": {"kind": "float", "default": 0.0, "min": 0.0, "max": 100.0},  # MixUp's alpha; 0 = off
+    "cutmix": {"kind": "float", "default": 0.0, "min": 0.0, "max": 100.0},  # CutMix's alpha; 0 = off
+    "one_cycle": {"kind": "bool", "default": True},  # false: a flat fit at lr
 }
 
 
@@ -454,6 +465,12 @@ class SweepSpec(_Strict):
         for b in starts:
             if b < self.halving.min_batch_size:
                 raise ValueError(f"parameters.batch_size: {b} is below halving.min_batch_size ({self.halving.min_batch_size})")
+        can_mix = [name for name in ("mixup", "cutmix") if name in self.parameters and _can_be_on(self.parameters[name])]
+        if len(can_mix) == 2:
+            raise ValueError(
+                "parameters.mixup and parameters.cutmix: a trial mixes its batches one way (fastai's MixUp or CutMix); "
+                "search one of them and fix the other at 0"
+            )
         if self.sampler.name == "grid":
             for name, p in self.parameters.items():
                 if p.searched and p.kind() != "categorical":
@@ -490,6 +507,16 @@ class SweepSpec(_Strict):
         return self.model_copy(update={"parameters": {**self.parameters, "lr": lr}})
 
 
+def _can_be_on(p: ParamSpec) -> bool:
+    """Whether a 0-means-off parameter (mixup, cutmix) can take a value above 0."""
+    kind = p.kind()
+    if kind == "constant":
+        return bool(p.value)
+    if kind == "categorical":
+        return any(bool(v) for v in p.values or [])
+    return p.support()[1] > 0
+
+
 def _check_parameter(name: str, p: ParamSpec) -> None:
     if name not in PARAMETERS:
         from .wandb import ALIASES
@@ -501,6 +528,8 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
     where = f"parameters.{name}"
     if meta["kind"] == "choice" and kind not in ("constant", "categorical"):
         raise ValueError(f"{where}: {name} is a choice; give `value` or `values` from {', '.join(meta['choices'])}")
+    if meta["kind"] == "bool" and kind not in ("constant", "categorical"):
+        raise ValueError(f"{where}: {name} is true or false; give `value` or `values: [true, false]`")
     if meta["kind"] == "int" and kind in ("uniform", *LOG_UNIFORM, "normal", "log_normal", "beta"):
         raise ValueError(f"{where}: {name} is a whole number; use int_uniform, q_uniform, q_log_uniform_values or values")
     if meta["kind"] == "int" and kind.startswith("q_") and not float(p.step).is_integer():
@@ -523,7 +552,11 @@ def _check_parameter(name: str, p: ParamSpec) -> None:
 
 def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
     if meta["kind"] == "choice":
-        return None if v in meta["choices"] else f"{v!r} is not one of {', '.join(meta['choices'])}"
+        if v in meta["choices"]:
+            return None
+        return f"{v!r} is not one of {', '.join(meta['choices'])}{_did_you_mean(str(v).lower(), meta['choices'])}"
+    if meta["kind"] == "bool":
+        return None if isinstance(v, bool) else f"{v!r} is not true or false"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return f"{v!r} is not a number"
     if meta["kind"] == "int" and not float(v).is_integer():
@@ -595,7 +628,9 @@ def _one_line(err: ValidationError) -> str:
     return msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
-def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+def parse_spec(data: Any, source: str = "spec", default_name: str | None = None) -> SweepSpec:
+    """A spec from its YAML mapping; `default_name` names a W&B sweep file's study when it has no
+    `name` (W&B's own sweeps make one up)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping (key: value lines), got {type(data).__name__}")
     if _expanded_size(data, MAX_SPEC_BYTES) > MAX_SPEC_BYTES:
@@ -607,7 +642,7 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
     from .wandb import TranslationError, translate
 
     try:
-        data, notes = translate(data)
+        data, notes = translate(data, default_name)
     except TranslationError as e:
         raise SpecError(f"{source}: {e}") from None
     try:
@@ -650,7 +685,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe_load semantics
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML{_yaml_problem(e, text)}") from None
-    return parse_spec(data, str(p))
+    return parse_spec(data, str(p), default_name=p.stem)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

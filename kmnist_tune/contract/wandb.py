@@ -9,12 +9,16 @@ aliases, which both kinds may use).
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
 
 # W&B's search methods -> Optuna's samplers (TPE is Optuna's Bayesian optimisation).
 METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}
 # Keys only W&B's own agent uses: accepted, reported once, not used.
-AGENT_ONLY = ("program", "command", "entity", "controller", "job", "image_uri")
+AGENT_ONLY = ("program", "command", "entity", "controller", "job", "image_uri", "scheduler", "apiVersion", "kind")
 # W&B metric names in common use -> this project's metrics.
 METRIC_NAMES: dict[str, str] = {
     **dict.fromkeys(
@@ -36,6 +40,21 @@ ALIASES: dict[str, str] = {
     "ps": "dropout",
     "architecture": "arch",
     "model": "arch",
+    "optim": "optimizer",
+    "opt": "optimizer",
+    "beta1": "momentum",
+    "beta_1": "momentum",
+    "mom": "momentum",
+    "beta_2": "beta2",
+    "sqr_mom": "beta2",
+    "smoothing": "label_smoothing",
+    "label_smooth": "label_smoothing",
+    "mixup_alpha": "mixup",
+    "cutmix_alpha": "cutmix",
+    "onecycle": "one_cycle",
+    "warmup": "pct_start",
+    "warmup_ratio": "pct_start",
+    "warmup_pct": "pct_start",
 }
 GOALS = {"maximize": "maximize", "minimize": "minimize"}
 
@@ -50,21 +69,28 @@ def looks_like_wandb(data: dict[str, Any]) -> bool:
     )
 
 
-def translate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(the spec's keys, notes for the user: what was ignored)."""
+def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(the spec's keys, notes for the user: what was ignored). default_name: the study's name when
+    a W&B file gives none (the file's name)."""
     out = dict(data)
     notes: list[str] = []
     if isinstance(out.get("parameters"), dict):
         out["parameters"] = _parameters(out["parameters"])
     if not looks_like_wandb(data):
         return out, notes
+    if "name" not in out and default_name:
+        out["name"] = re.sub(r"[^A-Za-z0-9._-]+", "-", default_name).strip("._-")[:100] or "wandb-sweep"
+        notes.append(f"name: none given; the study is named {out['name']!r} after the file")
+    if "metrics" in out:
+        raise TranslationError("metrics: multi-objective sweeps (W&B's method: custom) are not supported; give one `metric`")
     ignored = [k for k in AGENT_ONLY if k in out]
+    unused_metric: list[str] = []
     for k in ignored:
         out.pop(k)
     if "method" in out:
         method = out.pop("method")
         if method not in METHODS:
-            raise TranslationError(f"method: {method!r} is not a W&B search method; use one of {', '.join(METHODS)}")
+            raise TranslationError(f"method: {method!r} is not supported; use one of {', '.join(METHODS)}")
         if "sampler" in out:
             raise TranslationError("give either W&B's `method` or `sampler`, not both")
         out["sampler"] = {"name": METHODS[method]}
@@ -72,16 +98,26 @@ def translate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         metric = dict(out.pop("metric"))
         name = metric.pop("name", None)
         goal = metric.pop("goal", None)
-        if "target" in metric:
-            metric.pop("target")
-            ignored.append("metric.target")
+        # target ends a W&B sweep early; impute* fill in W&B's bayes search for crashed runs (Optuna's
+        # samplers leave failed trials out instead).
+        for key in ("target", "impute", "impute_while_running"):
+            if key in metric:
+                metric.pop(key)
+                unused_metric.append(f"metric.{key}")
         if metric:
-            raise TranslationError(f"metric: unknown key {next(iter(metric))!r}; W&B's metric has name, goal and target")
+            raise TranslationError(
+                f"metric: unknown key {next(iter(metric))!r}; W&B's metric has name, goal, target, impute, impute_while_running"
+            )
         if name is not None:
             if name not in METRIC_NAMES:
                 known = ", ".join(sorted(METRIC_NAMES))
                 raise TranslationError(f"metric.name: {name!r} is not a metric this project records; use one of {known}")
             out["metric"] = METRIC_NAMES[name]
+            if goal is None and METRIC_NAMES[name] != "valid_loss":
+                # W&B's default goal is minimize: it would minimise an accuracy. Say so rather than guess.
+                raise TranslationError(
+                    f"metric.goal: W&B's default goal is minimize, which would minimise {name}; add goal: maximize"
+                )
         if goal is not None:
             if goal not in GOALS:
                 raise TranslationError(f"metric.goal: {goal!r}; use maximize or minimize")
@@ -108,6 +144,11 @@ def translate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         out["tracking"] = {**tracking, "wandb": wandb}
     if ignored:
         notes.append(f"ignored: {', '.join(ignored)} (used by W&B's own agent; kmnist-tune runs the trials itself)")
+    if unused_metric:
+        notes.append(
+            f"ignored: {', '.join(unused_metric)} (W&B's controller: target ends a sweep early, impute scores crashed "
+            "runs; the budget ends a study here, and Optuna's samplers leave failed trials out)"
+        )
     return out, notes
 
 
@@ -133,6 +174,9 @@ def _parameters(params: dict[str, Any]) -> dict[str, Any]:
                 f"parameters.{name}: nested `parameters:` blocks are not supported; "
                 f"flatten them into top-level parameters (e.g. {name}.x -> x)"
             )
+        if isinstance(block, dict) and block.get("distribution") == "categorical_w_probabilities":
+            # W&B's name for a categorical with probabilities: `values` + `probabilities` say the same here
+            block = {k: v for k, v in block.items() if k != "distribution"}
         target = ALIASES.get(name, name)
         if target in out:
             raise TranslationError(f"parameters: {given[target]} and {name} name the same parameter ({target}); give one")
@@ -169,3 +213,70 @@ def _hyperband(block: Any) -> dict[str, Any]:
     else:
         raise TranslationError("early_terminate: give min_iter, or max_iter (with s)")
     return {"name": "hyperband", "options": options}
+
+
+# -- the way back: a study's spec as a W&B sweep file (`study show NAME --as-wandb`) ------------------
+SAMPLER_METHODS = {"tpe": "bayes", "random": "random", "grid": "grid", "cmaes": "bayes"}
+WANDB_METRICS = {"accuracy": "val_accuracy", "balanced_accuracy": "val_balanced_accuracy", "valid_loss": "val_loss"}
+# The spec's own sections, which W&B's sweep config has no key for (its schema allows no other keys).
+OWN_SECTIONS = ("data", "halving", "workers", "augment", "checkpoints", "performance")
+
+
+def to_wandb(
+    spec: SweepSpec, n_trials: int | None, timeout: float | None, lr_range: tuple[float, float] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """(a W&B sweep config that `translate` reads back into this spec's search, what W&B cannot say).
+
+    n_trials/timeout: the study's current budget; lr_range: the LR-finder prior's range, if computed."""
+    from .spec import BudgetSpec, SweepSpec, spec_to_dict
+
+    notes: list[str] = []
+    out: dict[str, Any] = {"name": spec.name}
+    if spec.description:
+        out["description"] = spec.description
+    out["method"] = SAMPLER_METHODS[spec.sampler.name]
+    if spec.sampler.name == "cmaes" or spec.sampler.options:
+        notes.append(f"sampler: {spec.sampler.name} {spec.sampler.options or ''}".rstrip() + f" (W&B: method {out['method']})")
+    out["metric"] = {"name": WANDB_METRICS[spec.metric], "goal": spec.direction}
+    pruner = spec.pruner
+    if pruner.name == "hyperband":
+        o = pruner.options
+        stop: dict[str, Any] = {"type": "hyperband", "min_iter": o.get("min_resource", 1), "eta": o.get("reduction_factor", 3)}
+        if isinstance(o.get("max_resource"), int):
+            stop["max_iter"] = o["max_resource"]
+        out["early_terminate"] = stop
+        if stop["min_iter"] == "auto" or set(o) - {"min_resource", "max_resource", "reduction_factor"}:
+            notes.append(f"pruner: hyperband {o} (W&B's hyperband takes min_iter, max_iter, eta)")
+    elif pruner.name != "none":
+        notes.append(f"pruner: {pruner.name} {pruner.options or ''}".rstrip() + " (W&B's only early stopping is hyperband)")
+    if n_trials is not None:
+        out["run_cap"] = n_trials
+    if timeout is not None:
+        notes.append(f"budget.timeout: {timeout:g} s per worker (W&B has no time limit)")
+    if spec.tracking.wandb.project is not None:
+        out["project"] = spec.tracking.wandb.project
+    params: dict[str, Any] = {}
+    for name, p in spec.parameters.items():
+        block = p.model_dump(mode="json", exclude_none=True)
+        if p.probabilities is not None:
+            block["distribution"] = "categorical_w_probabilities"  # W&B's categorical takes no probabilities
+        if p.kind() == "lr_finder":
+            width, suggestion = p.lr_finder_settings()
+            if lr_range is None:
+                notes.append(f"parameters.{name}: lr_finder ({width:g} decades around the {suggestion}); not run yet")
+                continue
+            block = {"distribution": "log_uniform_values", "min": lr_range[0], "max": lr_range[1]}
+            notes.append(f"parameters.{name}: lr_finder ({width:g} decades around the {suggestion}), written as its range")
+        params[name] = block
+    out["parameters"] = params
+    defaults = spec_to_dict(SweepSpec(name=spec.name, budget=BudgetSpec(n_trials=1)))
+    mine = spec_to_dict(spec)
+    for section in OWN_SECTIONS:
+        if mine.get(section) != defaults.get(section):
+            notes.append(f"{section}: {mine[section]}")
+    if mine.get("seed") != defaults.get("seed"):
+        notes.append(f"seed: {mine['seed']}")
+    wandb = {k: v for k, v in mine["tracking"]["wandb"].items() if k != "project"}
+    if wandb != defaults["tracking"]["wandb"]:
+        notes.append(f"tracking.wandb: {wandb}")
+    return out, notes

@@ -32,10 +32,10 @@ from ..training.train import LR_FIND_ITERATIONS, build_learner, find_lr
 
 
 def prior_config(spec: SweepSpec) -> dict[str, Any]:
-    """The configuration the finder runs with: fixed values, and for a searched arch, stem or
-    batch size its first listed value (the study key says which)."""
+    """The configuration the finder runs with: fixed values, and for a searched arch, stem, batch
+    size or optimizer its first listed value (the study key says which)."""
     params = spec.fixed_params()
-    for name in ("arch", "stem", "batch_size"):
+    for name in ("arch", "stem", "batch_size", "optimizer"):
         p = spec.parameters.get(name)
         if p is not None and p.searched and p.values:
             params[name] = p.values[0]
@@ -44,7 +44,9 @@ def prior_config(spec: SweepSpec) -> dict[str, Any]:
 
 def study_key(spec: SweepSpec) -> str:
     c = prior_config(spec)
-    return f"{spec.data.dataset}/{c['arch']}/{c['stem']}/bs{c['batch_size']}"
+    # The optimizer moves the finder's curve (SGD wants larger rates); named when it is not fastai's default.
+    opt = "" if c["optimizer"] == "adam" else f"/{c['optimizer']}"
+    return f"{spec.data.dataset}/{c['arch']}/{c['stem']}/bs{c['batch_size']}{opt}"
 
 
 def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events: Listener) -> LRPrior:

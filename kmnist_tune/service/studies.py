@@ -22,6 +22,7 @@ from .. import __version__
 from ..contract.records import CREATED_ATTR, SPEC_ATTR, Budget, LRPrior, StudyStop, TestEvaluation, TrialRecord, who_and_when
 from ..contract.space import fit_into, grid_space, without_quantiles
 from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
+from ..contract.wandb import to_wandb
 from ..errors import UserError
 from .lock import storage_lock
 from .retry import open_worker_storage
@@ -337,6 +338,15 @@ def open_existing(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
 def read_study(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
     """Open a study to read it: nothing is created or written, not even Optuna's tables."""
     return open_study(open_storage(url), name)
+
+
+def wandb_sweep(url: str, name: str) -> tuple[dict[str, Any], list[str]]:
+    """`study show --as-wandb`: the study's spec as a W&B sweep config, with its current budget and
+    LR-finder range (contract/wandb.py), and what W&B has no key for."""
+    study, spec = read_study(url, name)
+    budget = Budget.of(study.user_attrs, spec)
+    prior = LRPrior.read(study.user_attrs)
+    return to_wandb(spec, budget.n_trials, budget.timeout, (prior.low, prior.high) if prior is not None else None)
 
 
 def read_prior(url: str, name: str) -> LRPrior:

@@ -18,7 +18,6 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, steep, valley
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import BalancedAccuracy, accuracy
 
 from ..contract.records import EpochRecord
@@ -26,6 +25,7 @@ from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
 from .model import build_model
+from .optim import knob, loss_func, mixing_callbacks, moms, opt_func
 from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
 from .splits import Splits
 
@@ -136,7 +136,8 @@ def build_learner(
     learn = Learner(
         dls,
         model,
-        loss_func=CrossEntropyLossFlat(),
+        loss_func=loss_func(params),
+        opt_func=opt_func(params),
         metrics=[m] if m is not None else [],
         path=Path(tempfile.gettempdir()) / "kmnist-tune",
         model_dir="models",
@@ -157,16 +158,17 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 def fit(
     learn: Learner, params: dict[str, Any], log: EpochLog, extra_cbs: Sequence[Callback] = (), start_epoch: int = 0
 ) -> FitResult:
-    """fastai's fit_one_cycle; from `start_epoch` when a checkpoint was loaded (training/checkpoint.py)."""
+    """fastai's fit_one_cycle (or, with `one_cycle: false`, its flat fit at lr), with MixUp/CutMix
+    when the trial asks; from `start_epoch` when a checkpoint was loaded (training/checkpoint.py)."""
     learn.kt_start_epoch = start_epoch
-    learn.fit_one_cycle(
-        int(params["epochs"]),
-        float(params["lr"]),
-        wd=float(params["weight_decay"]),
-        pct_start=float(params["pct_start"]),
-        cbs=[log, *extra_cbs],
-        start_epoch=start_epoch,
-    )
+    n, lr, wd = int(params["epochs"]), float(params["lr"]), float(params["weight_decay"])
+    cbs = [log, *mixing_callbacks(params), *extra_cbs]
+    if knob(params, "one_cycle"):
+        learn.fit_one_cycle(
+            n, lr, wd=wd, pct_start=float(params["pct_start"]), moms=moms(params), cbs=cbs, start_epoch=start_epoch
+        )
+    else:
+        learn.fit(n, lr, wd=wd, cbs=cbs, start_epoch=start_epoch)
     return log.result
 
 
