@@ -79,7 +79,7 @@ def test_a_killed_trial_is_resumed_from_its_checkpoint_by_another_worker(tmp_pat
     resumed = TrialRecord.of(retry).resumed_from
     assert resumed == {"trial": original.number, "epoch": 2}, resumed  # epoch 3 of 4, 0-based 2
     assert f"trial {retry.number}: resumed from trial {original.number} at epoch 3/4" in err
-    assert sorted(retry.intermediate_values) == [2, 3]  # epochs 1 and 2 are not reported again
+    assert sorted(retry.intermediate_values) == [3, 4]  # epochs 1 and 2 are not reported again
     # The same configuration and seed, uninterrupted: the resumed run lands where it would have.
     assert retry.value == pytest.approx(reference.value, abs=0.02), (retry.value, reference.value)
     saved = sum(TrialRecord.of(reference).epoch_seconds[:2])
@@ -125,7 +125,7 @@ def test_a_corrupt_checkpoint_falls_back_to_a_fresh_start(tmp_path: Path) -> Non
     out = run_cli("worker", "--study", "damaged", "--storage", url, "--gpus", "none")
     assert "does not load" in out.stderr and "starting from scratch" in out.stderr and "Traceback" not in out.stderr
     (retry,) = [t for t in trials(url, "damaged") if t.state == TrialState.COMPLETE]
-    assert sorted(retry.intermediate_values) == [0, 1, 2, 3] and TrialRecord.of(retry).resumed_from is None
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4] and TrialRecord.of(retry).resumed_from is None
 
 
 def _orphans(url: str, name: str, tmp_path: Path) -> None:

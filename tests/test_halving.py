@@ -95,7 +95,7 @@ def test_oom_halves_until_it_fits_and_records_it(splits, tmp_path: Path) -> None
     assert "out of memory" in events[0]["detail"]
     assert trial.user_attrs["batch_size_used"] == 16
     assert trial.user_attrs["attempts"] == 2
-    assert set(trial.intermediate_values) == {0}
+    assert set(trial.intermediate_values) == {1}
 
 
 def test_failed_attempt_memory_is_released_before_the_retry(splits) -> None:
@@ -137,5 +137,5 @@ def test_a_restarted_attempt_does_not_re_report_steps(splits, tmp_path: Path) ->
     trial = run_trial(make_spec(lr=5e-3, epochs=2), splits, tmp_path, extra_cbs=lambda: [OOMInSecondEpoch()])
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert [(e["from_bs"], e["to_bs"]) for e in trial.user_attrs["halving_events"]] == [(32, 16)]
-    assert set(trial.intermediate_values) == {0, 1}
-    assert trial.intermediate_values[1] == pytest.approx(trial.value)
+    assert set(trial.intermediate_values) == {1, 2}
+    assert trial.intermediate_values[2] == pytest.approx(trial.value)

@@ -36,8 +36,8 @@ def test_sqlite_sweep_default_storage_then_best_evaluate(tmp_path: Path) -> None
         assert t.user_attrs["batch_size_used"] == 32
         assert len(t.user_attrs["epoch_seconds"]) == 1 and t.user_attrs["epoch_seconds"][0] > 0
         assert t.user_attrs["train_images_per_s"][0] > 0
-        assert t.intermediate_values.keys() == {0}
-        assert t.intermediate_values[0] == pytest.approx(t.value)
+        assert t.intermediate_values.keys() == {1}
+        assert t.intermediate_values[1] == pytest.approx(t.value)
     assert f"best trial {study.best_trial.number}: validation accuracy {study.best_value:.4f}" in proc.stdout
     assert "trial 0 epoch 1/1" in proc.stderr  # plain progress lines when not on a terminal
 

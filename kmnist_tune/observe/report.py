@@ -69,7 +69,7 @@ def top_trials_plot(study: optuna.Study, spec: SweepSpec, path: Path, k: int = 5
     for t in top:
         steps = sorted(t.intermediate_values)
         ax.plot(
-            [s + 1 for s in steps],
+            steps,  # a step is the number of epochs completed
             [t.intermediate_values[s] for s in steps],
             marker="o",
             label=f"trial {t.number} ({t.state.name.lower()})",

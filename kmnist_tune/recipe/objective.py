@@ -77,12 +77,15 @@ class Objective:
             # would repeat steps an earlier attempt already reported: those keep their first value
             # (Optuna would ignore a second report anyway) and the pruner is asked only at new steps.
             self.events.epoch(trial.number, rec)
-            if rec.epoch in reported:
+            # Optuna's step is the number of epochs completed (1, 2, ...): a pruner's min_resource or
+            # n_warmup_steps counts epochs as W&B's hyperband min_iter does, and plots read "epoch N".
+            step = rec.epoch + 1
+            if step in reported:
                 return True
-            trial.report(rec.metric, rec.epoch)
-            reported.add(rec.epoch)
+            trial.report(rec.metric, step)
+            reported.add(step)
             # After the last epoch there is nothing left to save: finish, so the trial counts as complete.
-            return rec.epoch + 1 >= n_epochs or not trial.should_prune()
+            return step >= n_epochs or not trial.should_prune()
 
         def attempt(batch_size: int) -> FitResult:
             p = {**params, "batch_size": batch_size}
