@@ -51,6 +51,16 @@ GpusOpt = Annotated[
 PerGpuOpt = Annotated[
     int, typer.Option("--per-gpu", metavar="K", help="trial processes per GPU (small ResNets leave a GPU mostly idle)", min=1)
 ]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        help="CPU threads per training process (env KMNIST_TUNE_THREADS; default auto: "
+        "this host's cores divided among the training processes running on it)",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 
 # A study is named with --study NAME in every command; a bare NAME is accepted too.
@@ -90,6 +100,20 @@ def storage_url(storage: str | None) -> str:
     from ..service.storage import resolve_url
 
     return resolve_url(storage)
+
+
+def use_threads(threads: str | None) -> None:
+    """`--threads N`: checked here, handed to this process and its slot processes by environment."""
+    import os
+
+    from ..service.cpu_share import THREADS_ENV, fixed_threads
+
+    if threads is not None:
+        os.environ[THREADS_ENV] = threads.strip()
+    try:
+        fixed_threads()
+    except UserError as e:
+        raise UserError(str(e).replace(f"{THREADS_ENV}=", "--threads ", 1) if threads is not None else str(e)) from None
 
 
 def plan_slots(gpus: str, per_gpu: int) -> list[Any]:

@@ -19,6 +19,7 @@ from .options import (
     StorageOpt,
     StudyArg,
     StudyOpt,
+    ThreadsOpt,
     out,
     out_json,
     out_lines,
@@ -26,6 +27,7 @@ from .options import (
     say,
     storage_url,
     study_name,
+    use_threads,
 )
 
 
@@ -35,6 +37,7 @@ def run(
     storage: StorageOpt = None,
     gpus: GpusOpt = "auto",
     per_gpu: PerGpuOpt = 1,
+    threads: ThreadsOpt = None,
     n_trials: Annotated[
         int | None, typer.Option(help="the study's budget: at least this many trials (an existing study's only grows)", min=1)
     ] = None,
@@ -54,6 +57,7 @@ def run(
     from ..recipe.session import DataOptions, run_sweep
 
     slots = plan_slots(gpus, per_gpu)
+    use_threads(threads)
     spec = load_spec(spec_path).with_budget(n_trials, timeout)
     for note in spec.notes:
         say(note)
@@ -73,6 +77,7 @@ def worker(
     mirror: MirrorOpt = None,
     gpus: GpusOpt = "auto",
     per_gpu: PerGpuOpt = 1,
+    threads: ThreadsOpt = None,
     n_trials: Annotated[
         int | None, typer.Option("--n-trials", metavar="N", help="raise the study's budget to N trials first", min=1)
     ] = None,
@@ -91,6 +96,7 @@ def worker(
 
     name, url = study_name(study_arg, study), storage_url(storage)
     slots = [] if in_process else plan_slots(gpus, per_gpu)
+    use_threads(threads)
     result = attach_worker(
         url,
         name,

@@ -182,6 +182,7 @@ class TrialRecord:
 
     config: dict[str, Any] | None = None  # every training parameter, searched or fixed
     device: str | None = None
+    threads: int | None = None  # CPU threads at the start: this process's share of the host (service/cpu_share.py)
     worker: WorkerInfo | None = None
     retry_of: int | None = None  # the trial this one retries (a dead, stale or stopped worker's)
     enqueued: str | None = None  # why it was queued before sampling (the LR finder's suggestion)

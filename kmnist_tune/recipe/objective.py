@@ -16,10 +16,11 @@ from ..contract.events import Listener, TrialStart
 from ..contract.records import EpochRecord, HalvingEvent, TrialRecord
 from ..contract.space import sample_params
 from ..contract.spec import SweepSpec
+from ..service.cpu_share import CpuShare
 from ..training.checkpoint import load_checkpoint
 from ..training.devices import device_name
 from ..training.splits import Splits
-from ..training.train import EpochLog, FitResult, StopOnRequest, build_learner, fit
+from ..training.train import EpochLog, FitResult, ShareThreads, StopOnRequest, build_learner, fit
 from .checkpoints import TrialCheckpoints
 from .halving import DivergenceGuard, train_with_halving
 
@@ -40,15 +41,25 @@ class Objective:
         *,
         extra_cbs: Callable[[], Sequence[Callback]] | None = None,
         stop_requested: Callable[[], bool] | None = None,
+        cpu_share: CpuShare | None = None,
     ):
         self.spec, self.splits, self.device, self.events = spec, splits, device, events
         self.extra_cbs, self.stop_requested = extra_cbs, stop_requested
+        self.cpu_share = cpu_share
+        self._said_share = ""
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = self.spec
         params = sample_params(trial, spec)
         device = device_name(self.device)
         TrialRecord.write(trial, config=params, device=device, batch_size_initial=int(params["batch_size"]))
+        if self.cpu_share is not None:
+            share = self.cpu_share.share()
+            torch.set_num_threads(share.threads)
+            TrialRecord.write(trial, threads=share.threads)
+            if share.line() != self._said_share:  # said when it changes, not for every trial
+                self._said_share = share.line()
+                self.events.line(f"trial {trial.number}: {share.line()}")
         self.events.trial_started(
             TrialStart(
                 study=trial.study.study_name,
@@ -120,6 +131,9 @@ class Objective:
             extra = list(self.extra_cbs()) if self.extra_cbs is not None else []
             if self.stop_requested is not None:
                 extra.append(StopOnRequest(self.stop_requested))
+            if self.cpu_share is not None:
+                share = self.cpu_share
+                extra.append(ShareThreads(lambda: share.share().threads))
             saver = checkpoints.callback(learn, p, seed)
             return fit(learn, p, log, [DivergenceGuard(spec.halving), *extra, *([saver] if saver else [])], start_epoch=start)
 

@@ -18,6 +18,7 @@ from ..masking import mask
 from ..observe.notes import NoteListener
 from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
+from ..service.cpu_share import CpuShare
 from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
 from ..service.storage import open_storage
 from ..service.studies import StudySummary, create_study, open_existing, open_for_work, raise_budget, summarize
@@ -70,8 +71,9 @@ def work_here(
 
     storage, study, spec = open_for_work(url, study_name, log=log)
     splits = splits if splits is not None else load_data(spec, data)
-    with make_reporter(Budget.of(study.user_attrs, spec).n_trials, label=label) as reporter:
+    with CpuShare() as cpu_share, make_reporter(Budget.of(study.user_attrs, spec).n_trials, label=label) as reporter:
         events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
+        torch.set_num_threads(cpu_share.share().threads)  # the LR finder too, if this worker runs it
         stop = StopFlag(log=reporter.line)
         stop.install()
         reporter.line(
@@ -79,7 +81,7 @@ def work_here(
             f"images of {spec.data.dataset}, device {device}"
         )
         resolved = resolve_spec(study, storage, spec, splits, device, events)
-        objective = Objective(resolved, splits, device, events, stop_requested=lambda: stop.requested)
+        objective = Objective(resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share)
         ran = Worker(study, storage, spec, objective, events, stop=stop).run(max_trials=max_trials, timeout=timeout)
         if stop.requested:
             reporter.line(f"stopped by {stop.reason}")

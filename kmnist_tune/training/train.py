@@ -172,6 +172,21 @@ def fit(
     return log.result
 
 
+class ShareThreads(Callback):
+    """Before every epoch, sets torch's CPU threads to `threads()`: this process's share of the cores
+    (service/cpu_share.py), which changes as other training processes on the host come and go."""
+
+    order = 2
+
+    def __init__(self, threads: Callable[[], int]):
+        self.threads = threads
+
+    def before_epoch(self) -> None:
+        n = self.threads()
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+
 class StopOnRequest(Callback):
     """Ends training at the next batch once `requested()` says so (the worker got SIGINT/SIGTERM)."""
 
