@@ -108,12 +108,11 @@ def use_threads(threads: str | None) -> None:
 
     from ..service.cpu_share import THREADS_ENV, fixed_threads
 
-    if threads is not None:
+    if threads is None:
+        fixed_threads()  # KMNIST_TUNE_THREADS, if set
+    else:
+        fixed_threads(threads, "--threads ")
         os.environ[THREADS_ENV] = threads.strip()
-    try:
-        fixed_threads()
-    except UserError as e:
-        raise UserError(str(e).replace(f"{THREADS_ENV}=", "--threads ", 1) if threads is not None else str(e)) from None
 
 
 def plan_slots(gpus: str, per_gpu: int) -> list[Any]:

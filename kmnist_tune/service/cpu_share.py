@@ -43,13 +43,13 @@ def machine_cores() -> int:
     return max(1, cores)
 
 
-def fixed_threads() -> int | None:
-    """`--threads N` / KMNIST_TUNE_THREADS, checked; None when not given."""
-    text = os.environ.get(THREADS_ENV, "").strip()
+def fixed_threads(text: str | None = None, given_as: str = f"{THREADS_ENV}=") -> int | None:
+    """`--threads N` (text) or else KMNIST_TUNE_THREADS, checked; None when not given or auto."""
+    text = (os.environ.get(THREADS_ENV, "") if text is None else text).strip()
     if not text or text == "auto":
         return None
     if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{THREADS_ENV}={text!r}: give a whole number of CPU threads >= 1, or auto")
+        raise UserError(f"{given_as}{text!r}: give a whole number of CPU threads >= 1, or auto")
     return int(text)
 
 
