@@ -135,11 +135,12 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
     out = run_cli(
         "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
     ).stdout
-    assert out.count("queued trial") == 2
-    # Clipping may make two old configurations one: the next best is taken instead (tested below).
+    # Clipping may make old configurations one: the next best is taken instead, or fewer are queued
+    # when the old study has no more distinct ones (tested on purpose below).
     by_number = {t.number: t for t in done}
     sources = [by_number[int(n)] for n in re.findall(r"^queued trial (\d+) of old", out, re.M)]
-    assert [t.number for t in sources] == [t.number for t in done if t in sources][:2]
+    assert len(sources) == 2 or (sources and "once fitted; skipped" in out), out
+    assert [t.number for t in sources] == [t.number for t in done if t in sources]
     for t in sources:
         assert f"queued trial {t.number} of old ({t.value:.4f})" in out
         if not 3e-3 <= t.params["lr"] <= 5e-3:
@@ -147,7 +148,7 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
         if t.params["weight_decay"] == 0.0:
             assert f"trial {t.number}, weight_decay: 0.0 is not among [0.01, 0.1]; left to the sampler" in out
     run_cli("worker", "--study", "new", "--max-trials", "2", "--storage", url, "--gpus", "none")
-    first = sorted(trials(url, "new"), key=lambda t: t.number)[:2]
+    first = sorted(trials(url, "new"), key=lambda t: t.number)[: len(sources)]
     for t, source in zip(first, sources, strict=True):
         assert TrialRecord.of(t).enqueued == f"warm start: trial {source.number} of old ({source.value:.4f})"
         assert t.params["lr"] == pytest.approx(min(max(source.params["lr"], 3e-3), 5e-3))
