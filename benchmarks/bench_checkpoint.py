@@ -43,8 +43,8 @@ from fastai.callback.core import Callback  # noqa: E402
 
 from kmnist_tune.contract.spec import parse_spec  # noqa: E402
 from kmnist_tune.recipe.checkpoints import TrialCheckpoints  # noqa: E402
-from kmnist_tune.service.artifacts import ensure_artifact_table  # noqa: E402
-from kmnist_tune.service.storage import open_storage  # noqa: E402
+from kmnist_tune.service.artifacts import ARTIFACTS  # noqa: E402
+from kmnist_tune.service.storage import ensure_tables, open_storage  # noqa: E402
 from kmnist_tune.training.devices import pick_device  # noqa: E402
 from kmnist_tune.training.splits import load_splits  # noqa: E402
 from kmnist_tune.training.train import EpochLog, build_learner, fit  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> None:
         print(f"baseline (no checkpoints): median epoch {epoch:.2f} s  (epochs {', '.join(f'{s:.2f}' for s in base['epoch_s'])})")
         for kind, url in stores.items():
             if kind == "postgresql":
-                ensure_artifact_table(sqlalchemy.create_engine(url))
+                ensure_tables(sqlalchemy.create_engine(url), ARTIFACTS)
             run = one_run(splits, spec, device, url)
             save = statistics.median(run["save_s"])
             with_ckpt = statistics.median(run["epoch_s"][1:] or run["epoch_s"])

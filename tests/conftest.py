@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "kmnist-mini"
 K49_FIXTURE = REPO / "tests" / "fixtures" / "k49-mini"
 PG_ADMIN = os.environ.get("KMNIST_TUNE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+# PgBouncer in front of that server, transaction pooling (scripts/pgbouncer-local starts it).
+PGBOUNCER = os.environ.get("KMNIST_TUNE_TEST_PGBOUNCER", "postgresql://postgres@127.0.0.1:6432")
 
 
 def tiny_spec(name: str = "tiny", **over: Any) -> dict[str, Any]:
@@ -147,6 +149,18 @@ def pg_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pooled_pg_url(pg_url: str) -> str:
+    """The same fresh database, reached through PgBouncer (transaction pooling). Fails, never skips,
+    when PgBouncer is not running: CI must not go green without it."""
+    pooled = f"{PGBOUNCER.replace('postgresql://', 'postgresql+psycopg://')}/{pg_url.rsplit('/', 1)[1]}"
+    try:
+        psycopg.connect(pooled.replace("+psycopg", ""), connect_timeout=5).close()
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PgBouncer at {PGBOUNCER} is not reachable ({e}); start it with `sudo scripts/pgbouncer-local`")
+    return pooled
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -97,7 +97,9 @@ def test_four_workers_staggered_finish_exactly_the_budget(tmp_path: Path, pg_url
     assert re.search(r"workers \(host gpu", shown) and " cpu: running -;" in shown
 
 
-def test_kill_9_mid_trial_is_retried_by_another_worker(tmp_path: Path, pg_url: str) -> None:
+def test_kill_9_mid_trial_is_retried_by_another_worker(tmp_path: Path, pooled_pg_url: str) -> None:
+    # Through PgBouncer (transaction pooling): heartbeats, the stale-trial check and the retry hold there too.
+    pg_url = pooled_pg_url
     n = 3
     run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", fast_spec("killed", n, epochs=3))), "--storage", pg_url)
     victim = spawn_cli("worker", "--study", "killed", "--storage", pg_url, "--gpus", "none")

@@ -104,18 +104,6 @@ def _table() -> sqlalchemy.Table:
 ARTIFACTS = _table()
 
 
-def ensure_artifact_table(engine: Any) -> bool:
-    """Create the artifact table if the database lacks it (the owner's job: `kmnist-tune schema`,
-    `study create`). Returns whether it was created."""
-    if engine.url.get_backend_name() != "postgresql":
-        return False
-    with engine.connect() as conn:
-        if sqlalchemy.inspect(conn).has_table(TABLE):
-            return False
-    ARTIFACTS.metadata.create_all(engine, tables=[ARTIFACTS])
-    return True
-
-
 class PostgresArtifactStore:
     """Optuna's ArtifactStore protocol over the `kmnist_tune_artifacts` table: one row per MiB.
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import random
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,11 @@ from ..errors import UserError
 from .retry import is_transient
 from .storage import backend, engine_kwargs, is_sqlite, sqlite_file, sqlite_path, unwrap
 
+# Waiting for a lock another process holds: first look again after 20 ms, then doubling up to 1 s
+# (held locks guard work of seconds to minutes: creating a study, the LR finder).
+POLL_FIRST_S = 0.02
+POLL_MAX_S = 1.0
+
 
 def lock_path(db: Path | None, name: str) -> Path:
     """Where the SQLite flock for `name` lives: `<db>.locks/<name>.lock` beside the database file."""
@@ -25,11 +32,12 @@ def lock_path(db: Path | None, name: str) -> Path:
 
 @contextmanager
 def storage_lock(storage: Any, name: str) -> Iterator[None]:
-    """A lock held in the storage backend itself: a PostgreSQL advisory lock taken on one of the
-    storage's own pooled connections (so a worker never opens more), released by the server if the
-    holder dies; for SQLite an flock on a file beside the database (SQLite is one machine's store,
-    and the kernel releases the lock with the process). Through the gRPC proxy there is no shared
-    lock: callers fall back to best effort."""
+    """A lock held in the storage backend itself: a PostgreSQL transaction-scoped advisory lock taken
+    on one of the storage's own pooled connections (so a worker never opens more), released by the
+    server if the holder dies; for SQLite an flock on a file beside the database (SQLite is one
+    machine's store, and the kernel releases the lock with the process). Through the gRPC proxy
+    there is no shared lock: callers fall back to best effort. (The budget claim has its own,
+    shorter path: claims.py.)"""
     kind = backend(storage)
     if kind == "grpc":
         yield
@@ -74,27 +82,49 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def lock_key(name: str) -> int:
+    """The 64-bit key of PostgreSQL's advisory lock named `name`."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 @contextmanager
 def _advisory_lock(engine: Any, name: str, retrying: Callable[..., Any] | None = None) -> Iterator[None]:
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    """A transaction-scoped advisory lock, held by an open transaction until the block ends.
 
-    def acquire() -> Any:
-        # AUTOCOMMIT: a session-level lock needs no open transaction, and the connection must not sit
-        # "idle in transaction" while the holder works (the LR finder runs for minutes).
-        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    Transaction-scoped, not session-level: behind PgBouncer's transaction pooling a session lock
+    stays on whichever server connection took it, and the unlock may reach another. Polled with
+    pg_try_advisory_xact_lock rather than waited for in the server: a waiting transaction holds a
+    pooled server connection, and enough waiters would leave none for the holder, whose work inside
+    the block (creating a study, storing the LR prior) needs one. The server releases the lock if
+    the holder's connection dies (PgBouncer closes a server connection whose client left mid-transaction).
+    """
+    key = lock_key(name)
+    query = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:k)")
+
+    def try_once() -> Any:
+        conn = engine.connect()
         try:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            if conn.execute(query, {"k": key}).scalar_one():
+                return conn
+            conn.rollback()
         except BaseException:
             conn.close()
             raise
-        return conn
+        conn.close()  # hands the connection (and PgBouncer's server connection) back while waiting
+        return None
 
-    conn = retrying(acquire) if retrying is not None else acquire()
+    delay = POLL_FIRST_S
+    while True:
+        conn = retrying(try_once) if retrying is not None else try_once()
+        if conn is not None:
+            break
+        time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: waiters do not poll in step
+        delay = min(delay * 2, POLL_MAX_S)
     try:
         yield
     finally:
         try:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()  # ends the transaction, and the lock with it
         except Exception as e:
             if not is_transient(e):
                 raise

@@ -123,8 +123,14 @@ def engine_kwargs(url: str) -> dict[str, Any]:
         "max_overflow": 0,
         "pool_pre_ping": True,
         "pool_recycle": 300,
-        # The pid in the name lets pg_stat_activity count connections per worker process.
-        "connect_args": {"connect_timeout": 10, "application_name": f"kmnist-tune {os.getpid()}"},
+        "connect_args": {
+            "connect_timeout": 10,
+            # The pid in the name lets pg_stat_activity count connections per worker process.
+            "application_name": f"kmnist-tune {os.getpid()}",
+            # No server-side prepared statements: through PgBouncer's transaction pooling (1.18 in
+            # Debian 12 cannot carry them) the next statement may reach a server that lacks them.
+            "prepare_threshold": None,
+        },
     }
 
 
@@ -145,12 +151,14 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
             raise UserError(f"cannot open SQLite storage {mask(url)}: its folder {folder} does not exist; create it first")
         # Optuna creates its tables on open; processes that open one new database at once would
         # race to create them (PostgreSQL: a duplicate key in pg_type), so they take turns.
-        from .artifacts import ensure_artifact_table
+        from .artifacts import ARTIFACTS
+        from .claims import CLAIMS
         from .lock import schema_lock
 
         with schema_lock(url):
             storage = cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
-            ensure_artifact_table(storage.engine)  # PostgreSQL keeps the study's artifacts beside it
+            # PostgreSQL keeps the study's artifacts beside it, and the tickets of budget claims in progress.
+            ensure_tables(storage.engine, ARTIFACTS, CLAIMS)
             return storage
     except sqlalchemy.exc.ArgumentError as e:
         raise UserError(f"malformed storage URL {mask(url)!r} ({first_line(e)}); {URL_HELP}") from None
@@ -172,6 +180,17 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
         ) from None
     except sqlalchemy.exc.DatabaseError as e:
         raise UserError(f"storage {mask(url)} is not a usable Optuna database: {first_line(e.orig or e)}") from None
+
+
+def ensure_tables(engine: Any, *tables: sqlalchemy.Table) -> None:
+    """Create kmnist-tune's own tables where a PostgreSQL database lacks them (the owner's job:
+    `kmnist-tune schema`, `study create`); a worker role may not create tables, so look first."""
+    if engine.url.get_backend_name() != "postgresql":
+        return
+    with engine.connect() as conn:
+        missing = [t for t in tables if not sqlalchemy.inspect(conn).has_table(t.name)]
+    for table in missing:
+        table.metadata.create_all(engine, tables=[table])
 
 
 def _require_schema(url: str) -> None:
@@ -236,7 +255,7 @@ def init_schema(url: str) -> str:
     if storage.get_current_version() != storage.get_head_version():
         storage.upgrade()
     what = f"Optuna schema {storage.get_current_version()}"
-    return what + (" and the kmnist_tune_artifacts table" if backend(storage) == "postgresql" else "")
+    return what + (" and the kmnist_tune_artifacts and kmnist_tune_claims tables" if backend(storage) == "postgresql" else "")
 
 
 def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:

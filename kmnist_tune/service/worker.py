@@ -2,9 +2,8 @@
 until the study's budget is used, the time is up, or a signal asks it to stop.
 
 Trials are taken with Optuna's ask/tell rather than `study.optimize` so that the budget check and
-the trial's creation happen together under a lock held by the storage backend: with n_trials N,
-no number of workers can make the study finish more than N trials (MaxTrialsCallback alone can
-overshoot by one per worker).
+the trial's creation are one atomic claim (claims.py): with n_trials N, no number of workers can
+make the study finish more than N trials (MaxTrialsCallback alone can overshoot by one per worker).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped
 from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
-from .lock import storage_lock
+from .claims import budget_slot, pending_claims
 from .retry import is_transient
 from .storage import StateCounts, count_states, first_line, running_without_heartbeat
 from .studies import best_or_none
@@ -147,16 +146,12 @@ class Worker:
 
     def claim(self) -> optuna.Trial | StudyStop | None:
         """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial; the
-        stop if the study was stopped; None if the budget is claimed."""
-        with storage_lock(self.storage, f"kmnist-tune/budget/{self.study.study_name}"):
-            budget, stopped = self.study_state()
-            if stopped is not None:
-                return stopped
-            if budget.n_trials is not None:
-                c = self.counts()
-                if c.finished + c.running >= budget.n_trials:
-                    return None
-            return self.study.ask()
+        stop if the study was stopped; None if the budget is claimed (claims.py says how)."""
+        budget, stopped = self.study_state()
+        if stopped is not None:
+            return stopped
+        with budget_slot(self.storage, self.study_id, self.study.study_name, budget.n_trials) as granted:
+            return self.study.ask() if granted else None
 
     def _look_for_stop_now(self) -> None:
         stopped = self.study_state()[1]
@@ -306,7 +301,8 @@ class Worker:
                 self.events.line(f"study {self.study.study_name} was {trial.describe()}; this worker claims no more trials")
                 break
             if trial is None:
-                running = self.counts().running
+                # Trials running elsewhere, or about to (claimed, not yet made), may still fail and come back.
+                running = self.counts().running + pending_claims(self.storage, self.study_id)
                 if running == 0 or not self.heartbeat_interval:
                     break  # budget used, and no trial elsewhere that could still fail and come back
                 if not waiting_said:

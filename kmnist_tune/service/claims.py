@@ -1,0 +1,138 @@
+"""The budget claim: with n_trials N, however many workers attach, the study never finishes more
+than N trials and never runs one twice.
+
+Counting the trials and creating one must be one atomic step. Optuna creates trials in its own
+transactions (`study.ask()`), so the step cannot be one transaction; how it is made atomic depends
+on the backend:
+
+- PostgreSQL: a *claim ticket*. One short transaction takes a transaction-scoped advisory lock on
+  the study, counts its finished and running trials plus the tickets of claims still in progress,
+  and inserts a ticket if the budget allows; the worker then asks Optuna for the trial and deletes
+  its ticket. Nothing outlives a transaction, so this holds through PgBouncer's transaction pooling
+  (a session-level lock would stay on whichever server connection took it), and the lock is held
+  only for the few statements of the claim, never while Optuna samples. A ticket whose worker died
+  between claim and ask expires after TICKET_TTL_S.
+- SQLite (one machine): an flock beside the database file, held around the count and the ask.
+- The gRPC proxy: no shared lock exists; the count and the ask are best effort.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy
+import sqlalchemy.exc
+
+from ..errors import UserError
+from .lock import lock_key, storage_lock
+from .storage import backend, count_states, unwrap
+
+TABLE = "kmnist_tune_claims"
+# A ticket lives from the claim until Optuna has made the trial (milliseconds; seconds for a
+# sampler over thousands of trials). Older ones belong to workers that died in between.
+TICKET_TTL_S = 120
+# Trial states the budget counts: what finished for good, and what is running now.
+COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
+
+
+def _table() -> sqlalchemy.Table:
+    meta = sqlalchemy.MetaData()
+    return sqlalchemy.Table(
+        TABLE,
+        meta,
+        sqlalchemy.Column("claim_id", sqlalchemy.BigInteger, primary_key=True, autoincrement=True),
+        # No foreign key to Optuna's `studies`: deleting a study must not depend on this table.
+        sqlalchemy.Column("study_id", sqlalchemy.Integer, nullable=False, index=True),
+        sqlalchemy.Column("claimed_at", sqlalchemy.DateTime(timezone=True), nullable=False, server_default=sqlalchemy.func.now()),
+    )
+
+
+CLAIMS = _table()
+
+
+_CLAIM_SQL = sqlalchemy.text(
+    f"""
+    WITH counted AS (
+        SELECT (SELECT count(*) FROM trials WHERE study_id = :sid AND state IN ({", ".join(f"'{s}'" for s in COUNTED)}))
+             + (SELECT count(*) FROM {TABLE} WHERE study_id = :sid) AS n
+    )
+    INSERT INTO {TABLE} (study_id) SELECT :sid FROM counted WHERE counted.n < :budget
+    RETURNING claim_id
+    """
+)
+_EXPIRE_SQL = sqlalchemy.text(f"DELETE FROM {TABLE} WHERE study_id = :sid AND claimed_at < now() - make_interval(secs => :ttl)")
+
+
+def _take_ticket(engine: Any, study_id: int, study_name: str, n_trials: int) -> int | None:
+    """One transaction: lock the study's budget, drop expired tickets, insert one if there is room."""
+    try:
+        with engine.begin() as conn:
+            # Waits in the server while another worker's claim (a few statements) finishes; released
+            # by the commit, or by the server if this connection dies.
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(f"kmnist-tune/budget/{study_name}")})
+            conn.execute(_EXPIRE_SQL, {"sid": study_id, "ttl": TICKET_TTL_S})
+            row = conn.execute(_CLAIM_SQL, {"sid": study_id, "budget": n_trials}).first()
+    except sqlalchemy.exc.ProgrammingError as e:
+        if TABLE in str(e.orig or e):
+            raise UserError(
+                f"the study database has no {TABLE} table (it was set up by an older kmnist-tune); "
+                "run `kmnist-tune schema` once as the database owner"
+            ) from None
+        raise
+    return None if row is None else int(row[0])
+
+
+def _drop_ticket(engine: Any, claim_id: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f"DELETE FROM {TABLE} WHERE claim_id = :id"), {"id": claim_id})
+
+
+def pending_claims(storage: Any, study_id: int) -> int:
+    """Claims granted whose trial Optuna is still making (PostgreSQL; 0 elsewhere)."""
+    if backend(storage) != "postgresql":
+        return 0
+    engine = unwrap(storage).engine
+
+    def run() -> int:
+        with engine.connect() as conn:
+            query = sqlalchemy.text(
+                f"SELECT count(*) FROM {TABLE} WHERE study_id = :sid AND claimed_at >= now() - make_interval(secs => :ttl)"
+            )
+            return int(conn.execute(query, {"sid": study_id, "ttl": TICKET_TTL_S}).scalar_one())
+
+    return _retrying(storage)(run)
+
+
+def _retrying(storage: Any) -> Callable[[Callable[[], Any]], Any]:
+    # A worker's storage rides out a database restart; so do its claims.
+    retrying = getattr(storage, "retrying", None)
+    return retrying if retrying is not None else (lambda fn: fn())
+
+
+@contextmanager
+def budget_slot(storage: Any, study_id: int, study_name: str, n_trials: int | None) -> Iterator[bool]:
+    """Yields whether the budget has room for one more trial; when it does, the caller makes the
+    trial (study.ask()) inside the block, and the slot is its own until the block ends."""
+    if n_trials is None:
+        yield True
+        return
+    kind = backend(storage)
+    if kind != "postgresql":
+        # SQLite: the flock is held around the count and the ask. gRPC: no lock (best effort).
+        with storage_lock(storage, f"kmnist-tune/budget/{study_name}"):
+            c = count_states(storage, study_id)
+            yield c.finished + c.running < n_trials
+        return
+    engine = unwrap(storage).engine
+    claim_id = _retrying(storage)(lambda: _take_ticket(engine, study_id, study_name, n_trials))
+    if claim_id is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        # The trial now counts itself (RUNNING); until this delete it counts twice, which only makes
+        # another worker's claim wait. If the delete is lost, the ticket expires.
+        _retrying(storage)(lambda: _drop_ticket(engine, claim_id))
