@@ -2,16 +2,20 @@
 
 - docker-compose.yml against the Compose Specification's JSON schema (fetched by scripts/ci-deps),
   plus the rules a schema cannot see: loopback-only ports, no literal secrets, the GPU
-  reservation, health checks and start order;
+  reservation, health checks and start order, every worker-role client through PgBouncer;
 - the Dockerfile and its build context: the base, the user, the volumes, the entry point, and a
   wheel built from exactly what .dockerignore lets through;
+- storage/pgbouncer/: the image's Dockerfile, and its entry point run for real (the machine's
+  PgBouncer 1.18, a read-only root, a memory-only run folder): SCRAM logins, transaction pooling,
+  and the worker password in no file but the memory-only auth_file, no command line, no log;
 - every `kmnist-tune` command named in the compose file, the Dockerfile and the README's
   "Scale out" section, run with --help;
 - storage/: postgresql.conf loaded by the real `postgres` binary; the init scripts run against
   the real server, and the worker role they make can use Optuna's tables and do nothing more;
 - the README's scale-out steps played in order against the real PostgreSQL: the init scripts
-  with a .env written here, `create`, the dashboard, the compose worker and the other-host worker
-  as processes (on the CPU), the storage proxy, then storage/README.md's backup and restore.
+  with a .env written here, PgBouncer, `create`, the dashboard, the compose worker and the
+  other-host worker as processes (on the CPU) through it, the storage proxy, then
+  storage/README.md's backup and restore.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, error_line, pg_admin, run
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from pgbouncer_proc import PgBouncer, entrypoint, free_port, image_files, start_pgbouncer
+from pgbouncer_proc import dockerfile_instructions as read_dockerfile
 from sqlalchemy.engine import make_url
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -54,6 +60,7 @@ SCHEMA = REPO / ".cache" / "compose-spec" / "compose-spec.json"
 README = REPO / "README.md"
 OUR_SERVICES = ("schema", "dashboard", "worker", "create", "storage-proxy")  # run the image built from Dockerfile
 KMNIST_COMMANDS = ("dashboard", "worker", "create", "storage-proxy")  # ... with its entry point, kmnist-tune
+POOLED = ("dashboard", "worker", "create", "storage-proxy")  # log in as the worker role, through PgBouncer
 ADMIN = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
 PG_HOST, PG_PORT, PG_SUPERUSER = str(ADMIN.get("host", "127.0.0.1")), int(ADMIN.get("port", 5432)), str(ADMIN["user"])
 
@@ -153,20 +160,8 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        instr, _, args = pending.strip().partition(" ")
-        out.append((instr.upper(), args.strip()))
-        pending = ""
-    return out
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined and comments dropped."""
+    return read_dockerfile(DOCKERFILE)
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -351,6 +346,105 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     spec = yaml.safe_load((REPO / "sweeps" / example["KMNIST_TUNE_SPEC"]).read_text())
     assert spec["name"] == example["KMNIST_TUNE_STUDY"], ".env.example: KMNIST_TUNE_STUDY must be the spec's name"
     assert services["storage-proxy"]["profiles"] == ["proxy"]
+
+
+def test_compose_sends_every_worker_role_client_through_a_locked_down_pgbouncer() -> None:
+    example = read_dotenv(ENV_EXAMPLE)
+    raw = compose_raw()
+    services = compose()["services"]
+    pgb = services["pgbouncer"]
+    # Its own image, built from storage/pgbouncer/ (Debian's package), named with the version pool.ini is for.
+    assert pgb["build"] == "./storage/pgbouncer" and "entrypoint" not in pgb and "command" not in pgb
+    assert pgb["image"] == "kmnist-tune-pgbouncer:1.18"
+    # Non-root (the image's user), read-only, no capabilities; its only writable folder is a tmpfs
+    # owned by that user, where the entry point writes the auth_file. No volume: nothing persists.
+    uid = pgbouncer_uid()
+    assert pgb["user"] == f"{uid}:{uid}" and uid != 0
+    assert pgb["read_only"] is True and pgb["cap_drop"] == ["ALL"] and "no-new-privileges:true" in pgb["security_opt"]
+    (tmpfs,) = pgb["tmpfs"]
+    folder, _, options = tmpfs.partition(":")
+    opts = dict(o.split("=", 1) for o in options.split(","))
+    assert folder == entrypoint_default("PGBOUNCER_RUN_DIR") and (opts["uid"], opts["gid"]) == (str(uid), str(uid))
+    assert int(opts["mode"], 8) == 0o700 and int(opts["size"]) <= 16 * 2**20
+    assert "volumes" not in pgb
+    # Loopback by default (the port test above), the container's 6432; healthy once it answers.
+    (port,) = pgb["ports"]
+    assert port.endswith(":6432") and entrypoint_default("PGBOUNCER_LISTEN_PORT") == "6432"
+    assert as_argv(pgb["healthcheck"]["test"]) == ["CMD", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/6432"]
+    assert pgb["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert pgb["restart"] == "unless-stopped" and pgb["stop_signal"] == "SIGINT"  # its safe shutdown
+    assert int(pgb["ulimits"]["nofile"]) > max_client_conn() + 50  # pool.ini's clients fit
+    # It logs in to postgres as the worker role, never as the owner.
+    env = env_dict(pgb)
+    assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"], env["KMNIST_TUNE_DB_NAME"]) == (
+        "postgres",
+        "5432",
+        example["POSTGRES_DB"],
+    )
+    assert env["KMNIST_TUNE_WORKER_USER"] == example["KMNIST_TUNE_WORKER_USER"]
+    assert raw["services"]["pgbouncer"]["environment"]["KMNIST_TUNE_WORKER_PASSWORD"].startswith(
+        "${KMNIST_TUNE_WORKER_PASSWORD:?"
+    )
+    assert "POSTGRES_PASSWORD" not in json.dumps(raw["services"]["pgbouncer"])
+    # Every worker-role client goes through it and waits for it; `schema`, the owner, goes straight to postgres.
+    for name in POOLED:
+        url = make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"])
+        assert (url.host, url.port, url.database) == ("pgbouncer", 6432, example["POSTGRES_DB"]), name
+        assert services[name]["depends_on"]["pgbouncer"]["condition"] == "service_healthy", name
+    schema = make_url(env_dict(services["schema"])["KMNIST_TUNE_STORAGE"])
+    assert (schema.host, schema.port) == ("postgres", 5432) and "pgbouncer" not in services["schema"]["depends_on"]
+    # The worker's restarts are bounded (the issue): asserted in the test above; the gRPC proxy is
+    # described as what it is.
+    text = COMPOSE.read_text()
+    proxy_comment = text[: text.index("\n  storage-proxy:")].rsplit("\n\n", 1)[1]
+    for words in ("gRPC", "best effort", "locks", "budget", "heartbeat", "PgBouncer"):
+        assert words.lower() in proxy_comment.lower(), f"the storage-proxy comment must say {words!r}"
+
+
+def pgbouncer_uid() -> int:
+    instrs = read_dockerfile(STORAGE / "pgbouncer" / "Dockerfile")
+    args = {k: v for k, _, v in (a.partition("=") for i, a in instrs if i == "ARG")}
+    user = interpolate_str([a for i, a in instrs if i == "USER"][-1], args)
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and gid == uid, f"the PgBouncer image's USER must be numeric (uid:gid): {user}"
+    return int(uid)
+
+
+def entrypoint_default(var: str) -> str:
+    m = re.search(rf"\$\{{{var}:-([^}}]+)\}}", entrypoint().read_text())
+    assert m, f"the PgBouncer entry point has no default for {var}"
+    return m.group(1)
+
+
+def max_client_conn() -> int:
+    m = re.search(r"^max_client_conn\s*=\s*(\d+)", (STORAGE / "pgbouncer" / "pool.ini").read_text(), re.M)
+    assert m
+    return int(m.group(1))
+
+
+def test_pgbouncer_image_is_debian_s_package_run_by_a_non_root_user_with_no_password_inside() -> None:
+    instrs = read_dockerfile(STORAGE / "pgbouncer" / "Dockerfile")
+    args = {k: v for k, _, v in (a.partition("=") for i, a in instrs if i == "ARG")}
+    (base,) = [interpolate_str(a, args) for i, a in instrs if i == "FROM"]
+    assert base == "debian:bookworm-slim", "Debian 12's PgBouncer (1.18) is the one pool.ini is written for"
+    install = " ".join(a for i, a in instrs if i == "RUN" and "apt-get install" in a)
+    assert "'pgbouncer=1.18.*'" in install and "rm -rf /var/lib/apt/lists" in install
+    assert pgbouncer_uid() != 0
+    assert [a for i, a in instrs if i == "STOPSIGNAL"] == ["SIGINT"]  # PgBouncer 1.18's safe shutdown
+    # The image holds the pooling settings and the entry point, nothing secret: no password-named
+    # ARG or ENV, and the build context (this folder, no .dockerignore needed) holds only these.
+    files = image_files()
+    assert set(files.values()) == {STORAGE / "pgbouncer" / "pool.ini", entrypoint()}
+    assert files[entrypoint_default("PGBOUNCER_POOL_INI")] == STORAGE / "pgbouncer" / "pool.ini"
+    assert {p.name for p in (STORAGE / "pgbouncer").iterdir()} == {"Dockerfile", "pool.ini", entrypoint().name}
+    for instr, a in instrs:
+        if instr in ("ARG", "ENV"):
+            assert not re.search(r"PASSWORD|SECRET|TOKEN", a), f"{instr} {a}"
+    assert os.access(entrypoint(), os.X_OK) and entrypoint().read_text().startswith("#!/bin/sh\n")
+    # The password is written with shell builtins only, and leaves the environment before PgBouncer.
+    script = entrypoint().read_text()
+    assert re.search(r"^unset [^\n]*KMNIST_TUNE_WORKER_PASSWORD", script, re.M)
+    assert script.rstrip().endswith('exec pgbouncer "$ini"')
 
 
 # -- the Dockerfile and its build context ------------------------------------------------------
@@ -691,13 +785,137 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     assert cluster.admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db,)).fetchone() == (1,)
 
 
+def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path) -> list[Path]:
+    """Files under `roots` written since `since` (not under `skip`) that contain `secret`."""
+    needle, found = secret.encode(), []
+    for root in roots:
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if Path(folder, d) != skip and d not in (".venv", ".git")]
+            for name in names:
+                path = Path(folder, name)
+                try:
+                    st = path.lstat()
+                    if st.st_mtime >= since and path.is_file() and st.st_size < 64 * 2**20 and needle in path.read_bytes():
+                        found.append(path)
+                except OSError:
+                    continue
+    return found
+
+
+def pgbouncer_env(values: dict[str, str]) -> dict[str, str]:
+    """The compose pgbouncer service's environment with these .env values, its `postgres` this machine's."""
+    env = env_dict(compose({**read_dotenv(ENV_EXAMPLE), **values})["services"]["pgbouncer"])
+    assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"]) == ("postgres", "5432")
+    return {**env, "KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
+
+
+def test_pgbouncer_entrypoint_refuses_a_disk_folder_and_a_missing_password(tmp_path: Path) -> None:
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    assert fs not in ("tmpfs", "ramfs"), "this test needs tmp_path on a disk"
+    password = "pw-" + secrets.token_hex(8)
+    base = {
+        "PATH": os.environ["PATH"],
+        "PGBOUNCER_POOL_INI": str(STORAGE / "pgbouncer" / "pool.ini"),
+        "PGBOUNCER_RUN_DIR": str(tmp_path),
+        "KMNIST_TUNE_WORKER_PASSWORD": password,
+    }
+    cases = {
+        f"is on {fs}, not in memory": base,  # the password must not reach a disk
+        "KMNIST_TUNE_WORKER_PASSWORD is not set": {k: v for k, v in base.items() if k != "KMNIST_TUNE_WORKER_PASSWORD"},
+        "is not a plain name": {**base, "PGBOUNCER_RUN_DIR": "/dev/shm", "KMNIST_TUNE_DB_NAME": "kmnist auth_type=trust"},
+    }
+    for why, env in cases.items():
+        proc = subprocess.run([str(entrypoint())], env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and why in proc.stderr and proc.stderr.count("\n") == 1, (why, proc.stderr)
+        assert password not in proc.stderr
+    assert not list(tmp_path.iterdir()), "the entry point wrote into a folder on the disk"
+
+
+def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_password_in_memory(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """The image's entry point with compose's environment, for real: it writes the configuration and
+    the auth_file into a memory-only folder and runs PgBouncer 1.18 (a read-only root when the tests
+    run as root, as `read_only: true`), which lets the worker role in with SCRAM and its password
+    only, shares one server connection among clients in transaction pooling, and says so on its
+    admin console. The password is in the auth_file only: not in the config, the command line, the
+    environment, the log or any other file written meanwhile."""
+    db, role, password = cluster.database(), cluster.role_name(), "pw-" + secrets.token_hex(16)
+    init = run_init_scripts(
+        STORAGE / "initdb",
+        {
+            "POSTGRES_USER": PG_SUPERUSER,
+            "POSTGRES_DB": db,
+            "KMNIST_TUNE_WORKER_USER": role,
+            "KMNIST_TUNE_WORKER_PASSWORD": password,
+        },
+    )
+    assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
+    since = time.time() - 1
+    env = pgbouncer_env({"POSTGRES_DB": db, "KMNIST_TUNE_WORKER_USER": role, "KMNIST_TUNE_WORKER_PASSWORD": password})
+    bouncer = start_pgbouncer(env, tmp_path / "pgbouncer.log")
+    clients: list[psycopg.Connection[Any]] = []
+    try:
+        dsn = {"host": "127.0.0.1", "port": bouncer.port, "dbname": db, "user": role, "connect_timeout": 10}
+        # SCRAM (libpq refuses any other method here), and only with the right password.
+        with psycopg.connect(**dsn, password=password, require_auth="scram-sha-256", autocommit=True) as conn:
+            assert conn.execute("SELECT current_user, current_database()").fetchone() == (role, db)
+        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+            psycopg.connect(**dsn, password=password + "x")
+        with pytest.raises(psycopg.OperationalError, match="no such database|not allowed"):
+            psycopg.connect(**{**dsn, "dbname": "postgres"}, password=password)  # the study database only
+        # Transaction pooling: six clients, one transaction each in turn, all on one server connection.
+        clients = [psycopg.connect(**dsn, password=password, autocommit=True) for _ in range(6)]
+        backends = set()
+        for c in clients:
+            with c.transaction():
+                row = c.execute("SELECT pg_backend_pid()").fetchone()
+                assert row is not None
+                backends.add(row[0])
+        assert len(backends) == 1, backends
+        # The admin console, as a stats user: pool_mode transaction from pool.ini, SCRAM, no changes allowed.
+        with psycopg.connect(**{**dsn, "dbname": "pgbouncer"}, password=password, autocommit=True) as admin:
+            config = {r[0]: r[1] for r in admin.execute("SHOW CONFIG").fetchall()}
+            assert config["pool_mode"] == "transaction" and config["auth_type"] == "scram-sha-256"
+            assert config["max_db_connections"] == "25" and config["listen_port"] == str(bouncer.port)
+            cur = admin.execute("SHOW POOLS")
+            names = [d.name for d in cur.description or []]
+            pools = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            (pool,) = [p for p in pools if p["database"] == db]
+            assert pool["user"] == role and pool["pool_mode"] == "transaction" and pool["cl_active"] == len(clients)
+            assert pool["sv_active"] + pool["sv_idle"] + pool["sv_used"] == 1
+            with pytest.raises(psycopg.Error, match="admin access needed"):
+                admin.execute("PAUSE")
+
+        # Where the password is: the auth_file, mode 0600, in the memory-only folder, and nowhere else.
+        files = {p.name: p for p in bouncer.run_dir.iterdir()}
+        assert set(files) == {"pgbouncer.ini", "userlist.txt"}
+        for f in files.values():
+            assert f.stat().st_mode & 0o777 == 0o600, f
+        assert files["userlist.txt"].read_text() == f'"{role}" "{password}"\n'
+        assert password not in files["pgbouncer.ini"].read_text()
+        fs = subprocess.run(["stat", "-f", "-c", "%T", str(bouncer.run_dir)], capture_output=True, text=True).stdout
+        assert fs.strip() == "tmpfs"
+        proc = Path(f"/proc/{bouncer.proc.pid}")
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        assert cmdline[:2] == [b"pgbouncer", str(bouncer.run_dir / "pgbouncer.ini").encode()], cmdline
+        assert password.encode() not in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        uids = next(ln.split()[1:] for ln in (proc / "status").read_text().splitlines() if ln.startswith("Uid:"))
+        assert "0" not in uids, uids  # PgBouncer as a non-root user
+        if bouncer.read_only_root:
+            root = next(ln.split() for ln in (proc / "mountinfo").read_text().splitlines() if ln.split()[4] == "/")
+            assert "ro" in root[5].split(","), root  # it ran, and runs, with / read-only
+        roots = [tmp_path, REPO, Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm")]
+        assert files_holding(password, roots, since, skip=bouncer.run_dir) == []
+    finally:
+        for c in clients:
+            c.close()
+        rc = bouncer.stop()
+    assert rc == 0, bouncer.output()
+    assert password not in bouncer.output() and "process up: PgBouncer 1.18" in bouncer.output()
+
+
 # -- the README's scale-out steps, played without Docker -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, procs: Sequence[subprocess.Popen[str]] = ()) -> None:
@@ -719,7 +937,8 @@ def listening(port: int) -> bool:
 class Stack:
     """The compose services as processes on this machine: the same commands and environment
     (interpolated from the test's .env), with the container's names mapped to this machine —
-    the `postgres` host to the local server, the volumes to folders, the GPUs to the CPU."""
+    the `postgres` host to the local server, `pgbouncer` to PgBouncer run from its image's entry
+    point (pgbouncer_proc), the volumes to folders, the GPUs to the CPU."""
 
     def __init__(self, tmp: Path, env_values: dict[str, str], sweeps: Path):
         self.tmp, self.values = tmp, env_values
@@ -731,6 +950,7 @@ class Stack:
         (tmp / "artifacts").mkdir()
         self.ports: dict[str, dict[int, int]] = {}  # service -> container port -> port here
         self.procs: dict[str, list[subprocess.Popen[str]]] = {}
+        self.bouncer: PgBouncer | None = None
         self.started: list[str] = []
         self.logs: list[Path] = []
 
@@ -750,6 +970,10 @@ class Stack:
     def map_value(self, value: str) -> str:
         if value.startswith("postgresql") and "@postgres:" in value:
             return make_url(value).set(host=PG_HOST, port=PG_PORT).render_as_string(hide_password=False)
+        if value.startswith("postgresql") and "@pgbouncer:" in value:
+            url = make_url(value)
+            here = self.ports["pgbouncer"][int(url.port or 0)]  # KeyError: a port PgBouncer does not listen on
+            return url.set(host="127.0.0.1", port=here).render_as_string(hide_password=False)
         for inside, here in self.paths.items():
             if value == inside or value.startswith(inside + "/"):
                 return here + value[len(inside) :]
@@ -786,6 +1010,8 @@ class Stack:
                 assert inside in mounts(svc), f"{name} uses {inside} without mounting it"
         if name == "postgres":
             self.start_postgres(svc)
+        elif name == "pgbouncer":
+            self.start_pgbouncer(svc)
         else:
             argv = self.map_argv(name, as_argv(svc.get("command", [])))
             if "entrypoint" in svc:
@@ -817,6 +1043,18 @@ class Stack:
         assert procs and all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
         assert self.healthy("postgres", svc)
 
+    def start_pgbouncer(self, svc: dict[str, Any]) -> None:
+        """The image's entry point with the service's environment, `postgres` the local server."""
+        env = env_dict(svc)
+        assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"]) == ("postgres", "5432")
+        env.update(KMNIST_TUNE_DB_HOST=PG_HOST, KMNIST_TUNE_DB_PORT=str(PG_PORT))
+        log = self.tmp / f"pgbouncer-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.bouncer = start_pgbouncer(env, log)
+        (inside,) = {p.rsplit(":", 1)[1] for p in svc["ports"]}
+        self.ports["pgbouncer"] = {int(inside): self.bouncer.port}
+        wait_until(lambda: self.healthy("pgbouncer", svc), 60, "pgbouncer to turn healthy")
+
     def healthy(self, name: str, svc: dict[str, Any]) -> bool:
         """The service's own health check command, run here."""
         test = as_argv(svc["healthcheck"]["test"])
@@ -828,10 +1066,14 @@ class Stack:
             argv = [sys.executable if a == "python" else a for a in test[1:]]
             for inside, here in self.ports.get(name, {}).items():
                 argv = [a.replace(f"127.0.0.1:{inside}/", f"127.0.0.1:{here}/") for a in argv]
+                argv = [re.sub(rf"/dev/tcp/127\.0\.0\.1/{inside}$", f"/dev/tcp/127.0.0.1/{here}", a) for a in argv]
         env = {**os.environ, **env_dict(svc)}
         return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
 
     def stop(self, name: str) -> None:
+        if name == "pgbouncer" and self.bouncer is not None:
+            assert self.bouncer.stop() == 0, self.bouncer.output()
+            self.bouncer = None
         for p in self.procs.pop(name, []):
             if p.poll() is None:
                 p.terminate()
@@ -846,6 +1088,9 @@ class Stack:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+        if self.bouncer is not None:  # last: the others' connections end first
+            self.bouncer.stop()
+            self.bouncer = None
 
     def play(self, commands: list[str], host_env: dict[str, str]) -> list[subprocess.Popen[str]]:
         """Carry out README commands; returns the kmnist-tune processes started on "another host"."""
@@ -896,8 +1141,13 @@ class Stack:
             url = make_url(value)
             assert url.host == "db-host" and url.username == self.example["KMNIST_TUNE_WORKER_USER"], value
             assert url.database == self.example["POSTGRES_DB"], value
+            # The published ports: PgBouncer's (the workers' way in), or postgres' itself.
+            published = {int(self.example["PGBOUNCER_PORT"]): ("127.0.0.1", self.ports.get("pgbouncer", {}).get(6432))}
+            published[int(self.example["POSTGRES_PORT"])] = (PG_HOST, PG_PORT)
+            host, port = published[int(url.port or 0)]
+            assert port is not None, f"{value}: PgBouncer is not running"
             return url.set(
-                host=PG_HOST, port=PG_PORT, username=self.values["KMNIST_TUNE_WORKER_USER"], database=self.values["POSTGRES_DB"]
+                host=host, port=port, username=self.values["KMNIST_TUNE_WORKER_USER"], database=self.values["POSTGRES_DB"]
             ).render_as_string(hide_password=False)
         if value.startswith("grpc://db-host:"):
             inside = int(value.rsplit(":", 1)[1])
@@ -941,7 +1191,8 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
     other_host: dict[str, str] = {}
     try:
         stack.play(bash_commands(section, "Start the stack"), other_host)
-        assert [n for n in stack.started if n != "schema"] == ["postgres", "dashboard", "create", "worker"]
+        # compose's start order: the store, its tables, PgBouncer, then what logs in through it
+        assert [n for n in stack.started if n != "schema"] == ["postgres", "pgbouncer", "dashboard", "create", "worker"]
         assert stack.started.index("schema") < stack.started.index("dashboard")
         spawned = stack.play(bash_commands(section, "A worker on another host"), other_host)
         assert len(spawned) == 1, "README: one bare-metal worker command on the other host"
@@ -950,6 +1201,8 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
             assert p.wait(timeout=300) == 0, "a worker failed:\n" + "\n".join(lg.read_text()[-3000:] for lg in stack.logs)
         ran = [int(m) for lg in stack.logs for m in re.findall(r"worker ran (\d+) trial", lg.read_text())]
         assert sum(ran) == 2 and len(ran) == 2, ran
+        # ... through PgBouncer, which the worker role logged in to, with SCRAM (auth_type) and transaction pooling
+        assert stack.bouncer is not None and f"login attempt: db={db} user={role}" in stack.bouncer.output()
 
         owner_url = pg_url(PG_SUPERUSER, values["POSTGRES_PASSWORD"], db)
         trials = optuna.load_study(study_name=study, storage=owner_url).trials

@@ -1,31 +1,39 @@
 """deploy/: the Kubernetes manifests, rendered with kustomize (scripts/ci-deps fetches a pinned build)
 and validated against the OpenAPI schemas of a pinned Kubernetes version (kubernetes-validate), plus
 the rules a schema cannot see: restricted pod security, credentials only from Secrets, GPU limits
-and a grace period for the SIGTERM hand-back, a ClusterIP dashboard, and NetworkPolicies that let
-only kmnist-tune's own pods reach the database."""
+and a grace period for the SIGTERM hand-back, a ClusterIP dashboard, PgBouncer with its pool.ini
+from storage/ and its password only in memory, and NetworkPolicies that let only PgBouncer and the
+schema Job reach the database and only the other kmnist-tune pods reach PgBouncer. PgBouncer's entry
+point runs for real with the environment its pod spec gives it, in front of a real PostgreSQL."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 from conftest import REPO, cli_env, run_cli
+from pgbouncer_proc import dockerfile_instructions, start_pgbouncer
 
 KUSTOMIZE = REPO / ".cache" / "kustomize" / "kustomize"
 KUBERNETES = "1.33.0"  # the Kubernetes version whose API the manifests are checked against
 OVERLAYS = ("in-cluster", "external")
 POD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob"}
+PGBOUNCER = "kmnist-tune-pgbouncer"  # its Deployment, Service and ConfigMap
+POOL_INI = REPO / "storage" / "pgbouncer" / "pool.ini"
+POOLED = {"Job/kmnist-tune-workers", "Job/kmnist-tune-create", "Deployment/kmnist-tune-dashboard"}
+DIRECT = {f"Deployment/{PGBOUNCER}", "Job/kmnist-tune-schema"}  # (and PostgreSQL itself)
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def render(overlay: str, *, restrict: bool = False) -> list[dict[str, Any]]:
     assert KUSTOMIZE.is_file(), f"{KUSTOMIZE} is missing: run ./scripts/ci-deps"
+    restrictor = "LoadRestrictionsRootOnly" if restrict else "LoadRestrictionsNone"
     out = subprocess.run(
-        [str(KUSTOMIZE), "build", "--load-restrictor", "LoadRestrictionsNone", str(REPO / "deploy" / "overlays" / overlay)],
+        [str(KUSTOMIZE), "build", "--load-restrictor", restrictor, str(REPO / "deploy" / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
@@ -47,11 +55,42 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def generated(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The ConfigMap a configMapGenerator made (its name gets a hash of the content)."""
+    (doc,) = [d for d in docs if d["kind"] == "ConfigMap" and re.fullmatch(rf"{name}-[a-z0-9]{{10}}", d["metadata"]["name"])]
+    return doc
+
+
+def container_env(c: dict[str, Any], settings: dict[str, str], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom the settings ConfigMap, then each
+    env entry in order (a value with $(VAR) expanded from those before it, a ConfigMap or Secret key),
+    an optional Secret that does not exist left out."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        assert source["configMapRef"]["name"] == "kmnist-tune-settings", source
+        env.update(settings)
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == "kmnist-tune-settings", ref
+            env[e["name"]] = settings[ref["key"]]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            if ref["name"] in secrets:
+                env[e["name"]] = secrets[ref["name"]][ref["key"]]
+            else:
+                assert ref.get("optional") is True, ref
+    return env
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_manifest_is_valid_for_the_pinned_kubernetes_version(overlay: str) -> None:
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "ConfigMap", "Job", "Deployment", "Service", "NetworkPolicy"} <= kinds
+    assert one(docs, "Deployment", PGBOUNCER) and one(docs, "Service", PGBOUNCER)
     assert ("StatefulSet" in kinds) == (overlay == "in-cluster")
     for d in docs:
         kubernetes_validate.validate(d, KUBERNETES, strict=True)  # raises on an unknown or misplaced field
@@ -112,23 +151,138 @@ def test_workers_get_a_gpu_a_grace_period_and_bounded_restarts() -> None:
     assert {m["mountPath"] for m in worker["volumeMounts"]} >= {"/tmp", "/data", "/dev/shm"}  # writable where it writes
 
 
-def test_only_kmnist_tune_pods_reach_the_database_and_the_dashboard_stays_inside() -> None:
-    docs = render("in-cluster")
+def storage_hosts(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """kind/name -> the host of the storage URL its containers build (one per workload)."""
+    out = {}
+    for where, _, pod in pod_specs(docs):
+        urls = {e["value"] for c in containers(pod) for e in c.get("env", []) if e["name"] == "KMNIST_TUNE_STORAGE"}
+        if urls:
+            (url,) = urls
+            m = re.fullmatch(
+                r"postgresql\+psycopg://\$\(KMNIST_TUNE_DB_USER\)@(\$\(\w+\)):\$\(\w+\)/\$\(KMNIST_TUNE_DB_NAME\)", url
+            )
+            assert m, f"{where}: {url}"
+            out[where] = m.group(1)
+    return out
+
+
+def selects(policy_labels: dict[str, str], workload: dict[str, Any]) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in policy_labels.items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_pgbouncer_and_the_schema_job_reach_the_database_and_the_rest_only_pgbouncer(overlay: str) -> None:
+    docs = render(overlay)
     deny = one(docs, "NetworkPolicy", "default-deny-ingress")["spec"]
     assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    db = one(docs, "NetworkPolicy", "postgres-from-kmnist-tune-only")["spec"]
-    assert db["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "postgres"}
-    (rule,) = db["ingress"]
+    workloads = {where: w for where, w, _ in pod_specs(docs)}
+    # Who connects where: the worker-role pods to PgBouncer's Service, the owner's schema Job to the server.
+    hosts = storage_hosts(docs)
+    assert {w for w, h in hosts.items() if h == "$(KMNIST_TUNE_POOL_HOST)"} == POOLED
+    assert {w for w, h in hosts.items() if h == "$(KMNIST_TUNE_DB_HOST)"} == {"Job/kmnist-tune-schema"}
+    settings = one(docs, "ConfigMap", "kmnist-tune-settings")["data"]
+    service = one(docs, "Service", PGBOUNCER)["spec"]
+    assert settings["KMNIST_TUNE_POOL_HOST"] == PGBOUNCER and service["type"] == "ClusterIP"
+    assert [p["port"] for p in service["ports"]] == [int(settings["KMNIST_TUNE_POOL_PORT"])] == [6432]
+    # PgBouncer admits only the pool clients, on its port.
+    pool = one(docs, "NetworkPolicy", "pgbouncer-from-kmnist-tune-only")["spec"]
+    assert selects(pool["podSelector"]["matchLabels"], workloads[f"Deployment/{PGBOUNCER}"])
+    (rule,) = pool["ingress"]
     (source,) = rule["from"]
-    client = source["podSelector"]["matchLabels"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
-    for where, workload, pod_spec in pod_specs(docs):
-        template_labels = workload["spec"]["template"]["metadata"]["labels"]
-        uses_db = any(e["name"] == "KMNIST_TUNE_STORAGE" for c in containers(pod_spec) for e in c.get("env", []))
-        is_client = all(template_labels.get(k) == v for k, v in client.items())
-        assert uses_db == is_client or where == "StatefulSet/postgres", where
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6432}] and set(source) == {"podSelector"}
+    assert {w for w, wl in workloads.items() if selects(source["podSelector"]["matchLabels"], wl)} == POOLED
     service = one(docs, "Service", "kmnist-tune-dashboard")["spec"]
     assert service["type"] == "ClusterIP" and service["ports"][0]["port"] == 8080
+
+    if overlay == "in-cluster":
+        # PostgreSQL admits PgBouncer and the schema Job only; PgBouncer reaches PostgreSQL (and DNS) only.
+        db = one(docs, "NetworkPolicy", "postgres-from-kmnist-tune-only")["spec"]
+        assert selects(db["podSelector"]["matchLabels"], workloads["StatefulSet/postgres"])
+        (rule,) = db["ingress"]
+        (source,) = rule["from"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": 5432}] and set(source) == {"podSelector"}
+        assert {w for w, wl in workloads.items() if selects(source["podSelector"]["matchLabels"], wl)} == DIRECT
+        out = one(docs, "NetworkPolicy", "pgbouncer-to-postgres-only")["spec"]
+        dns, to_db = out["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+        (target,) = to_db["to"]
+        assert selects(target["podSelector"]["matchLabels"], workloads["StatefulSet/postgres"])
+        assert to_db["ports"] == [{"protocol": "TCP", "port": 5432}]
+    else:
+        # No ingress policy guards a server outside the cluster: egress ones do. PgBouncer reaches its
+        # address (the overlay's patch, not the placeholder) and DNS only; the pool clients go anywhere
+        # but there, the address copied from PgBouncer's policy.
+        out = one(docs, "NetworkPolicy", "pgbouncer-to-database-only")["spec"]
+        assert selects(out["podSelector"]["matchLabels"], workloads[f"Deployment/{PGBOUNCER}"])
+        assert out["policyTypes"] == ["Egress"]
+        dns, to_db = out["egress"]
+        assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+        (target,) = to_db["to"]
+        cidr = target["ipBlock"]["cidr"]
+        assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+/\d+", cidr) and cidr != "0.0.0.0/32" and "except" not in target["ipBlock"]
+        assert to_db["ports"] == [{"protocol": "TCP", "port": 5432}]
+        clients = one(docs, "NetworkPolicy", "pool-clients-not-to-the-database")["spec"]
+        assert clients["policyTypes"] == ["Egress"]
+        assert {w for w, wl in workloads.items() if selects(clients["podSelector"]["matchLabels"], wl)} == POOLED
+        blocks = [t["ipBlock"] for r in clients["egress"] for t in r["to"] if "ipBlock" in t]
+        assert {"cidr": "0.0.0.0/0", "except": [cidr]} in blocks
+        assert all(b.get("except") == [cidr] or ":" in b["cidr"] for b in blocks), blocks
+        assert not [r for r in clients["egress"] if "ports" in r]  # every port, but not to the database
+
+
+def service_port(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (port,) = one(docs, "Service", PGBOUNCER)["spec"]["ports"]
+    return port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pgbouncer_reads_pool_ini_from_storage_and_holds_its_password_only_in_memory(overlay: str) -> None:
+    docs = render(overlay)
+    deployment = one(docs, "Deployment", PGBOUNCER)
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = containers(pod)
+    # The image built from storage/pgbouncer/Dockerfile, run as its user (numeric: the kubelet checks it).
+    assert c["image"] == f"{PGBOUNCER}:1.18" and "command" not in c and "args" not in c
+    instrs = dockerfile_instructions()
+    uid = {k: v for k, _, v in (a.partition("=") for i, a in instrs if i == "ARG")}["PGBOUNCER_UID"]
+    assert pod["securityContext"]["runAsUser"] == int(uid) and deployment["spec"]["replicas"] == 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+    env = {e["name"]: e for e in c["env"]}
+    # pool.ini: one source of truth, storage/pgbouncer/pool.ini, through a generated ConfigMap (its
+    # hash in the name rolls the pod when it changes); kustomize may read it only with the
+    # load restrictor off, which the README's commands say.
+    cm = generated(docs, PGBOUNCER)
+    assert cm["data"] == {"pool.ini": POOL_INI.read_text()}
+    ini = PurePosixPath(env["PGBOUNCER_POOL_INI"]["value"])
+    assert mounts[str(ini.parent)]["configMap"]["name"] == cm["metadata"]["name"] and ini.name == "pool.ini"
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        render(overlay, restrict=True)
+    assert "pool.ini" in refused.value.stderr and "is not in or below" in refused.value.stderr
+    readme = (REPO / "README.md").read_text()
+    assert (
+        f"kubectl kustomize --load-restrictor LoadRestrictionsNone deploy/overlays/{overlay}"
+        in readme + (REPO / "deploy" / "overlays" / overlay / "kustomization.yaml").read_text()
+    )
+    # The password: from the worker Secret into the entry point's environment, then into the auth_file
+    # in an emptyDir in memory, the one writable folder of a read-only container.
+    assert env["KMNIST_TUNE_WORKER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-worker", "key": "password"}
+    assert env["KMNIST_TUNE_WORKER_USER"]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-worker", "key": "username"}
+    run = mounts[env["PGBOUNCER_RUN_DIR"]["value"]]
+    assert run["emptyDir"]["medium"] == "Memory"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert [m["mountPath"] for m in writable] == [env["PGBOUNCER_RUN_DIR"]["value"]]
+    # It connects to the server the settings name, with their TLS mode; it listens on the Service's port.
+    for var in ("KMNIST_TUNE_DB_HOST", "KMNIST_TUNE_DB_PORT", "KMNIST_TUNE_DB_NAME"):
+        assert env[var]["valueFrom"]["configMapKeyRef"]["key"] == var
+    assert env["PGBOUNCER_SERVER_TLS_SSLMODE"]["valueFrom"]["configMapKeyRef"]["key"] == "KMNIST_TUNE_DB_SSLMODE"
+    settings = one(docs, "ConfigMap", "kmnist-tune-settings")["data"]
+    assert settings["KMNIST_TUNE_DB_SSLMODE"] == ("require" if overlay == "external" else "prefer")
+    (port,) = c["ports"]
+    assert port["containerPort"] == 6432 and "PGBOUNCER_LISTEN_PORT" not in env
+    assert c["readinessProbe"]["tcpSocket"]["port"] == port["name"] == service_port(docs)["targetPort"]
 
 
 def test_the_database_is_initialised_from_the_files_compose_uses() -> None:
@@ -150,9 +304,11 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 @pytest.mark.postgres
-def test_the_storage_url_the_pods_build_opens_a_real_database(pg_url: str, tmp_path: Path) -> None:
-    """The URL a worker pod assembles (user from its Secret, host, port and database from the settings,
-    the password in libpq's PGPASSWORD) is one kmnist-tune opens; the named commands exist."""
+def test_the_storage_url_the_pods_build_opens_a_real_database_through_pgbouncer(pg_url: str, tmp_path: Path) -> None:
+    """What the pods build, run here: PgBouncer's entry point with the environment its pod spec gives it
+    (settings, the worker Secret; the server this machine's), the schema Job's owner URL straight to
+    the server, and a worker's URL (PgBouncer's Service, the user from its Secret, the password in
+    libpq's PGPASSWORD) that kmnist-tune opens through PgBouncer. The named commands exist."""
     from sqlalchemy.engine import make_url
 
     real = make_url(pg_url)
@@ -160,21 +316,42 @@ def test_the_storage_url_the_pods_build_opens_a_real_database(pg_url: str, tmp_p
     settings = dict(one(docs, "ConfigMap", "kmnist-tune-settings")["data"])
     settings.update(KMNIST_TUNE_DB_HOST=str(real.host), KMNIST_TUNE_DB_PORT=str(real.port))
     settings["KMNIST_TUNE_DB_NAME"] = str(real.database)
-    settings["PGSSLMODE"] = "disable"  # the test server has no TLS
-    secrets = {"username": str(real.username), "password": "the-password", "api-key": ""}
-    job = one(docs, "Job", "kmnist-tune-workers")["spec"]["template"]["spec"]
-    (worker,) = job["containers"]
-    env = dict(settings)
-    for e in worker["env"]:
-        env[e["name"]] = secrets[e["valueFrom"]["secretKeyRef"]["key"]] if "valueFrom" in e else expand(e["value"], env)
-    env.pop("WANDB_API_KEY", None)
-    url = env["KMNIST_TUNE_STORAGE"]
-    assert make_url(url).password is None and url.startswith("postgresql+psycopg://")
-    keep = {k: v for k, v in env.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG"))}
-    listed = run_cli("study", "list", env=cli_env(**keep), cwd=tmp_path)
-    assert listed.returncode == 0 and "the-password" not in listed.stdout + listed.stderr
+    settings["KMNIST_TUNE_DB_SSLMODE"] = "disable"  # the test server has no TLS
+    password = "the-password"
+    account = {"username": str(real.username), "password": password}
+    secrets = {"kmnist-tune-worker": account, "kmnist-tune-owner": account}  # the server trusts loopback
+
+    def pod_env(kind: str, name: str, container: str | None = None) -> dict[str, str]:
+        pod = one(docs, kind, name)["spec"]["template"]["spec"]
+        (c,) = [c for c in containers(pod) if container in (None, c["name"])]
+        return container_env(c, settings, secrets)
+
+    # The schema Job: the owner, straight to the server; it makes the tables.
+    schema = pod_env("Job", "kmnist-tune-schema")
+    assert make_url(schema["KMNIST_TUNE_STORAGE"]).host == real.host and schema["PGSSLMODE"] == "disable"
+    keep = {k: v for k, v in schema.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG"))}
+    made = run_cli("schema", env=cli_env(**keep), cwd=tmp_path)
+    assert password not in made.stdout + made.stderr
+
+    bouncer_env = pod_env("Deployment", PGBOUNCER)
+    assert bouncer_env.pop("PGBOUNCER_POOL_INI").endswith("/pool.ini")  # the ConfigMap: pool.ini's text (test above)
+    bouncer = start_pgbouncer(bouncer_env, tmp_path / "pgbouncer.log", pool_ini=POOL_INI)
+    try:
+        # A worker pod's URL, with the Service's name and port resolved to PgBouncer here.
+        worker = pod_env("Job", "kmnist-tune-workers", "worker")
+        url = make_url(worker["KMNIST_TUNE_STORAGE"])
+        assert (url.host, url.port, url.password) == (PGBOUNCER, 6432, None) and url.drivername == "postgresql+psycopg"
+        worker["KMNIST_TUNE_STORAGE"] = url.set(host="127.0.0.1", port=bouncer.port).render_as_string()
+        keep = {k: v for k, v in worker.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG"))}
+        assert keep["PGPASSWORD"] == password and keep["PGSSLMODE"] == "prefer"
+        listed = run_cli("study", "list", env=cli_env(**keep), cwd=tmp_path)
+        assert listed.returncode == 0 and password not in listed.stdout + listed.stderr
+        assert f"login attempt: db={real.database} user={real.username}" in bouncer.output()
+    finally:
+        assert bouncer.stop() == 0, bouncer.output()
+    assert password not in bouncer.output()
     for _, _, pod in pod_specs(docs):
-        for c in [c for c in containers(pod) if c["image"].startswith("kmnist-tune")]:
+        for c in [c for c in containers(pod) if c["image"].startswith("kmnist-tune:")]:
             words = c.get("args", [])[:1] if "command" not in c else re.findall(r"kmnist-tune (\w+(?: \w+)?)", c["args"][0])
             for word in words:
                 assert run_cli(*word.split(), "--help", env=cli_env()).returncode == 0, word
