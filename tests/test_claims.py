@@ -1,9 +1,6 @@
 """The budget claim and the storage locks through PgBouncer's transaction pooling (and directly):
-many workers, exactly the budget, no lock left behind, few server connections.
-
-The workers here are threads running the real worker loop (service/worker.py) with a sleep
-objective and their own storages: no torch, so dozens fit on two cores.
-"""
+many workers, exactly the budget, no lock left behind, few server connections. The workers are
+threads running the real worker loop with a sleep objective (sim_worker.py)."""
 
 from __future__ import annotations
 
@@ -19,46 +16,12 @@ import pytest
 import sqlalchemy
 from conftest import pg_admin
 from pg_sampler import ConnectionSampler
+from sim_worker import make_study, work
 
-from kmnist_tune.contract.events import Listener
-from kmnist_tune.contract.spec import parse_spec
 from kmnist_tune.errors import UserError
 from kmnist_tune.service.claims import TABLE, TICKET_TTL_S, budget_slot
 from kmnist_tune.service.lock import storage_lock
 from kmnist_tune.service.storage import open_storage, unwrap
-from kmnist_tune.service.studies import create_study, open_for_work
-from kmnist_tune.service.worker import Worker
-
-
-def make_study(url: str, name: str, n_trials: int) -> None:
-    spec = parse_spec(
-        {
-            "name": name,
-            "parameters": {"lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1}},
-            "pruner": "none",
-            "sampler": "random",
-            "budget": {"n_trials": n_trials},
-            "workers": {"heartbeat_interval": 2, "grace_period": 10},
-        }
-    )
-    storage = open_storage(url, create=True)
-    create_study(spec, storage, resume=False)
-    unwrap(storage).engine.dispose()
-
-
-def work(url: str, name: str, nap: Callable[[], float]) -> int:
-    """One simulated worker: the real loop, an objective that sleeps; returns the trials it ran."""
-    storage, study, spec = open_for_work(url, name)
-
-    def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        time.sleep(nap())
-        return lr
-
-    try:
-        return Worker(study, storage, spec, objective, Listener()).run()
-    finally:
-        unwrap(storage).engine.dispose()
 
 
 def advisory_locks(database: str) -> int:

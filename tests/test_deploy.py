@@ -762,7 +762,11 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
         w.execute("UPDATE studies SET study_name = 'renamed' WHERE study_id = %s", (sid,))
         w.execute("DELETE FROM study_directions WHERE study_id = %s", (sid,))
         w.execute("DELETE FROM studies WHERE study_id = %s", (sid,))
-        w.execute("SELECT pg_advisory_lock(42), pg_advisory_unlock(42)")  # kmnist-tune's storage locks
+        w.execute("BEGIN")  # kmnist-tune's storage locks and budget claims: transaction-scoped
+        w.execute("SELECT pg_advisory_xact_lock(42), pg_try_advisory_xact_lock(43)")
+        (claim,) = w.execute("INSERT INTO kmnist_tune_claims (study_id) VALUES (%s) RETURNING claim_id", (sid,)).fetchone()
+        w.execute("DELETE FROM kmnist_tune_claims WHERE claim_id = %s", (claim,))
+        w.execute("COMMIT")
         w.execute("INSERT INTO kmnist_tune_artifacts (artifact_id, chunk, data) VALUES ('a', 0, 'x')")  # artifacts
         assert w.execute("SELECT data FROM kmnist_tune_artifacts WHERE artifact_id = 'a'").fetchone() == (b"x",)
         w.execute("DELETE FROM kmnist_tune_artifacts WHERE artifact_id = 'a'")

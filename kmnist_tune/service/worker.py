@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -133,6 +134,7 @@ class Worker:
         self.heartbeat_interval: int | None = hb() if hb is not None else None
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self._silent_since: dict[int, float] = {}  # RUNNING trials seen without a heartbeat, since when
+        self.budget = Budget.of({}, spec)  # the study's budget, as the last claim read it
 
     # -- claiming -----------------------------------------------------------
     def counts(self) -> StateCounts:
@@ -148,6 +150,7 @@ class Worker:
         """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial; the
         stop if the study was stopped; None if the budget is claimed (claims.py says how)."""
         budget, stopped = self.study_state()
+        self.budget = budget
         if stopped is not None:
             return stopped
         with budget_slot(self.storage, self.study_id, self.study.study_name, budget.n_trials) as granted:
@@ -182,8 +185,11 @@ class Worker:
 
     def _run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
         # Optuna's Trial has no public id; its storage record says whether this is a retry. A retry
-        # starts with its original's attributes: the marks of how that one ended are cleared.
-        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.storage.get_trial(trial._trial_id))
+        # starts with its original's attributes: the marks of how that one ended are cleared. Only
+        # the system attributes are read (one small query; a whole trial takes several), and
+        # Optuna's own retried_trial_number reads them, so the attribute's name stays Optuna's.
+        system = SimpleNamespace(system_attrs=self.storage.get_trial_system_attrs(trial._trial_id))
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(system)  # type: ignore[arg-type]
         fresh = TrialRecord.fresh() if original is not None else {}
         TrialRecord.write(trial, worker=self.identity, **fresh, **({"retry_of": original} if original is not None else {}))
         error = ""
@@ -206,17 +212,20 @@ class Worker:
                 state, value = TrialState.FAIL, None
                 error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 TrialRecord.write(trial, error=error)
-        if self.storage.get_trial(trial._trial_id).state.is_finished():
-            raise UpdateFinishedTrialError(f"trial {trial.number} is finished already")
         try:
-            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+            frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except ValueError:
+            # Optuna refuses to tell a finished trial: another worker failed it as stale meanwhile.
+            if self.storage.get_trial(trial._trial_id).state.is_finished():
+                raise UpdateFinishedTrialError(f"trial {trial.number} is finished already") from None
+            raise
         except RuntimeError as e:
             # GridSampler calls study.stop() once the grid is used up, which Optuna allows only
             # inside study.optimize; the result is stored before that (tell's finally), so just stop.
             if "Study.stop" not in str(e):
                 raise
             self.sampler_done = True
-        frozen = self.storage.get_trial(trial._trial_id)
+            frozen = self.storage.get_trial(trial._trial_id)
         if error.startswith("interrupted"):
             # Hand the trial back: the same parameters (and its newest checkpoint) are queued for
             # whichever worker comes next.
@@ -235,7 +244,7 @@ class Worker:
                 error=error,
                 best=None if (best := best_or_none(self.study)) is None else best.value,
                 finished=self.counts().finished,
-                budget=self.study_state()[0].n_trials,
+                budget=self.budget.n_trials,  # as read by this trial's claim
                 trial=trial,
             )
         )
