@@ -7,6 +7,7 @@ worker process held (sampled from pg_stat_activity), and the ratio ours/bare, me
 same run. Needs PostgreSQL at 127.0.0.1:5432 (trust auth), like the tests.
 
     python benchmarks/bench_storage.py [--trials 200] [--procs 1 2 4] [--json out.json]
+    python benchmarks/bench_storage.py --breakdown [--trials 200]   # which guarantee costs what
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pg_sampler import ADMIN, ConnectionSampler  # noqa: E402  (shared with the worker tests)
+from pg_sampler import ConnectionSampler, scratch_database  # noqa: E402  (shared with the worker tests)
 
 
 def _spec(name: str, n_trials: int) -> Any:
@@ -106,11 +105,8 @@ def ours_proc(url: str, name: str, n_total: int, out: Any) -> None:
 
 
 def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
-    dbname = f"kt_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{dbname}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
-    try:
+    with scratch_database("kt_bench") as dbname:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
         from kmnist_tune.service.storage import open_storage
         from kmnist_tune.service.studies import create_study
 
@@ -141,9 +137,99 @@ def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
             "max_connections_per_process": sampler.max_per_process,
             "wall_s": wall,
         }
-    finally:
-        with psycopg.connect(ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+# What each part of the worker loop is for, in the order a trial meets them (for --breakdown).
+PIECES = [
+    ("study_state", "read the budget and stop (study extend / stop while workers run)"),
+    ("take_ticket", "claim ticket: the exact budget"),
+    ("ask", "Optuna's ask (bare Optuna does the same)"),
+    ("drop_ticket", "claim ticket given back"),
+    ("retry_check", "is this a retry? (resume from its original's checkpoint)"),
+    ("record", "worker record on the trial (host, GPU, pid: study show, dashboard)"),
+    ("heartbeat", "heartbeat start/stop (a dead worker's trial is retried)"),
+    ("objective", "the objective (suggest + return; bare Optuna does the same)"),
+    ("tell", "Optuna's tell (bare Optuna does the same)"),
+    ("cleanup", "checkpoints of the trial and its retry chain removed"),
+    ("best", "best value for the progress line"),
+    ("counts", "finished count for the progress line"),
+    ("fail_stale", "stale-trial check (once per heartbeat interval)"),
+]
+
+
+def breakdown(n_trials: int) -> None:
+    """Time each part of the worker loop over n_trials instant trials (one process): which
+    guarantee costs what. Wrappers time the real calls; nothing is skipped."""
+    import io
+    from collections import defaultdict
+
+    from kmnist_tune.contract import records
+    from kmnist_tune.observe.progress import Reporter
+    from kmnist_tune.service import claims
+    from kmnist_tune.service import worker as worker_mod
+    from kmnist_tune.service.retry import open_worker_storage
+    from kmnist_tune.service.storage import open_storage
+    from kmnist_tune.service.studies import create_study, open_study
+
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    with scratch_database("kt_bench") as dbname:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
+        for name in ("bench", "bare"):  # each starts empty: Optuna's ask slows as a study grows
+            create_study(_spec(name, n_trials), open_storage(url, create=True), resume=False)
+        # Bare Optuna on a study of its own: the baseline, measured here too.
+        bare_study = optuna.load_study(study_name="bare", storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
+        t0 = time.perf_counter()
+        bare_study.optimize(_quick, n_trials=n_trials)
+        bare = (time.perf_counter() - t0) / n_trials
+        storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3)
+        study, spec = open_study(storage, "bench")
+        worker = worker_mod.Worker(study, storage, spec, timed("objective", _quick), Reporter(io.StringIO()))
+        for name, obj, attr in [
+            ("study_state", worker, "study_state"),
+            ("take_ticket", claims, "_take_ticket"),
+            ("drop_ticket", claims, "_drop_ticket"),
+            ("ask", study, "ask"),
+            ("tell", study, "tell"),
+            ("retry_check", storage, "get_trial_system_attrs"),
+            ("cleanup", worker, "remove_checkpoints"),
+            ("best", worker_mod, "best_or_none"),
+            ("counts", worker, "counts"),
+            ("fail_stale", worker, "fail_stale"),
+        ]:
+            setattr(obj, attr, timed(name, getattr(obj, attr)))
+        write = records.TrialRecord.write
+        records.TrialRecord.write = timed("record", write)  # type: ignore[method-assign]
+        enter, leave = worker_mod._Heartbeat.__enter__, worker_mod._Heartbeat.__exit__
+        worker_mod._Heartbeat.__enter__ = timed("heartbeat", enter)  # type: ignore[method-assign]
+        worker_mod._Heartbeat.__exit__ = timed("heartbeat", leave)  # type: ignore[method-assign]
+        try:
+            t0 = time.perf_counter()
+            worker.run(max_trials=n_trials)
+            ours = (time.perf_counter() - t0) / n_trials
+        finally:
+            records.TrialRecord.write = write  # type: ignore[method-assign]
+            worker_mod._Heartbeat.__enter__, worker_mod._Heartbeat.__exit__ = enter, leave  # type: ignore[method-assign]
+            storage.engine.dispose()
+    print(f"{n_trials} instant trials, one process; ms per trial")
+    print(f"{'part':<13} {'ms':>6}  what it is for")
+    for name, what in PIECES:
+        print(f"{name:<13} {1000 * spent[name] / n_trials:>6.2f}  {what}")
+    other = ours - sum(spent.values()) / n_trials
+    print(f"{'other':<13} {1000 * other:>6.2f}  the loop itself, the end-of-trial event")
+    print(f"{'ours':<13} {1000 * ours:>6.2f}  per trial in all")
+    print(f"{'bare':<13} {1000 * bare:>6.2f}  bare study.optimize, as many trials, on a study of its own")
+    print(f"ratio ours/bare time per trial: {ours / bare:.2f}x")
 
 
 def main() -> None:
@@ -152,7 +238,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--breakdown", action="store_true", help="time each part of the worker loop instead (one process)")
     args = ap.parse_args()
+    if args.breakdown:
+        breakdown(args.trials)
+        return
     rows = []
     print(f"{'procs':>5} {'kind':>5} {'trials':>6} {'trials/s':>9} {'median ms':>10} {'conns/proc':>10}")
     for procs in args.procs:

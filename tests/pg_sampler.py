@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 
@@ -42,3 +45,16 @@ class ConnectionSampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
+
+
+@contextmanager
+def scratch_database(prefix: str, admin: str = ADMIN) -> Iterator[str]:
+    """A new database on the server, dropped afterwards (its connections closed first); its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -37,10 +37,11 @@ def make_study(url: str, name: str, n_trials: int, *, heartbeat_interval: int = 
 
 @dataclass
 class WorkLog:
-    """What one simulated worker did: how long each granted claim took (s, with its wall-clock
-    end), how many claims found the budget taken, and which trial numbers its objective ran."""
+    """What one simulated worker did: each granted claim as (seconds it took, its wall-clock end,
+    the seconds of it spent in Optuna's ask), how many claims found the budget taken, and which
+    trial numbers its objective ran."""
 
-    claims: list[tuple[float, float]] = field(default_factory=list)
+    claims: list[tuple[float, float, float]] = field(default_factory=list)
     denied: int = 0
     ran: list[int] = field(default_factory=list)
 
@@ -57,13 +58,23 @@ def work(url: str, name: str, nap: Callable[[], float], log: WorkLog | None = No
         return lr
 
     worker = Worker(study, storage, spec, objective, Listener())
-    claim = worker.claim
+    claim, ask = worker.claim, study.ask
+    asked = [0.0]
+
+    def timed_ask(*args: Any, **kwargs: Any) -> optuna.Trial:
+        t0 = time.perf_counter()
+        try:
+            return ask(*args, **kwargs)
+        finally:
+            asked[0] = time.perf_counter() - t0
+
+    study.ask = timed_ask  # type: ignore[method-assign]
 
     def timed_claim() -> Any:
         t0 = time.perf_counter()
         got = claim()
         if isinstance(got, optuna.Trial):
-            log.claims.append((time.perf_counter() - t0, time.time()))
+            log.claims.append((time.perf_counter() - t0, time.time(), asked[0]))
         else:
             log.denied += 1
         return got

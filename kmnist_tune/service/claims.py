@@ -5,13 +5,13 @@ Counting the trials and creating one must be one atomic step. Optuna creates tri
 transactions (`study.ask()`), so the step cannot be one transaction; how it is made atomic depends
 on the backend:
 
-- PostgreSQL: a *claim ticket*. One short transaction takes a transaction-scoped advisory lock on
-  the study, counts its finished and running trials plus the tickets of claims still in progress,
-  and inserts a ticket if the budget allows; the worker then asks Optuna for the trial and deletes
-  its ticket. Nothing outlives a transaction, so this holds through PgBouncer's transaction pooling
-  (a session-level lock would stay on whichever server connection took it), and the lock is held
-  only for the few statements of the claim, never while Optuna samples. A ticket whose worker died
-  between claim and ask expires after TICKET_TTL_S.
+- PostgreSQL: a *claim ticket*. One short transaction, sent as one query, takes a
+  transaction-scoped advisory lock on the study, counts its finished and running trials plus the
+  tickets of claims still in progress, and inserts a ticket if the budget allows; the worker then
+  asks Optuna for the trial and deletes its ticket. Nothing outlives a transaction, so this holds
+  through PgBouncer's transaction pooling (a session-level lock would stay on whichever server
+  connection took it), and the lock is held only for the claim's few statements, never while
+  Optuna samples. A ticket whose worker died between claim and ask expires after TICKET_TTL_S.
 - SQLite (one machine): an flock beside the database file, held around the count and the ask.
 - The gRPC proxy: no shared lock exists; the count and the ask are best effort.
 """
@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import sqlalchemy
-import sqlalchemy.exc
 
 from ..errors import UserError
 from .lock import lock_key, storage_lock
-from .storage import backend, count_states, unwrap
+from .storage import backend, count_states, read_rows, unwrap
 
 TABLE = "kmnist_tune_claims"
 # A ticket lives from the claim until Optuna has made the trial (milliseconds; seconds for a
@@ -52,40 +52,65 @@ def _table() -> sqlalchemy.Table:
 CLAIMS = _table()
 
 
-_CLAIM_SQL = sqlalchemy.text(
-    f"""
-    WITH counted AS (
-        SELECT (SELECT count(*) FROM trials WHERE study_id = :sid AND state IN ({", ".join(f"'{s}'" for s in COUNTED)}))
-             + (SELECT count(*) FROM {TABLE} WHERE study_id = :sid) AS n
+_COUNTED_SQL = ", ".join(f"'{s}'" for s in COUNTED)
+
+
+def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
+    """The whole claim as one simple-protocol query string: the server runs it in one go, so the
+    transaction (and PgBouncer's server connection) never waits for this client between statements.
+    The lock is a statement of its own so that the count, a later statement, sees every ticket
+    committed while this one waited. The expired tickets of workers that died between claim and
+    ask are dropped in the same statement as the count (a data-modifying CTE shares its snapshot,
+    so the count also skips them by age). Only integers are formatted in, each through int()."""
+    sid, budget, ttl = int(study_id), int(n_trials), int(TICKET_TTL_S)
+    return f"""
+    BEGIN;
+    SELECT pg_advisory_xact_lock({int(lock_key(f"kmnist-tune/budget/{study_name}"))});
+    WITH expired AS (
+        DELETE FROM {TABLE} WHERE study_id = {sid} AND claimed_at < now() - make_interval(secs => {ttl})
+    ), counted AS (
+        SELECT (SELECT count(*) FROM trials WHERE study_id = {sid} AND state IN ({_COUNTED_SQL}))
+             + (SELECT count(*) FROM {TABLE} WHERE study_id = {sid} AND claimed_at >= now() - make_interval(secs => {ttl})) AS n
     )
-    INSERT INTO {TABLE} (study_id) SELECT :sid FROM counted WHERE counted.n < :budget
-    RETURNING claim_id
+    INSERT INTO {TABLE} (study_id) SELECT {sid} FROM counted WHERE counted.n < {budget}
+    RETURNING claim_id;
+    COMMIT;
     """
-)
-_EXPIRE_SQL = sqlalchemy.text(f"DELETE FROM {TABLE} WHERE study_id = :sid AND claimed_at < now() - make_interval(secs => :ttl)")
 
 
 def _take_ticket(engine: Any, study_id: int, study_name: str, n_trials: int) -> int | None:
-    """One transaction: lock the study's budget, drop expired tickets, insert one if there is room."""
+    """Lock the study's budget, drop expired tickets, insert one if there is room: one transaction
+    in one round trip. The lock waits in the server while another worker's claim finishes (well
+    under a millisecond of server time), and is released by the COMMIT or when the connection dies."""
+    raw = engine.raw_connection()  # pooled, like every other connection of this storage
+    conn = raw.driver_connection  # psycopg's: several statements in one query need its simple protocol
+    claim_id: int | None = None
     try:
-        with engine.begin() as conn:
-            # Waits in the server while another worker's claim (a few statements) finishes; released
-            # by the commit, or by the server if this connection dies.
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(f"kmnist-tune/budget/{study_name}")})
-            conn.execute(_EXPIRE_SQL, {"sid": study_id, "ttl": TICKET_TTL_S})
-            row = conn.execute(_CLAIM_SQL, {"sid": study_id, "budget": n_trials}).first()
-    except sqlalchemy.exc.ProgrammingError as e:
-        if TABLE in str(e.orig or e):
-            raise UserError(
-                f"the study database has no {TABLE} table (it was set up by an older kmnist-tune); "
-                "run `kmnist-tune schema` once as the database owner"
-            ) from None
-        raise
-    return None if row is None else int(row[0])
+        conn.autocommit = True  # the string holds its own BEGIN and COMMIT
+        with conn.cursor() as cur:
+            cur.execute(_claim_sql(study_id, study_name, n_trials))
+            while True:  # one result per statement; the INSERT's holds the ticket, if one was taken
+                if cur.description is not None and cur.description[0].name == "claim_id":
+                    row = cur.fetchone()
+                    claim_id = None if row is None else int(row[0])
+                if not cur.nextset():
+                    break
+    except psycopg.errors.UndefinedTable:
+        conn.execute("ROLLBACK")
+        raise UserError(
+            f"the study database has no {TABLE} table (it was set up by an older kmnist-tune); "
+            "run `kmnist-tune schema` once as the database owner"
+        ) from None
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
+        raw.close()
+    return claim_id
 
 
 def _drop_ticket(engine: Any, claim_id: int) -> None:
-    with engine.begin() as conn:
+    # One statement, autocommitted: one round trip instead of BEGIN, DELETE, COMMIT.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sqlalchemy.text(f"DELETE FROM {TABLE} WHERE claim_id = :id"), {"id": claim_id})
 
 
@@ -93,16 +118,10 @@ def pending_claims(storage: Any, study_id: int) -> int:
     """Claims granted whose trial Optuna is still making (PostgreSQL; 0 elsewhere)."""
     if backend(storage) != "postgresql":
         return 0
-    engine = unwrap(storage).engine
-
-    def run() -> int:
-        with engine.connect() as conn:
-            query = sqlalchemy.text(
-                f"SELECT count(*) FROM {TABLE} WHERE study_id = :sid AND claimed_at >= now() - make_interval(secs => :ttl)"
-            )
-            return int(conn.execute(query, {"sid": study_id, "ttl": TICKET_TTL_S}).scalar_one())
-
-    return _retrying(storage)(run)
+    query = sqlalchemy.text(
+        f"SELECT count(*) FROM {TABLE} WHERE study_id = :sid AND claimed_at >= now() - make_interval(secs => :ttl)"
+    )
+    return int(read_rows(storage, query, {"sid": study_id, "ttl": TICKET_TTL_S})[0][0])
 
 
 def _retrying(storage: Any) -> Callable[[Callable[[], Any]], Any]:

@@ -7,6 +7,7 @@ lock.py), so connection limits, time-outs and the error lines a user sees are de
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -145,6 +146,9 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
             _require_schema(url)
         cls = rdb_kwargs.pop("storage_cls", optuna.storages.RDBStorage)
         if not create:
+            # The tables are there (_require_schema): Optuna's create_all would only look for each
+            # one again, a reflection query per table, for every worker that starts.
+            rdb_kwargs.setdefault("skip_table_creation", True)
             return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
         folder = sqlite_path(url).parent if is_sqlite(url) and sqlite_path(url) else None  # type: ignore[union-attr]
         if folder is not None and not folder.is_dir():
@@ -308,6 +312,20 @@ class StateCounts:
         return ", ".join(f"{v} {k.lower()}" for k, v in self.nonzero().items()) or "none yet"
 
 
+def read_rows(storage: Any, query: Any, params: dict[str, Any]) -> list[Any]:
+    """One read-only statement on an RDB storage, autocommitted: one round trip, and no transaction
+    keeps a server connection from PgBouncer's pool while this process waits for the CPU. A
+    worker's storage retries it through a database restart."""
+    engine = unwrap(storage).engine
+
+    def run() -> list[Any]:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return list(conn.execute(query, params))
+
+    retrying = getattr(storage, "retrying", None)
+    return retrying(run) if retrying is not None else run()
+
+
 def count_states(storage: Any, study_id: int) -> StateCounts:
     """Trials per state, counted by the database (one small query) rather than by loading every
     trial: workers ask before each claim, and a study may hold thousands of trials."""
@@ -315,19 +333,27 @@ def count_states(storage: Any, study_id: int) -> StateCounts:
     rdb = unwrap(storage)
     if isinstance(rdb, optuna.storages.RDBStorage):
         query = sqlalchemy.text("SELECT state, count(*) FROM trials WHERE study_id = :sid GROUP BY state")
-
-        def run() -> list[Any]:
-            with rdb.engine.connect() as conn:
-                return list(conn.execute(query, {"sid": study_id}))
-
-        retrying = getattr(storage, "retrying", None)  # a worker's storage rides out database restarts
-        for state, n in retrying(run) if retrying is not None else run():
+        for state, n in read_rows(storage, query, {"sid": study_id}):
             name = state if isinstance(state, str) else optuna.trial.TrialState(state).name
             out[str(name).split(".")[-1]] = int(n)
     else:
         for t in storage.get_all_trials(study_id, deepcopy=False):
             out[t.state.name] += 1
     return StateCounts(out)
+
+
+def study_attrs(storage: Any, study_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Some of a study's user attributes. Workers read the budget and the stop before every claim;
+    Optuna's get_study_user_attrs decodes them all, the stored spec and LR prior included, so an
+    RDB storage is asked for just these keys (Optuna's RDB schema keeps each as JSON text)."""
+    rdb = unwrap(storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        attrs = storage.get_study_user_attrs(study_id)
+        return {k: attrs[k] for k in keys if k in attrs}
+    query = sqlalchemy.text(
+        "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid AND key IN :keys"
+    ).bindparams(sqlalchemy.bindparam("keys", expanding=True))
+    return {k: json.loads(v) for k, v in read_rows(storage, query, {"sid": study_id, "keys": list(keys)})}
 
 
 def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
@@ -341,10 +367,4 @@ def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
         "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
         "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
     )
-
-    def run() -> list[int]:
-        with rdb.engine.connect() as conn:
-            return [int(r[0]) for r in conn.execute(query, {"sid": study_id})]
-
-    retrying = getattr(storage, "retrying", None)
-    return retrying(run) if retrying is not None else run()
+    return [int(r[0]) for r in read_rows(storage, query, {"sid": study_id})]

@@ -261,7 +261,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, *, seed: int | N
 
 def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = None) -> tuple[Any, optuna.Study, SweepSpec]:
     """The worker's storage (heartbeats, stale-trial retries, retried calls) and the study with its spec."""
-    probe = open_storage(url)
+    # The worker's own storage, opened below, checks the schema version (Optuna reads its migration
+    # scripts for that: tens of milliseconds); the probe need not do it twice.
+    probe = open_storage(url, skip_compatibility_check=True)
     study_id = require_study(probe, name)
     if SPEC_ATTR not in probe.get_study_user_attrs(study_id):
         # Created this instant by another process, which holds the lock until the spec is written.

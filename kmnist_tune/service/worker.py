@@ -30,7 +30,7 @@ from ..errors import Interrupted, WorkerStopped
 from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .claims import budget_slot, pending_claims
 from .retry import is_transient
-from .storage import StateCounts, count_states, first_line, running_without_heartbeat
+from .storage import StateCounts, count_states, first_line, running_without_heartbeat, study_attrs
 from .studies import best_or_none
 
 MAX_FAILURES_IN_A_ROW = 3
@@ -143,7 +143,7 @@ class Worker:
     def study_state(self) -> tuple[Budget, StudyStop | None]:
         """The study's budget and stop, as they are now: `study extend` and `study stop` change them
         while workers run, and every worker reads them before each claim."""
-        attrs = self.storage.get_study_user_attrs(self.study_id)
+        attrs = study_attrs(self.storage, self.study_id, (Budget.ATTR, StudyStop.ATTR))
         return Budget.of(attrs, self.spec), StudyStop.read(attrs)
 
     def claim(self) -> optuna.Trial | StudyStop | None:
