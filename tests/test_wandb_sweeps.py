@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 
 from kmnist_tune.contract.records import TrialRecord
-from kmnist_tune.contract.spec import SpecError, load_spec
+from kmnist_tune.contract.spec import SpecError, load_spec, parse_spec
 from kmnist_tune.service.storage import open_storage
 
 CORPUS = Path(__file__).parent / "wandb_corpus"
@@ -361,3 +361,16 @@ def test_as_wandb_says_what_wandb_has_no_key_for(tmp_path: Path) -> None:
     notes = "\n".join(got["not_in_wandb"])
     for said in ("pruner: median", "budget.timeout: 600", "parameters.lr: lr_finder (2 decades", "data: {"):
         assert said in notes, (said, notes)
+
+
+def test_as_wandb_turns_optunas_automatic_min_resource_into_a_valid_min_iter() -> None:
+    from conftest import tiny_spec
+
+    from kmnist_tune.contract.wandb import to_wandb
+
+    for options in ({}, {"min_resource": "auto", "reduction_factor": 2}):
+        spec = parse_spec(tiny_spec("hb", pruner={"name": "hyperband", "options": options}))
+        sweep, notes = to_wandb(spec, 4, None, None)
+        assert not [e.message for e in wandb_validator().iter_errors(sweep)], sweep
+        assert sweep["early_terminate"]["min_iter"] == 1
+        assert any(n.startswith("pruner: hyperband") for n in notes) == ("min_resource" in options), notes

@@ -241,11 +241,18 @@ def to_wandb(
     pruner = spec.pruner
     if pruner.name == "hyperband":
         o = pruner.options
-        stop: dict[str, Any] = {"type": "hyperband", "min_iter": o.get("min_resource", 1), "eta": o.get("reduction_factor", 3)}
+        # W&B's min_iter must be a whole number of epochs; Optuna's "auto" (its default) becomes 1,
+        # W&B's own smallest, and the note says so.
+        min_iter = o.get("min_resource", 1)
+        stop: dict[str, Any] = {
+            "type": "hyperband",
+            "min_iter": min_iter if isinstance(min_iter, int) else 1,
+            "eta": o.get("reduction_factor", 3),
+        }
         if isinstance(o.get("max_resource"), int):
             stop["max_iter"] = o["max_resource"]
         out["early_terminate"] = stop
-        if stop["min_iter"] == "auto" or set(o) - {"min_resource", "max_resource", "reduction_factor"}:
+        if not isinstance(min_iter, int) or set(o) - {"min_resource", "max_resource", "reduction_factor"}:
             notes.append(f"pruner: hyperband {o} (W&B's hyperband takes min_iter, max_iter, eta)")
     elif pruner.name != "none":
         notes.append(f"pruner: {pruner.name} {pruner.options or ''}".rstrip() + " (W&B's only early stopping is hyperband)")
