@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -269,16 +270,25 @@ def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None])
         raise UserError("--storage for the proxy must be a database URL, not grpc://")
     storage = open_storage(url, create=True)
     announce(f"storage proxy for {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)")
+    got: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    # SIGTERM (docker stop, kubectl delete) stops it as Ctrl-C does. A SIGINT that the parent had
+    # ignored (a background job) stays ignored, as Python leaves it.
+    signal.signal(signal.SIGTERM, stop)
     try:
         optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
     except KeyboardInterrupt:
         # gRPC's handler threads are joined when the interpreter exits, and one still waiting on the
-        # database would keep the process alive (seen in CI: over 20 s). The proxy keeps no state of
-        # its own, and a worker's storage retries a call cut short, so it leaves at once.
+        # database would keep the process alive. The proxy keeps no state of its own, and a
+        # worker's storage retries a call cut short, so it leaves at once.
         announce("storage proxy stopped")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(128 + (got[0] if got else signal.SIGINT))
 
 
 def unwrap(storage: Any) -> Any:
