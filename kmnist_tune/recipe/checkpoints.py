@@ -9,6 +9,7 @@ it ends for good (service/worker.py); `study delete` removes whatever is left.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,10 +124,12 @@ class TrialCheckpoints:
         folder = Path(self._tmp.name)
         try:
             for key in ("model", "meta"):
+                digest = hashlib.sha256()  # hashed as it is copied: one pass over a checkpoint of tens of MB
                 with self.store.open_reader(ckpt[key]) as src, open(folder / ckpt[key], "wb") as dst:
                     while block := src.read(1 << 20):
+                        digest.update(block)
                         dst.write(block)
-                if sha256(folder / ckpt[key]) != (ckpt.get("sha256") or {}).get(ckpt[key]):
+                if digest.hexdigest() != (ckpt.get("sha256") or {}).get(ckpt[key]):
                     raise ValueError(f"{ckpt[key]} does not match the checksum its trial recorded")
             info = read_meta(folder / ckpt["meta"])
             missing = {"epoch", "n_epochs", "batch_size", "loader_epoch", "rng", "seed"} - set(info)

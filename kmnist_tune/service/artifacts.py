@@ -162,6 +162,8 @@ class _ChunkReader(io.RawIOBase):
         if not self.buffer:
             if self.next_chunk >= self.chunks:
                 return 0
+            # A pooled connection per chunk, handed back at once: no transaction stays open (and holds
+            # one of PgBouncer's server connections) while whoever reads the stream works on a chunk.
             with self.engine.connect() as conn:
                 data = conn.execute(
                     sqlalchemy.select(ARTIFACTS.c.data).where(

@@ -98,5 +98,4 @@ def load_checkpoint(learn: Learner, weights: Path, info: dict[str, Any]) -> int:
     version, internal, gauss_next = info["rng"]["python"]
     random.setstate((version, tuple(internal), gauss_next))
     learn.dls.train._epoch = int(info["loader_epoch"])  # the shuffle (and augmentation) order goes on
-    learn.kt_start_epoch = int(info["epoch"]) + 1
-    return learn.kt_start_epoch
+    return int(info["epoch"]) + 1  # fit() records it on the learner, for the callbacks
