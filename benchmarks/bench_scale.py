@@ -4,9 +4,9 @@ torch) against one study, connected directly and through PgBouncer (transaction 
 
 Prints, per N and route: finished trials against the budget, trials run twice, trials lost (failed,
 left running or missing), workers that could not start, granted claims per second, p50/p99 claim
-latency (the worker's whole claim: reading the budget, the claim ticket, Optuna's ask; beside it
-its two parts: the budget claim proper, i.e. reading the budget and taking and giving back the
-ticket, and Optuna's ask, which makes the trial), measured once every worker has started (the p99 with the start-up ramp
+latency (the worker's whole claim: reading the budget, the claim ticket, making the trial; beside
+it its two parts: the budget claim proper, i.e. reading the budget and taking and giving back the
+ticket, and the making of the trial, claims.make_trial), measured once every worker has started (the p99 with the start-up ramp
 too), how busy the machine's CPUs were meanwhile, and the most server connections PostgreSQL had
 open to the study's database at once (pg_stat_activity). The direct route is the baseline measured
 in the same run.
@@ -160,7 +160,7 @@ def measure(
         # Steady state: claims that began once every worker had started (the end of the ramp).
         steady = [c for c in claims if c[1] - c[0] >= start + ramp] if ramp else claims
         latencies = sorted(d for d, _, _ in steady)
-        asks = sorted(a for _, _, a in steady)
+        makes = sorted(a for _, _, a in steady)
         own = sorted(d - a for d, _, a in steady)  # the claim itself: budget read, ticket taken and given back
         ends = sorted(end for _, end, _ in steady)
         span = (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
@@ -185,12 +185,14 @@ def measure(
             "p99_ms": _ms(latencies, 0.99),
             "own_p50_ms": _ms(own, 0.50),
             "own_p99_ms": _ms(own, 0.99),
-            "ask_p50_ms": _ms(asks, 0.50),
-            "ask_p99_ms": _ms(asks, 0.99),
+            "make_p50_ms": _ms(makes, 0.50),
+            "make_p99_ms": _ms(makes, 0.99),
             "p99_ms_with_ramp": _ms(everything, 0.99),
             "cpu_busy": busy,
             "server_connections": sampler.max_total,
             "wall_s": wall,
+            # Each steady claim as (s after the start when it ended, its ms, the ms of making its trial): when the slow ones came.
+            "timeline": [(round(end - start, 2), round(1000 * d, 1), round(1000 * a, 1)) for d, end, a in steady],
         }
 
 
@@ -211,7 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     head = (
         f"{'N':>4} {'route':>9} {'finished':>9} {'twice':>5} {'lost':>4} {'no start':>8} {'claims/s':>8} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'ticket p50':>10} {'p99':>6} {'ask p50':>7} {'p99':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'ticket p50':>10} {'p99':>6} {'make p50':>8} {'p99':>6} "
         f"{'p99 w/ ramp':>11} {'cpu busy':>8} {'server conns':>12} {'wall s':>7}"
     )
     print(head, flush=True)
@@ -226,7 +228,7 @@ def main() -> None:
             print(
                 f"{n:>4} {route:>9} {r['finished']:>4}/{r['budget']:<4} {r['run_twice']:>5} {r['lost']:>4} "
                 f"{r['workers_failed']:>8} {r['claims_per_s']:>8.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
-                f"{r['own_p50_ms']:>10.1f} {r['own_p99_ms']:>6.1f} {r['ask_p50_ms']:>7.1f} {r['ask_p99_ms']:>6.0f} "
+                f"{r['own_p50_ms']:>10.1f} {r['own_p99_ms']:>6.1f} {r['make_p50_ms']:>8.1f} {r['make_p99_ms']:>6.0f} "
                 f"{r['p99_ms_with_ramp']:>11.0f} {r['cpu_busy']:>8.0%} "
                 f"{r['server_connections']:>12} {r['wall_s']:>7.1f}",
                 flush=True,

@@ -3,8 +3,10 @@ kmnist-tune's worker loop (budget claim under an advisory lock, heartbeats, retr
 versus a bare `study.optimize`, with 1, 2 and 4 processes.
 
 Prints trials/s, the median milliseconds per trial, the most database connections any one
-worker process held (sampled from pg_stat_activity), and the ratio ours/bare, measured in the
-same run. Needs PostgreSQL at 127.0.0.1:5432 (trust auth), like the tests.
+worker process held (sampled from pg_stat_activity), and the ratios ours/bare, measured in the
+same run: of trials/s, which counts whole processes (their start-up, and for ours the wait of up
+to 2 s at the end while another worker's last trial may still fail and come back), and of the
+median time per trial, the loop's own overhead. Needs PostgreSQL at 127.0.0.1:5432 (trust auth), like the tests.
 
     python benchmarks/bench_storage.py [--trials 200] [--procs 1 2 4] [--json out.json]
     python benchmarks/bench_storage.py --breakdown [--trials 200]   # which guarantee costs what
@@ -143,7 +145,7 @@ def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
 PIECES = [
     ("study_state", "read the budget and stop (study extend / stop while workers run)"),
     ("take_ticket", "claim ticket: the exact budget"),
-    ("ask", "Optuna's ask (bare Optuna does the same)"),
+    ("make_trial", "make the trial: Optuna's ask, without its whole-study read (claims.make_trial)"),
     ("drop_ticket", "claim ticket given back"),
     ("retry_check", "is this a retry? (resume from its original's checkpoint)"),
     ("record", "worker record on the trial (host, GPU, pid: study show, dashboard)"),
@@ -151,10 +153,12 @@ PIECES = [
     ("objective", "the objective (suggest + return; bare Optuna does the same)"),
     ("tell", "Optuna's tell (bare Optuna does the same)"),
     ("cleanup", "checkpoints of the trial and its retry chain removed"),
-    ("best", "best value for the progress line"),
-    ("counts", "finished count for the progress line"),
+    ("progress", "finished count and best value for the progress line (one query)"),
     ("fail_stale", "stale-trial check (once per heartbeat interval)"),
 ]
+
+
+ROUND = 25  # trials per turn in --breakdown
 
 
 def breakdown(n_trials: int) -> None:
@@ -189,9 +193,6 @@ def breakdown(n_trials: int) -> None:
             create_study(_spec(name, n_trials), open_storage(url, create=True), resume=False)
         # Bare Optuna on a study of its own: the baseline, measured here too.
         bare_study = optuna.load_study(study_name="bare", storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
-        t0 = time.perf_counter()
-        bare_study.optimize(_quick, n_trials=n_trials)
-        bare = (time.perf_counter() - t0) / n_trials
         storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3)
         study, spec = open_study(storage, "bench")
         worker = worker_mod.Worker(study, storage, spec, timed("objective", _quick), Reporter(io.StringIO()))
@@ -199,12 +200,11 @@ def breakdown(n_trials: int) -> None:
             ("study_state", worker, "study_state"),
             ("take_ticket", claims, "_take_ticket"),
             ("drop_ticket", claims, "_drop_ticket"),
-            ("ask", study, "ask"),
+            ("make_trial", worker, "make_trial"),
             ("tell", study, "tell"),
             ("retry_check", storage, "get_trial_system_attrs"),
             ("cleanup", worker, "remove_checkpoints"),
-            ("best", worker_mod, "best_or_none"),
-            ("counts", worker, "counts"),
+            ("progress", worker_mod, "finished_and_best"),
             ("fail_stale", worker, "fail_stale"),
         ]:
             setattr(obj, attr, timed(name, getattr(obj, attr)))
@@ -214,9 +214,15 @@ def breakdown(n_trials: int) -> None:
         worker_mod._Heartbeat.__enter__ = timed("heartbeat", enter)  # type: ignore[method-assign]
         worker_mod._Heartbeat.__exit__ = timed("heartbeat", leave)  # type: ignore[method-assign]
         try:
-            t0 = time.perf_counter()
-            worker.run(max_trials=n_trials)
-            ours = (time.perf_counter() - t0) / n_trials
+            # Bare and ours take turns, ROUND trials at a time: this machine's speed drifts by tens of
+            # per cent over a minute, and both studies grow alike.
+            bare = ours = 0.0
+            for k in [ROUND] * (n_trials // ROUND) + ([n_trials % ROUND] if n_trials % ROUND else []):
+                t0 = time.perf_counter()
+                bare_study.optimize(_quick, n_trials=k)
+                t1 = time.perf_counter()
+                worker.run(max_trials=k)
+                bare, ours = bare + (t1 - t0) / n_trials, ours + (time.perf_counter() - t1) / n_trials
         finally:
             records.TrialRecord.write = write  # type: ignore[method-assign]
             worker_mod._Heartbeat.__enter__, worker_mod._Heartbeat.__exit__ = enter, leave  # type: ignore[method-assign]
@@ -256,9 +262,10 @@ def main() -> None:
                 f"{r['max_connections_per_process']:>10}"
             )
         ratio = pair["ours"]["trials_per_s"] / pair["bare"]["trials_per_s"]
+        per_trial = pair["ours"]["median_ms"] / pair["bare"]["median_ms"]
         print(
-            f"{procs:>5} ratio ours/bare trials/s: {ratio:.2f}x; exact budget: ours finished {pair['ours']['trials']} "
-            f"of {args.trials}, bare {pair['bare']['trials']}"
+            f"{procs:>5} ratio ours/bare trials/s: {ratio:.2f}x; time per trial (median): {per_trial:.2f}x; "
+            f"exact budget: ours finished {pair['ours']['trials']} of {args.trials}, bare {pair['bare']['trials']}"
         )
     if args.json:
         with open(args.json, "w") as fh:

@@ -38,7 +38,7 @@ def make_study(url: str, name: str, n_trials: int, *, heartbeat_interval: int = 
 @dataclass
 class WorkLog:
     """What one simulated worker did: each granted claim as (seconds it took, its wall-clock end,
-    the seconds of it spent in Optuna's ask), how many claims found the budget taken, and which
+    the seconds of it spent making the trial: make_trial), how many claims found the budget taken, and which
     trial numbers its objective ran."""
 
     claims: list[tuple[float, float, float]] = field(default_factory=list)
@@ -58,17 +58,17 @@ def work(url: str, name: str, nap: Callable[[], float], log: WorkLog | None = No
         return lr
 
     worker = Worker(study, storage, spec, objective, Listener())
-    claim, ask = worker.claim, study.ask
+    claim, make = worker.claim, worker.make_trial
     asked = [0.0]
 
-    def timed_ask(*args: Any, **kwargs: Any) -> optuna.Trial:
+    def timed_make() -> optuna.Trial:
         t0 = time.perf_counter()
         try:
-            return ask(*args, **kwargs)
+            return make()
         finally:
             asked[0] = time.perf_counter() - t0
 
-    study.ask = timed_ask  # type: ignore[method-assign]
+    worker.make_trial = timed_make  # type: ignore[method-assign]
 
     def timed_claim() -> Any:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from pg_sampler import ConnectionSampler
 from sim_worker import make_study, work
 
 from kmnist_tune.errors import UserError
-from kmnist_tune.service.claims import TABLE, TICKET_TTL_S, budget_slot
+from kmnist_tune.service.claims import TABLE, TICKET_TTL_S, budget_slot, make_trial
 from kmnist_tune.service.lock import storage_lock
 from kmnist_tune.service.storage import open_storage, unwrap
 
@@ -143,3 +143,29 @@ def test_a_database_without_the_claim_table_is_one_line(pg_url: str) -> None:
         conn.execute(f"DROP TABLE {TABLE}")  # as a database set up by an older kmnist-tune
     with pytest.raises(UserError, match=r"no kmnist_tune_claims table .* run `kmnist-tune schema` once"):
         work(pg_url, "old", lambda: 0.0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_make_trial_pops_a_waiting_trial_first_and_otherwise_makes_one_the_cache_knows(
+    kind: str, pg_url: str, tmp_path: Any
+) -> None:
+    url = pg_url if kind == "postgresql" else f"sqlite:///{tmp_path / 'make.db'}"
+    make_study(url, "make", 10)
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="make", storage=storage)
+    study_id = storage.get_study_id_from_name("make")
+    study.enqueue_trial({"lr": 0.01})
+    try:
+        popped, new = make_trial(study, storage, study_id)
+        assert popped.number == 0 and not new
+        assert popped.suggest_float("lr", 1e-4, 1e-1, log=True) == 0.01  # the enqueued parameters
+        assert storage.get_trial(popped._trial_id).state == optuna.trial.TrialState.RUNNING
+        made, new = make_trial(study, storage, study_id)  # nothing waits now: a new trial
+        assert made.number == 1 and new
+        assert storage.get_trial_system_attrs(made._trial_id) == {}
+        lr = made.suggest_float("lr", 1e-4, 1e-1, log=True)  # the study's cache knows the new trial
+        study.tell(made, lr)
+        study.tell(popped, 0.01)
+        assert sorted((t.number, t.state.name) for t in study.get_trials()) == [(0, "COMPLETE"), (1, "COMPLETE")]
+    finally:
+        unwrap(storage).engine.dispose()

@@ -25,6 +25,7 @@ from kmnist_tune.service.storage import (
     DEFAULT_STORAGE,
     ENV_STORAGE,
     NoStudies,
+    finished_and_best,
     open_storage,
     require_study,
     resolve_url,
@@ -396,3 +397,21 @@ def test_postgres_pool_is_bounded(pg_url: str) -> None:
         assert all(r[0].startswith("kmnist-tune ") for r in rows), rows  # "kmnist-tune <pid>"
     finally:
         storage.engine.dispose()
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_finished_and_best_agrees_with_optuna(storage: optuna.storages.RDBStorage, direction: str) -> None:
+    study = optuna.create_study(study_name="progress", storage=storage, direction=direction)
+    sid = storage.get_study_id_from_name("progress")
+    maximize = direction == "maximize"
+    assert finished_and_best(storage, sid, maximize) == (0, None)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    study.ask()  # left running
+    assert finished_and_best(storage, sid, maximize) == (1, None)  # pruned counts; no value yet
+    for value in (0.25, 0.75, 0.5):
+        study.tell(study.ask(), value)
+    assert finished_and_best(storage, sid, maximize) == (4, study.best_value)
+    study.tell(study.ask(), float("-inf"))  # the worst for maximize, the best for minimize
+    assert finished_and_best(storage, sid, maximize) == (5, study.best_value)
+    assert study.best_value == (0.75 if maximize else float("-inf"))

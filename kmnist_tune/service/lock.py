@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import random
 import re
@@ -16,7 +17,7 @@ import sqlalchemy
 
 from ..errors import UserError
 from .retry import is_transient
-from .storage import backend, engine_kwargs, is_sqlite, sqlite_file, sqlite_path, unwrap
+from .storage import backend, engine_kwargs, is_sqlite, retried, sqlite_file, sqlite_path, unwrap
 
 # Waiting for a lock another process holds: first look again after 20 ms, then doubling up to 1 s
 # (held locks guard work of seconds to minutes: creating a study, the LR finder).
@@ -46,7 +47,7 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
             yield
     else:
         # A worker's storage retries through a database restart: so does taking its lock.
-        with _advisory_lock(unwrap(storage).engine, name, getattr(storage, "retrying", None)):
+        with _advisory_lock(unwrap(storage).engine, name, functools.partial(retried, storage)):
             yield
 
 

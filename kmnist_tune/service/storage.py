@@ -332,18 +332,24 @@ class StateCounts:
         return ", ".join(f"{v} {k.lower()}" for k, v in self.nonzero().items()) or "none yet"
 
 
-def read_rows(storage: Any, query: Any, params: dict[str, Any]) -> list[Any]:
-    """One read-only statement on an RDB storage, autocommitted: one round trip, and no transaction
-    keeps a server connection from PgBouncer's pool while this process waits for the CPU. A
-    worker's storage retries it through a database restart."""
+def retried(storage: Any, fn: Callable[[], Any]) -> Any:
+    """fn(), retried through a database restart when `storage` is a worker's (retry.py); else once."""
+    retrying = getattr(storage, "retrying", None)
+    return retrying(fn) if retrying is not None else fn()
+
+
+def autocommitted(storage: Any, statement: Any, params: dict[str, Any]) -> list[Any]:
+    """One statement on an RDB storage, autocommitted, and its rows ([] when it returns none): one
+    round trip, and no transaction keeps a server connection from PgBouncer's pool while this
+    process waits for the CPU. A worker's storage retries it through a database restart."""
     engine = unwrap(storage).engine
 
     def run() -> list[Any]:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            return list(conn.execute(query, params))
+            result = conn.execute(statement, params)
+            return list(result) if result.returns_rows else []
 
-    retrying = getattr(storage, "retrying", None)
-    return retrying(run) if retrying is not None else run()
+    return retried(storage, run)
 
 
 def count_states(storage: Any, study_id: int) -> StateCounts:
@@ -353,13 +359,45 @@ def count_states(storage: Any, study_id: int) -> StateCounts:
     rdb = unwrap(storage)
     if isinstance(rdb, optuna.storages.RDBStorage):
         query = sqlalchemy.text("SELECT state, count(*) FROM trials WHERE study_id = :sid GROUP BY state")
-        for state, n in read_rows(storage, query, {"sid": study_id}):
+        for state, n in autocommitted(storage, query, {"sid": study_id}):
             name = state if isinstance(state, str) else optuna.trial.TrialState(state).name
             out[str(name).split(".")[-1]] = int(n)
     else:
         for t in storage.get_all_trials(study_id, deepcopy=False):
             out[t.state.name] += 1
     return StateCounts(out)
+
+
+def finished_and_best(storage: Any, study_id: int, maximize: bool) -> tuple[int, float | None]:
+    """How many trials finished (complete or pruned), and the best value so far (None before the
+    first complete one): the worker's progress line after every trial. One small query where
+    Optuna's `best_trial` would find the best trial and then read it whole."""
+    rdb = unwrap(storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage):
+        try:
+            best: float | None = storage.get_best_trial(study_id).value
+        except ValueError:  # no complete trial yet
+            best = None
+        return count_states(storage, study_id).finished, best
+    # Optuna stores an infinite value as a value type without a number; grouping by it keeps them apart.
+    query = sqlalchemy.text(
+        "SELECT 'finished', count(*), NULL, NULL FROM trials WHERE study_id = :sid AND state IN ('COMPLETE', 'PRUNED') "
+        "UNION ALL "
+        "SELECT CAST(v.value_type AS VARCHAR(16)), count(*), min(v.value), max(v.value) FROM trial_values v "
+        "JOIN trials t ON t.trial_id = v.trial_id WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 "
+        "GROUP BY v.value_type"
+    )
+    rows = {str(kind).split(".")[-1]: (n, low, high) for kind, n, low, high in autocommitted(storage, query, {"sid": study_id})}
+    top, bottom = ("INF_POS", "INF_NEG") if maximize else ("INF_NEG", "INF_POS")
+    if top in rows:
+        best = float("inf") if maximize else float("-inf")
+    elif "FINITE" in rows:
+        best = float(rows["FINITE"][2] if maximize else rows["FINITE"][1])
+    elif bottom in rows:
+        best = float("-inf") if maximize else float("inf")
+    else:
+        best = None
+    return int(rows["finished"][0]), best
 
 
 def study_attrs(storage: Any, study_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -373,7 +411,7 @@ def study_attrs(storage: Any, study_id: int, keys: tuple[str, ...]) -> dict[str,
     query = sqlalchemy.text(
         "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid AND key IN :keys"
     ).bindparams(sqlalchemy.bindparam("keys", expanding=True))
-    return {k: json.loads(v) for k, v in read_rows(storage, query, {"sid": study_id, "keys": list(keys)})}
+    return {k: json.loads(v) for k, v in autocommitted(storage, query, {"sid": study_id, "keys": list(keys)})}
 
 
 def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
@@ -387,4 +425,4 @@ def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
         "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
         "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
     )
-    return [int(r[0]) for r in read_rows(storage, query, {"sid": study_id})]
+    return [int(r[0]) for r in autocommitted(storage, query, {"sid": study_id})]

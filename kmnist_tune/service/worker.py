@@ -28,10 +28,9 @@ from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped
 from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
-from .claims import budget_slot, pending_claims
+from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
-from .storage import StateCounts, count_states, first_line, running_without_heartbeat, study_attrs
-from .studies import best_or_none
+from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs
 
 MAX_FAILURES_IN_A_ROW = 3
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
@@ -133,6 +132,7 @@ class Worker:
         hb = getattr(storage, "get_heartbeat_interval", None)
         self.heartbeat_interval: int | None = hb() if hb is not None else None
         self.study_id = storage.get_study_id_from_name(study.study_name)
+        self._new_trials: set[int] = set()  # made by this worker's claim, not popped from Optuna's queue: no retry
         self._silent_since: dict[int, float] = {}  # RUNNING trials seen without a heartbeat, since when
         self.budget = Budget.of({}, spec)  # the study's budget, as the last claim read it
 
@@ -154,7 +154,13 @@ class Worker:
         if stopped is not None:
             return stopped
         with budget_slot(self.storage, self.study_id, self.study.study_name, budget.n_trials) as granted:
-            return self.study.ask() if granted else None
+            return self.make_trial() if granted else None
+
+    def make_trial(self) -> optuna.Trial:
+        trial, new = make_trial(self.study, self.storage, self.study_id)
+        if new:
+            self._new_trials.add(trial._trial_id)
+        return trial
 
     def _look_for_stop_now(self) -> None:
         stopped = self.study_state()[1]
@@ -188,7 +194,10 @@ class Worker:
         # starts with its original's attributes: the marks of how that one ended are cleared. Only
         # the system attributes are read (one small query; a whole trial takes several), and
         # Optuna's own retried_trial_number reads them, so the attribute's name stays Optuna's.
-        system = SimpleNamespace(system_attrs=self.storage.get_trial_system_attrs(trial._trial_id))
+        # A trial made just now (not popped from Optuna's queue) has none yet: no read needed.
+        new = trial._trial_id in self._new_trials
+        self._new_trials.discard(trial._trial_id)
+        system = SimpleNamespace(system_attrs={} if new else self.storage.get_trial_system_attrs(trial._trial_id))
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(system)  # type: ignore[arg-type]
         fresh = TrialRecord.fresh() if original is not None else {}
         TrialRecord.write(trial, worker=self.identity, **fresh, **({"retry_of": original} if original is not None else {}))
@@ -233,6 +242,7 @@ class Worker:
         else:
             # It ended for good: its checkpoints and those of the trials it retries are not needed.
             self.remove_checkpoints(frozen)
+        finished, best = finished_and_best(self.storage, self.study_id, self.spec.direction == "maximize")
         self.events.trial_finished(
             TrialEnd(
                 study=self.study.study_name,
@@ -242,8 +252,8 @@ class Worker:
                 metric=self.spec.metric,
                 record=TrialRecord.of(frozen),
                 error=error,
-                best=None if (best := best_or_none(self.study)) is None else best.value,
-                finished=self.counts().finished,
+                best=best,
+                finished=finished,
                 budget=self.budget.n_trials,  # as read by this trial's claim
                 trial=trial,
             )
