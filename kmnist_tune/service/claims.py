@@ -29,14 +29,14 @@ from optuna.trial import TrialState
 
 from ..errors import UserError
 from .lock import lock_key, storage_lock
-from .storage import autocommitted, backend, count_states, retried, unwrap
+from .storage import FINISHED_STATES, autocommitted, backend, count_states, retried, unwrap
 
 TABLE = "kmnist_tune_claims"
 # A ticket lives from the claim until Optuna has made the trial (milliseconds; seconds for a
 # sampler over thousands of trials). Older ones belong to workers that died in between.
 TICKET_TTL_S = 120
 # Trial states the budget counts: what finished for good, and what is running now.
-COUNTED = ("COMPLETE", "PRUNED", "RUNNING")
+COUNTED = (*FINISHED_STATES, "RUNNING")
 
 
 def _table() -> sqlalchemy.Table:

@@ -86,6 +86,11 @@ def sqlite_path(url: str) -> Path | None:
     return Path(db) if db and db != ":memory:" else None
 
 
+# Trial states that finished for good: what the budget counts, with the running ones (claims.py).
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+_FINISHED_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
+
+
 class NoStudies(UserError):
     """The storage holds no Optuna studies at all (a missing SQLite file, an empty database)."""
 
@@ -315,7 +320,7 @@ class StateCounts:
     @property
     def finished(self) -> int:
         """Complete and pruned: what the budget counts."""
-        return self["COMPLETE"] + self["PRUNED"]
+        return sum(self[state] for state in FINISHED_STATES)
 
     @property
     def running(self) -> int:
@@ -381,7 +386,7 @@ def finished_and_best(storage: Any, study_id: int, maximize: bool) -> tuple[int,
         return count_states(storage, study_id).finished, best
     # Optuna stores an infinite value as a value type without a number; grouping by it keeps them apart.
     query = sqlalchemy.text(
-        "SELECT 'finished', count(*), NULL, NULL FROM trials WHERE study_id = :sid AND state IN ('COMPLETE', 'PRUNED') "
+        f"SELECT 'finished', count(*), NULL, NULL FROM trials WHERE study_id = :sid AND state IN ({_FINISHED_SQL}) "
         "UNION ALL "
         "SELECT CAST(v.value_type AS VARCHAR(16)), count(*), min(v.value), max(v.value) FROM trial_values v "
         "JOIN trials t ON t.trial_id = v.trial_id WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 "
