@@ -15,7 +15,7 @@ import pytest
 from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
 from PIL import Image
 
-from kmnist_tune.training.inference import image_to_28
+from kmnist_tune.training.inputs import image_to_28
 
 TEST_IMAGES = FIXTURE / "kmnist-test-imgs.npz"
 TEST_LABELS = FIXTURE / "kmnist-test-labels.npz"

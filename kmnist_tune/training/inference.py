@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .inputs import Inputs, read_inputs
 
 PROGRAM, CARD_JSON, CLASSES = "model.pt2", "model.json", "classes.csv"
 FORMAT = "kmnist-tune model directory"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class Classifier(nn.Module):
@@ -66,62 +66,6 @@ def probabilities(net: nn.Module, images: np.ndarray, device: torch.device, batc
         x = torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
         out.append(torch.softmax(net(x).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-@dataclass
-class Inputs:
-    names: list[str]  # a file, or `file[i]` for the i-th image of an array file
-    images: np.ndarray  # uint8 (N, 28, 28), white on black
-
-
-def image_to_28(path: Path) -> np.ndarray:
-    """A picture file as a KMNIST image: grayscale, ink light on a dark ground (a dark-on-light
-    scan is inverted, judged by its border), padded to a square and resized to 28x28."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            gray = np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as an image ({' '.join(str(e).split())[:120]})") from None
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if border.mean() > 127:
-        gray = 255 - gray
-    h, w = gray.shape
-    side = max(h, w)
-    square = np.zeros((side, side), dtype=np.uint8)
-    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = gray
-    if side == 28:
-        return square
-    resized = Image.fromarray(square).resize((28, 28), Image.Resampling.LANCZOS)
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def read_inputs(paths: list[Path]) -> Inputs:
-    """Picture files, folders of them (in name order), and `.npz`/idx files of 28x28 images."""
-    from .data import read_array_file
-
-    names: list[str] = []
-    arrays: list[np.ndarray] = []
-    for path in paths:
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UserError(f"{path}: no picture files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise UserError(f"{path}: no such file or folder")
-        for f in files:
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                names.append(str(f))
-                arrays.append(image_to_28(f)[None])
-            else:
-                images = read_array_file(f, images=True)
-                names += [f"{f}[{i}]" for i in range(len(images))]
-                arrays.append(images)
-    return Inputs(names, np.concatenate(arrays) if arrays else np.zeros((0, 28, 28), np.uint8))
 
 
 def sha256(path: Path) -> str:
