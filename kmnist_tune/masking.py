@@ -1,4 +1,5 @@
-"""Password masking for every line kmnist-tune prints or logs (imports nothing heavy).
+"""Password masking, and control characters stripped, for every line kmnist-tune prints or logs
+(imports nothing heavy).
 
 Linear in the length of the text: a URL is found by its `://`, its authority scanned once up to
 the first character that ends one, and the password is what lies between the first `:` and the
@@ -17,7 +18,8 @@ _SECRET_PARAM = re.compile(r"(\bpassword=)[^&\s'\"]+", re.IGNORECASE)
 
 
 def mask(text: str) -> str:
-    """Replace passwords in any URL (or password= parameter) within `text` with ***."""
+    """Replace passwords in any URL (or password= parameter) within `text` with ***, and drop terminal
+    control characters (`printable`): every line kmnist-tune prints goes through here."""
     out, start = [], 0
     i = text.find("://")
     while i != -1:
@@ -31,7 +33,19 @@ def mask(text: str) -> str:
             start = at
         i = text.find("://", max(end - 1, host))  # a URL may start right where this one ends
     out.append(text[start:])
-    return _SECRET_PARAM.sub(r"\1***", "".join(out))
+    return printable(_SECRET_PARAM.sub(r"\1***", "".join(out)))
+
+
+# What must not reach a terminal from text others wrote (a stop reason in the study database, class
+# names in a model directory): C0 controls but tab and newline (ESC starts terminal escapes, CR
+# overwrites a line), DEL, C1 controls (0x9b is a one-byte CSI), and the bidirectional overrides
+# that reorder what a line seems to say.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` without terminal control characters (tab and newline stay)."""
+    return _CONTROL.sub("", text)
 
 
 def has_password(url: str) -> bool:

@@ -16,7 +16,7 @@ from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
-from kmnist_tune.service.artifacts import CHUNK, TABLE, PostgresArtifactStore, artifact_store
+from kmnist_tune.service.artifacts import CHUNK, TABLE, PostgresArtifactStore, artifact_store, checkpoint_base
 from kmnist_tune.service.storage import open_storage
 
 pytestmark = pytest.mark.postgres
@@ -33,22 +33,25 @@ def rows(pg_url: str, artifact_id: str | None = None) -> int:
 def test_the_postgresql_store_round_trips_in_chunks(pg_url: str) -> None:
     storage = open_storage(pg_url, create=True)  # `study create` and `schema` make the table
     store = artifact_store(storage)
-    assert isinstance(store, PostgresArtifactStore)
+    assert isinstance(store.inner, PostgresArtifactStore)
+    # Every artifact has an owner: here the checkpoints of one trial.
+    trial = optuna.create_study(storage=storage, study_name="chunks").ask()
+    big, empty = (f"{checkpoint_base(trial._trial_id, e)}.pth" for e in (0, 1))
     blob = os.urandom(5 * CHUNK + 12345)
-    store.write("big", io.BytesIO(blob))
-    assert rows(pg_url, "big") == 6
-    reader = store.open_reader("big")
+    store.write(big, io.BytesIO(blob))
+    assert rows(pg_url, big) == 6
+    reader = store.open_reader(big)
     assert reader.read(100) == blob[:100]  # streamed: the first rows before the rest
     assert reader.read() == blob[100:]
-    store.write("big", io.BytesIO(b"smaller"))  # overwritten whole, not appended
-    assert store.open_reader("big").read() == b"smaller" and rows(pg_url, "big") == 1
-    store.write("empty", io.BytesIO(b""))
-    assert store.open_reader("empty").read() == b""
-    store.remove("big")
+    store.write(big, io.BytesIO(b"smaller"))  # overwritten whole, not appended
+    assert store.open_reader(big).read() == b"smaller" and rows(pg_url, big) == 1
+    store.write(empty, io.BytesIO(b""))
+    assert store.open_reader(empty).read() == b""
+    store.remove(big)
     with pytest.raises(ArtifactNotFound):
-        store.open_reader("big")
+        store.open_reader(big)
     with pytest.raises(ArtifactNotFound):
-        store.remove("big")
+        store.remove(big)
     storage.engine.dispose()
 
 

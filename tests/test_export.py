@@ -15,6 +15,7 @@ import pytest
 from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
 from PIL import Image
 
+from kmnist_tune.recipe.export import MODEL_FILES
 from kmnist_tune.training.inputs import image_to_28
 
 TEST_IMAGES = FIXTURE / "kmnist-test-imgs.npz"
@@ -33,7 +34,7 @@ def winner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_the_model_directory_holds_program_fastai_export_classes_and_card(winner: dict[str, Any]) -> None:
     folder = winner["dir"]
-    assert {p.name for p in folder.iterdir()} == {"model.pt2", "fastai-learner.pkl", "classes.csv", "model.json", "model-card.md"}
+    assert {p.name for p in folder.iterdir()} == set(MODEL_FILES)
     assert not list(winner["tmp"].glob(".kmnist-tune-export-*"))  # the temporary name is gone
     card = json.loads((folder / "model.json").read_text())
     assert card["data"]["dataset"] == "kmnist" and card["data"]["n_test"] == 300 and card["data"]["n_train"] == 1200
@@ -110,13 +111,13 @@ def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tm
 def test_the_model_is_kept_on_the_study_for_the_dashboard(winner: dict[str, Any]) -> None:
     study = optuna.load_study(study_name="home", storage=winner["url"])
     names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(study)}
-    assert names == {"model.pt2", "fastai-learner.pkl", "classes.csv", "model.json", "model-card.md"}
+    assert names == set(MODEL_FILES)
 
 
 def test_export_fetches_the_kept_model(winner: dict[str, Any], tmp_path: Path) -> None:
     dest = tmp_path / "again"
     run_cli("export", "--study", "home", str(dest), "--storage", winner["url"])
-    for name in ("model.pt2", "model.json", "classes.csv", "fastai-learner.pkl", "model-card.md"):
+    for name in MODEL_FILES:
         assert (dest / name).read_bytes() == (winner["dir"] / name).read_bytes(), name
 
 
@@ -127,9 +128,9 @@ def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], t
     damaged.mkdir()
     for p in winner["dir"].iterdir():
         damaged.joinpath(p.name).write_bytes(p.read_bytes())
-    blob = bytearray((damaged / "model.pt2").read_bytes())
+    blob = bytearray((damaged / "weights.safetensors").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
-    (damaged / "model.pt2").write_bytes(bytes(blob))
+    (damaged / "weights.safetensors").write_bytes(bytes(blob))
     assert "does not match its checksum" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))
     (damaged / "model.json").write_text("{}")
     assert "not a kmnist-tune model card" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))

@@ -19,11 +19,11 @@ OPTUNA = {"optuna", "optuna_dashboard", "optuna_integration"}
 # layer -> (the package's own modules it may import, third-party packages it must not import)
 RULES: dict[str, tuple[set[str], set[str]]] = {
     "contract": ({"contract", "errors", "masking"}, HEAVY),
-    "training": ({"training", "contract.spec", "contract.records", "errors", "masking"}, OPTUNA),
-    "service": ({"service", "contract", "errors", "masking", ""}, HEAVY),
+    "training": ({"training", "contract.spec", "contract.records", "errors", "masking", "signing"}, OPTUNA),
+    "service": ({"service", "contract", "errors", "masking", "signing", ""}, HEAVY),
     "observe": ({"observe", "service", "contract", "errors", "masking"}, HEAVY),
-    "recipe": ({"recipe", "training", "service", "observe", "contract", "errors", "masking"}, set()),
-    "cli": ({"cli", "recipe", "training", "service", "observe", "contract", "errors", "masking", ""}, set()),
+    "recipe": ({"recipe", "training", "service", "observe", "contract", "errors", "masking", "signing"}, set()),
+    "cli": ({"cli", "recipe", "training", "service", "observe", "contract", "errors", "masking", "signing", ""}, set()),
 }
 
 

@@ -31,7 +31,8 @@ def test_a_storage_password_reaches_no_file_record_or_line(how: str, tmp_path: P
     home = tmp_path / "home"
     home.mkdir()
     # W&B offline, with its own files, caches and settings under tmp_path (HOME, TMPDIR) to be searched.
-    env = cli_env(HOME=str(home), TMPDIR=str(tmp_path / "tmp"), WANDB_MODE="offline")
+    # The worker's own W&B folder (a stored spec may not choose one outside it).
+    env = cli_env(HOME=str(home), TMPDIR=str(tmp_path / "tmp"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"))
     (tmp_path / "tmp").mkdir()
     spec = tiny_spec("secret", budget={"n_trials": 1})
     spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1}

@@ -158,6 +158,7 @@ class KeptModel(StudyRecord):
     at: str
     artifacts: dict[str, str]  # file name in the model directory -> artifact id
     sha256: dict[str, str]
+    signatures: dict[str, str] | None = None  # file name -> HMAC, with KMNIST_TUNE_SIGNING_KEY (signing.py)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..contract.events import Listener, TrialEnd, TrialStart
 from ..contract.records import EpochRecord, HalvingEvent
+from ..masking import mask
 
 STATUS_ENV = "KMNIST_TUNE_STATUS"  # set by the supervisor: slot processes report structured lines
 STATUS_PREFIX = "STATUS "
@@ -49,6 +50,7 @@ class Reporter(Listener):
         pass
 
     def line(self, text: str) -> None:
+        text = mask(text)  # lines carry text from storage (a stop reason, an error): no terminal escapes
         if self.structured:
             print(STATUS_PREFIX + json.dumps({**self.state, "text": text}), file=self.stream, flush=True)
             return
@@ -119,7 +121,7 @@ class LiveReporter(Reporter):
         self.bars.stop()
 
     def line(self, text: str) -> None:
-        self.bars.console.print(f"{time.strftime('%H:%M:%S')} {self.label}{text}", highlight=False, markup=False)
+        self.bars.console.print(f"{time.strftime('%H:%M:%S')} {self.label}{mask(text)}", highlight=False, markup=False)
 
     def progress(self, task: str, done: int, total: int) -> None:
         if task not in self.tasks:
@@ -192,9 +194,10 @@ class SlotBoard:
                 status = json.loads(raw[len(STATUS_PREFIX) :])
             except json.JSONDecodeError:
                 status = {"text": raw}
-            text = status.get("text", "")
+            text = str(status.get("text", ""))
             with self.lock:
                 self.rows[label] = status
+        text = mask(text)
         with self.lock:
             if self.live is not None:
                 self.live.console.print(f"{time.strftime('%H:%M:%S')} [{label}] {text}", highlight=False, markup=False)

@@ -2,14 +2,22 @@
 
 Tracking is best effort by design: a W&B outage or a bad API key is reported once and then
 ignored; it never fails a trial.
+
+Where the runs go is the worker's to decide, not the study's: the stored spec is written by anyone who
+shares the study database, and W&B logs with this worker's own API key. The folder, the mode and the
+account (entity) come from the worker's environment (W&B's own WANDB_DIR, WANDB_MODE, WANDB_ENTITY,
+WANDB_PROJECT; `run` sets them from the spec file it was given, which is the user's own). A stored spec
+may only narrow them: a mode less online, a subfolder of the worker's W&B folder, the same entity.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
-from collections.abc import Callable
-from pathlib import Path
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..contract.events import Listener, TrialEnd, TrialStart
@@ -40,34 +48,90 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+_ONLINE = {"disabled": 0, "offline": 1, "online": 2}
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class WandbTarget:
+    """Where this worker's W&B runs go."""
+
+    mode: str  # online | offline | disabled
+    dir: Path
+    entity: str | None
+    project: str
+
+
+def wandb_target(cfg: WandbSpec, study: str, env: Mapping[str, str] | None = None) -> tuple[WandbTarget, list[str]]:
+    """The worker's own W&B settings, narrowed (never widened) by the study's spec; and a line for
+    each setting of the spec that was not followed."""
+    env = os.environ if env is None else env
+    notes = []
+    own_mode = resolve_mode("auto")
+    mode = own_mode if cfg.mode in ("auto", "online") else min(own_mode, cfg.mode, key=_ONLINE.__getitem__)
+    if cfg.mode == "online" and own_mode != "online":
+        notes.append(f"the study's spec asks for W&B mode online; this worker logs {own_mode} (its own WANDB_MODE or login)")
+    base = Path(env.get("WANDB_DIR") or ".").expanduser()
+    folder = base
+    if cfg.dir:
+        sub = PurePosixPath(cfg.dir)
+        if Path(cfg.dir).expanduser().resolve() == base.resolve():
+            pass
+        elif not sub.is_absolute() and ".." not in sub.parts and not cfg.dir.startswith("~") and "\\" not in cfg.dir:
+            folder = base / sub
+        else:
+            notes.append(
+                f"the study's spec asks W&B to write to {cfg.dir}; this worker writes under its own W&B folder "
+                f"{base} (set WANDB_DIR to choose another)"
+            )
+    entity = env.get("WANDB_ENTITY") or None
+    if cfg.entity and cfg.entity != entity:
+        notes.append(
+            f"the study's spec asks for W&B entity {cfg.entity}; this worker logs to "
+            f"{entity or 'its own default entity'} (set WANDB_ENTITY={cfg.entity} to follow it)"
+        )
+    project = env.get("WANDB_PROJECT") or ""
+    if not project:
+        project = cfg.project if cfg.project and _PROJECT.fullmatch(cfg.project) else study
+    return WandbTarget(mode, folder, entity, project), notes
+
+
 class WandbListener(Listener):
     """Starts a W&B run when a trial starts, logs its epochs and halvings, and finishes it with a
     summary (state, value, halving events, batch size used) when the trial ends."""
 
     def __init__(self, cfg: WandbSpec, say: Callable[[str], None]):
         self.cfg, self.say = cfg, say
-        self.mode = resolve_mode(cfg.mode)
+        self.target: WandbTarget | None = None  # decided at the first trial, when the study's name is known
         self.run: Any = None
         self.metric = "metric"
 
+    @property
+    def mode(self) -> str:
+        return self.target.mode if self.target is not None else resolve_mode("auto")
+
     def trial_started(self, start: TrialStart) -> None:
         self.run, self.metric = None, start.metric
-        if self.mode == "disabled":
+        if self.target is None:
+            self.target, notes = wandb_target(self.cfg, start.study)
+            for note in notes:
+                self.say(note)
+        target = self.target
+        if target.mode == "disabled":
             return
         try:
             import wandb
 
-            directory = Path(self.cfg.dir or os.environ.get("WANDB_DIR") or ".").expanduser()
-            directory.mkdir(parents=True, exist_ok=True)
+            target.dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
-                project=self.cfg.project or start.study,
-                entity=self.cfg.entity,
+                project=target.project,
+                entity=target.entity,
                 group=start.study,
                 job_type="trial",
                 name=f"{start.study}-trial-{start.number}",
                 config={**start.params, "trial": start.number, "device": start.device},
-                mode=self.mode,
-                dir=str(directory),
+                mode=target.mode,
+                dir=str(target.dir),
                 reinit="finish_previous",
                 settings=wandb.Settings(silent=True, console="off"),
             )

@@ -2,29 +2,52 @@
 
 Each checkpoint is two artifacts (fastai's weights-and-optimizer file and its JSON description, see
 training/checkpoint.py), named after the trial and epoch and referenced from the trial's record
-(`checkpoint`). Optuna copies a failed trial's attributes into its retry, so the retry finds the
-checkpoint of the trial it retries in its own record. The worker removes a trial's checkpoints when
-it ends for good (service/worker.py); `study delete` removes whatever is left.
+(`checkpoint`). The worker removes a trial's checkpoints when it ends for good (service/worker.py);
+`study delete` removes whatever is left.
+
+What a retry resumes from is read as data from a database others can write, so:
+- the trial it retries comes from Optuna's own retry bookkeeping (its system attributes, which the
+  dashboard cannot set), not from user attributes that any client can set;
+- the checkpoint is the one recorded on that trial (finished, so its record no longer changes), and
+  its artifact ids must be checkpoint names of a trial in the retry chain;
+- it is downloaded to fixed names in this process's own private folder (mode 0700), hashed as it is
+  copied, bounded in size, and deleted when it fails its checksum or signature (signing.py);
+- the weights load with `weights_only` (fastai's load), the description is JSON.
 """
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
 from fastai.learner import Learner
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ..contract.records import TrialRecord
 from ..contract.spec import SweepSpec
-from ..service.artifacts import artifact_store, checkpoint_base, remove_artifacts
+from ..errors import UserError
+from ..masking import printable
+from ..service.artifacts import artifact_store, checkpoint_base, checkpoint_ids, download_checked, remove_artifacts
+from ..signing import signer
 from ..training.checkpoint import EpochCheckpoints, read_meta, save_checkpoint
 from ..training.inference import sha256
+
+# What a retry downloads, at most (resnet152's weights with Adam's state are about 700 MB; its JSON a
+# few kB): a bigger artifact is not a checkpoint of ours, and is not let fill the disk.
+MAX_WEIGHTS_BYTES = 4 << 30
+MAX_META_BYTES = 1 << 20
+RESUME_FILES = {"model": ("resume.pth", MAX_WEIGHTS_BYTES), "meta": ("resume.json", MAX_META_BYTES)}
+MAX_RETRY_CHAIN = 1000  # a retry history longer than any max_retry is not Optuna's
+
+
+class BadCheckpoint(UserError):
+    pass
 
 
 @dataclass
@@ -43,10 +66,19 @@ class TrialCheckpoints:
     def __init__(self, trial: optuna.Trial, spec: SweepSpec, say: Callable[[str], None]):
         self.trial, self.spec, self.say = trial, spec, say
         self.store = artifact_store(trial.storage)
-        inherited = TrialRecord.of(trial.user_attrs).checkpoint
+        self.signer = signer()
+        self.trial_id = trial._trial_id  # Optuna's Trial has no public id
+        # The trials this one retries, oldest first (Optuna's retry bookkeeping), and the checkpoint
+        # recorded on the newest of them.
+        self.retried = _retry_chain(trial)
+        self.parent: tuple[int, dict[str, Any]] | None = None
+        if self.retried:
+            number, trial_id = self.retried[-1]
+            self.parent = (number, _checkpoint_of(trial.storage.get_trial(trial_id).user_attrs))
+        inherited = self.parent[1] if self.parent else None
         self.saved: list[dict[str, Any]] = [inherited] if inherited else []
         self.last_size = 0  # bytes of the newest checkpoint saved here (benchmarks/bench_checkpoint.py)
-        self._tmp = tempfile.TemporaryDirectory(prefix="kmnist-tune-ckpt-")
+        self._tmp = tempfile.TemporaryDirectory(prefix="kmnist-tune-ckpt-")  # mkdtemp: mode 0700
         # One background thread uploads checkpoints while training goes on (a 140 MB checkpoint takes
         # about 2 s into PostgreSQL on a small machine: 4% of a quickstart epoch if training waited).
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmnist-tune-checkpoint")
@@ -91,58 +123,109 @@ class TrialCheckpoints:
             self.say(f"trial {self.trial.number}: a checkpoint could not be stored ({why}); the previous one is kept")
 
     def _upload(self, staging: tempfile.TemporaryDirectory, weights: Path, info: Path, epoch: int, bs: int) -> None:
+        base = checkpoint_base(self.trial_id, epoch)
+        ids = (f"{base}.pth", f"{base}.json")
         try:
-            base = checkpoint_base(self.trial._trial_id, epoch)  # Optuna's Trial has no public id
-            record = {
-                "epoch": epoch,
-                "batch_size": bs,
-                "model": f"{base}.pth",
-                "meta": f"{base}.json",
-                "sha256": {f"{base}.pth": sha256(weights), f"{base}.json": sha256(info)},
-            }
-            for path, artifact_id in ((weights, record["model"]), (info, record["meta"])):
+            digests = {ids[0]: sha256(weights), ids[1]: sha256(info)}
+            record: dict[str, Any] = {"epoch": epoch, "batch_size": bs, "model": ids[0], "meta": ids[1], "sha256": digests}
+            signatures = {i: self.signer.sign("checkpoint", i, d) for i, d in digests.items()}
+            if self.signer.on:
+                record["signatures"] = signatures
+            for path, artifact_id in zip((weights, info), ids, strict=True):
                 with open(path, "rb") as fh:
                     self.store.write(artifact_id, fh)
         finally:
             staging.cleanup()
-        TrialRecord.write(self.trial, checkpoint=record)
+        try:
+            TrialRecord.write(self.trial, checkpoint=record)
+        except Exception:
+            # The trial is gone (its study deleted) or finished: nothing will ever name these files.
+            in_use = {r.get(k) for r in self.saved for k in ("model", "meta")}
+            remove_artifacts(self.store, [i for i in ids if i not in in_use])
+            raise
         self.saved.append(record)
+        mine = [self.trial_id, *(tid for _, tid in self.retried)]
         while len(self.saved) > self.spec.checkpoints.keep:
             old = self.saved.pop(0)
             # A restart at a halved batch size saves its epochs under the same names: keep those.
             in_use = {r[k] for r in self.saved for k in ("model", "meta")}
-            remove_artifacts(self.store, [old[k] for k in ("model", "meta") if old[k] not in in_use])
+            remove_artifacts(self.store, [i for i in checkpoint_ids(SimpleNamespace(checkpoint=old), mine) if i not in in_use])
 
     # -- resuming --------------------------------------------------------------------------------
     def resume_point(self, params: dict[str, Any]) -> Resume | None:
         """The checkpoint of the trial this one retries, fetched and checked; None to start afresh
         (with one line when there was one that does not fit or load)."""
-        rec = TrialRecord.of(self.trial.user_attrs)
-        ckpt = rec.checkpoint
-        if rec.retry_of is None or not ckpt:
+        if self.parent is None or not self.parent[1]:
             return None
+        number, ckpt = self.parent
         folder = Path(self._tmp.name)
         try:
-            for key in ("model", "meta"):
-                digest = hashlib.sha256()  # hashed as it is copied: one pass over a checkpoint of tens of MB
-                with self.store.open_reader(ckpt[key]) as src, open(folder / ckpt[key], "wb") as dst:
-                    while block := src.read(1 << 20):
-                        digest.update(block)
-                        dst.write(block)
-                if digest.hexdigest() != (ckpt.get("sha256") or {}).get(ckpt[key]):
-                    raise ValueError(f"{ckpt[key]} does not match the checksum its trial recorded")
-            info = read_meta(folder / ckpt["meta"])
+            files = self._fetch(ckpt, folder)
+            info = read_meta(files["meta"])
             missing = {"epoch", "n_epochs", "batch_size", "loader_epoch", "rng", "seed"} - set(info)
             if missing:
-                raise ValueError(f"its description lacks {', '.join(sorted(missing))}")
+                raise BadCheckpoint(f"its description lacks {', '.join(sorted(missing))}")
             mismatch = [k for k in ("arch", "stem") if info.get(k) != params[k]]
             if mismatch or info.get("n_epochs") != int(params["epochs"]):
-                raise ValueError(f"it is of another configuration ({', '.join(mismatch) or 'epochs'})")
+                raise BadCheckpoint(f"it is of another configuration ({', '.join(mismatch) or 'epochs'})")
+            if info.get("epoch") != ckpt["epoch"] or info.get("batch_size") != ckpt.get("batch_size"):
+                raise BadCheckpoint("its description is not of the epoch its trial recorded")
         except Exception as e:
-            why = " ".join(str(e).split())[:160] or type(e).__name__
+            for path in folder.iterdir():  # nothing that failed a check stays on this host
+                path.unlink(missing_ok=True)
+            why = printable(" ".join(str(e).split()))[:160] or type(e).__name__
             self.say(
-                f"trial {self.trial.number}: the checkpoint of trial {rec.retry_of} (epoch {ckpt.get('epoch', '?')}) "
+                f"trial {self.trial.number}: the checkpoint of trial {number} (epoch {ckpt.get('epoch', '?')}) "
                 f"does not load ({why}); starting from scratch"
             )
             return None
-        return Resume(rec.retry_of, int(info["epoch"]), int(info["batch_size"]), folder / ckpt["model"], info)
+        return Resume(number, int(info["epoch"]), int(info["batch_size"]), files["model"], info)
+
+    def _fetch(self, ckpt: dict[str, Any], folder: Path) -> dict[str, Path]:
+        """Both files of a checkpoint into `folder` under fixed names, each checked as it is copied."""
+        retried = [tid for _, tid in self.retried]
+        epoch = ckpt.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise BadCheckpoint("its record names no epoch")
+        digests = ckpt.get("sha256") if isinstance(ckpt.get("sha256"), dict) else {}
+        signatures = ckpt.get("signatures") if isinstance(ckpt.get("signatures"), dict) else {}
+        out = {}
+        for key, (local, limit) in RESUME_FILES.items():
+            artifact_id = ckpt.get(key)
+            ext = "pth" if key == "model" else "json"
+            if not any(artifact_id == f"{checkpoint_base(t, epoch)}.{ext}" for t in retried):
+                raise BadCheckpoint(
+                    f"its record names {printable(repr(artifact_id))[:80]}, not a checkpoint of the trials it retries"
+                )
+            digest = digests.get(artifact_id)
+            if not self.signer.check(signatures.get(artifact_id), "checkpoint", artifact_id, str(digest)):
+                raise BadCheckpoint(f"{artifact_id} is unsigned or not signed with this worker's KMNIST_TUNE_SIGNING_KEY")
+            target = folder / local
+            download_checked(self.store, artifact_id, target, digest, limit)  # hashed as it is copied
+            out[key] = target
+        return out
+
+
+def _retry_chain(trial: optuna.Trial) -> list[tuple[int, int]]:
+    """(number, id) of the trials `trial` retries, oldest first, from Optuna's retry bookkeeping."""
+    storage = trial.storage
+    system = SimpleNamespace(system_attrs=storage.get_trial_system_attrs(trial._trial_id))
+    history = RetryHeartbeatStaleTrialCallback.retry_history(system)  # type: ignore[arg-type]
+    if not isinstance(history, list):
+        return []
+    numbers = [n for n in history if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < trial.number]
+    if not numbers:
+        return []
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    chain = []
+    for n in numbers[-MAX_RETRY_CHAIN:]:
+        try:
+            chain.append((n, storage.get_trial_id_from_study_id_trial_number(study_id, n)))
+        except KeyError:
+            continue
+    return chain
+
+
+def _checkpoint_of(user_attrs: dict[str, Any]) -> dict[str, Any] | None:
+    ckpt = TrialRecord.of(user_attrs).checkpoint
+    return ckpt if isinstance(ckpt, dict) else None

@@ -1,14 +1,18 @@
 """The winner as a model directory a user takes home, kept on the study as artifacts too.
 
-    model.pt2            torch.export program: uint8 pixels (N, 1, 28, 28) in, logits out (torch only)
-    fastai-learner.pkl   fastai's `learn.export` (load with fastai's `load_learner`)
+    weights.safetensors  the network's weights, which `predict` loads (a format that cannot hold code)
+    model.pt2            torch.export program: uint8 pixels (N, 1, 28, 28) in, logits out (torch only;
+                         its loader unpickles parts of it: open it only from someone you trust)
+    fastai-learner.pkl   fastai's `learn.export`, a pickle (load with fastai's `load_learner`, trusted only)
     classes.csv          index, Unicode code point, character
     model.json           the model card as data: data set and checksums, split, hyperparameters,
                          halving events, validation and test scores, time, device, versions, source
     model-card.md        the same for people
 
 The directory is written under a temporary name and renamed when complete, so a failure leaves
-nothing half-written behind.
+nothing half-written behind. The copy kept on the study is fetched back file by file under the fixed
+names above (never a name read from the study), each checked against its sha256 and, with
+KMNIST_TUNE_SIGNING_KEY set, its signature.
 """
 
 from __future__ import annotations
@@ -29,15 +33,30 @@ from .. import __version__
 from ..contract.records import KeptModel, TrialRecord, who_and_when
 from ..contract.spec import SweepSpec
 from ..errors import UserError
+from ..masking import printable
 from ..observe.plots import writable_folder
-from ..service.artifacts import artifact_store
+from ..service.artifacts import BadDownload, artifact_store, download_checked
 from ..service.storage import backend, open_storage
 from ..service.studies import open_study
+from ..signing import signer
 from ..training.data import class_map, verify
-from ..training.inference import CARD_JSON, CLASSES, FORMAT, PROGRAM, export_program, sha256
+from ..training.inference import (
+    CARD_JSON,
+    CLASSES,
+    FORMAT,
+    PROGRAM,
+    WEIGHTS,
+    card_signature,
+    export_program,
+    save_weights,
+    sha256,
+)
 from .evaluate import Retrained
 
 CARD_MD, FASTAI = "model-card.md", "fastai-learner.pkl"
+# Every file of a model directory, by its fixed name; `export` writes these and nothing else.
+MODEL_FILES = (WEIGHTS, PROGRAM, FASTAI, CLASSES, CARD_JSON, CARD_MD)
+MAX_FILE_BYTES = 4 << 30  # resnet152's fastai export is under 300 MB
 
 
 def check_destination(dest: Path) -> None:
@@ -59,6 +78,7 @@ def _versions() -> dict[str, str]:
 
 def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
     mean, std = r.splits.mean_std
+    save_weights(r.learn.model, mean, std, folder / WEIGHTS)
     export_program(r.learn.model, mean, std, folder / PROGRAM)
     r.learn.export(folder.resolve() / FASTAI)
     classes = class_map(spec.data.dataset)
@@ -71,6 +91,7 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
     card: dict[str, Any] = {
         "format": FORMAT,
         "model": {
+            "weights": WEIGHTS,
             "program": PROGRAM,
             "fastai_export": FASTAI,
             "input": "uint8 pixel values (N, 1, 28, 28), white ink on black as in KMNIST; the program normalises",
@@ -115,7 +136,10 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
         "versions": _versions(),
         "source": {"study": study_name, "trial": r.trial.number, "storage": storage_kind, "exported": who_and_when()[0]},
     }
-    card["files"] = {name: sha256(folder / name) for name in (PROGRAM, FASTAI, CLASSES)}
+    card["files"] = {name: sha256(folder / name) for name in (WEIGHTS, PROGRAM, FASTAI, CLASSES)}
+    signature = card_signature(card)
+    if signature is not None:
+        card["signature"] = signature
     (folder / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / CARD_MD).write_text(model_card(card, classes), encoding="utf-8")
 
@@ -155,11 +179,13 @@ Batch size used: {card["batch_size_used"]}. Halvings during the sweep's trial:
 {files}
 
 ## Use
-- `kmnist-tune predict DIR IMAGES...` (pictures, folders, `.npz`/idx files of 28x28 images)
+- `kmnist-tune predict DIR IMAGES...` (pictures, folders, `.npz`/idx files of 28x28 images): it loads
+  `{m["weights"]}` (safetensors: tensors only) into the network the card names; nothing is unpickled.
 - PyTorch alone: `torch.export.load("{m["program"]}").module()(x)` with `x` a float tensor of pixel
   values 0..255, shape (N, 1, 28, 28), white ink on black; softmax the logits. Classes: `classes.csv`.
-- fastai: `load_learner("{m["fastai_export"]}")` (needs kmnist-tune installed; fastai's loader unpickles,
-  so load only files you trust).
+  PyTorch's loader unpickles parts of a `.pt2` archive: load it only from someone you trust.
+- fastai: `load_learner("{m["fastai_export"]}")` (needs kmnist-tune installed; it is a pickle, which
+  runs code as it loads: only from someone you trust).
 
 Versions: {versions}.
 Source: study {src["study"]}, trial {src["trial"]} ({src["storage"]} storage).
@@ -188,7 +214,10 @@ def keep_model(
             )
             for f in sorted(folder.iterdir())
         }
-        KeptModel(r.trial.number, who_and_when()[0], ids, {f.name: sha256(f) for f in folder.iterdir()}).store(study)
+        digests = {f.name: sha256(f) for f in folder.iterdir()}
+        sign = signer()
+        signatures = {name: sign.sign("model-file", name, ids[name], d) for name, d in digests.items()}
+        KeptModel(r.trial.number, who_and_when()[0], ids, digests, signatures if sign.on else None).store(study)
         say(f"kept the retrained model of trial {r.trial.number} on the study ({len(ids)} files)")
         if export is not None:
             if export.exists():
@@ -197,30 +226,51 @@ def keep_model(
 
 
 def fetch_model(url: str, name: str, dest: Path) -> Path:
-    """`export --study NAME DIR`: the model directory kept on the study by `best --evaluate`."""
+    """`export --study NAME DIR`: the model directory kept on the study by `best --evaluate`, each
+    file written under its fixed name in a private temporary folder and checked as it is copied."""
     check_destination(dest)
     storage = open_storage(url)
     study, _ = open_study(storage, name)
     kept = KeptModel.read(study.user_attrs)
     if kept is None:
         raise UserError(f"study {name!r} keeps no model yet; run `kmnist-tune best --study {name} --evaluate` first")
+    artifacts = kept.artifacts if isinstance(kept.artifacts, dict) else {}
+    digests = kept.sha256 if isinstance(kept.sha256, dict) else {}
+    signatures = kept.signatures if isinstance(kept.signatures, dict) else {}
+    unknown = sorted(printable(repr(k))[:40] for k in artifacts if k not in MODEL_FILES)
+    if unknown or not all(f in artifacts for f in (WEIGHTS, CLASSES, CARD_JSON)):
+        what = f"names files {', '.join(unknown)} a model directory does not have" if unknown else "lacks files"
+        raise UserError(f"the model kept on study {name!r} {what}; run `kmnist-tune best --study {name} --evaluate` again")
+    sign = signer()
     store = artifact_store(storage)
+    # mkdtemp: mode 0700, in the destination's folder so that the rename below stays on one filesystem.
     with tempfile.TemporaryDirectory(prefix=".kmnist-tune-export-", dir=dest.resolve().parent) as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        for file_name, artifact_id in kept.artifacts.items():
-            try:
-                optuna.artifacts.download_artifact(
-                    artifact_store=store, artifact_id=artifact_id, file_path=str(folder / file_name)
-                )
-            except Exception as e:  # a missing or unreadable artifact store
+        for file_name in MODEL_FILES:  # our names, not the record's
+            if file_name not in artifacts:
+                continue
+            artifact_id, digest = artifacts[file_name], digests.get(file_name)
+            if not sign.check(signatures.get(file_name), "model-file", file_name, str(artifact_id), str(digest)):
                 raise UserError(
-                    f"cannot fetch {file_name} of study {name!r} from its artifact store ({type(e).__name__}); "
-                    "is KMNIST_TUNE_ARTIFACTS the folder the model was kept in?"
-                ) from None
-            if sha256(folder / file_name) != kept.sha256[file_name]:
-                raise UserError(f"{file_name} of study {name!r} does not match its checksum; the artifact store is damaged")
+                    f"{file_name} of study {name!r} is unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY; refused"
+                )
+            _download(store, artifact_id, folder / file_name, digest, f"{file_name} of study {name!r}")
         if dest.exists():
             dest.rmdir()
         os.replace(folder, dest)
     return dest
+
+
+def _download(store: Any, artifact_id: Any, target: Path, digest: Any, what: str) -> None:
+    try:
+        download_checked(store, artifact_id, target, digest, MAX_FILE_BYTES)
+    except BadDownload as e:
+        raise UserError(f"{what}: {e}; the artifact store is damaged or was written by someone else") from None
+    except UserError:
+        raise
+    except Exception as e:  # a missing or unreadable artifact store
+        raise UserError(
+            f"cannot fetch {what} from its artifact store ({type(e).__name__}); "
+            "is KMNIST_TUNE_ARTIFACTS the folder the model was kept in?"
+        ) from None

@@ -4,6 +4,7 @@ listeners that watch it, put together for the `run` and `worker` commands."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,26 @@ def work_here(
     return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label, stop)
 
 
+def own_wandb_settings(spec: SweepSpec) -> None:
+    """`run` was handed its spec file by its own user: the file's W&B folder, mode and account are this
+    user's choice, for this process and the slot processes it starts (which read them as W&B's own
+    variables; a spec read back from the study database may only narrow them, observe/tracking.py).
+    What the environment sets already wins."""
+    w = spec.tracking.wandb
+    chosen = {
+        "WANDB_DIR": str(Path(w.dir).expanduser().resolve()) if w.dir else None,
+        "WANDB_MODE": w.mode if w.mode != "auto" else None,
+        "WANDB_ENTITY": w.entity,
+        "WANDB_PROJECT": w.project,
+    }
+    for var, value in chosen.items():
+        if value and not os.environ.get(var):
+            os.environ[var] = value
+
+
 def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -> StudySummary:
     """`kmnist-tune run`: create the study (or resume it), work it with local slots, summarise it."""
+    own_wandb_settings(spec)
     splits = load_data(spec, data)  # data problems surface before anything is stored
     study, created = create_study(spec, open_storage(url, create=True), resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr, flush=True)

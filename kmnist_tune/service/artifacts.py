@@ -7,19 +7,27 @@ checkpoints, the kept model.
 - A SQLite study keeps them in a folder beside its file.
 - `--artifacts` / `KMNIST_TUNE_ARTIFACTS` chooses another: a folder, or `s3://bucket/prefix` (Optuna's
   Boto3ArtifactStore, for very large models; needs boto3 and the usual AWS settings).
+
+Artifact ids come from the study database, which everyone who shares it can write: every store is
+wrapped in `CheckedArtifactStore`, which accepts only the two forms of id this project (and Optuna's
+`upload_artifact`) writes, so no id ever names a path (`../../x.pth`) in a folder or bucket store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import sqlalchemy
 
 from ..errors import UserError
+from ..masking import printable
 from .storage import backend, sqlite_file, unwrap
 
 ENV_ARTIFACTS = "KMNIST_TUNE_ARTIFACTS"
@@ -53,7 +61,11 @@ def describe_store(storage: Any, override: str | Path | None = None) -> str:
     return str(folder) if folder is not None else f"the {TABLE} table of the study database"
 
 
-def artifact_store(storage: Any, override: str | Path | None = None) -> Any:
+def artifact_store(storage: Any, override: str | Path | None = None) -> CheckedArtifactStore:
+    return CheckedArtifactStore(_raw_store(storage, override))
+
+
+def _raw_store(storage: Any, override: str | Path | None) -> Any:
     chosen = _chosen(override)
     if chosen and chosen.startswith("s3://"):
         return _s3_store(chosen)
@@ -64,6 +76,59 @@ def artifact_store(storage: Any, override: str | Path | None = None) -> Any:
 
     folder.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(folder))
+
+
+# -- the ids this project accepts -----------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "kmnist-tune-checkpoint-"
+# Optuna's upload_artifact names an artifact str(uuid.uuid4()); a checkpoint is named after its
+# trial's id and epoch (checkpoint_base). Nothing else is ever written, so nothing else is read.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_CHECKPOINT = re.compile(re.escape(CHECKPOINT_PREFIX) + r"([1-9][0-9]{0,17}|0)-([1-9][0-9]{0,5}|0)\.(pth|json)")
+
+
+class UntrustedArtifact(UserError):
+    """An artifact id from storage that is not one of the forms this project writes."""
+
+
+@dataclass(frozen=True)
+class ArtifactName:
+    artifact_id: str
+    trial_id: int | None = None  # a checkpoint's trial (None: an uploaded file, named by a uuid)
+    epoch: int | None = None
+    ext: str | None = None
+
+
+def parse_artifact_id(artifact_id: Any) -> ArtifactName:
+    """The artifact id, checked against the two forms this project writes; UntrustedArtifact else."""
+    if isinstance(artifact_id, str):
+        if _UUID.fullmatch(artifact_id):
+            return ArtifactName(artifact_id)
+        m = _CHECKPOINT.fullmatch(artifact_id)
+        if m:
+            return ArtifactName(artifact_id, int(m[1]), int(m[2]), m[3])
+    shown = printable(repr(artifact_id))[:80]
+    raise UntrustedArtifact(
+        f"artifact id {shown} from the study storage is not one kmnist-tune writes; refused "
+        "(someone wrote it into the shared database: `kmnist-tune schema --prune` removes such rows)"
+    )
+
+
+class CheckedArtifactStore:
+    """Optuna's ArtifactStore protocol in front of any store: every id is checked first (storage is data,
+    never a path). Optuna's own stores join the id to their folder or bucket prefix as it is."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.inner.open_reader(parse_artifact_id(artifact_id).artifact_id)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.inner.write(parse_artifact_id(artifact_id).artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.inner.remove(parse_artifact_id(artifact_id).artifact_id)
 
 
 def _s3_store(url: str) -> Any:
@@ -109,7 +174,12 @@ class PostgresArtifactStore:
 
     Written inside one transaction (a reader never sees half an artifact) and read a chunk at a time.
     Optuna's own stores keep files or objects; none keeps them in the study's database, which is what
-    lets workers on many hosts share artifacts with no service and no volume beyond PostgreSQL."""
+    lets workers on many hosts share artifacts with no service and no volume beyond PostgreSQL.
+
+    Every artifact has an owner, and a write whose owner is gone (or being deleted) stores nothing: the
+    write's transaction holds its study's row (FOR KEY SHARE) until it commits, so `study delete`
+    (whose DELETE of that row waits for it) removes whatever it wrote, and a write that starts after the
+    delete finds no owner. No row is left that nothing can ever remove."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -120,7 +190,9 @@ class PostgresArtifactStore:
         return ArtifactNotFound(f"artifact {artifact_id} is not in {TABLE}")
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        name = parse_artifact_id(artifact_id)
         with self.engine.begin() as conn:
+            _lock_owner(conn, name)
             conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id))
             n = 0
             while True:
@@ -146,6 +218,39 @@ class PostgresArtifactStore:
             gone = conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id)).rowcount
         if not gone:
             raise self._missing(artifact_id)
+
+
+class OwnerGone(UserError):
+    """An artifact was to be written for a study or trial that is gone or being deleted."""
+
+
+# Set on a study by `study delete` before it reads the study's artifact list: a write that starts
+# later is refused, so the list it removes is complete (Optuna's upload_artifact records an
+# artifact on its study or trial before it writes it). A system attribute: the dashboard cannot set one.
+DELETING_ATTR = "kmnist_tune:deleting"
+
+# The owner of an artifact, by Optuna's RDB schema: a checkpoint's trial (its id is in the name); an
+# uploaded file's study or trial, which Optuna's upload_artifact records as the system attribute
+# `artifacts:<id>`. The study's row is locked against DELETE until the write commits.
+_OWNER_OF_CHECKPOINT = sqlalchemy.text(
+    "SELECT s.study_id FROM studies s JOIN trials t ON t.study_id = s.study_id WHERE t.trial_id = :tid FOR KEY SHARE OF s"
+)
+_OWNER_OF_UPLOAD = sqlalchemy.text(
+    "SELECT s.study_id FROM studies s WHERE s.study_id IN ("
+    " SELECT study_id FROM study_system_attributes WHERE key = :key"
+    " UNION SELECT t.study_id FROM trial_system_attributes a JOIN trials t ON t.trial_id = a.trial_id WHERE a.key = :key"
+    ") FOR KEY SHARE"
+)
+_BEING_DELETED = sqlalchemy.text("SELECT count(*) FROM study_system_attributes WHERE study_id = :sid AND key = :key")
+
+
+def _lock_owner(conn: Any, name: ArtifactName) -> None:
+    if name.trial_id is not None:
+        owners = [r[0] for r in conn.execute(_OWNER_OF_CHECKPOINT, {"tid": name.trial_id})]
+    else:
+        owners = [r[0] for r in conn.execute(_OWNER_OF_UPLOAD, {"key": f"artifacts:{name.artifact_id}"})]
+    if not owners or any(conn.execute(_BEING_DELETED, {"sid": sid, "key": DELETING_ATTR}).scalar_one() for sid in owners):
+        raise OwnerGone(f"artifact {name.artifact_id} was not stored: its study is deleted or being deleted")
 
 
 class _ChunkReader(io.RawIOBase):
@@ -178,15 +283,13 @@ class _ChunkReader(io.RawIOBase):
 
 
 def remove_artifacts(store: Any, artifact_ids: list[str]) -> None:
-    """Remove artifacts that may already be gone (a retry and its original share a checkpoint)."""
+    """Remove artifacts that may already be gone (a retry and its original share a checkpoint). An id of
+    no form this project writes names nothing it wrote: it is skipped, never joined to a path."""
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     for artifact_id in artifact_ids:
-        with contextlib.suppress(ArtifactNotFound, FileNotFoundError):
+        with contextlib.suppress(ArtifactNotFound, FileNotFoundError, UntrustedArtifact):
             store.remove(artifact_id)
-
-
-CHECKPOINT_PREFIX = "kmnist-tune-checkpoint-"
 
 
 def checkpoint_base(trial_id: int, epoch: int) -> str:
@@ -199,8 +302,9 @@ def remove_checkpoints(store: Any, trial_ids: list[int], n_epochs: int) -> None:
     trial's record of it leaves one that no record names."""
     if not trial_ids:
         return
-    if isinstance(store, PostgresArtifactStore):
-        with store.engine.begin() as conn:
+    inner = getattr(store, "inner", store)
+    if isinstance(inner, PostgresArtifactStore):
+        with inner.engine.begin() as conn:
             for trial_id in sorted(set(trial_ids)):
                 prefix = f"{CHECKPOINT_PREFIX}{trial_id}-"
                 conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.startswith(prefix, autoescape=True)))
@@ -210,7 +314,88 @@ def remove_checkpoints(store: Any, trial_ids: list[int], n_epochs: int) -> None:
     remove_artifacts(store, [f"{n}.{ext}" for n in names for ext in ("pth", "json")])
 
 
-def checkpoint_ids(record: Any) -> list[str]:
-    """The artifacts of a trial record's newest checkpoint (a TrialRecord)."""
-    ckpt = getattr(record, "checkpoint", None) or {}
-    return [ckpt[k] for k in ("model", "meta") if k in ckpt]
+def checkpoint_ids(record: Any, trial_ids: list[int]) -> list[str]:
+    """The artifacts of a trial record's newest checkpoint (a TrialRecord), where they are checkpoints
+    of these trials: a record names what its own trial (or the ones it retries) saved, and anything
+    else in it was written by someone else, to make a worker remove another study's files."""
+    ckpt = getattr(record, "checkpoint", None)
+    if not isinstance(ckpt, dict):
+        return []
+    out = []
+    for key in ("model", "meta"):
+        with contextlib.suppress(UntrustedArtifact):
+            name = parse_artifact_id(ckpt.get(key))
+            if name.trial_id is not None and name.trial_id in trial_ids:
+                out.append(name.artifact_id)
+    return out
+
+
+def mark_deleting(storage: Any, study_id: int) -> None:
+    """`study delete`, before it lists the study's artifacts: no write for this study starts after this
+    (PostgresArtifactStore refuses it), so the list is complete."""
+    storage.set_study_system_attr(study_id, DELETING_ATTR, True)
+
+
+# Optuna's RDB schema: the artifacts its upload_artifact recorded, and the trials that exist.
+_RECORDED = sqlalchemy.text(
+    "SELECT key FROM study_system_attributes WHERE key LIKE 'artifacts:%' "
+    "UNION SELECT key FROM trial_system_attributes WHERE key LIKE 'artifacts:%'"
+)
+_TRIAL_IDS = sqlalchemy.text("SELECT trial_id FROM trials")
+
+
+def prune_artifacts(storage: Any) -> int:
+    """`kmnist-tune schema --prune`: remove the rows of the artifact table that no study owns (ids of no
+    form this project writes, checkpoints of trials that are gone, uploads no study or trial records).
+    Returns how many artifacts went. Only the PostgreSQL table: a folder or bucket may be shared with
+    other studies (or hold other files), and its listing is not this database's to judge."""
+    if backend(storage) != "postgresql":
+        raise UserError(
+            "--prune works on a PostgreSQL study database (its kmnist_tune_artifacts table); "
+            "a SQLite study keeps its artifacts as files beside it"
+        )
+    engine = unwrap(storage).engine
+    with engine.connect() as conn:
+        if not sqlalchemy.inspect(conn).has_table(TABLE):
+            return 0
+        stored = [r[0] for r in conn.execute(sqlalchemy.select(ARTIFACTS.c.artifact_id).distinct())]
+        recorded = {str(r[0]).removeprefix("artifacts:") for r in conn.execute(_RECORDED)}
+        trials = {int(r[0]) for r in conn.execute(_TRIAL_IDS)}
+    orphans = []
+    for artifact_id in stored:
+        try:
+            name = parse_artifact_id(artifact_id)
+        except UntrustedArtifact:
+            orphans.append(artifact_id)
+            continue
+        owned = name.trial_id in trials if name.trial_id is not None else name.artifact_id in recorded
+        if not owned:
+            orphans.append(artifact_id)
+    with engine.begin() as conn:
+        for artifact_id in orphans:
+            conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id))
+    return len(orphans)
+
+
+class BadDownload(UserError):
+    """A downloaded artifact that is larger than allowed or does not match its recorded sha256."""
+
+
+def download_checked(store: Any, artifact_id: str, target: Path, sha256: Any, limit: int) -> None:
+    """The artifact into `target` (a fixed local name the caller chose, created anew), hashed as it is
+    copied and at most `limit` bytes; on any failure the file is deleted, so nothing unchecked stays."""
+    h, size = hashlib.sha256(), 0
+    target.unlink(missing_ok=True)
+    try:
+        with store.open_reader(artifact_id) as src, open(target, "xb") as dst:
+            while block := src.read(CHUNK):
+                size += len(block)
+                if size > limit:
+                    raise BadDownload(f"{artifact_id} is larger than {limit >> 20} MiB")
+                h.update(block)
+                dst.write(block)
+        if h.hexdigest() != sha256:
+            raise BadDownload(f"{artifact_id} does not match the checksum recorded with it")
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise

@@ -168,13 +168,17 @@ class Worker:
             self.stop.request("study stop --now")
 
     def remove_checkpoints(self, frozen: optuna.trial.FrozenTrial) -> None:
-        chain = [frozen._trial_id] + [
-            self.storage.get_trial_id_from_study_id_trial_number(self.study_id, n)
-            for n in optuna.storages.RetryFailedTrialCallback.retry_history(frozen)
-        ]
-        n_epochs = int(frozen.params.get("epochs", self.spec.fixed_params()["epochs"]))
+        history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        chain = [frozen._trial_id]
+        for n in history if isinstance(history, list) else []:
+            if isinstance(n, int) and 0 <= n < frozen.number:
+                with contextlib.suppress(KeyError):  # a number no trial has: not Optuna's bookkeeping
+                    chain.append(self.storage.get_trial_id_from_study_id_trial_number(self.study_id, n))
+        n_epochs = min(int(frozen.params.get("epochs", self.spec.fixed_params()["epochs"])), 1000)
         store = artifact_store(self.storage)
-        remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen)))
+        # Only checkpoints of this trial and those it retries: a record naming anything else was
+        # written by someone else, to make this worker remove it.
+        remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen), chain))
         remove_checkpoints(store, chain, n_epochs)
 
     # -- one trial ----------------------------------------------------------
@@ -200,7 +204,8 @@ class Worker:
         system = SimpleNamespace(system_attrs={} if new else self.storage.get_trial_system_attrs(trial._trial_id))
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(system)  # type: ignore[arg-type]
         fresh = TrialRecord.fresh() if original is not None else {}
-        TrialRecord.write(trial, worker=self.identity, **fresh, **({"retry_of": original} if original is not None else {}))
+        # retry_of is written either way: one that a client enqueued in the user attributes is not Optuna's.
+        TrialRecord.write(trial, worker=self.identity, **fresh, retry_of=original)
         error = ""
         with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval, self._look_for_stop_now):
             # As Optuna's own optimize loop does: whatever the objective raises fails this trial

@@ -1,8 +1,13 @@
-"""A trained model as a plain PyTorch program, and predictions from it.
+"""A trained model as a model directory, and predictions from it.
 
-The program is written with `torch.export` (TorchScript is deprecated): it takes raw pixel values
-(N, 1, 28, 28) in 0..255, white ink on black as in KMNIST, normalises them itself, and returns the
-class logits. Loading it needs torch only, not fastai nor this package.
+Two forms of the same network, both taking raw pixel values (N, 1, 28, 28) in 0..255, white ink on
+black as in KMNIST, normalising them, and returning the class logits:
+- `weights.safetensors`: its weights, in a format that holds tensors and nothing else. `predict`
+  builds the network from the card's constructor (an architecture this package knows) and loads
+  these: a model directory is data from someone else, and nothing in it is unpickled or run.
+- `model.pt2`: a `torch.export` program (TorchScript is deprecated), for PyTorch alone. Its loader
+  unpickles parts of the archive (payloads it marks `use_pickle`, and its sample inputs when they do
+  not load as weights), so it is safe only from someone you trust; `predict` never opens it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..contract.spec import ARCHS, STEMS
 from ..errors import UserError
+from ..signing import signer
 from .inputs import Inputs, read_inputs
 
-PROGRAM, CARD_JSON, CLASSES = "model.pt2", "model.json", "classes.csv"
+PROGRAM, WEIGHTS, CARD_JSON, CLASSES = "model.pt2", "weights.safetensors", "model.json", "classes.csv"
 FORMAT = "kmnist-tune model directory"
+MAX_CARD_BYTES = 1 << 20  # a card is a few kB of JSON
+MAX_CLASSES = 1000
 
 
 class Classifier(nn.Module):
@@ -50,12 +60,70 @@ def export_program(model: nn.Module, mean: float, std: float, path: Path) -> Pat
     return path
 
 
-def load_program(path: Path, device: torch.device) -> nn.Module:
+def save_weights(model: nn.Module, mean: float, std: float, path: Path) -> Path:
+    """The network's weights (with its normalisation) as safetensors: what `predict` loads."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)
+    net = Classifier(model, mean, std).to("cpu", torch.float32)
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def card_signature(card: dict[str, Any]) -> str | None:
+    """The signature of a model card (with KMNIST_TUNE_SIGNING_KEY; None without): it holds every
+    file's sha256, so it signs the whole directory."""
+    return signer().sign("model-card", _canonical(card))
+
+
+def _canonical(card: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in card.items() if k != "signature"}, sort_keys=True, ensure_ascii=True)
+
+
+def _constructor(card: dict[str, Any], where: Path) -> tuple[str, str, int, float, float, float]:
+    """(arch, stem, n_classes, dropout, mean, std) from the card, each checked: the card is data."""
+    bad = UserError(f"{where}: {CARD_JSON} does not describe a network kmnist-tune builds; export it again")
+    model = card.get("model")
+    if (
+        not isinstance(model, dict)
+        or not isinstance(model.get("constructor"), dict)
+        or not isinstance(model.get("normalisation"), dict)
+    ):
+        raise bad
+    c, norm = model["constructor"], model["normalisation"]
+    arch, stem, n, dropout, mean, std = (
+        c.get("arch"),
+        c.get("stem"),
+        c.get("n_classes"),
+        c.get("dropout"),
+        norm.get("mean"),
+        norm.get("std"),
+    )
+    if arch not in ARCHS or stem not in STEMS or not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= MAX_CLASSES:
+        raise bad
+    numbers = (dropout, mean, std)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        raise bad
+    if not 0 <= dropout < 1 or not 0 <= mean <= 1 or not 0 < std <= 1:
+        raise bad
+    return arch, stem, n, float(dropout), float(mean), float(std)
+
+
+def load_network(card: dict[str, Any], weights: Path, device: torch.device, where: Path) -> nn.Module:
+    """The card's network, built by this package, with the directory's safetensors weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import build_model
+
+    arch, stem, n_classes, dropout, mean, std = _constructor(card, where)
+    net = Classifier(build_model(arch, n_classes, stem, dropout), mean, std)
     try:
-        program = torch.export.load(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable exported model ({type(e).__name__}); export it again") from None
-    return program.module().to(device)
+        net.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise UserError(f"{where}: {WEIGHTS} does not hold the weights of its card's network ({why}); export it again") from None
+    return net.to(device).eval()
 
 
 @torch.no_grad()
@@ -78,7 +146,7 @@ def sha256(path: Path) -> str:
 
 @dataclass
 class Model:
-    """A model directory, loaded: the program, its classes, and its card."""
+    """A model directory, loaded: the network, its classes, and its card."""
 
     net: nn.Module
     classes: list[dict[str, str]]
@@ -87,25 +155,53 @@ class Model:
 
 
 def load_model_dir(folder: Path, device: torch.device) -> Model:
-    """A model directory written by `best --evaluate --export` (or `export`), checked file by file."""
+    """A model directory written by `best --evaluate --export` (or `export`), checked file by file.
+    Everything in it is data: the card is JSON (bounded), the classes CSV, the weights safetensors."""
     hint = "export one with `kmnist-tune best --study NAME --evaluate --export DIR`"
     if not folder.is_dir():
         raise UserError(f"{folder}: no such model directory; {hint}")
+    card_path = folder / CARD_JSON
     try:
-        card = json.loads((folder / CARD_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if card_path.stat().st_size > MAX_CARD_BYTES:
+            raise UserError(f"{folder}: {CARD_JSON} is larger than {MAX_CARD_BYTES >> 10} kB; it is not a model card of ours")
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         raise UserError(f"{folder}: not a kmnist-tune model directory ({CARD_JSON} missing or unreadable); {hint}") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UserError(f"{folder}: {CARD_JSON} is not a kmnist-tune model card; {hint}")
-    for name, digest in (card.get("files") or {}).items():
+    if not signer().check(card.get("signature"), "model-card", _canonical(card)):
+        raise UserError(
+            f"{folder}: its model card is unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY; "
+            "use a model your team exported, or unset the key to trust this one"
+        )
+    files = card.get("files") if isinstance(card.get("files"), dict) else {}
+    if WEIGHTS not in files:
+        raise UserError(f"{folder}: it has no {WEIGHTS} (an older kmnist-tune wrote it); run `best --evaluate` again")
+    for name in (WEIGHTS, CLASSES):  # fixed names: nothing the card says is taken as a path
         path = folder / name
         if not path.is_file():
             raise UserError(f"{folder}: {name} is missing; copy the whole model directory")
-        if name in (PROGRAM, CLASSES) and sha256(path) != digest:
+        if sha256(path) != files.get(name):
             raise UserError(f"{folder}: {name} does not match its checksum in {CARD_JSON}; the directory is damaged")
-    with open(folder / CLASSES, encoding="utf-8", newline="") as fh:
-        classes = list(csv.DictReader(fh))
-    return Model(load_program(folder / PROGRAM, device), classes, card, device)
+    net = load_network(card, folder / WEIGHTS, device, folder)
+    classes = _read_classes(folder / CLASSES, int(card["model"]["constructor"]["n_classes"]), folder)
+    return Model(net, classes, card, device)
+
+
+def _read_classes(path: Path, n_classes: int, folder: Path) -> list[dict[str, str]]:
+    bad = UserError(f"{folder}: {CLASSES} does not list the {n_classes} classes of its card; export it again")
+    try:
+        if path.stat().st_size > 64 * MAX_CLASSES:
+            raise bad
+        with open(path, encoding="utf-8", newline="") as fh:
+            classes = list(csv.DictReader(fh))
+    except (OSError, ValueError, csv.Error):
+        raise bad from None
+    if len(classes) != n_classes or any(
+        row.get("index") != str(i) or not isinstance(row.get("char"), str) for i, row in enumerate(classes)
+    ):
+        raise bad
+    return classes
 
 
 @dataclass
