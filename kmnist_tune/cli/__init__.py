@@ -96,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RecursionError:
+        # Only data nests this deeply (a spec, or an attribute someone wrote into the shared database
+        # by hand that Optuna's own JSON decoding recurses into): bad input, not a bug.
+        print(
+            "error: data nested too deeply to read (a spec file, or a study attribute written into the "
+            "database by hand); fix or remove it",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:  # a user sees one line, never a traceback (KMNIST_TUNE_DEBUG=1 shows it)
         if os.environ.get("KMNIST_TUNE_DEBUG"):
             raise

@@ -195,12 +195,18 @@ def predict(
         Path | None, typer.Option("--labels", metavar="FILE", help="true labels (.npz/idx) of an array input: print the score")
     ] = None,
     device: Annotated[str, typer.Option("--device", metavar="cpu|cuda|auto", help="where to run")] = "cpu",
+    max_images: Annotated[
+        int,
+        typer.Option("--max-images", metavar="N", help="the most images (or labels) read from one .npz/idx file", min=1),
+    ] = 100_000,  # data.DEFAULT_MAX_IMAGES, written out so that loading the CLI does not import numpy
 ) -> None:
     """Classify Kuzushiji characters with an exported model: index, character and probability."""
+    from ..training.data import max_input_images
     from ..training.devices import resolve_device
     from ..training.inference import run_predict, write_predictions
 
-    result = run_predict(model_dir, inputs, device=resolve_device(device), top=top, labels=labels)
+    with max_input_images(max_images):  # a file's header is checked against it before its body is read
+        result = run_predict(model_dir, inputs, device=resolve_device(device), top=top, labels=labels)
     if dest is not None:
         write_predictions(result.predictions, dest)
         out(f"{len(result.predictions)} predictions: {dest}")
@@ -245,9 +251,21 @@ def lr_find(
 
 
 @app.command()
-def schema(storage: StorageOpt = None) -> None:
+def schema(
+    storage: StorageOpt = None,
+    prune: Annotated[
+        bool,
+        typer.Option("--prune", help="instead: remove the artifact table's rows that no study owns (PostgreSQL)"),
+    ] = False,
+) -> None:
     """Create the storage's tables (Optuna's and the artifact table), or migrate them after an Optuna
     upgrade. Run it once as the database owner (compose's `schema` service does)."""
+    if prune:
+        from ..service.artifacts import prune_artifacts
+        from ..service.storage import open_storage
+
+        out(f"pruned {prune_artifacts(open_storage(storage_url(storage)))} artifact(s) that no study owns")
+        return
     from ..service.storage import init_schema
 
     out(f"{init_schema(storage_url(storage))}: ready")

@@ -77,6 +77,32 @@ class SpecError(UserError):
 
 
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a page of settings; it is stored in the study and read by every worker
+# The deepest real spec is 4 levels (sampler.options.x0.lr, parameters.lr.values); YAML and pydantic recurse
+# per level, so a deeper one is refused before either builds it.
+MAX_SPEC_DEPTH = 20
+TOO_DEEP = f"nested more than {MAX_SPEC_DEPTH} levels deep; a spec is a few levels of plain settings: write it out flat"
+
+# Sampler and pruner options reach Optuna's constructors in every worker, from a spec anyone sharing the
+# database can write: each value is bounded, so that one number cannot make every worker allocate or loop
+# without end. The named ones are the options whose size is work; any other number gets the general bound.
+MAX_OPTION_NUMBER = 1_000_000
+OPTION_RANGES: dict[str, tuple[int, int, str]] = {
+    "n_ei_candidates": (1, 10_000, "TPE scores that many candidates per parameter per trial"),
+    "popsize": (2, 10_000, "CMA-ES samples and keeps a population that large per generation"),
+    "reduction_factor": (2, 100, "successive halving raises it to a power per rung"),
+    "min_early_stopping_rate": (0, 100, "successive halving's first rung is reduction_factor to this power"),
+    "seed": (0, 2**32 - 1, "numpy's seed range"),
+    "n_startup_trials": (0, MAX_OPTION_NUMBER, "trials before the sampler or pruner starts"),
+    "n_warmup_steps": (0, MAX_OPTION_NUMBER, "epochs before pruning"),
+    "interval_steps": (1, MAX_OPTION_NUMBER, "epochs between pruning checks"),
+    "n_min_trials": (1, MAX_OPTION_NUMBER, "trials reporting a step before it is pruned"),
+    "min_resource": (1, MAX_OPTION_NUMBER, "epochs"),
+    "max_resource": (1, MAX_OPTION_NUMBER, "epochs"),
+    "bootstrap_count": (0, MAX_OPTION_NUMBER, "trials per rung"),
+}
+MAX_OPTIONS = 32  # Optuna's samplers take at most 14 keyword options
+MAX_OPTION_ITEMS = 100  # a list or mapping value (CMA-ES's x0: one entry per parameter)
+MAX_OPTION_TEXT = 100  # a string value ("auto", a strategy name) or key
 
 
 class _Strict(BaseModel):
@@ -350,6 +376,53 @@ class _NamedChoice(_Strict):
         if v not in cls.CHOICES:
             raise ValueError(f"unknown {cls.KIND} {v!r}{_did_you_mean(v, cls.CHOICES)}; use one of {', '.join(cls.CHOICES)}")
         return v
+
+    @field_validator("options")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(v) > MAX_OPTIONS:
+            raise ValueError(f"{len(v)} options; an Optuna {cls.KIND} takes at most {MAX_OPTIONS}")
+        for key, value in v.items():
+            problem = _option_problem(key, value)
+            if problem:
+                raise ValueError(problem)
+        return v
+
+
+def _option_problem(name: str, value: Any, nested: bool = False) -> str | None:
+    """What is out of bounds in one sampler/pruner option (None: nothing); `nested`: inside a list or mapping."""
+    if len(name) > MAX_OPTION_TEXT:
+        return f"option name {name[:20]!r}... is longer than {MAX_OPTION_TEXT} characters"
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name}: {_non_finite(value)} is not a usable number; give a finite value"
+        lo, hi, why = _ANY_NUMBER if nested else OPTION_RANGES.get(name, _ANY_NUMBER)
+        if not lo <= value <= hi:
+            because = f" ({why})" if why else ""
+            return f"{name}: {value!r} is outside {lo}..{hi}{because}; give a value in that range"
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_OPTION_TEXT:
+            return f"{name}: a string of {len(value)} characters; an option's text is at most {MAX_OPTION_TEXT}"
+        return None
+    if isinstance(value, list | dict):
+        if nested:
+            return f"{name}: a list or mapping inside another; give a value, or a list or mapping of values"
+        if len(value) > MAX_OPTION_ITEMS:
+            return f"{name}: {len(value)} entries; an option holds at most {MAX_OPTION_ITEMS}"
+        for key, item in value.items() if isinstance(value, dict) else ((name, item) for item in value):
+            if not isinstance(key, str):
+                return f"{name}: key {key!r} is not a name"
+            problem = _option_problem(key, item, nested=True)
+            if problem:
+                return f"{name}.{problem}" if isinstance(value, dict) else problem
+        return None
+    return f"{name}: a {type(value).__name__} is not an option value; give a number, a string, true/false, a list or a mapping"
+
+
+_ANY_NUMBER = (-MAX_OPTION_NUMBER, MAX_OPTION_NUMBER, "")
 
 
 class SamplerSpec(_NamedChoice):
@@ -639,16 +712,22 @@ def parse_spec(data: Any, source: str = "spec", default_name: str | None = None)
             f"{source}: the spec expands to more than {MAX_SPEC_BYTES // 1024} KB (nested YAML aliases or huge values); "
             "write the settings out plainly"
         )
+    # After the size check, which bounds how many nodes this walk can visit (aliases share nodes).
+    if _depth(data, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
+        raise SpecError(f"{source}: {TOO_DEEP}")
     from .wandb import TranslationError, translate
 
     try:
-        data, notes = translate(data, default_name)
-    except TranslationError as e:
-        raise SpecError(f"{source}: {e}") from None
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(f"{source}: {_one_line(e)}") from None
+        try:
+            data, notes = translate(data, default_name)
+        except TranslationError as e:
+            raise SpecError(f"{source}: {e}") from None
+        try:
+            spec = SweepSpec.model_validate(data)
+        except ValidationError as e:
+            raise SpecError(f"{source}: {_one_line(e)}") from None
+    except RecursionError:  # not expected below MAX_SPEC_DEPTH; still one line, never a crash
+        raise SpecError(f"{source}: {TOO_DEEP}") from None
     spec._notes = notes
     return spec
 
@@ -671,6 +750,31 @@ def _expanded_size(data: Any, limit: int) -> int:
     return size
 
 
+def _depth(data: Any, limit: int) -> int:
+    """How many containers deep `data` goes (a scalar: 0); without recursion, and stops once past `limit`."""
+    deepest, stack = 0, [(data, 1)]
+    while stack and deepest <= limit:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list | tuple):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _yaml_too_deep(text: str) -> int | None:
+    """The line where the YAML text nests deeper than MAX_SPEC_DEPTH (None: it does not). PyYAML's parser
+    yields events without recursing, so this stops at the first level too many, before anything is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_UniqueKeyLoader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_SPEC_DEPTH:
+                return event.start_mark.line + 1
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+    return None
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
@@ -682,9 +786,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     except UnicodeDecodeError:
         raise SpecError(f"{p}: not a UTF-8 text file; pass a YAML spec") from None
     try:
+        line = _yaml_too_deep(text)
+        if line is not None:
+            raise SpecError(f"{p}: at line {line}: {TOO_DEEP}")
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe_load semantics
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML{_yaml_problem(e, text)}") from None
+    except RecursionError:  # PyYAML builds nodes recursively: a long chain of aliases, each holding the last
+        raise SpecError(f"{p}: {TOO_DEEP}") from None
     return parse_spec(data, str(p), default_name=p.stem)
 
 

@@ -199,8 +199,8 @@ def _hyperband(block: Any) -> dict[str, Any]:
         first, keys = sorted(unknown)[0], ", ".join(sorted(known))
         raise TranslationError(f"early_terminate: unknown key {first!r}; W&B's hyperband has {keys}")
     eta = block.get("eta", 3)
-    if not isinstance(eta, int) or isinstance(eta, bool) or eta < 2:
-        raise TranslationError(f"early_terminate.eta: {eta!r}; give a whole number >= 2")
+    if not isinstance(eta, int) or isinstance(eta, bool) or not 2 <= eta <= 100:
+        raise TranslationError(f"early_terminate.eta: {eta!r}; give a whole number from 2 to 100")
     options: dict[str, Any] = {"reduction_factor": eta}
     if "min_iter" in block:
         options["min_resource"] = block["min_iter"]
@@ -208,6 +208,11 @@ def _hyperband(block: Any) -> dict[str, Any]:
             options["max_resource"] = block["max_iter"]
     elif "max_iter" in block:
         s = block.get("s", 0)
+        # eta**s is computed here: an unbounded s is a CPU and memory bomb in a shared sweep file.
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 64:
+            raise TranslationError(f"early_terminate.s: {s!r}; give a whole number from 0 to 64")
+        if not isinstance(block["max_iter"], int) or isinstance(block["max_iter"], bool) or block["max_iter"] < 1:
+            raise TranslationError(f"early_terminate.max_iter: {block['max_iter']!r}; give a whole number >= 1")
         options["max_resource"] = block["max_iter"]
         options["min_resource"] = max(1, int(block["max_iter"] // eta**s))
     else:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import lzma
 import os
 import re
 import secrets
@@ -20,9 +21,12 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -77,6 +81,9 @@ class DatasetInfo:
     n_classes: int
     # fmt ("npz" | "idx") -> split ("train" | "test") -> (images, labels)
     formats: dict[str, dict[str, tuple[DataFile, DataFile]]]
+    # split -> images in the official release: the most a file of that split may hold (a user's subset
+    # under MD5SUMS holds fewer), checked from the file's header before its body is read.
+    counts: dict[str, int]
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -137,6 +144,7 @@ DATASETS: dict[str, DatasetInfo] = {
                 ),
             },
         },
+        counts={"train": 60000, "test": 10000},
     ),
     # Official K49 sizes are not recorded here (no verified copy was at hand), so a short K49
     # file shows as "corrupt" rather than "partial"; the md5 check is what guards loading.
@@ -155,6 +163,7 @@ DATASETS: dict[str, DatasetInfo] = {
                 ),
             },
         },
+        counts={"train": 232365, "test": 38547},
     ),
 }
 
@@ -453,9 +462,17 @@ def fetch(
 # Loading
 
 
-def _read_verified(path: Path, md5: str, source: str) -> bytes:
-    """The file's bytes, hashed as read, so what gets parsed is exactly what was checked."""
+def _read_verified(path: Path, md5: str, source: str, max_bytes: int) -> bytes:
+    """The file's bytes, hashed as read, so what gets parsed is exactly what was checked. These are the
+    compressed bytes (parsing streams from them, never decompressing the whole), and at most `max_bytes`:
+    what the split would take stored uncompressed at 8 bytes a value."""
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DataError(
+                f"{path.name} in {path.parent} is {size:,} bytes, more than its split can take ({max_bytes:,}); "
+                f"{_fix_hint(path.name, md5)}"
+            )
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}; check the file and its permissions") from e
@@ -471,12 +488,55 @@ def _malformed(path: Path, why: str) -> DataError:
     )
 
 
-def _parse_npz(path: Path, data: bytes) -> np.ndarray:
+def _read_exactly(stream: BinaryIO, n: int) -> tuple[np.ndarray, int]:
+    """Up to n bytes of the stream into one array (no second copy), and how many there were."""
+    buf = np.empty(n, dtype=np.uint8)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = stream.readinto(view[got : got + (_CHUNK << 4)])
+        if not k:
+            break
+        got += k
+    return buf, got
+
+
+# Values per item (bytes in an idx file): an image is 28 x 28, a label one.
+_ITEM = {True: IMAGE_SHAPE[0] * IMAGE_SHAPE[1], False: 1}
+
+
+def _parse_npz(path: Path, fileobj: BinaryIO, images: bool, limit: int, too_many: Callable[[int], DataError]) -> np.ndarray:
+    """`arr_0` of an npz file: its .npy header (dtype, shape, count) is checked before its data is read,
+    and exactly that much data is read. Nothing is unpickled: an object array is refused."""
+    from numpy.lib import format as npy
+
+    what = "images" if images else "labels"
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise _malformed(path, f"no array arr_0, found {z.files}")
-            return z["arr_0"]
+        with zipfile.ZipFile(fileobj) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                found = [n.removesuffix(".npy") for n in zf.namelist()[:10]]
+                raise _malformed(path, f"no array arr_0, found {found}")
+            with zf.open("arr_0.npy") as member:
+                version = npy.read_magic(member)
+                if version == (1, 0):
+                    shape, fortran, dtype = npy.read_array_header_1_0(member)
+                elif version == (2, 0):
+                    shape, fortran, dtype = npy.read_array_header_2_0(member)
+                else:
+                    raise _malformed(path, f"arr_0 is .npy format {version[0]}.{version[1]}, expected 1.0 or 2.0")
+                if dtype.hasobject:
+                    raise _malformed(path, f"arr_0 holds Python objects ({dtype}), which are never unpickled")
+                if dtype.kind not in "iu":
+                    raise _malformed(path, f"{what} are {dtype}, expected {'uint8 0..255' if images else 'integers'}")
+                if (images and (len(shape) != 3 or shape[1:] != IMAGE_SHAPE)) or (not images and len(shape) != 1):
+                    raise _malformed(path, f"{what} have shape {shape}, expected {'(N, 28, 28)' if images else '(N,)'}")
+                if shape[0] > limit:
+                    raise too_many(shape[0])
+                n_bytes = shape[0] * _ITEM[images] * dtype.itemsize
+                buf, got = _read_exactly(member, n_bytes)
+                if got < n_bytes:
+                    raise _malformed(path, f"arr_0's header says {shape}, but its data ends after {got} of {n_bytes} bytes")
+                if member.read(1):  # also reaches the end of the member, where zipfile checks its CRC
+                    raise _malformed(path, f"arr_0 has more data than its header's {shape}")
     except DataError:
         raise
     except (
@@ -486,33 +546,43 @@ def _parse_npz(path: Path, data: bytes) -> np.ndarray:
         EOFError,
         KeyError,
         zlib.error,
+        lzma.LZMAError,
+        RuntimeError,  # an encrypted member
+        NotImplementedError,  # a compression method zipfile lacks
     ) as e:
-        raise _malformed(path, f"not a valid npz file: {e}") from e
+        raise _malformed(path, f"not a valid npz file: {' '.join(str(e).split())[:160]}") from None
+    return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _parse_idx(path: Path, data: bytes, images: bool) -> np.ndarray:
-    try:
-        raw = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
-        raise _malformed(path, f"not a valid gzip file: {e}") from e
+def _parse_idx(
+    path: Path, stream: BinaryIO, images: bool, limit: int, too_many: Callable[[int], DataError], gzipped: bool = True
+) -> np.ndarray:
+    """An idx file, streamed: the header first, then exactly the body it announces, and nothing after."""
     magic = _IDX_IMAGES_MAGIC if images else _IDX_LABELS_MAGIC
     header_len = 16 if images else 8
-    if len(raw) < header_len:
-        raise _malformed(path, f"{len(raw)} bytes is too short for an idx header")
-    fields = struct.unpack(f">{header_len // 4}I", raw[:header_len])
-    if fields[0] != magic:
-        raise _malformed(path, f"idx magic {fields[0]}, expected {magic}")
-    n = fields[1]
-    if images and tuple(fields[2:]) != IMAGE_SHAPE:
-        raise _malformed(path, f"images are {fields[2]}x{fields[3]}, expected 28x28")
-    item = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] if images else 1
-    if len(raw) != header_len + n * item:
-        raise _malformed(
-            path,
-            f"header says {n} items but the body has {len(raw) - header_len} bytes",
-        )
-    # frombuffer over bytes is read-only; a copy gives callers a normal array.
-    arr = np.frombuffer(raw, dtype=np.uint8, offset=header_len).copy()
+    try:
+        header = stream.read(header_len)
+        if len(header) < header_len:
+            raise _malformed(path, f"{len(header)} bytes is too short for an idx header")
+        fields = struct.unpack(f">{header_len // 4}I", header)
+        if fields[0] != magic:
+            raise _malformed(path, f"idx magic {fields[0]}, expected {magic}")
+        n = fields[1]
+        if images and tuple(fields[2:]) != IMAGE_SHAPE:
+            raise _malformed(path, f"images are {fields[2]}x{fields[3]}, expected 28x28")
+        if n > limit:
+            raise too_many(n)
+        n_bytes = n * _ITEM[images]
+        arr, got = _read_exactly(stream, n_bytes)
+        if got < n_bytes:
+            raise _malformed(path, f"header says {n} items but the body has {got} bytes")
+        if stream.read(1):
+            raise _malformed(path, f"header says {n} items but the body has more than {n_bytes} bytes")
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:
+        kind = "gzip" if gzipped else "idx"
+        raise _malformed(path, f"not a valid {kind} file: {' '.join(str(e).split())[:160]}") from None
     return arr.reshape((n, *IMAGE_SHAPE)) if images else arr
 
 
@@ -544,12 +614,22 @@ def _as_labels(path: Path, arr: np.ndarray, n_classes: int) -> np.ndarray:
 def _load_files(info: DatasetInfo, fmt: str, split: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     sums = _read_md5sums(data_dir)
     img_file, lbl_file = info.formats[fmt][split]
+    count = info.counts[split]
     arrays = []
     for f, is_images in ((img_file, True), (lbl_file, False)):
         md5, _size, official = _expected(f, sums)
         path = data_dir / f.name
-        data = _read_verified(path, md5, "official" if official else MD5SUMS_NAME)
-        arr = _parse_npz(path, data) if fmt == "npz" else _parse_idx(path, data, is_images)
+        data = _read_verified(path, md5, "official" if official else MD5SUMS_NAME, count * _ITEM[is_images] * 8 + (1 << 20))
+
+        def too_many(n: int, path: Path = path, what: str = "images" if is_images else "labels") -> DataError:
+            return _malformed(path, f"its header says {n:,} {what}; the {info.name} {split} split has {count:,}")
+
+        if fmt == "npz":
+            arr = _parse_npz(path, io.BytesIO(data), is_images, count, too_many)
+        else:
+            with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as gz:
+                arr = _parse_idx(path, gz, is_images, count, too_many)
+        del data  # the compressed bytes, before the next file's
         if is_images:
             arrays.append(_as_images(path, arr))
         else:
@@ -612,15 +692,50 @@ def load_split(
 # Stratified index selection
 
 
+# `predict` reads at most this many images (or labels) from one array file unless told more
+# (`--max-images`): 100,000 images are 78 MB; a header is free to say four billion.
+DEFAULT_MAX_IMAGES = 100_000
+_max_images: ContextVar[int] = ContextVar("max_images", default=DEFAULT_MAX_IMAGES)
+
+
+@contextmanager
+def max_input_images(n: int) -> Iterator[None]:
+    """Within this block, read_array_file takes files of up to n images (`predict --max-images`)."""
+    token = _max_images.set(n)
+    try:
+        yield
+    finally:
+        _max_images.reset(token)
+
+
 def read_array_file(path: Path, *, images: bool) -> np.ndarray:
     """Images (N, 28, 28) or labels (N,) from a user's own file: an `.npz` (its `arr_0`), or an idx
-    file, gzipped or not. No checksum: this is for inputs to predict, not the data sets."""
+    file, gzipped or not, streamed. No checksum: this is for inputs to predict, not the data sets.
+    At most max_input_images() of them, checked from the file's header before its body is read."""
+    limit = _max_images.get()
+    what = "images" if images else "labels"
+
+    def too_many(n: int) -> DataError:
+        return DataError(
+            f"{path}: holds {n:,} {what}; predict reads at most {limit:,} from one file: "
+            f"pass --max-images {n} to read them all, or split the file"
+        )
+
     try:
-        data = path.read_bytes()
+        fh = path.open("rb")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
-    if path.suffix == ".npz":
-        arr = _parse_npz(path, data)
-    else:
-        arr = _parse_idx(path, data if data[:2] == b"\x1f\x8b" else gzip.compress(data), images)
+    with fh:
+        if path.suffix == ".npz":
+            arr = _parse_npz(path, fh, images, limit, too_many)
+        else:
+            try:
+                gzipped = fh.peek(2)[:2] == b"\x1f\x8b"
+            except OSError as e:
+                raise DataError(f"cannot read {path}: {e.strerror}") from None
+            if gzipped:
+                with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+                    arr = _parse_idx(path, gz, images, limit, too_many)
+            else:
+                arr = _parse_idx(path, fh, images, limit, too_many, gzipped=False)
     return _as_images(path, arr) if images else _as_labels(path, arr, 10**6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,36 @@ class Inputs:
     images: np.ndarray  # uint8 (N, 28, 28), white on black
 
 
+# A picture is one character; the caps still take a whole A4 page scanned at 600 dpi (4961 x 7016 =
+# 34.8 M pixels). Both are read from the header, before any pixel is decoded: a 118-byte PNG can say
+# 40000 x 1, which padded to a square would be 1.6 GB. The side caps that square (8192^2 = 64 MB).
+MAX_SIDE = 8192
+MAX_PIXELS = 36_000_000
+CAPS = f"predict takes pictures up to {MAX_SIDE} pixels a side and {MAX_PIXELS // 1_000_000} M pixels: crop or scale it down"
+
+
+def _check_size(path: Path, w: int, h: int) -> None:
+    if max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise UserError(f"{path}: a {w}x{h} picture; {CAPS}")
+
+
 def image_to_28(path: Path) -> np.ndarray:
     """A picture file as a KMNIST image: grayscale, ink light on a dark ground (a dark-on-light
     scan is inverted, judged by its border), padded to a square and resized to 28x28."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        # Pillow only warns about a decompression bomb below twice its own limit: make that a refusal too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(path, *im.size)
+                im.load()
+                _check_size(path, *im.size)  # a format may settle its size on load; checked before the square below
+                gray = np.asarray(im.convert("L"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        why = " ".join(str(e).split())[:120]
+        raise UserError(f"{path}: refused as a decompression bomb ({why}); {CAPS}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read as an image ({' '.join(str(e).split())[:120]})") from None
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
@@ -62,7 +84,7 @@ def read_inputs(paths: list[Path]) -> Inputs:
                 names.append(str(f))
                 arrays.append(image_to_28(f)[None])
             else:
-                images = read_array_file(f, images=True)
+                images = read_array_file(f, images=True)  # at most max_input_images() (data.py)
                 names += [f"{f}[{i}]" for i in range(len(images))]
                 arrays.append(images)
     return Inputs(names, np.concatenate(arrays) if arrays else np.zeros((0, 28, 28), np.uint8))
