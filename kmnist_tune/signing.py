@@ -62,7 +62,5 @@ def signer() -> Signer | NoSigner:
     if not key:
         return NoSigner()
     if len(key) < MIN_KEY_CHARS:
-        raise UserError(
-            f"{ENV_KEY} is shorter than {MIN_KEY_CHARS} characters; use a long random one (`openssl rand -hex 32`)"
-        )
+        raise UserError(f"{ENV_KEY} is shorter than {MIN_KEY_CHARS} characters; use a long random one (`openssl rand -hex 32`)")
     return Signer(key)

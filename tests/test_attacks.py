@@ -1,4 +1,4 @@
-"""The study database is shared, not trusted: each attack of the security review, tried for real.
+"""The study database is shared, not trusted: each attack of the security review (issue 21), tried for real.
 
 The attacker holds only the worker role that storage/initdb sets up for everyone who shares the study
 database (or is handed a model directory). Each attack must have no effect: no file is written outside
@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
 import pickle
 import secrets
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import uuid
 import zipfile
@@ -32,7 +35,19 @@ import numpy as np
 import optuna
 import psycopg
 import pytest
-from conftest import FIXTURE, PG_ADMIN, cli_env, created_study, error_line, pg_admin, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import (
+    FIXTURE,
+    PG_ADMIN,
+    REPO,
+    cli_env,
+    created_study,
+    error_line,
+    pg_admin,
+    run_cli,
+    spawn_cli,
+    tiny_spec,
+    write_spec,
+)
 from numpy.lib import format as npy
 from optuna.trial import TrialState, create_trial
 from PIL import Image
@@ -41,30 +56,46 @@ from sqlalchemy.engine import make_url
 from kmnist_tune.contract.records import MODEL_ATTR, SPEC_ATTR, STOP_ATTR, TrialRecord
 from kmnist_tune.errors import UserError
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
+from kmnist_tune.service.storage import open_storage
 from kmnist_tune.training import data as data_files
 from kmnist_tune.training.inputs import image_to_28
 
 pytestmark = pytest.mark.postgres
 
-REPO = Path(__file__).resolve().parents[1]
 ADMIN = make_url(PG_ADMIN)
+VERSION_TABLES = ("alembic_version", "version_info")
+WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
 KEY = "k" * 32  # a signing key for the tests that use one
 
 
 @dataclass
 class Shared:
-    """A study database set up as storage/initdb does, and the URL of its worker role."""
+    """A study database set up as storage/initdb and `kmnist-tune schema` set it up: its roles and their
+    passwords; `viewed` is a study with one trial and one artifact (what the dashboard shows)."""
 
     db: str
-    role: str
-    worker_url: str  # postgresql+psycopg://role:password@127.0.0.1:5432/db
-    password: str
+    owner: str
+    roles: dict[str, tuple[str, str]]  # "worker" / "dashboard" -> (role, password)
+    init_env: dict[str, str]
+    viewed: dict[str, Any]
+
+    def url(self, who: str) -> str:
+        if who == "owner":
+            return f"postgresql+psycopg://{self.owner}@{ADMIN.host}:{ADMIN.port}/{self.db}"
+        role, password = self.roles[who]
+        return f"postgresql+psycopg://{role}:{password}@{ADMIN.host}:{ADMIN.port}/{self.db}"
+
+    def connect(self, who: str) -> psycopg.Connection[Any]:
+        role, password = self.roles[who] if who != "owner" else (self.owner, "")
+        return psycopg.connect(host=ADMIN.host, port=ADMIN.port, user=role, password=password, dbname=self.db, autocommit=True)
+
+    @property
+    def worker_url(self) -> str:
+        return self.url("worker")
 
     def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement as the worker role (the attacker's own connection)."""
-        with psycopg.connect(
-            host=ADMIN.host, port=ADMIN.port, user=self.role, password=self.password, dbname=self.db, autocommit=True
-        ) as conn:
+        with self.connect("worker") as conn:
             cur = conn.execute(query, params)
             return list(cur.fetchall()) if cur.description else []
 
@@ -82,38 +113,63 @@ class Shared:
     def rows(self) -> set[str]:
         return {r[0] for r in self.sql(f"SELECT DISTINCT artifact_id FROM {TABLE}")}
 
+    def init(self) -> subprocess.CompletedProcess[str]:
+        """storage/initdb's script, run as its comment says (PGHOST/PGPORT: this machine's server)."""
+        return subprocess.run(
+            [str(REPO / "storage" / "initdb" / "10-kmnist-roles.sh")],
+            env=self.init_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[Shared]:
-    admin = pg_admin()
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    admin = pg_admin()  # fails, never skips, when PostgreSQL is down
     tag = uuid.uuid4().hex[:10]
-    db, role, dashboard = f"kt_attack_{tag}", f"kt_attacker_{tag}", f"kt_attack_dash_{tag}"
-    password = secrets.token_hex(16)
+    db = f"kt_attack_{tag}"
+    roles = {
+        "worker": (f"kt_attacker_{tag}", secrets.token_hex(16)),
+        "dashboard": (f"kt_attack_dash_{tag}", secrets.token_hex(16)),
+    }
     admin.execute(f'CREATE DATABASE "{db}"')
-    env = {
+    init_env = {
         **os.environ,
         "PGHOST": str(ADMIN.host),
         "PGPORT": str(ADMIN.port),
         "POSTGRES_USER": str(ADMIN.username),
         "POSTGRES_DB": db,
         "POSTGRES_PASSWORD": secrets.token_hex(8),
-        "KMNIST_TUNE_WORKER_USER": role,
-        "KMNIST_TUNE_WORKER_PASSWORD": password,
-        "KMNIST_TUNE_DASHBOARD_USER": dashboard,
-        "KMNIST_TUNE_DASHBOARD_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_WORKER_USER": roles["worker"][0],
+        "KMNIST_TUNE_WORKER_PASSWORD": roles["worker"][1],
+        "KMNIST_TUNE_DASHBOARD_USER": roles["dashboard"][0],
+        "KMNIST_TUNE_DASHBOARD_PASSWORD": roles["dashboard"][1],
     }
     try:
-        init = subprocess.run(
-            [str(REPO / "storage" / "initdb" / "10-kmnist-roles.sh")], env=env, capture_output=True, text=True, timeout=60
-        )
+        s = Shared(db, str(ADMIN.username), roles, init_env, {})
+        init = s.init()
         assert init.returncode == 0, init.stderr
-        owner = f"postgresql+psycopg://{ADMIN.username}@{ADMIN.host}:{ADMIN.port}/{db}"
-        run_cli("schema", "--storage", owner)  # the owner's tables, as compose's `schema` service makes them
-        yield Shared(db, role, f"postgresql+psycopg://{role}:{password}@{ADMIN.host}:{ADMIN.port}/{db}", password)
+        made = run_cli("schema", "--storage", s.url("owner"))  # the owner's tables, as compose's `schema` service makes them
+        assert "ready" in made.stdout
+        # A study the worker role made, one finished trial and one artifact of it: what the dashboard shows.
+        storage = open_storage(s.url("worker"))
+        study = optuna.create_study(study_name="viewed", storage=storage, direction="maximize")
+        trial = study.ask()
+        content = b"the-artifact-" + secrets.token_bytes(8).hex().encode()
+        path = tmp_path_factory.mktemp("artifact") / "note.txt"
+        path.write_bytes(content)
+        aid = optuna.artifacts.upload_artifact(
+            artifact_store=artifact_store(storage), file_path=str(path), study_or_trial=trial, mimetype="text/plain"
+        )
+        study.tell(trial, 0.5)
+        sid = storage.get_study_id_from_name("viewed")
+        s.viewed = {"study_id": sid, "trial_id": study.trials[0]._trial_id, "artifact_id": aid, "content": content}
+        yield s
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        for r in (role, dashboard):
-            admin.execute(f'DROP ROLE IF EXISTS "{r}"')
+        for role, _ in roles.values():
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         admin.close()
 
 
@@ -412,6 +468,219 @@ def test_with_a_signing_key_predict_refuses_an_unsigned_model_directory(tmp_path
     card["signature"] = Signer(KEY).sign("model-card", inference._canonical(card))
     (folder / "model.json").write_text(json.dumps(card))
     run_cli(*args, env=cli_env(KMNIST_TUNE_SIGNING_KEY=KEY))
+
+
+# -- one statement stops everyone: least privilege ---------------------------------------------------
+
+
+def refused_sql(conn: psycopg.Connection[Any], sql: str, error: type[Exception] = psycopg.errors.InsufficientPrivilege) -> None:
+    with pytest.raises(error):
+        conn.execute(sql)
+        pytest.fail(f"allowed: {sql}")
+
+
+VERSION_WRITES = (
+    "UPDATE version_info SET library_version = '99.0.0', schema_version = 99",
+    "UPDATE alembic_version SET version_num = 'v99'",
+    "DELETE FROM version_info",
+    "DELETE FROM alembic_version",
+    "TRUNCATE version_info",
+    "TRUNCATE alembic_version",
+    "INSERT INTO version_info (version_info_id, schema_version, library_version) VALUES (2, 99, '99.0.0')",
+    "INSERT INTO alembic_version (version_num) VALUES ('v99')",
+)
+
+
+def version_write_grantees(s: Shared) -> list[tuple[str, str, str]]:
+    """(role or PUBLIC, table, privilege) of every write on the version tables but the owner's."""
+    with s.connect("owner") as conn:
+        rows = conn.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, c.relname, a.privilege_type"
+            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+            " WHERE c.relname = ANY(%s) AND pg_table_is_visible(c.oid)"
+            " AND a.privilege_type = ANY(%s) AND a.grantee <> c.relowner",
+            (list(VERSION_TABLES), list(WRITES)),
+        ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def test_the_worker_role_cannot_write_optunas_version_tables_and_still_works_studies(
+    shared: Shared, poisoned_run: dict[str, Any]
+) -> None:
+    before = {}
+    with shared.connect("owner") as conn:
+        for t in VERSION_TABLES:
+            before[t] = conn.execute(f"SELECT * FROM {t}").fetchall()
+    for attempt in ("after `schema`", "after the init script ran again"):  # a re-run re-grants ALL TABLES: it must revoke too
+        with shared.connect("worker") as w:
+            for sql in VERSION_WRITES:
+                refused_sql(w, sql)
+            for t in VERSION_TABLES:  # Optuna reads them on every open
+                assert w.execute(f"SELECT * FROM {t}").fetchall() == before[t], attempt
+        assert version_write_grantees(shared) == [], attempt
+        if attempt.startswith("after `schema`"):
+            again = shared.init()
+            assert again.returncode == 0, again.stderr
+
+    # The worker role still creates a study (the storage opened with create=True) and works it: the
+    # poisoned run's worker, a real `kmnist-tune worker` as that role, finished its trial.
+    assert poisoned_run["trials"][1].state == optuna.trial.TrialState.COMPLETE
+    with shared.connect("owner") as conn:  # and nothing it did touched them
+        assert {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in VERSION_TABLES} == before
+
+
+def test_the_dashboard_role_reads_and_cannot_write(shared: Shared) -> None:
+    sid = shared.viewed["study_id"]
+    with shared.connect("dashboard") as d:
+        for table in ("studies", "trials", "trial_values", "version_info", "alembic_version", TABLE, "kmnist_tune_claims"):
+            d.execute(f"SELECT count(*) FROM {table}").fetchone()
+        assert d.execute("SELECT study_name FROM studies WHERE study_id = %s", (sid,)).fetchone() == ("viewed",)
+        writes = (
+            "INSERT INTO studies (study_name) VALUES ('by-the-dashboard')",
+            f"UPDATE studies SET study_name = 'renamed' WHERE study_id = {sid}",
+            f"DELETE FROM studies WHERE study_id = {sid}",
+            "UPDATE trial_user_attributes SET value_json = '1'",
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) SELECT trial_id, 'x', '1' FROM trials",
+            f"DELETE FROM {TABLE}",
+            "INSERT INTO kmnist_tune_claims (study_id) VALUES (1)",
+            "UPDATE version_info SET library_version = '99.0.0'",
+        )
+        # Its transactions are read-only by default (a second guard)...
+        for sql in writes:
+            refused_sql(d, sql, psycopg.errors.ReadOnlySqlTransaction)
+        # ... which a client may turn off: the grants are the boundary.
+        d.execute("SET default_transaction_read_only = off")
+        for sql in (*writes, "TRUNCATE trials", "CREATE TABLE sneaky (id int)", "CREATE TEMP TABLE sneaky (id int)"):
+            refused_sql(d, sql)
+        refused_sql(d, "SELECT nextval(pg_get_serial_sequence('studies', 'study_id'))")
+
+
+# -- the dashboard is open to the host ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def ask(port: int, path: str, host: str | None, method: str = "GET", body: Any = None, **headers: str) -> Reply:
+    """One request to 127.0.0.1:port with exactly this Host header (None: none at all). Every reply is
+    checked for a CORS header: the dashboard must send none, to anyone."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        data = json.dumps(body).encode() if body is not None else b""
+        if body is not None:
+            conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            conn.putheader(k.replace("_", "-"), v)
+        conn.endheaders(data)
+        resp = conn.getresponse()
+        reply = Reply(resp.status, resp.getheaders(), resp.read())
+    finally:
+        conn.close()
+    cors = [(k, v) for k, v in reply.headers if k.lower().startswith("access-control-")]
+    assert not cors, f"{method} {path} (Host {host}) answered with CORS headers {cors}"
+    return reply
+
+
+@pytest.fixture(scope="module")
+def dashboard(shared: Shared) -> Iterator[int]:
+    """`kmnist-tune dashboard` on loopback as the dashboard role, two more names allowed (flag and env)."""
+    port = free_port()
+    env = cli_env(KMNIST_TUNE_STORAGE=shared.url("dashboard"), KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS=" proxy.example:8443 ,")
+    proc = spawn_cli("dashboard", "--port", str(port), "--allow-host", "dash.example", env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if ask(port, "/api/studies", f"127.0.0.1:{port}").status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(f"the dashboard exited {proc.returncode}:\n{proc.communicate()[1]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the dashboard did not answer on loopback")
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert shared.roles["dashboard"][1] not in err  # its password: never printed
+
+
+def studies(reply: Reply) -> list[str]:
+    assert reply.status == 200, (reply.status, reply.body[:300])
+    return [s["study_name"] for s in json.loads(reply.body)["study_summaries"]]
+
+
+def test_the_dashboard_serves_the_studies_with_the_read_only_role_and_its_writes_fail(shared: Shared, dashboard: int) -> None:
+    here = f"127.0.0.1:{dashboard}"
+    sid, tid = shared.viewed["study_id"], shared.viewed["trial_id"]
+    assert "viewed" in studies(ask(dashboard, "/api/studies", here))
+    detail = ask(dashboard, f"/api/studies/{sid}", here)
+    assert detail.status == 200 and [t["trial_id"] for t in json.loads(detail.body)["trials"]] == [tid]
+    # optuna-dashboard's own write endpoints, from its own origin: they reach the database, which refuses.
+    same_origin = {"Origin": f"http://{here}"}
+    assert ask(dashboard, f"/api/studies/{sid}", here, "DELETE", {}, **same_origin).status >= 500
+    assert (
+        ask(dashboard, f"/api/trials/{tid}/user-attrs", here, "POST", {"user_attrs": {"owned": 1}}, **same_origin).status >= 500
+    )
+    assert ask(dashboard, f"/api/studies/{sid}/rename", here, "POST", {"study_name": "gone"}).status >= 500
+    study = optuna.load_study(study_name="viewed", storage=shared.url("owner"))
+    assert "owned" not in study.trials[0].user_attrs and study._study_id == sid
+    with shared.connect("owner") as conn:  # the artifact that a delete would have removed first
+        assert conn.execute(
+            f"SELECT count(*) FROM {TABLE} WHERE artifact_id = %s", (shared.viewed["artifact_id"],)
+        ).fetchone() == (1,)
+
+
+def test_the_dashboard_answers_only_its_own_host_names_and_sends_no_cors_header(shared: Shared, dashboard: int) -> None:
+    port, v = dashboard, shared.viewed
+    artifact = f"/artifacts/{v['study_id']}/{v['trial_id']}/{v['artifact_id']}"
+    # A page at evil.example that rebinds its name to 127.0.0.1 sends its own name as Host: refused.
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"localhost:{port + 1}", "", None):
+        for path in ("/api/studies", artifact, "/dashboard"):
+            r = ask(port, path, host)
+            assert r.status == 403 and dict(r.headers)["Content-Type"].startswith("text/plain"), (host, path, r.status)
+            assert b"viewed" not in r.body and v["content"] not in r.body and len(r.body) < 300, r.body
+    assert b"--allow-host" in ask(port, "/api/studies", f"evil.example:{port}").body
+    # The names it is known by: the bound address and loopback's on its port, --allow-host's bare name on
+    # any port, the environment's NAME:PORT on that port only.
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        f"LocalHost:{port}",
+        "dash.example:1234",
+        "proxy.example:8443",
+    ):
+        assert "viewed" in studies(ask(port, "/api/studies", host)), host
+    assert ask(port, "/api/studies", "proxy.example:8444").status == 403
+    # The artifact (optuna-dashboard sends it with Access-Control-Allow-Origin: *; `ask` checks none came).
+    got = ask(port, artifact, f"localhost:{port}")
+    assert got.status == 200 and got.body == v["content"]
+    # A write that a page of another origin sends to a right Host (a form: CSRF) stops before the database.
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port}.evil.example"):
+        r = ask(port, f"/api/studies/{v['study_id']}", f"127.0.0.1:{port}", "DELETE", {}, Origin=origin)
+        assert r.status == 403 and b"origin" in r.body, origin
+    # A bad --allow-host: one line, before anything is opened or bound.
+    line = error_line(
+        run_cli("dashboard", "--allow-host", "http://evil.example/", "--storage", shared.url("dashboard"), check=False)
+    )
+    assert "--allow-host 'http://evil.example/' is not a host name" in line
 
 
 # -- printed text carries terminal escapes ---------------------------------------------------------

@@ -51,6 +51,8 @@ from pgbouncer_proc import PgBouncer, entrypoint, free_port, image_files, start_
 from pgbouncer_proc import dockerfile_instructions as read_dockerfile
 from sqlalchemy.engine import make_url
 
+from kmnist_tune.observe.dashboard import ENV_ALLOW_HOSTS, HostPolicy
+
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -60,7 +62,8 @@ SCHEMA = REPO / ".cache" / "compose-spec" / "compose-spec.json"
 README = REPO / "README.md"
 OUR_SERVICES = ("schema", "dashboard", "worker", "create", "storage-proxy")  # run the image built from Dockerfile
 KMNIST_COMMANDS = ("dashboard", "worker", "create", "storage-proxy")  # ... with its entry point, kmnist-tune
-POOLED = ("dashboard", "worker", "create", "storage-proxy")  # log in as the worker role, through PgBouncer
+POOLED = ("dashboard", "worker", "create", "storage-proxy")  # log in through PgBouncer (the dashboard with its own role)
+PASSWORDS = ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD")
 ADMIN = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
 PG_HOST, PG_PORT, PG_SUPERUSER = str(ADMIN.get("host", "127.0.0.1")), int(ADMIN.get("port", 5432)), str(ADMIN["user"])
 
@@ -265,9 +268,7 @@ def test_compose_file_is_valid_by_the_compose_specification_schema() -> None:
 def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     example = read_dotenv(ENV_EXAMPLE)
     # Published ports: loopback only, with .env.example's values and with Compose's defaults alone.
-    required = {
-        k: example[k] for k in ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_STUDY", "KMNIST_TUNE_SPEC")
-    }
+    required = {k: example[k] for k in (*PASSWORDS, "KMNIST_TUNE_STUDY", "KMNIST_TUNE_SPEC")}
     for env in (example, required):
         for name, svc in compose(env)["services"].items():
             for port in svc.get("ports", []):
@@ -288,7 +289,7 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
             if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
                 assert value.startswith("${"), f"{name}: {key} must come from .env, not the file"
     # ... and Compose refuses to start without the passwords.
-    for var in ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD"):
+    for var in PASSWORDS:
         with pytest.raises(MissingVariable, match=var):
             compose({k: v for k, v in example.items() if k != var})
     # .env.example: every variable the compose file uses, nothing else, placeholders only.
@@ -324,6 +325,15 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     dash = services["dashboard"]
     assert as_argv(dash["command"])[:3] == ["dashboard", "--host", "0.0.0.0"]
     assert dash["ports"] == ["127.0.0.1:8080:8080"] and "healthcheck" in dash
+    # It answers the Host its health check sends and those of a browser on this host at the published
+    # port (another KMNIST_TUNE_DASHBOARD_PORT too), no other.
+    for port in ("8080", "9123"):
+        argv = as_argv(compose({**example, "KMNIST_TUNE_DASHBOARD_PORT": port})["services"]["dashboard"]["command"])
+        policy = dashboard_policy(argv, env_dict(dash))
+        health = re.search(r"http://([^/]+)/", " ".join(as_argv(dash["healthcheck"]["test"])))
+        assert health and policy.allows(health.group(1))
+        assert policy.allows(f"127.0.0.1:{port}") and policy.allows(f"localhost:{port}")
+        assert not policy.allows(f"evil.example:{port}") and not policy.allows("kmnist-tune-dashboard:8080")
 
     worker = services["worker"]
     (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -333,9 +343,12 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     # Restarted after a crash, but not forever: a worker whose trials keep failing exits 3 each time.
     policy, _, tries = worker["restart"].partition(":")
     assert policy == "on-failure" and 1 <= int(tries) <= 10, worker["restart"]
-    # Only `schema` (Optuna's tables) logs in as the owner; everything else as the least-privilege role.
+    # Only `schema` (Optuna's tables) logs in as the owner; the dashboard as the read-only role; the rest
+    # as the least-privilege worker role.
     for name in KMNIST_COMMANDS:
-        assert make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"]).username == example["KMNIST_TUNE_WORKER_USER"]
+        role = "KMNIST_TUNE_DASHBOARD_USER" if name == "dashboard" else "KMNIST_TUNE_WORKER_USER"
+        assert make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"]).username == example[role], name
+    assert "KMNIST_TUNE_WORKER" not in json.dumps(raw["services"]["dashboard"]), "the dashboard holds the worker's credentials"
     assert make_url(env_dict(services["schema"])["KMNIST_TUNE_STORAGE"]).username == example["POSTGRES_USER"]
     owner_password = {n for n, svc in raw["services"].items() if "POSTGRES_PASSWORD" in json.dumps(svc)}
     assert owner_password == {"postgres", "schema"}, f"the owner's password reaches {sorted(owner_password)}"
@@ -346,6 +359,15 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     spec = yaml.safe_load((REPO / "sweeps" / example["KMNIST_TUNE_SPEC"]).read_text())
     assert spec["name"] == example["KMNIST_TUNE_STUDY"], ".env.example: KMNIST_TUNE_STUDY must be the spec's name"
     assert services["storage-proxy"]["profiles"] == ["proxy"]
+
+
+def dashboard_policy(argv: list[str], env: dict[str, str]) -> HostPolicy:
+    """The Host names `kmnist-tune dashboard ARGV` answers to, with this environment."""
+    opts: dict[str, list[str]] = {}
+    for flag, value in zip(argv[1::2], argv[2::2], strict=True):
+        opts.setdefault(flag, []).append(value)
+    extra = opts.get("--allow-host", []) + env.get(ENV_ALLOW_HOSTS, "").split(",")
+    return HostPolicy.for_server(opts["--host"][-1], int(opts["--port"][-1]), extra)
 
 
 def test_compose_sends_every_worker_role_client_through_a_locked_down_pgbouncer() -> None:
@@ -382,11 +404,12 @@ def test_compose_sends_every_worker_role_client_through_a_locked_down_pgbouncer(
         example["POSTGRES_DB"],
     )
     assert env["KMNIST_TUNE_WORKER_USER"] == example["KMNIST_TUNE_WORKER_USER"]
-    assert raw["services"]["pgbouncer"]["environment"]["KMNIST_TUNE_WORKER_PASSWORD"].startswith(
-        "${KMNIST_TUNE_WORKER_PASSWORD:?"
-    )
+    assert env["KMNIST_TUNE_DASHBOARD_USER"] == example["KMNIST_TUNE_DASHBOARD_USER"]  # ... and as the dashboard role
+    for var in ("KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD"):
+        assert raw["services"]["pgbouncer"]["environment"][var].startswith(f"${{{var}:?")
     assert "POSTGRES_PASSWORD" not in json.dumps(raw["services"]["pgbouncer"])
-    # Every worker-role client goes through it and waits for it; `schema`, the owner, goes straight to postgres.
+    # Every worker-role client and the dashboard go through it and wait for it; `schema`, the owner, goes
+    # straight to postgres.
     for name in POOLED:
         url = make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"])
         assert (url.host, url.port, url.database) == ("pgbouncer", 6432, example["POSTGRES_DB"]), name
@@ -707,6 +730,7 @@ def pg_url(user: str, password: str, db: str) -> str:
 
 def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_more(tmp_path: Path, cluster: Cluster) -> None:
     db, role, password = cluster.database(), cluster.role_name(), secrets.token_hex(16)
+    dashboard, dashboard_password = cluster.role_name(), secrets.token_hex(16)
     initdb = STORAGE / "initdb"
     env = {
         "POSTGRES_USER": PG_SUPERUSER,
@@ -714,10 +738,18 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
         "POSTGRES_PASSWORD": secrets.token_hex(8),
         "KMNIST_TUNE_WORKER_USER": role,
         "KMNIST_TUNE_WORKER_PASSWORD": password,
+        "KMNIST_TUNE_DASHBOARD_USER": dashboard,
+        "KMNIST_TUNE_DASHBOARD_PASSWORD": dashboard_password,
     }
-    # Refused: the .env.example placeholder, and the owner named as the worker role.
-    (bad,) = run_init_scripts(initdb, {**env, "KMNIST_TUNE_WORKER_PASSWORD": "change-me-worker-password"})
-    assert bad.returncode != 0 and "placeholder" in bad.stderr
+    # Refused: the .env.example placeholders, a missing dashboard password, and the owner named as the
+    # worker role, or the worker as the dashboard role.
+    for var in ("KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD"):
+        (bad,) = run_init_scripts(initdb, {**env, var: "change-me-password"})
+        assert bad.returncode != 0 and "placeholder" in bad.stderr and var in bad.stderr
+    (bad,) = run_init_scripts(initdb, {k: v for k, v in env.items() if k != "KMNIST_TUNE_DASHBOARD_PASSWORD"})
+    assert bad.returncode != 0 and "KMNIST_TUNE_DASHBOARD_PASSWORD is not set" in bad.stderr
+    (bad,) = run_init_scripts(initdb, {**env, "KMNIST_TUNE_DASHBOARD_USER": role})
+    assert bad.returncode != 0 and "KMNIST_TUNE_DASHBOARD_USER must differ from KMNIST_TUNE_WORKER_USER" in bad.stderr
     # (as a throwaway login role: were the guard broken, the script would alter its own owner)
     owner = cluster.role_name()
     cluster.admin.execute(f'CREATE ROLE "{owner}" LOGIN')
@@ -727,14 +759,16 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
         procs = run_init_scripts(initdb, env)
         assert procs and all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
     assert password not in "".join(p.stdout + p.stderr for p in procs)
+    assert dashboard_password not in "".join(p.stdout + p.stderr for p in procs)
 
-    row = cluster.admin.execute(
-        "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolpassword "
-        "FROM pg_authid WHERE rolname = %s",
-        (role,),
-    ).fetchone()
-    assert row is not None and row[:6] == (True, False, False, False, False, False)
-    assert row[6].startswith("SCRAM-SHA-256$") and password not in row[6]  # stored hashed
+    for name, secret in ((role, password), (dashboard, dashboard_password)):
+        row = cluster.admin.execute(
+            "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolpassword "
+            "FROM pg_authid WHERE rolname = %s",
+            (name,),
+        ).fetchone()
+        assert row is not None and row[:6] == (True, False, False, False, False, False)
+        assert row[6].startswith("SCRAM-SHA-256$") and secret not in row[6]  # stored hashed
 
     worker_url = pg_url(role, password, db)
     # Before the owner has created Optuna's tables a reader sees no studies and writes nothing, and
@@ -845,18 +879,17 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
     admin console. The password is in the auth_file only: not in the config, the command line, the
     environment, the log or any other file written meanwhile."""
     db, role, password = cluster.database(), cluster.role_name(), "pw-" + secrets.token_hex(16)
-    init = run_init_scripts(
-        STORAGE / "initdb",
-        {
-            "POSTGRES_USER": PG_SUPERUSER,
-            "POSTGRES_DB": db,
-            "KMNIST_TUNE_WORKER_USER": role,
-            "KMNIST_TUNE_WORKER_PASSWORD": password,
-        },
-    )
+    dashboard, dashboard_password = cluster.role_name(), 'pw-"' + secrets.token_hex(16)  # a " to quote
+    roles = {
+        "KMNIST_TUNE_WORKER_USER": role,
+        "KMNIST_TUNE_WORKER_PASSWORD": password,
+        "KMNIST_TUNE_DASHBOARD_USER": dashboard,
+        "KMNIST_TUNE_DASHBOARD_PASSWORD": dashboard_password,
+    }
+    init = run_init_scripts(STORAGE / "initdb", {"POSTGRES_USER": PG_SUPERUSER, "POSTGRES_DB": db, **roles})
     assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
     since = time.time() - 1
-    env = pgbouncer_env({"POSTGRES_DB": db, "KMNIST_TUNE_WORKER_USER": role, "KMNIST_TUNE_WORKER_PASSWORD": password})
+    env = pgbouncer_env({"POSTGRES_DB": db, **roles})
     bouncer = start_pgbouncer(env, tmp_path / "pgbouncer.log")
     clients: list[psycopg.Connection[Any]] = []
     try:
@@ -866,6 +899,12 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
             assert conn.execute("SELECT current_user, current_database()").fetchone() == (role, db)
         with pytest.raises(psycopg.OperationalError, match="authentication failed"):
             psycopg.connect(**dsn, password=password + "x")
+        # The dashboard role too, with its own password (a " in it, quoted in the auth_file), which reads only.
+        as_dashboard = {**dsn, "user": dashboard}
+        with psycopg.connect(**as_dashboard, password=dashboard_password, require_auth="scram-sha-256", autocommit=True) as conn:
+            assert conn.execute("SELECT current_user, current_setting('transaction_read_only')").fetchone() == (dashboard, "on")
+        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+            psycopg.connect(**as_dashboard, password=password)
         with pytest.raises(psycopg.OperationalError, match="no such database|not allowed"):
             psycopg.connect(**{**dsn, "dbname": "postgres"}, password=password)  # the study database only
         # Transaction pooling: six clients, one transaction each in turn, all on one server connection.
@@ -885,8 +924,9 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
             cur = admin.execute("SHOW POOLS")
             names = [d.name for d in cur.description or []]
             pools = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-            (pool,) = [p for p in pools if p["database"] == db]
-            assert pool["user"] == role and pool["pool_mode"] == "transaction" and pool["cl_active"] == len(clients)
+            assert {p["user"] for p in pools if p["database"] == db} == {role, dashboard}  # a pool per role
+            (pool,) = [p for p in pools if p["database"] == db and p["user"] == role]
+            assert pool["pool_mode"] == "transaction" and pool["cl_active"] == len(clients)
             assert pool["sv_active"] + pool["sv_idle"] + pool["sv_used"] == 1
             with pytest.raises(psycopg.Error, match="admin access needed"):
                 admin.execute("PAUSE")
@@ -896,14 +936,16 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
         assert set(files) == {"pgbouncer.ini", "userlist.txt"}
         for f in files.values():
             assert f.stat().st_mode & 0o777 == 0o600, f
-        assert files["userlist.txt"].read_text() == f'"{role}" "{password}"\n'
-        assert password not in files["pgbouncer.ini"].read_text()
+        quoted = dashboard_password.replace('"', '""')
+        assert files["userlist.txt"].read_text() == f'"{role}" "{password}"\n"{dashboard}" "{quoted}"\n'
+        assert password not in files["pgbouncer.ini"].read_text() and "pw-" not in files["pgbouncer.ini"].read_text()
         fs = subprocess.run(["stat", "-f", "-c", "%T", str(bouncer.run_dir)], capture_output=True, text=True).stdout
         assert fs.strip() == "tmpfs"
         proc = Path(f"/proc/{bouncer.proc.pid}")
         cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"pgbouncer", str(bouncer.run_dir / "pgbouncer.ini").encode()], cmdline
-        assert password.encode() not in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        for secret in (password, dashboard_password):
+            assert secret.encode() not in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
         uids = next(ln.split()[1:] for ln in (proc / "status").read_text().splitlines() if ln.startswith("Uid:"))
         assert "0" not in uids, uids  # PgBouncer as a non-root user
         if bouncer.read_only_root:
@@ -911,12 +953,14 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
             assert "ro" in root[5].split(","), root  # it ran, and runs, with / read-only
         roots = [tmp_path, REPO, Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm")]
         assert files_holding(password, roots, since, skip=bouncer.run_dir) == []
+        assert files_holding(dashboard_password, roots, since, skip=bouncer.run_dir) == []
     finally:
         for c in clients:
             c.close()
         rc = bouncer.stop()
     assert rc == 0, bouncer.output()
     assert password not in bouncer.output() and "process up: PgBouncer 1.18" in bouncer.output()
+    assert dashboard_password.removeprefix('pw-"') not in bouncer.output()
 
 
 # -- the README's scale-out steps, played without Docker -------------------------------------------
@@ -1186,6 +1230,8 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
         "POSTGRES_PORT": str(PG_PORT),
         "KMNIST_TUNE_WORKER_USER": role,
         "KMNIST_TUNE_WORKER_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_DASHBOARD_USER": cluster.role_name(),
+        "KMNIST_TUNE_DASHBOARD_PASSWORD": secrets.token_hex(16),
         "KMNIST_TUNE_SPEC": "deploy.yaml",
         "KMNIST_TUNE_STUDY": study,
         "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",  # the fixture verifies: nothing is downloaded

@@ -1,7 +1,8 @@
 """deploy/: the Kubernetes manifests, rendered with kustomize (scripts/ci-deps fetches a pinned build)
 and validated against the OpenAPI schemas of a pinned Kubernetes version (kubernetes-validate), plus
 the rules a schema cannot see: restricted pod security, credentials only from Secrets, GPU limits
-and a grace period for the SIGTERM hand-back, a ClusterIP dashboard, PgBouncer with its pool.ini
+and a grace period for the SIGTERM hand-back, a ClusterIP dashboard with the read-only role that
+answers its probe's and Service's Host names only, PgBouncer with its pool.ini
 from storage/ and its password only in memory, and NetworkPolicies that let only PgBouncer and the
 schema Job reach the database and only the other kmnist-tune pods reach PgBouncer. PgBouncer's entry
 point runs for real with the environment its pod spec gives it, in front of a real PostgreSQL."""
@@ -18,6 +19,8 @@ import pytest
 import yaml
 from conftest import REPO, cli_env, run_cli
 from pgbouncer_proc import dockerfile_instructions, start_pgbouncer
+
+from kmnist_tune.observe.dashboard import ENV_ALLOW_HOSTS, HostPolicy
 
 KUSTOMIZE = REPO / ".cache" / "kustomize" / "kustomize"
 KUBERNETES = "1.33.0"  # the Kubernetes version whose API the manifests are checked against
@@ -149,6 +152,35 @@ def test_workers_get_a_gpu_a_grace_period_and_bounded_restarts() -> None:
     assert pod["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] <= 10
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == job["spec"]["completions"]
     assert {m["mountPath"] for m in worker["volumeMounts"]} >= {"/tmp", "/data", "/dev/shm"}  # writable where it writes
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_dashboard_reads_as_its_own_role_and_answers_only_its_names(overlay: str) -> None:
+    docs = render(overlay)
+    pod = one(docs, "Deployment", "kmnist-tune-dashboard")["spec"]["template"]["spec"]
+    (c,) = containers(pod)
+    env = {e["name"]: e for e in c["env"]}
+    # The read-only role of storage/initdb, from its own Secret; PgBouncer holds its password too.
+    for var, key in (("KMNIST_TUNE_DB_USER", "username"), ("PGPASSWORD", "password")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-dashboard", "key": key}
+    assert "kmnist-tune-worker" not in yaml.safe_dump(c)
+    bouncer = {e["name"]: e for e in containers(one(docs, "Deployment", PGBOUNCER)["spec"]["template"]["spec"])[0]["env"]}
+    for var, key in (("KMNIST_TUNE_DASHBOARD_USER", "username"), ("KMNIST_TUNE_DASHBOARD_PASSWORD", "password")):
+        assert bouncer[var]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-dashboard", "key": key}
+    # Host names: its readiness probe's, kubectl port-forward's (any local port) and the Service's.
+    args = c["args"]
+    opts = dict(zip(args[1::2], args[2::2], strict=True))
+    policy = HostPolicy.for_server(opts["--host"], int(opts["--port"]), env[ENV_ALLOW_HOSTS]["value"].split(","))
+    probe = c["readinessProbe"]["httpGet"]
+    (host,) = [h["value"] for h in probe["httpHeaders"] if h["name"] == "Host"]
+    assert policy.allows(host) and probe["port"] == "http"
+    assert policy.allows("localhost:8080") and policy.allows("127.0.0.1:18080") and policy.allows("[::1]:9000")
+    service = one(docs, "Service", "kmnist-tune-dashboard")
+    (port,) = service["spec"]["ports"]
+    name, ns = service["metadata"]["name"], service["metadata"]["namespace"]
+    for dns in (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"):
+        assert policy.allows(f"{dns}:{port['port']}"), dns
+    assert not policy.allows("evil.example:8080") and not policy.allows(f"{name}:9999") and not policy.allows("10.1.2.3:8080")
 
 
 def storage_hosts(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -319,7 +351,9 @@ def test_the_storage_url_the_pods_build_opens_a_real_database_through_pgbouncer(
     settings["KMNIST_TUNE_DB_SSLMODE"] = "disable"  # the test server has no TLS
     password = "the-password"
     account = {"username": str(real.username), "password": password}
-    secrets = {"kmnist-tune-worker": account, "kmnist-tune-owner": account}  # the server trusts loopback
+    # the server trusts loopback; the dashboard's role only has to differ from the worker's (no client uses it here)
+    dashboard = {"username": "kt_dashboard_unused", "password": "the-dashboard-password"}
+    secrets = {"kmnist-tune-worker": account, "kmnist-tune-owner": account, "kmnist-tune-dashboard": dashboard}
 
     def pod_env(kind: str, name: str, container: str | None = None) -> dict[str, str]:
         pod = one(docs, kind, name)["spec"]["template"]["spec"]
@@ -349,7 +383,7 @@ def test_the_storage_url_the_pods_build_opens_a_real_database_through_pgbouncer(
         assert f"login attempt: db={real.database} user={real.username}" in bouncer.output()
     finally:
         assert bouncer.stop() == 0, bouncer.output()
-    assert password not in bouncer.output()
+    assert password not in bouncer.output() and dashboard["password"] not in bouncer.output()
     for _, _, pod in pod_specs(docs):
         for c in [c for c in containers(pod) if c["image"].startswith("kmnist-tune:")]:
             words = c.get("args", [])[:1] if "command" not in c else re.findall(r"kmnist-tune (\w+(?: \w+)?)", c["args"][0])

@@ -25,16 +25,41 @@ def dashboard(
             show_default=False,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="another Host name it answers to, NAME or NAME:PORT (no port: any); repeatable "
+            "(env KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS, comma-separated). It always answers to --host:--port, "
+            "and to localhost, 127.0.0.1 and [::1] on --port when bound to loopback or 0.0.0.0",
+            metavar="NAME[:PORT]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Serve optuna-dashboard over the study storage (http://HOST:PORT/dashboard)."""
-    from ..observe.dashboard import serve
+    """Serve optuna-dashboard over the study storage (http://HOST:PORT/dashboard).
+
+    It answers only requests whose Host header names this server (others get 403: no web page can
+    reach it by DNS rebinding) and sends no CORS header. It has no login: whoever reaches the port may
+    do what its database role may (the dashboard role of storage/initdb only reads), so put it behind
+    an authenticating proxy whenever more than this host can reach it.
+    """
+    import os
+
+    from ..observe.dashboard import ENV_ALLOW_HOSTS, hosts_line, serve
     from ..service.artifacts import describe_store
     from ..service.storage import describe, open_storage
 
+    names = [*(allow_host or []), *os.environ.get(ENV_ALLOW_HOSTS, "").split(",")]
+    answers = hosts_line(host, port, names)  # a bad name stops it before the storage is opened
     st = open_storage(storage_url(storage))
     where = describe_store(st, artifacts)
-    say(f"optuna-dashboard for {describe(st)} on http://{host}:{port}/dashboard (artifacts in {where}); Ctrl-C to stop")
-    serve(st, host, port, artifacts)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    say(
+        f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard (artifacts in {where}; Host {answers}); "
+        "no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
+    )
+    serve(st, host, port, artifacts, names)
 
 
 @app.command()

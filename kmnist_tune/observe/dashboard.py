@@ -1,22 +1,204 @@
-"""optuna-dashboard over the study storage, showing files from the study's artifact store."""
+"""optuna-dashboard over the study storage, showing files from the study's artifact store.
+
+optuna-dashboard has no login, answers any Host header and serves artifacts with a wildcard CORS
+header. Here its WSGI app runs behind a guard that answers only the Host names this server is
+known by (a web page that rebinds its own name to this address then gets a 403, not the studies),
+refuses writes that a foreign page's origin sent, and drops `Access-Control-Allow-Origin`, so no
+other origin reads a response. Who may change a study is still the database role's matter: compose
+and Kubernetes run it with the read-only dashboard role (storage/initdb).
+"""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import re
+import socket
+import socketserver
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
 from ..errors import UserError
 from ..service.artifacts import artifact_store
 
+ENV_ALLOW_HOSTS = "KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARDS = ("0.0.0.0", "[::]", "")
+# A DNS name (labels of letters, digits, - and _) or an IPv4 address; IPv6 ones come in brackets.
+_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]{0,62}(\.[a-z0-9_][a-z0-9_-]{0,62})*")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
-def serve(storage: Any, host: str, port: int, artifacts: str | Path | None = None) -> None:
-    from optuna_dashboard import run_server
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-    store = artifact_store(storage, artifacts)
+
+def _split(value: str) -> tuple[str, int | None]:
+    """'name[:port]' -> (lower-case name, port or None); ValueError when it is neither."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value.partition("]")
+        if not bracket:
+            raise ValueError(value)
+        name += "]"
+        ipaddress.IPv6Address(name[1:-1])  # ValueError unless an IPv6 address
+    else:
+        name, colon, rest = value.partition(":")
+        rest = colon + rest
+        if not _NAME.fullmatch(name):
+            raise ValueError(value)
+    if not rest:
+        return name, None
+    if not re.fullmatch(r":[0-9]{1,5}", rest) or not 1 <= int(rest[1:]) <= 65535:
+        raise ValueError(value)
+    return name, int(rest[1:])
+
+
+def _bound_name(host: str) -> str:
+    """How a Host header names the bound address: an IPv6 one in brackets."""
+    host = host.strip().lower()
     try:
-        run_server(storage, host=host, port=port, artifact_store=store)
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The Host names (and ports) the dashboard answers to."""
+
+    exact: frozenset[tuple[str, int]]  # name and port
+    any_port: frozenset[str]  # names given without a port (a port-forward or published port may differ)
+
+    @classmethod
+    def for_server(cls, host: str, port: int, extra: Iterable[str] = ()) -> HostPolicy:
+        """The bound address on its port; for loopback and wildcard binds also the loopback names
+        (no page elsewhere can make a browser send those); and each of `extra` (NAME or NAME:PORT)."""
+        bound = _bound_name(host)
+        names = {bound} if bound not in WILDCARDS else set()
+        if bound in WILDCARDS or bound in LOOPBACK_NAMES or bound.startswith("127."):
+            names |= set(LOOPBACK_NAMES)
+        exact = {(n, port) for n in names}
+        any_port: set[str] = set()
+        for value in extra:
+            if not value.strip():
+                continue
+            try:
+                name, p = _split(value)
+            except ValueError:
+                raise UserError(
+                    f"--allow-host {value.strip()!r} is not a host name: give NAME or NAME:PORT "
+                    f"(dashboard.example.org, 10.0.0.5:8080, [fd00::5]:8080), no scheme or path ({ENV_ALLOW_HOSTS} too)"
+                ) from None
+            if p is None:
+                any_port.add(name)
+            else:
+                exact.add((name, p))
+        return cls(frozenset(exact), frozenset(any_port))
+
+    def allows(self, header: str | None) -> bool:
+        if not header:
+            return False
+        try:
+            name, port = _split(header)
+        except ValueError:
+            return False
+        return name in self.any_port or (name, 80 if port is None else port) in self.exact
+
+    def origin_allowed(self, origin: str) -> bool:
+        """An Origin header (scheme://host[:port]) of a page this dashboard served."""
+        m = re.fullmatch(r"(https?)://([^/?#@\\]+)", origin.strip().lower())
+        if not m:
+            return False  # "null" (a sandboxed or file page), another scheme, or not an origin at all
+        netloc = m.group(2)
+        if ":" not in netloc.rpartition("]")[2]:  # the scheme's own port, which a browser leaves out
+            netloc += ":443" if m.group(1) == "https" else ":80"
+        return self.allows(netloc)
+
+    def shown(self) -> str:
+        return ", ".join(sorted({f"{n}:{p}" for n, p in self.exact} | {f"{n} (any port)" for n in self.any_port}))
+
+
+def _printable(value: str) -> str:
+    return "".join(c if c.isprintable() and c.isascii() else "?" for c in value)[:100]
+
+
+def guarded(app: WSGIApp, policy: HostPolicy) -> WSGIApp:
+    """`app` answering only requests whose Host is one of `policy`'s, with no CORS header."""
+
+    def refuse(start_response: StartResponse, why: str) -> list[bytes]:
+        body = f"{why}\n".encode()
+        start_response(
+            "403 Forbidden",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("X-Content-Type-Options", "nosniff"),
+            ],
+        )
+        return [body]
+
+    def guard(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST")
+        if not policy.allows(host):
+            # Echoed only as printable ASCII, in plain text: it helps the one who sent it, no one else.
+            shown = _printable(host) if host else "(none)"
+            return refuse(
+                start_response,
+                f"kmnist-tune dashboard: Host {shown} is not a name of this server; "
+                "if it is, start the dashboard with --allow-host NAME[:PORT]",
+            )
+        origin = environ.get("HTTP_ORIGIN")
+        unsafe = environ.get("REQUEST_METHOD", "GET").upper() not in _SAFE_METHODS
+        # A page of another origin may still send a form to a right Host (CSRF): writes come from the
+        # dashboard's own pages only (or from clients that are no browser, which send no Origin).
+        if unsafe and origin is not None and not policy.origin_allowed(origin):
+            return refuse(start_response, f"kmnist-tune dashboard: a write from origin {_printable(origin)} is refused")
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            kept = [(k, v) for k, v in headers if k.lower() != "access-control-allow-origin"]
+            return start_response(status, kept, exc_info) if exc_info is not None else start_response(status, kept)
+
+        return app(environ, start)
+
+    return guard
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    # A browser loads a page's API calls in parallel; threads that never outlive Ctrl-C.
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+def serve(storage: Any, host: str, port: int, artifacts: str | Path | None = None, allow_hosts: Iterable[str] = ()) -> None:
+    """Serve until Ctrl-C; `allow_hosts` as HostPolicy.for_server takes them (checked before anything binds)."""
+    policy = HostPolicy.for_server(host, port, allow_hosts)
+    from optuna_dashboard import wsgi
+
+    app = guarded(wsgi(storage, artifact_store=artifact_store(storage, artifacts)), policy)
+    try:
+        ipv6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        ipv6 = False
+    try:
+        server = make_server(host, port, app, server_class=_ThreadingServer6 if ipv6 else _ThreadingServer)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
-        raise UserError(f"cannot serve on {host}:{port}: {e.strerror}; check --host and --port") from None
+        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}; check --host and --port") from None
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            sys.stderr.flush()
+
+
+def hosts_line(host: str, port: int, allow_hosts: Iterable[str] = ()) -> str:
+    """The Host names the dashboard will answer to, for its startup line."""
+    return HostPolicy.for_server(host, port, allow_hosts).shown()

@@ -266,7 +266,40 @@ def init_schema(url: str) -> str:
     if storage.get_current_version() != storage.get_head_version():
         storage.upgrade()
     what = f"Optuna schema {storage.get_current_version()}"
-    return what + (" and the kmnist_tune_artifacts and kmnist_tune_claims tables" if backend(storage) == "postgresql" else "")
+    if backend(storage) != "postgresql":
+        return what
+    # Optuna's version tables: one UPDATE there makes every worker and the dashboard refuse to start
+    # ("upgrade Optuna"), and the default privileges of storage/initdb give the worker role write on
+    # every table the owner makes, these included. Only their owner and the role running this (the
+    # one that migrates them) keep write; every other grantee, PUBLIC too, SELECT at most. Optuna
+    # writes them only when they are empty or unstamped, which this has just made sure they are not.
+    grants = sqlalchemy.text(
+        "SELECT DISTINCT c.oid::regclass::text AS tbl, a.grantee = 0 AS public, pg_get_userbyid(a.grantee) AS who"
+        " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+        " WHERE c.relkind = 'r' AND c.relname IN ('alembic_version', 'version_info') AND pg_table_is_visible(c.oid)"
+        " AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')"
+        " AND a.grantee <> c.relowner AND a.grantee <> (SELECT oid FROM pg_roles WHERE rolname = current_user)"
+        " ORDER BY 1, 3"
+    )
+    quote = storage.engine.dialect.identifier_preparer.quote
+    try:
+        with storage.engine.begin() as conn:
+            for tbl, public, who in conn.execute(grants).all():
+                grantee = "PUBLIC" if public else quote(who)
+                conn.execute(sqlalchemy.text(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {tbl} FROM {grantee} CASCADE"))
+            # A REVOKE that this role may not make is only a warning in PostgreSQL: look again.
+            left = [f"{'PUBLIC' if public else who} on {tbl}" for tbl, public, who in conn.execute(grants).all()]
+    except sqlalchemy.exc.DBAPIError as e:
+        raise UserError(
+            f"cannot take write on Optuna's version tables from the other roles of {mask(url)}: {first_line(e.orig or e)}; "
+            "run `kmnist-tune schema` as the database owner"
+        ) from None
+    if left:
+        raise UserError(
+            f"{', '.join(left)} may still write Optuna's version tables and this role cannot revoke it; "
+            "run `kmnist-tune schema` as the database owner"
+        )
+    return what + " and the kmnist_tune_artifacts and kmnist_tune_claims tables; only the owner writes the version tables"
 
 
 def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:

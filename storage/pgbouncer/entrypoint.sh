@@ -3,7 +3,8 @@
 # and its auth_file into a memory-only folder, then runs PgBouncer in the foreground in its place.
 #
 # Why a password in a file at all: PgBouncer logs in to PostgreSQL on its clients' behalf, so it must
-# hold the worker role's password itself (a SCRAM secret would let it check clients, not log in).
+# hold the passwords of the roles they use itself (a SCRAM secret would let it check clients, not log in):
+# the worker role's and, when given, the read-only dashboard role's.
 # That file lives only in $PGBOUNCER_RUN_DIR, which must be memory-backed (compose: tmpfs; Kubernetes:
 # emptyDir with medium Memory); the script refuses any other folder. The password is written with
 # shell builtins only (printf), so it is on no command line (/proc/*/cmdline), and it is removed
@@ -12,6 +13,8 @@
 #
 # Environment (names shared with compose's .env and the Kubernetes settings ConfigMap):
 #   KMNIST_TUNE_WORKER_USER, KMNIST_TUNE_WORKER_PASSWORD  the role clients log in as (required)
+#   KMNIST_TUNE_DASHBOARD_USER, KMNIST_TUNE_DASHBOARD_PASSWORD  the dashboard's read-only role (optional:
+#                                  without the password, only the worker role may log in)
 #   KMNIST_TUNE_DB_HOST, KMNIST_TUNE_DB_PORT, KMNIST_TUNE_DB_NAME  the PostgreSQL server and database
 #   PGBOUNCER_SERVER_TLS_SSLMODE   TLS to PostgreSQL (libpq's words: disable ... verify-full; prefer)
 #   PGBOUNCER_SERVER_TLS_CA_FILE   the CA that verify-ca / verify-full check the server against
@@ -31,6 +34,7 @@ host=${KMNIST_TUNE_DB_HOST:-postgres}
 port=${KMNIST_TUNE_DB_PORT:-5432}
 db=${KMNIST_TUNE_DB_NAME:-kmnist}
 user=${KMNIST_TUNE_WORKER_USER:-kmnist_worker}
+dashboard=${KMNIST_TUNE_DASHBOARD_USER:-kmnist_dashboard}
 listen_addr=${PGBOUNCER_LISTEN_ADDR:-0.0.0.0}
 listen_port=${PGBOUNCER_LISTEN_PORT:-6432}
 sslmode=${PGBOUNCER_SERVER_TLS_SSLMODE:-prefer}
@@ -46,6 +50,10 @@ plain() {
 plain KMNIST_TUNE_DB_HOST "$host"
 plain KMNIST_TUNE_DB_NAME "$db"
 plain KMNIST_TUNE_WORKER_USER "$user"
+if [ -n "${KMNIST_TUNE_DASHBOARD_PASSWORD:-}" ]; then
+  plain KMNIST_TUNE_DASHBOARD_USER "$dashboard"
+  [ "$dashboard" != "$user" ] || die "KMNIST_TUNE_DASHBOARD_USER must differ from KMNIST_TUNE_WORKER_USER"
+fi
 plain PGBOUNCER_LISTEN_ADDR "$listen_addr"
 case $port$listen_port in *[!0-9]*) die "KMNIST_TUNE_DB_PORT and PGBOUNCER_LISTEN_PORT must be numbers" ;; esac
 case $sslmode in disable | allow | prefer | require | verify-ca | verify-full) ;; *) die "PGBOUNCER_SERVER_TLS_SSLMODE='$sslmode' is not a libpq sslmode" ;; esac
@@ -69,24 +77,33 @@ ini="$run/pgbouncer.ini"
 rm -f "$auth" "$ini"
 
 # auth_file: "user" "password", a " inside a field doubled. Builtins only from here to the exec.
-password=$KMNIST_TUNE_WORKER_PASSWORD
-case $password in *'
-'*) die "KMNIST_TUNE_WORKER_PASSWORD holds a line break" ;; esac
-quoted=
-while :; do
-  case $password in
-    *'"'*)
-      quoted="$quoted${password%%\"*}\"\""
-      password=${password#*\"}
-      ;;
-    *)
-      quoted="$quoted$password"
-      break
-      ;;
-  esac
-done
-printf '"%s" "%s"\n' "$user" "$quoted" >"$auth"
-unset password quoted KMNIST_TUNE_WORKER_PASSWORD PGPASSWORD
+# entry USER PASSWORD VAR: the role's line (a shell function: its arguments reach no command line).
+entry() {
+  password=$2
+  case $password in *'
+'*) die "$3 holds a line break" ;; esac
+  quoted=
+  while :; do
+    case $password in
+      *'"'*)
+        quoted="$quoted${password%%\"*}\"\""
+        password=${password#*\"}
+        ;;
+      *)
+        quoted="$quoted$password"
+        break
+        ;;
+    esac
+  done
+  printf '"%s" "%s"\n' "$1" "$quoted"
+}
+{
+  entry "$user" "$KMNIST_TUNE_WORKER_PASSWORD" KMNIST_TUNE_WORKER_PASSWORD
+  if [ -n "${KMNIST_TUNE_DASHBOARD_PASSWORD:-}" ]; then
+    entry "$dashboard" "$KMNIST_TUNE_DASHBOARD_PASSWORD" KMNIST_TUNE_DASHBOARD_PASSWORD
+  fi
+} >"$auth"
+unset password quoted KMNIST_TUNE_WORKER_PASSWORD KMNIST_TUNE_DASHBOARD_PASSWORD PGPASSWORD
 
 {
   printf '%s\n' \
