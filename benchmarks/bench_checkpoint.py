@@ -106,9 +106,8 @@ def one_run(splits: Any, spec: Any, device: torch.device, url: str | None) -> di
     return out
 
 
-def throughput(store: Any, mb: int) -> dict[str, float]:
+def throughput(store: Any, artifact: str, mb: int) -> dict[str, float]:
     payload = os.urandom(mb * 1_000_000)
-    artifact = f"bench-{uuid.uuid4().hex}"
     t0 = time.perf_counter()
     store.write(artifact, io.BytesIO(payload))
     write_s = time.perf_counter() - t0
@@ -163,7 +162,7 @@ def main() -> None:
             run = one_run(splits, spec, device, url)
             save = statistics.median(run["save_s"])
             with_ckpt = statistics.median(run["epoch_s"][1:] or run["epoch_s"])
-            tp = throughput(_store_for(url, work), args.mb)
+            tp = throughput(*_store_for(url, work), args.mb)
             rows[kind] = {
                 "save_s": run["save_s"],
                 "checkpoint_mb": run["checkpoint_mb"],
@@ -198,10 +197,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
 
 
-def _store_for(url: str, work: Path) -> Any:
-    from kmnist_tune.service.artifacts import artifact_store
+def _store_for(url: str, work: Path) -> tuple[Any, str]:
+    """The study storage's artifact store, and an artifact id it accepts: a checkpoint name of a trial
+    that exists (every artifact has an owner, and only the forms kmnist-tune writes are accepted)."""
+    from kmnist_tune.service.artifacts import artifact_store, checkpoint_base
 
-    return artifact_store(open_storage(url))
+    storage = open_storage(url)
+    trial = optuna.create_study(storage=storage, study_name=f"bench-io-{uuid.uuid4().hex[:8]}").ask()
+    return artifact_store(storage), f"{checkpoint_base(trial._trial_id, 0)}.pth"
 
 
 if __name__ == "__main__":

@@ -89,21 +89,13 @@ def refresh_study_note(study: Any) -> None:
 def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], None]) -> None:
     """The LR-finder curve (a PNG artifact) and a note with its suggestions, on the study. Evidence,
     not results: the sweep goes on without it when it cannot be written."""
-    from optuna.artifacts import upload_artifact
-
-    from ..service.artifacts import artifact_store
+    from ..service.artifacts import upload_file
     from .plots import plot_prior
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_prior(prior, Path(tmp) / "lr-find.png", title=f"{study.study_name}: LR finder ({prior.key})")
-            upload_artifact(
-                artifact_store=artifact_store(storage),
-                file_path=str(png),
-                study_or_trial=study,
-                storage=storage,
-                mimetype="image/png",
-            )
+            upload_file(storage, study, png, mimetype="image/png")
         refresh_study_note(study)
     except Exception as e:
         say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {' '.join(str(e).split())[:120]})")

@@ -35,7 +35,7 @@ from ..contract.spec import SweepSpec
 from ..errors import UserError
 from ..masking import printable
 from ..observe.plots import writable_folder
-from ..service.artifacts import BadDownload, artifact_store, download_checked
+from ..service.artifacts import BadDownload, artifact_store, download_checked, upload_file
 from ..service.storage import backend, open_storage
 from ..service.studies import open_study
 from ..signing import signer
@@ -207,13 +207,7 @@ def keep_model(
         folder = Path(tmp) / "model"
         folder.mkdir()
         write_model_dir(r, spec, study.study_name, backend(storage), data_dir, folder)
-        store = artifact_store(storage)
-        ids = {
-            f.name: optuna.artifacts.upload_artifact(
-                artifact_store=store, file_path=str(f), study_or_trial=study, storage=storage
-            )
-            for f in sorted(folder.iterdir())
-        }
+        ids = {f.name: upload_file(storage, study, f) for f in sorted(folder.iterdir())}
         digests = {f.name: sha256(f) for f in folder.iterdir()}
         sign = signer()
         signatures = {name: sign.sign("model-file", name, ids[name], d) for name, d in digests.items()}

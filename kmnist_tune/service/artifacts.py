@@ -176,10 +176,11 @@ class PostgresArtifactStore:
     Optuna's own stores keep files or objects; none keeps them in the study's database, which is what
     lets workers on many hosts share artifacts with no service and no volume beyond PostgreSQL.
 
-    Every artifact has an owner, and a write whose owner is gone (or being deleted) stores nothing: the
-    write's transaction holds its study's row (FOR KEY SHARE) until it commits, so `study delete`
-    (whose DELETE of that row waits for it) removes whatever it wrote, and a write that starts after the
-    delete finds no owner. No row is left that nothing can ever remove."""
+    A checkpoint's write stores nothing once its trial is gone: its transaction holds the trial's study
+    row (FOR KEY SHARE) until it commits, so `study delete` (whose DELETE of that row waits for it)
+    removes whatever it wrote, and a write that starts after the delete finds no trial. Uploaded files
+    (uuid ids) are kept orphan-free by `upload_file`'s lock instead: Optuna's `upload_artifact` records
+    an upload on its study before the write in some releases and after it in others (5.1)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -221,36 +222,19 @@ class PostgresArtifactStore:
 
 
 class OwnerGone(UserError):
-    """An artifact was to be written for a study or trial that is gone or being deleted."""
+    """An artifact was to be written for a trial or study that is gone (its study deleted)."""
 
 
-# Set on a study by `study delete` before it reads the study's artifact list: a write that starts
-# later is refused, so the list it removes is complete (Optuna's upload_artifact records an
-# artifact on its study or trial before it writes it). A system attribute: the dashboard cannot set one.
-DELETING_ATTR = "kmnist_tune:deleting"
-
-# The owner of an artifact, by Optuna's RDB schema: a checkpoint's trial (its id is in the name); an
-# uploaded file's study or trial, which Optuna's upload_artifact records as the system attribute
-# `artifacts:<id>`. The study's row is locked against DELETE until the write commits.
+# Optuna's RDB schema: the study of a checkpoint's trial (its id is in the name), its row locked
+# against DELETE until the write commits.
 _OWNER_OF_CHECKPOINT = sqlalchemy.text(
     "SELECT s.study_id FROM studies s JOIN trials t ON t.study_id = s.study_id WHERE t.trial_id = :tid FOR KEY SHARE OF s"
 )
-_OWNER_OF_UPLOAD = sqlalchemy.text(
-    "SELECT s.study_id FROM studies s WHERE s.study_id IN ("
-    " SELECT study_id FROM study_system_attributes WHERE key = :key"
-    " UNION SELECT t.study_id FROM trial_system_attributes a JOIN trials t ON t.trial_id = a.trial_id WHERE a.key = :key"
-    ") FOR KEY SHARE"
-)
-_BEING_DELETED = sqlalchemy.text("SELECT count(*) FROM study_system_attributes WHERE study_id = :sid AND key = :key")
 
 
 def _lock_owner(conn: Any, name: ArtifactName) -> None:
-    if name.trial_id is not None:
-        owners = [r[0] for r in conn.execute(_OWNER_OF_CHECKPOINT, {"tid": name.trial_id})]
-    else:
-        owners = [r[0] for r in conn.execute(_OWNER_OF_UPLOAD, {"key": f"artifacts:{name.artifact_id}"})]
-    if not owners or any(conn.execute(_BEING_DELETED, {"sid": sid, "key": DELETING_ATTR}).scalar_one() for sid in owners):
-        raise OwnerGone(f"artifact {name.artifact_id} was not stored: its study is deleted or being deleted")
+    if name.trial_id is not None and conn.execute(_OWNER_OF_CHECKPOINT, {"tid": name.trial_id}).first() is None:
+        raise OwnerGone(f"artifact {name.artifact_id} was not stored: its trial is gone (its study was deleted)")
 
 
 class _ChunkReader(io.RawIOBase):
@@ -330,10 +314,27 @@ def checkpoint_ids(record: Any, trial_ids: list[int]) -> list[str]:
     return out
 
 
-def mark_deleting(storage: Any, study_id: int) -> None:
-    """`study delete`, before it lists the study's artifacts: no write for this study starts after this
-    (PostgresArtifactStore refuses it), so the list is complete."""
-    storage.set_study_system_attr(study_id, DELETING_ATTR, True)
+def artifacts_lock(study_name: str) -> str:
+    """The storage lock (lock.py) that `upload_file` and `study delete` take for one study."""
+    return f"kmnist-tune/artifacts/{study_name}"
+
+
+def upload_file(storage: Any, study: Any, path: Path, mimetype: str | None = None) -> str:
+    """Optuna's `upload_artifact` of a file onto a study, under the study's artifacts lock: `study delete`
+    takes the same lock around listing, deleting and removing, so an upload is either listed and
+    removed with the study, or finds the study gone and stores nothing."""
+    from optuna.artifacts import upload_artifact
+
+    from .lock import storage_lock
+
+    with storage_lock(storage, artifacts_lock(study.study_name)):
+        try:
+            storage.get_study_id_from_name(study.study_name)
+        except KeyError:
+            raise OwnerGone(f"{path.name} was not stored: study {study.study_name!r} was deleted") from None
+        return upload_artifact(
+            artifact_store=artifact_store(storage), file_path=str(path), study_or_trial=study, storage=storage, mimetype=mimetype
+        )
 
 
 # Optuna's RDB schema: the artifacts its upload_artifact recorded, and the trials that exist.

@@ -292,34 +292,35 @@ def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = No
 def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str | None = None) -> int:
     """Delete a study with its artifacts (plots, checkpoints, kept models). Returns how many went.
 
-    In this order, so that nothing is left behind, not even an upload in flight: mark the study as
-    being deleted (a PostgreSQL artifact write that starts later is refused), list its artifacts (Optuna
-    keeps the list in the study's attributes, which go with it), delete the study (its DELETE waits
-    for writes still in flight), then remove what was listed and every checkpoint named after its trials."""
+    So that nothing is left behind, not even an upload in flight: under the study's artifacts lock
+    (which `upload_file` takes too), list its artifacts (Optuna keeps the list in the study's
+    attributes, which go with it), delete the study (on PostgreSQL its DELETE waits for a checkpoint
+    write in flight, which holds the study's row), then remove what was listed and every checkpoint
+    named after its trials."""
     from optuna.artifacts import get_all_artifact_meta
 
-    from .artifacts import artifact_store, checkpoint_ids, mark_deleting, remove_artifacts, remove_checkpoints
+    from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
 
-    study_id = require_study(storage, name)
-    mark_deleting(storage, study_id)
-    study = optuna.load_study(study_name=name, storage=storage)
-    trials = study.get_trials(deepcopy=False)
-    trial_ids = [t._trial_id for t in trials]  # Optuna's FrozenTrial has no public id
-    ids = [m.artifact_id for m in get_all_artifact_meta(study)]
-    ids += [m.artifact_id for t in trials for m in get_all_artifact_meta(t, storage=storage)]
-    ids += [i for t in trials for i in checkpoint_ids(TrialRecord.of(t), trial_ids)]  # checkpoints left by failed trials
-    try:
-        epochs = int(stored_spec(name, study.user_attrs).fixed_params()["epochs"])
-    except UserError:  # a study another tool made: it has no checkpoints of ours by name
-        epochs = 0
-    # Searched epochs are capped (the spec's range); a stored number could be anything.
-    n_epochs = {t._trial_id: min(max(int(t.params.get("epochs", epochs)), 0), 1000) for t in trials}
-    store = artifact_store(storage, artifacts)
-    optuna.delete_study(study_name=name, storage=storage)
-    if ids:
-        remove_artifacts(store, ids)
-    for trial_id, n in n_epochs.items():  # and any a killed worker uploaded but never recorded
-        remove_checkpoints(store, [trial_id], n)
+    require_study(storage, name)
+    with storage_lock(storage, artifacts_lock(name)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        trial_ids = [t._trial_id for t in trials]  # Optuna's FrozenTrial has no public id
+        ids = [m.artifact_id for m in get_all_artifact_meta(study)]
+        ids += [m.artifact_id for t in trials for m in get_all_artifact_meta(t, storage=storage)]
+        ids += [i for t in trials for i in checkpoint_ids(TrialRecord.of(t), trial_ids)]  # checkpoints left by failed trials
+        try:
+            epochs = int(stored_spec(name, study.user_attrs).fixed_params()["epochs"])
+        except UserError:  # a study another tool made: it has no checkpoints of ours by name
+            epochs = 0
+        # Searched epochs are capped (the spec's range); a stored number could be anything.
+        n_epochs = {t._trial_id: min(max(int(t.params.get("epochs", epochs)), 0), 1000) for t in trials}
+        store = artifact_store(storage, artifacts)
+        optuna.delete_study(study_name=name, storage=storage)
+        if ids:
+            remove_artifacts(store, ids)
+        for trial_id, n in n_epochs.items():  # and any a killed worker uploaded but never recorded
+            remove_checkpoints(store, [trial_id], n)
     return len(ids)
 
 
