@@ -940,10 +940,10 @@ def test_max_images_raises_the_cap_and_exactly_the_announced_bytes_are_read(tmp_
     plain = idx_images(tmp_path / "five-idx3-ubyte", 5, gz=False)
     five_npz = npz_images(tmp_path / "five.npz", (5, 28, 28))
     for path in (five, plain, five_npz):
-        with data_files.max_input_images(4):
-            refused(lambda path=path: data_files.read_array_file(path, images=True), "5 images", "at most 4", "--max-images 5")
-        with data_files.max_input_images(5):
-            assert data_files.read_array_file(path, images=True).shape == (5, 28, 28)
+        refused(
+            lambda path=path: data_files.read_array_file(path, images=True, limit=4), "5 images", "at most 4", "--max-images 5"
+        )
+        assert data_files.read_array_file(path, images=True, limit=5).shape == (5, 28, 28)
     # The body is exactly header + n x 784 bytes: more or fewer is a malformed file.
     for bad, why in (
         (idx_images(tmp_path / "long-idx3-ubyte.gz", 5, extra=b"\0"), "more than 3920 bytes"),

@@ -201,12 +201,11 @@ def predict(
     ] = 100_000,  # data.DEFAULT_MAX_IMAGES, written out so that loading the CLI does not import numpy
 ) -> None:
     """Classify Kuzushiji characters with an exported model: index, character and probability."""
-    from ..training.data import max_input_images
     from ..training.devices import resolve_device
     from ..training.inference import run_predict, write_predictions
 
-    with max_input_images(max_images):  # a file's header is checked against it before its body is read
-        result = run_predict(model_dir, inputs, device=resolve_device(device), top=top, labels=labels)
+    # A file's header is checked against max_images before its body is read.
+    result = run_predict(model_dir, inputs, device=resolve_device(device), top=top, labels=labels, max_images=max_images)
     if dest is not None:
         write_predictions(result.predictions, dest)
         out(f"{len(result.predictions)} predictions: {dest}")

@@ -149,7 +149,7 @@ class TrialCheckpoints:
             old = self.saved.pop(0)
             # A restart at a halved batch size saves its epochs under the same names: keep those.
             in_use = {r[k] for r in self.saved for k in ("model", "meta")}
-            remove_artifacts(self.store, [i for i in checkpoint_ids(SimpleNamespace(checkpoint=old), mine) if i not in in_use])
+            remove_artifacts(self.store, [i for i in checkpoint_ids(old, mine) if i not in in_use])
 
     # -- resuming --------------------------------------------------------------------------------
     def resume_point(self, params: dict[str, Any]) -> Resume | None:

@@ -298,11 +298,10 @@ def remove_checkpoints(store: Any, trial_ids: list[int], n_epochs: int) -> None:
     remove_artifacts(store, [f"{n}.{ext}" for n in names for ext in ("pth", "json")])
 
 
-def checkpoint_ids(record: Any, trial_ids: list[int]) -> list[str]:
-    """The artifacts of a trial record's newest checkpoint (a TrialRecord), where they are checkpoints
+def checkpoint_ids(ckpt: Any, trial_ids: list[int]) -> list[str]:
+    """The artifacts of a checkpoint record (a TrialRecord's `checkpoint`), where they are checkpoints
     of these trials: a record names what its own trial (or the ones it retries) saved, and anything
     else in it was written by someone else, to make a worker remove another study's files."""
-    ckpt = getattr(record, "checkpoint", None)
     if not isinstance(ckpt, dict):
         return []
     out = []
@@ -372,9 +371,9 @@ def prune_artifacts(storage: Any) -> int:
         owned = name.trial_id in trials if name.trial_id is not None else name.artifact_id in recorded
         if not owned:
             orphans.append(artifact_id)
-    with engine.begin() as conn:
-        for artifact_id in orphans:
-            conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id))
+    if orphans:
+        with engine.begin() as conn:
+            conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.in_(orphans)))
     return len(orphans)
 
 

@@ -308,7 +308,9 @@ def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str
         trial_ids = [t._trial_id for t in trials]  # Optuna's FrozenTrial has no public id
         ids = [m.artifact_id for m in get_all_artifact_meta(study)]
         ids += [m.artifact_id for t in trials for m in get_all_artifact_meta(t, storage=storage)]
-        ids += [i for t in trials for i in checkpoint_ids(TrialRecord.of(t), trial_ids)]  # checkpoints left by failed trials
+        ids += [
+            i for t in trials for i in checkpoint_ids(TrialRecord.of(t).checkpoint, trial_ids)
+        ]  # checkpoints left by failed trials
         try:
             epochs = int(stored_spec(name, study.user_attrs).fixed_params()["epochs"])
         except UserError:  # a study another tool made: it has no checkpoints of ours by name

@@ -178,7 +178,7 @@ class Worker:
         store = artifact_store(self.storage)
         # Only checkpoints of this trial and those it retries: a record naming anything else was
         # written by someone else, to make this worker remove it.
-        remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen), chain))
+        remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen).checkpoint, chain))
         remove_checkpoints(store, chain, n_epochs)
 
     # -- one trial ----------------------------------------------------------

@@ -21,9 +21,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -695,24 +693,12 @@ def load_split(
 # `predict` reads at most this many images (or labels) from one array file unless told more
 # (`--max-images`): 100,000 images are 78 MB; a header is free to say four billion.
 DEFAULT_MAX_IMAGES = 100_000
-_max_images: ContextVar[int] = ContextVar("max_images", default=DEFAULT_MAX_IMAGES)
 
 
-@contextmanager
-def max_input_images(n: int) -> Iterator[None]:
-    """Within this block, read_array_file takes files of up to n images (`predict --max-images`)."""
-    token = _max_images.set(n)
-    try:
-        yield
-    finally:
-        _max_images.reset(token)
-
-
-def read_array_file(path: Path, *, images: bool) -> np.ndarray:
+def read_array_file(path: Path, *, images: bool, limit: int = DEFAULT_MAX_IMAGES) -> np.ndarray:
     """Images (N, 28, 28) or labels (N,) from a user's own file: an `.npz` (its `arr_0`), or an idx
     file, gzipped or not, streamed. No checksum: this is for inputs to predict, not the data sets.
-    At most max_input_images() of them, checked from the file's header before its body is read."""
-    limit = _max_images.get()
+    At most `limit` of them, checked from the file's header before its body is read."""
     what = "images" if images else "labels"
 
     def too_many(n: int) -> DataError:

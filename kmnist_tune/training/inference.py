@@ -227,16 +227,18 @@ class PredictResult:
     value: float | None = None
 
 
-def run_predict(model_dir: Path, inputs: list[Path], *, device: torch.device, top: int, labels: Path | None) -> PredictResult:
+def run_predict(
+    model_dir: Path, inputs: list[Path], *, device: torch.device, top: int, labels: Path | None, max_images: int | None = None
+) -> PredictResult:
     """`kmnist-tune predict`: a model directory applied to pictures or image arrays; with labels, scored
     by the model card's metric (accuracy, or balanced accuracy for K49)."""
-    from .data import read_array_file
+    from .data import DEFAULT_MAX_IMAGES, read_array_file
 
     model = load_model_dir(model_dir, device)
-    data = read_inputs(inputs)
+    data = read_inputs(inputs, max_images)
     result = PredictResult(predict(model, data, top=max(top, 1)))
     if labels is not None:
-        truth = read_array_file(labels, images=False)
+        truth = read_array_file(labels, images=False, limit=max_images or DEFAULT_MAX_IMAGES)
         if len(truth) != len(data.names):
             raise UserError(f"--labels {labels}: {len(truth)} labels for {len(data.names)} images; give the matching file")
         guessed = np.array([p.top[0][0] for p in result.predictions])

@@ -64,9 +64,12 @@ def image_to_28(path: Path) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def read_inputs(paths: list[Path]) -> Inputs:
-    """Picture files, folders of them (in name order), and `.npz`/idx files of 28x28 images."""
-    from .data import read_array_file
+def read_inputs(paths: list[Path], max_images: int | None = None) -> Inputs:
+    """Picture files, folders of them (in name order), and `.npz`/idx files of 28x28 images (at most
+    `max_images` from one file: data.DEFAULT_MAX_IMAGES when None)."""
+    from .data import DEFAULT_MAX_IMAGES, read_array_file
+
+    limit = max_images or DEFAULT_MAX_IMAGES
 
     names: list[str] = []
     arrays: list[np.ndarray] = []
@@ -84,7 +87,7 @@ def read_inputs(paths: list[Path]) -> Inputs:
                 names.append(str(f))
                 arrays.append(image_to_28(f)[None])
             else:
-                images = read_array_file(f, images=True)  # at most max_input_images() (data.py)
+                images = read_array_file(f, images=True, limit=limit)
                 names += [f"{f}[{i}]" for i in range(len(images))]
                 arrays.append(images)
     return Inputs(names, np.concatenate(arrays) if arrays else np.zeros((0, 28, 28), np.uint8))
