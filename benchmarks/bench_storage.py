@@ -31,7 +31,7 @@ from pg_sampler import ConnectionSampler, scratch_database  # noqa: E402  (share
 
 
 def _spec(name: str, n_trials: int) -> Any:
-    from kmnist_tune.contract.spec import parse_spec
+    from kmnist_tune.contract.load import parse_spec
 
     return parse_spec(
         {
@@ -109,10 +109,11 @@ def ours_proc(url: str, name: str, n_total: int, out: Any) -> None:
 def measure(kind: str, procs: int, n_trials: int) -> dict[str, Any]:
     with scratch_database("kt_bench") as dbname:
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
+        from kmnist_tune.service.schema import create_storage
         from kmnist_tune.service.storage import open_storage
         from kmnist_tune.service.studies import create_study
 
-        create_study(_spec("bench", n_trials), open_storage(url, create=True), resume=False)
+        create_study(_spec("bench", n_trials), create_storage(url), resume=False)
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
         sampler = ConnectionSampler(dbname)
@@ -172,6 +173,7 @@ def breakdown(n_trials: int) -> None:
     from kmnist_tune.service import claims
     from kmnist_tune.service import worker as worker_mod
     from kmnist_tune.service.retry import open_worker_storage
+    from kmnist_tune.service.schema import create_storage
     from kmnist_tune.service.storage import open_storage
     from kmnist_tune.service.studies import create_study, open_study
 
@@ -190,7 +192,7 @@ def breakdown(n_trials: int) -> None:
     with scratch_database("kt_bench") as dbname:
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{dbname}"
         for name in ("bench", "bare"):  # each starts empty: Optuna's ask slows as a study grows
-            create_study(_spec(name, n_trials), open_storage(url, create=True), resume=False)
+            create_study(_spec(name, n_trials), create_storage(url), resume=False)
         # Bare Optuna on a study of its own: the baseline, measured here too.
         bare_study = optuna.load_study(study_name="bare", storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
         storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3)

@@ -16,3 +16,9 @@ class WorkerStopped(UserError):
 
 class Interrupted(Exception):
     """Raised inside training when the worker was asked to stop; the trial is handed back for a retry."""
+
+
+def one_line(e: BaseException, n: int = 160) -> str:
+    """An exception's message on one line of at most n characters (its type's name when empty),
+    for the one line a user or a trial record gets."""
+    return " ".join(str(e).split())[:n] or type(e).__name__

@@ -1,13 +1,18 @@
-"""Shared test helpers: the real-image fixture, tiny specs, the CLI as a subprocess, PostgreSQL databases."""
+"""Shared test helpers: the real-image fixture, tiny specs, the CLI as a subprocess (and in this process,
+where the process is not what a test checks), PostgreSQL databases, and Optuna's schema made once per run
+(a template database, a ready SQLite file)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,10 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+
+# Session- and module-scoped scenarios several test modules share (imported here so pytest registers them).
+from shared_studies import *  # noqa: F403
+from shared_trained import *  # noqa: F403
 
 # In-process tests train real trials too: keep W&B off unless a test asks for it in its spec.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -114,6 +123,68 @@ def spawn_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = 
     )
 
 
+def cli_here(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`kmnist-tune ARGS` through the console entry point's own `main`, in this process: the same
+    parsing, the same one-line errors and exit statuses, without a process start (and its imports).
+
+    For checks where the process itself is not what is tested (help text, usage errors, what a
+    command prints). The environment is exactly `env` (cli_env() by default) while it runs, the
+    working directory `cwd` or an empty folder (so no `.env` of the checkout is read), and what
+    `main` changes for a whole process (sys.argv, warning filters, log filters) is put back after."""
+    from click.testing import CliRunner
+
+    from kmnist_tune.cli import main
+
+    env = cli_env() if env is None else env
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    overrides.update(env)
+    loggers = [logging.getLogger(n) for n in ("", "optuna", "sqlalchemy")]
+    kept = [(lg, list(lg.filters), [(h, list(h.filters)) for h in lg.handlers]) for lg in loggers]
+    argv = sys.argv[:]
+    with contextlib.ExitStack() as stack:
+        where = cwd or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kt-cli-")))
+        stdout, stderr, _ = stack.enter_context(CliRunner().isolation(env=overrides))
+        stack.enter_context(warnings.catch_warnings())
+        stack.enter_context(contextlib.chdir(where))
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # shell completion exits as click's commands do
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.argv[:] = argv
+            for lg, filters, handlers in kept:
+                lg.filters[:] = filters
+                for h, hf in handlers:
+                    h.filters[:] = hf
+        out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
+    proc = subprocess.CompletedProcess(["kmnist-tune", *args], rc, out, err)
+    if check and rc != 0:
+        raise AssertionError(f"kmnist-tune {' '.join(args)} exited {rc} (in process)\nstdout:\n{out}\nstderr:\n{err}")
+    return proc
+
+
+def command_paths() -> list[list[str]]:
+    """Every command and group of the CLI, as the words that name it (the root is [])."""
+    import typer
+
+    from kmnist_tune.cli import app
+
+    paths: list[list[str]] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            if not getattr(sub, "hidden", False):
+                walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     """The CLI's failure contract: non-zero exit, exactly one stderr line starting 'error:', no traceback."""
     assert proc.returncode != 0, f"expected failure, got 0; stdout={proc.stdout!r}"
@@ -137,18 +208,85 @@ def pg_admin() -> psycopg.Connection[Any]:
         )
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
-    name = f"kt_test_{uuid.uuid4().hex[:10]}"
+PG_BASE = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str = "kt_test", template: str | None = None) -> Iterator[str]:
+    """A new database on the machine's server (a copy of `template` when given), dropped afterwards
+    with its connections; its SQLAlchemy URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with pg_admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     try:
-        yield f"{base}/{name}"
+        yield f"{PG_BASE}/{name}"
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def copy_database(url: str) -> contextlib.AbstractContextManager[str]:
+    """A copy of the test-owned database at `url` (CREATE DATABASE ... TEMPLATE), dropped afterwards.
+
+    PostgreSQL copies only a database nobody is connected to: the idle connections left in this
+    process's pools (which reconnect when used again: pool_pre_ping) are closed first. Every process
+    using the database (a dashboard, a worker) must have ended."""
+    source = url.rsplit("/", 1)[1]
+    with pg_admin() as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (source,),
+        )
+    return scratch_database("kt_copy", template=source)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the machine's server, dropped afterwards."""
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_schema_template() -> Iterator[str]:
+    """A database holding the tables `kmnist-tune schema` makes (Optuna's and the artifact table),
+    made once per run by that command, so that it is exactly what the product creates."""
+    with scratch_database("kt_schema_template") as url:
+        assert "ready" in run_cli("schema", "--storage", url).stdout
+        yield url
+
+
+@pytest.fixture
+def pg_schema_url(pg_schema_template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database whose tables are already there (a copy of the template), for tests
+    whose subject is not the schema's creation; dropped afterwards."""
+    with copy_database(pg_schema_template) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sqlite_schema_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file holding the tables `kmnist-tune schema` makes, made once per run."""
+    path = tmp_path_factory.mktemp("schema") / "schema.db"
+    assert "ready" in run_cli("schema", "--storage", f"sqlite:///{path}").stdout
+    return path
+
+
+@pytest.fixture
+def sqlite_schema_url(sqlite_schema_file: Path, tmp_path: Path) -> str:
+    """A SQLite storage in tmp_path whose tables are already there (a copy of the ready file)."""
+    return sqlite_copy(sqlite_schema_file, tmp_path / "study.db")
+
+
+def sqlite_copy(src: Path, dest: Path) -> str:
+    """A copy of a SQLite storage and of the artifact folder kept beside it; the copy's URL."""
+    from kmnist_tune.service.artifacts import FOLDER
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    if (src.parent / FOLDER).is_dir():
+        shutil.copytree(src.parent / FOLDER, dest.parent / FOLDER, dirs_exist_ok=True)
+    return f"sqlite:///{dest}"
 
 
 @pytest.fixture

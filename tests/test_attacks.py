@@ -16,12 +16,10 @@ import os
 import pickle
 import secrets
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 import uuid
 import zipfile
@@ -40,6 +38,7 @@ from conftest import (
     PG_ADMIN,
     REPO,
     cli_env,
+    cli_here,
     created_study,
     error_line,
     pg_admin,
@@ -48,6 +47,7 @@ from conftest import (
     tiny_spec,
     write_spec,
 )
+from helpers import free_port, wait_until
 from numpy.lib import format as npy
 from optuna.trial import TrialState, create_trial
 from PIL import Image
@@ -103,7 +103,8 @@ class Shared:
         return optuna.storages.RDBStorage(self.worker_url, skip_table_creation=True)
 
     def create(self, tmp: Path, name: str, **over: Any) -> optuna.Study:
-        run_cli("study", "create", str(write_spec(tmp / f"{name}.yaml", tiny_spec(name, **over))), "--storage", self.worker_url)
+        """`study create` as the worker role (through the entry point's `main`, in this process)."""
+        cli_here("study", "create", str(write_spec(tmp / f"{name}.yaml", tiny_spec(name, **over))), "--storage", self.worker_url)
         return optuna.load_study(study_name=name, storage=self.storage())
 
     def plant(self, artifact_id: str, data: bytes) -> None:
@@ -243,7 +244,9 @@ def test_export_writes_only_the_model_files_and_only_into_the_destination(shared
     study.set_user_attr(MODEL_ATTR, {"trial": 0, "at": "now", "artifacts": ids, "sha256": {n: sha(d) for n, d in files.items()}})
     parent = tmp_path / "a" / "b"
     parent.mkdir(parents=True)
-    line = error_line(run_cli("export", "--study", "swapped", str(parent / "model"), "--storage", shared.worker_url, check=False))
+    line = error_line(
+        cli_here("export", "--study", "swapped", str(parent / "model"), "--storage", shared.worker_url, check=False)
+    )
     assert "a model directory does not have" in line
     assert list(parent.iterdir()) == [] and not absolute.exists()  # nothing written, anywhere
 
@@ -251,7 +254,7 @@ def test_export_writes_only_the_model_files_and_only_into_the_destination(shared
 def test_a_checkpoint_that_fails_its_check_is_deleted(shared: Shared, tmp_path: Path) -> None:
     """A retry's checkpoint whose bytes do not match the checksum its trial recorded: refused, and no
     byte of it stays on the worker's disk while the retry trains from scratch."""
-    from kmnist_tune.contract.spec import parse_spec
+    from kmnist_tune.contract.load import parse_spec
     from kmnist_tune.recipe.checkpoints import TrialCheckpoints
 
     study = shared.create(tmp_path, "mismatch")
@@ -297,14 +300,14 @@ def test_with_a_signing_key_an_unsigned_kept_model_is_refused(shared: Shared, tm
     other = Signer("o" * 32)
     record["signatures"] = {n: other.sign("model-file", n, ids[n], sha(d)) for n, d in good.items()}
     study.set_user_attr(MODEL_ATTR, record)
-    assert "unsigned or not signed" in error_line(run_cli(*args, env=env, check=False))
+    assert "unsigned or not signed" in error_line(cli_here(*args, env=env, check=False))
     # Signed with the team's key: fetched. Without the key, today's behaviour (the checksum alone).
     mine = Signer(KEY)
     record["signatures"] = {n: mine.sign("model-file", n, ids[n], sha(d)) for n, d in good.items()}
     study.set_user_attr(MODEL_ATTR, record)
-    run_cli(*args, env=env)
+    cli_here(*args, env=env)
     assert (tmp_path / "u" / "classes.csv").read_bytes() == b"c"
-    run_cli("export", "--study", "unsigned", str(tmp_path / "plain"), "--storage", shared.worker_url)
+    cli_here("export", "--study", "unsigned", str(tmp_path / "plain"), "--storage", shared.worker_url)
 
 
 def test_with_a_signing_key_a_checkpoint_resumes_only_when_signed_by_it(
@@ -312,7 +315,7 @@ def test_with_a_signing_key_a_checkpoint_resumes_only_when_signed_by_it(
 ) -> None:
     """A worker's checkpoint round trip, signed; one an attacker uploaded with the right checksum but no
     signature is refused and the retry starts from scratch."""
-    from kmnist_tune.contract.spec import parse_spec
+    from kmnist_tune.contract.load import parse_spec
     from kmnist_tune.recipe.checkpoints import TrialCheckpoints
 
     monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
@@ -467,7 +470,7 @@ def test_with_a_signing_key_predict_refuses_an_unsigned_model_directory(tmp_path
 
     card["signature"] = Signer(KEY).sign("model-card", inference._canonical(card))
     (folder / "model.json").write_text(json.dumps(card))
-    run_cli(*args, env=cli_env(KMNIST_TUNE_SIGNING_KEY=KEY))
+    cli_here(*args, env=cli_env(KMNIST_TUNE_SIGNING_KEY=KEY))
 
 
 # -- one statement stops everyone: least privilege ---------------------------------------------------
@@ -558,12 +561,6 @@ def test_the_dashboard_role_reads_and_cannot_write(shared: Shared) -> None:
 # -- the dashboard is open to the host ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Reply:
     status: int
@@ -601,19 +598,15 @@ def dashboard(shared: Shared) -> Iterator[int]:
     port = free_port()
     env = cli_env(KMNIST_TUNE_STORAGE=shared.url("dashboard"), KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS=" proxy.example:8443 ,")
     proc = spawn_cli("dashboard", "--port", str(port), "--allow-host", "dash.example", env=env)
+
+    def answers() -> bool:
+        try:
+            return ask(port, "/api/studies", f"127.0.0.1:{port}").status == 200
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if ask(port, "/api/studies", f"127.0.0.1:{port}").status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError(f"the dashboard exited {proc.returncode}:\n{proc.communicate()[1]}")
-            if time.monotonic() > deadline:
-                raise AssertionError("the dashboard did not answer on loopback")
-            time.sleep(0.2)
+        wait_until(answers, 90, "the dashboard to answer on loopback", [proc])
         yield port
     finally:
         proc.terminate()
@@ -743,13 +736,16 @@ def test_study_delete_leaves_no_row_behind_even_of_an_upload_in_flight(shared: S
     assert body.started.wait(60)
     delete = spawn_cli("study", "delete", "inflight", "--yes", "--storage", shared.worker_url)
     # Until the delete waits on the upload's lock (or, without one, has finished), the upload is held.
-    while delete.poll() is None:
-        waiting = shared.sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = %s",
-            (f"kmnist-tune {delete.pid}",),
-        )
-        if waiting[0][0]:
-            break
+    with shared.connect("worker") as conn:
+
+        def delete_waits_or_ended() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = %s",
+                (f"kmnist-tune {delete.pid}",),
+            ).fetchone()
+            return delete.poll() is not None or bool(row and row[0])
+
+        wait_until(delete_waits_or_ended, 120, "the delete to wait on the upload's lock", every=0.05)
     go.set()
     uploader.join(60)
     out, err = delete.communicate(timeout=120)
@@ -776,7 +772,7 @@ def test_schema_prune_removes_rows_no_study_owns(shared: Shared, tmp_path: Path)
     rows = shared.rows()
     assert f"pruned {len(before) - len(rows)} artifact(s)" in out and len(before) - len(rows) >= 3
     assert kept in rows and not rows & set(junk)
-    assert "pruned 0 artifact(s)" in run_cli("schema", "--prune", "--storage", shared.worker_url).stdout
+    assert "pruned 0 artifact(s)" in cli_here("schema", "--prune", "--storage", shared.worker_url).stdout
 
 
 # -- .env ------------------------------------------------------------------------------------------
@@ -1017,7 +1013,8 @@ def test_study_create_refuses_a_huge_n_ei_candidates(tmp_path: Path) -> None:
     ids=["popsize", "early-stopping-rate", "warmup", "infinite", "long-mapping", "long-string"],
 )
 def test_every_option_value_is_bounded(tmp_path: Path, options: dict[str, Any]) -> None:
-    from kmnist_tune.contract.spec import SpecError, parse_spec
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.contract.spec import SpecError
 
     with pytest.raises(SpecError) as err:
         parse_spec(tiny_spec("opts", **options))
@@ -1036,11 +1033,11 @@ def test_a_deeply_nested_spec_file_is_one_line(tmp_path: Path) -> None:
     flow.write_text("name: deep\nbudget: {n_trials: 2}\ndescription: " + "[" * 30_000 + "]" * 30_000 + "\n")
     block = tmp_path / "block.yaml"
     block.write_text("name: deep\nbudget: {n_trials: 2}\ndescription:\n" + "".join("  " * i + "- \n" for i in range(1, 60)))
-    for path in (flow, block):
-        proc = run_cli("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 'o.db'}", check=False)
+    for cli, path in ((run_cli, flow), (cli_here, block)):
+        proc = cli("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 'o.db'}", check=False)
         assert proc.returncode == 2 and "nested more than 20 levels deep" in error_line(proc)
     # What the depth limit leaves: every real spec is a few levels deep.
-    from kmnist_tune.contract.spec import parse_spec
+    from kmnist_tune.contract.load import parse_spec
 
     parse_spec(tiny_spec("ok", sampler={"name": "cmaes", "options": {"x0": {"lr": 3e-3}}}))
 
@@ -1049,12 +1046,16 @@ def test_a_bad_spec_stored_by_anyone_sharing_the_database_is_one_line(tmp_path: 
     url = created_study(tmp_path, "shared")
     study = optuna.load_study(study_name="shared", storage=url)
     good = study.user_attrs[SPEC_ATTR]
-    for bad, words in (
-        ({**good, "sampler": {"name": "tpe", "options": {"n_ei_candidates": 2000000000}}}, ["n_ei_candidates", "1..10000"]),
-        ({**good, "description": nested(500)}, ["nested more than 20 levels deep"]),
+    for cli, bad, words in (
+        (
+            run_cli,
+            {**good, "sampler": {"name": "tpe", "options": {"n_ei_candidates": 2000000000}}},
+            ["n_ei_candidates", "1..10000"],
+        ),
+        (cli_here, {**good, "description": nested(500)}, ["nested more than 20 levels deep"]),
     ):
         study.set_user_attr(SPEC_ATTR, json.loads(json.dumps(bad)))
-        proc = run_cli("study", "show", "shared", "--storage", url, check=False)
+        proc = cli("study", "show", "shared", "--storage", url, check=False)
         line = error_line(proc)
         assert proc.returncode == 2 and "spec stored in study 'shared'" in line, line
         assert all(w in line for w in words), line
@@ -1076,12 +1077,12 @@ def test_predict_refuses_the_attacks_with_one_line(model_dir: Path, tmp_path: Pa
     Image.new("L", (40000, 1)).save(thin)
     bomb = idx_images(tmp_path / "bomb-idx3-ubyte.gz", CLAIMED)
     five = idx_images(tmp_path / "five-idx3-ubyte.gz", 5)
-    for args, words in (
-        ([str(thin)], ["40000x1", "8192"]),
-        ([str(bomb)], ["255,000 images", "--max-images 255000"]),
-        ([str(five), "--max-images", "4"], ["5 images", "at most 4"]),  # the option reaches the reader
+    for cli, args, words in (  # one real process, the others through the entry point's `main` here
+        (run_cli, [str(thin)], ["40000x1", "8192"]),
+        (cli_here, [str(bomb)], ["255,000 images", "--max-images 255000"]),
+        (cli_here, [str(five), "--max-images", "4"], ["5 images", "at most 4"]),  # the option reaches the reader
     ):
-        proc = run_cli("predict", str(model_dir), *args, check=False)
+        proc = cli("predict", str(model_dir), *args, check=False)
         line = error_line(proc)
         assert proc.returncode == 2 and all(w in line for w in words), line
 
@@ -1095,8 +1096,9 @@ def test_a_study_attribute_nested_beyond_any_decoder_is_one_line(shared: Shared,
         "(SELECT study_id FROM studies WHERE study_name = 'abyss')",
         ("[" * depth + "]" * depth, SPEC_ATTR),
     )
-    for args in (("study", "show", "abyss"), ("worker", "--study", "abyss", "--gpus", "none")):
-        proc = run_cli(*args, "--storage", shared.worker_url, check=False)
+    # A real process for `study show`, the worker through the entry point's `main` here.
+    for cli, args in ((run_cli, ("study", "show", "abyss")), (cli_here, ("worker", "--study", "abyss", "--gpus", "none"))):
+        proc = cli(*args, "--storage", shared.worker_url, check=False)
         assert proc.returncode == 2 and "nested too deeply" in error_line(proc)
 
 

@@ -4,51 +4,29 @@ study's artifact store (PostgreSQL's table, or the folder beside a SQLite file).
 from __future__ import annotations
 
 import io
-import signal
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 import psycopg
 import pytest
-from conftest import run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import run_cli
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
+from shared_studies import KilledScenario, SigtermScenario, four_epochs, in_process_cli
+from sim_worker import create
 from sqlalchemy.engine import make_url
 
+from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.contract.records import TrialRecord
-from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.optuna_internals import trial_id
 from kmnist_tune.recipe.checkpoints import TrialCheckpoints
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
 from kmnist_tune.service.storage import open_storage
 
-LR = 8e-3  # fixed, so that an uninterrupted run of the same configuration is the yardstick
-
-
-def four_epochs(name: str) -> dict:
-    spec = tiny_spec(name, budget={"n_trials": 1})
-    spec["parameters"]["epochs"] = {"value": 4}
-    spec["parameters"]["lr"] = {"value": LR}
-    spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
-    spec["checkpoints"] = {"min_interval_s": 0}  # the fixture's epochs last seconds: save after each one
-    return spec
-
 
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=open_storage(url)).trials
-
-
-def wait_for_checkpoint(url: str, name: str, epoch: int, timeout: float = 180) -> None:
-    """Until the running trial's record names a checkpoint of `epoch` (0-based) or later."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for t in trials(url, name):
-            ckpt = TrialRecord.of(t).checkpoint
-            if t.state == TrialState.RUNNING and ckpt and ckpt["epoch"] >= epoch:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"no checkpoint of epoch {epoch + 1} within {timeout:.0f} s")
 
 
 def artifact_rows(pg_url: str) -> dict[str, int]:
@@ -58,101 +36,99 @@ def artifact_rows(pg_url: str) -> dict[str, int]:
         return dict(conn.execute(f"SELECT artifact_id, count(*) FROM {TABLE} GROUP BY 1").fetchall())  # type: ignore[arg-type]
 
 
+# -- killed through PgBouncer (shared_studies.killed_scenario) ---------------------------------------
+
+
 @pytest.mark.postgres
-def test_a_killed_trial_is_resumed_from_its_checkpoint_by_another_worker(tmp_path: Path, pg_url: str) -> None:
-    run_cli("run", str(write_spec(tmp_path / "ref.yaml", four_epochs("uninterrupted"))), "--storage", pg_url)
-    (reference,) = trials(pg_url, "uninterrupted")
-    run_cli("study", "create", str(write_spec(tmp_path / "k.yaml", four_epochs("killed"))), "--storage", pg_url)
-    victim = spawn_cli("worker", "--study", "killed", "--storage", pg_url, "--gpus", "none")
-    wait_for_checkpoint(pg_url, "killed", epoch=1)  # epochs 1 and 2 done and saved: it is in epoch 3
-    killed_at = time.monotonic()
-    victim.kill()
-    victim.wait(10)
-    (original,) = trials(pg_url, "killed")
-    survivor = spawn_cli("worker", "--study", "killed", "--storage", pg_url, "--gpus", "none")
-    _, err = survivor.communicate(timeout=600)
-    assert survivor.returncode == 0, err
-    done = trials(pg_url, "killed")
-    finished = [t for t in done if t.state == TrialState.COMPLETE]
-    assert len(finished) == 1 and sum(t.state == TrialState.FAIL for t in done) == 1  # exactly the budget
+def test_a_killed_trial_is_resumed_from_its_checkpoint_by_another_worker(killed_scenario: KilledScenario) -> None:
+    s = killed_scenario
+    finished = [t for t in s.after if t.state == TrialState.COMPLETE]
+    assert len(finished) == 1 and sum(t.state == TrialState.FAIL for t in s.after) == 1  # exactly the budget
     (retry,) = finished
     resumed = TrialRecord.of(retry).resumed_from
-    assert resumed == {"trial": original.number, "epoch": 2}, resumed  # epoch 3 of 4, 0-based 2
-    assert f"trial {retry.number}: resumed from trial {original.number} at epoch 3/4" in err
+    assert resumed == {"trial": s.doomed.number, "epoch": 2}, resumed  # epoch 3 of 4, 0-based 2
+    assert f"trial {retry.number}: resumed from trial {s.doomed.number} at epoch 3/4" in s.survivor_err
     assert sorted(retry.intermediate_values) == [3, 4]  # epochs 1 and 2 are not reported again
     # The same configuration and seed, uninterrupted: the resumed run lands where it would have.
-    assert retry.value == pytest.approx(reference.value, abs=0.02), (retry.value, reference.value)
-    saved = sum(TrialRecord.of(reference).epoch_seconds[:2])
+    assert retry.value == pytest.approx(s.reference.value, abs=0.02), (retry.value, s.reference.value)
+    saved = sum(TrialRecord.of(s.reference).epoch_seconds[:2])
     print(
-        f"\nkilled during epoch 3 of 4 ({time.monotonic() - killed_at:.1f} s to finish after the kill); the retry "
-        f"started at epoch 3, saving the {saved:.1f} s of epochs 1-2; final {retry.value:.4f} vs "
-        f"uninterrupted {reference.value:.4f}"
+        f"\nkilled during epoch 3 of 4; the retry started at epoch 3, saving the {saved:.1f} s of epochs 1-2; "
+        f"final {retry.value:.4f} vs uninterrupted {s.reference.value:.4f}"
     )
+
+
+@pytest.mark.postgres
+def test_a_resumed_trial_leaves_no_checkpoint_in_the_table(killed_scenario: KilledScenario) -> None:
     # Finished for good: the checkpoints of the trial and of the one it resumed are gone from the table.
-    assert artifact_rows(pg_url) == {}
+    assert [t.state for t in killed_scenario.after].count(TrialState.COMPLETE) == 1
+    assert artifact_rows(killed_scenario.db.direct) == {}
 
 
-def test_sigterm_hands_the_trial_back_and_the_retry_resumes(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 't.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", four_epochs("term"))), "--storage", url)
-    worker = spawn_cli("worker", "--study", "term", "--storage", url, "--gpus", "none")
-    wait_for_checkpoint(url, "term", epoch=1)
-    worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=120)
-    assert worker.returncode == 0, err
-    out = run_cli("worker", "--study", "term", "--storage", url, "--gpus", "none")
-    assert "resumed from trial 0 at epoch 3/4" in out.stderr
-    (retry,) = [t for t in trials(url, "term") if t.state == TrialState.COMPLETE]
+# -- handed back on SIGTERM (shared_studies.sigterm_scenario) -----------------------------------------
+
+
+def test_sigterm_hands_the_trial_back_and_the_retry_resumes(sigterm_scenario: SigtermScenario) -> None:
+    s = sigterm_scenario
+    assert "resumed from trial 0 at epoch 3/4" in s.resumed_err
+    (retry,) = [t for t in s.after if t.state == TrialState.COMPLETE]
     assert TrialRecord.of(retry).resumed_from["epoch"] == 2  # type: ignore[index]
-    study = optuna.load_study(study_name="term", storage=open_storage(url))
-    note = get_note(optuna.Trial(study, retry._trial_id))  # the trial's note in optuna-dashboard
+    assert sorted(retry.intermediate_values) == [3, 4]
+    study = optuna.load_study(study_name="term", storage=open_storage(s.url))
+    note = get_note(optuna.Trial(study, trial_id(retry)))  # the trial's note in optuna-dashboard
     assert "resumed from trial 0's checkpoint at epoch 3" in note, note
+
+
+def test_a_resumed_trial_leaves_no_checkpoint_in_the_folder(sigterm_scenario: SigtermScenario) -> None:
     # Finished for good: no checkpoint of either trial is left in the folder beside the database.
-    assert list((tmp_path / "kmnist-tune-artifacts").iterdir()) == []
+    assert [t.state for t in sigterm_scenario.after].count(TrialState.COMPLETE) == 1
+    assert list((sigterm_scenario.folder / "kmnist-tune-artifacts").iterdir()) == []
 
 
-def test_a_corrupt_checkpoint_falls_back_to_a_fresh_start(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'c.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", four_epochs("damaged"))), "--storage", url)
-    worker = spawn_cli("worker", "--study", "damaged", "--storage", url, "--gpus", "none")
-    wait_for_checkpoint(url, "damaged", epoch=1)
-    worker.kill()
-    worker.wait(10)
-    for weights in (tmp_path / "kmnist-tune-artifacts").glob("*.pth"):
+def test_a_corrupt_checkpoint_falls_back_to_a_fresh_start(sigterm_scenario: SigtermScenario, capsys) -> None:
+    """The study as it was handed back (a copy): its checkpoint damaged in the store after upload."""
+    folder = sigterm_scenario.damaged_copy
+    url = f"sqlite:///{folder / 't.db'}"
+    damaged = list((folder / "kmnist-tune-artifacts").glob("*.pth"))
+    assert damaged
+    for weights in damaged:
         blob = bytearray(weights.read_bytes())
         blob[len(blob) // 2 : len(blob) // 2 + 64] = b"\x00" * 64
         weights.write_bytes(bytes(blob))
-    out = run_cli("worker", "--study", "damaged", "--storage", url, "--gpus", "none")
-    assert "does not load" in out.stderr and "starting from scratch" in out.stderr and "Traceback" not in out.stderr
-    (retry,) = [t for t in trials(url, "damaged") if t.state == TrialState.COMPLETE]
+    _, err = in_process_cli(capsys, "worker", "--study", "term", "--storage", url)
+    assert "does not load" in err and "starting from scratch" in err and "Traceback" not in err
+    (retry,) = [t for t in trials(url, "term") if t.state == TrialState.COMPLETE]
     assert sorted(retry.intermediate_values) == [1, 2, 3, 4] and TrialRecord.of(retry).resumed_from is None
 
 
-def _orphans(url: str, name: str, tmp_path: Path) -> None:
+# -- checkpoints nobody recorded, and the halving rule's restarts ------------------------------------
+
+
+def _orphans(url: str, name: str) -> None:
     """A study with a failed trial whose checkpoints were uploaded but never recorded (its worker
     was killed in between), the way only a name-based clean-up finds them."""
-    run_cli("study", "create", str(write_spec(tmp_path / f"{name}.yaml", four_epochs(name))), "--storage", url)
+    create(url, four_epochs(name))
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage)
     trial = study.ask()
     store = artifact_store(storage)
     for epoch in (0, 2):
         for ext in ("pth", "json"):
-            store.write(f"{checkpoint_base(trial._trial_id, epoch)}.{ext}", io.BytesIO(b"weights" * 100))
+            store.write(f"{checkpoint_base(trial_id(trial), epoch)}.{ext}", io.BytesIO(b"weights" * 100))
     study.tell(trial, state=TrialState.FAIL)
     assert TrialRecord.of(study.trials[0]).checkpoint is None
 
 
 @pytest.mark.postgres
-def test_study_delete_removes_unrecorded_checkpoints_from_the_table(tmp_path: Path, pg_url: str) -> None:
-    _orphans(pg_url, "orphans", tmp_path)
+def test_study_delete_removes_unrecorded_checkpoints_from_the_table(pg_url: str) -> None:
+    _orphans(pg_url, "orphans")
     assert len(artifact_rows(pg_url)) == 4
     run_cli("study", "delete", "orphans", "--yes", "--storage", pg_url)
     assert artifact_rows(pg_url) == {}
 
 
 def test_study_delete_removes_unrecorded_checkpoints_from_the_folder(tmp_path: Path) -> None:
-    _orphans(f"sqlite:///{tmp_path / 'o.db'}", "orphans", tmp_path)
+    _orphans(f"sqlite:///{tmp_path / 'o.db'}", "orphans")
     folder = tmp_path / "kmnist-tune-artifacts"
     assert len(list(folder.iterdir())) == 4
     run_cli("study", "delete", "orphans", "--yes", "--storage", f"sqlite:///{tmp_path / 'o.db'}")
@@ -163,7 +139,7 @@ def test_a_restart_at_a_halved_batch_size_keeps_its_own_checkpoint(tmp_path: Pat
     """The halving rule restarts a trial from epoch 0, so its new checkpoints take the names of the
     old ones; keep: 1 must drop the old record without deleting the new files under those names."""
     url = f"sqlite:///{tmp_path / 'h.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "h.yaml", four_epochs("halved"))), "--storage", url)
+    create(url, four_epochs("halved"))
     study = optuna.load_study(study_name="halved", storage=open_storage(url))
     trial = study.ask()
     lines: list[str] = []

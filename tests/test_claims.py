@@ -19,9 +19,10 @@ from pg_sampler import ConnectionSampler
 from sim_worker import make_study, work
 
 from kmnist_tune.errors import UserError
+from kmnist_tune.optuna_internals import trial_id
 from kmnist_tune.service.claims import TABLE, TICKET_TTL_S, budget_slot, make_trial
 from kmnist_tune.service.lock import storage_lock
-from kmnist_tune.service.storage import open_storage, unwrap
+from kmnist_tune.service.storage import engine, open_storage
 
 
 def advisory_locks(database: str) -> int:
@@ -102,7 +103,7 @@ def test_storage_lock_excludes_with_more_waiters_than_server_connections(through
                         inside.remove(i)
             return 2
         finally:
-            unwrap(storage).engine.dispose()
+            engine(storage).dispose()
 
     assert sum(run_threads(30, contend)) == 60
     assert overlaps == 0
@@ -113,28 +114,28 @@ def test_a_ticket_holds_its_slot_until_it_expires(pooled_pg_url: str) -> None:
     make_study(pooled_pg_url, "tickets", 1)
     storage = open_storage(pooled_pg_url)
     study_id = storage.get_study_id_from_name("tickets")
-    engine = unwrap(storage).engine
+    eng = engine(storage)
     with budget_slot(storage, study_id, "tickets", 1) as granted:
         assert granted
         # While this claim is in progress (its trial not made yet), the one slot is taken.
         with budget_slot(storage, study_id, "tickets", 1) as other:
             assert not other
-    with engine.begin() as conn:
+    with eng.begin() as conn:
         assert conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {TABLE}")).scalar_one() == 0
         # A worker that died between its claim and Optuna's ask leaves its ticket behind ...
         conn.execute(sqlalchemy.text(f"INSERT INTO {TABLE} (study_id) VALUES (:sid)"), {"sid": study_id})
     with budget_slot(storage, study_id, "tickets", 1) as granted:
         assert not granted
     # ... which stops counting once it is older than the time a claim can take.
-    with engine.begin() as conn:
+    with eng.begin() as conn:
         conn.execute(
             sqlalchemy.text(f"UPDATE {TABLE} SET claimed_at = now() - make_interval(secs => :s)"), {"s": TICKET_TTL_S + 1}
         )
     with budget_slot(storage, study_id, "tickets", 1) as granted:
         assert granted
-    with engine.begin() as conn:
+    with eng.begin() as conn:
         assert conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {TABLE}")).scalar_one() == 0
-    engine.dispose()
+    eng.dispose()
 
 
 def test_a_database_without_the_claim_table_is_one_line(pg_url: str) -> None:
@@ -159,13 +160,13 @@ def test_make_trial_pops_a_waiting_trial_first_and_otherwise_makes_one_the_cache
         popped, new = make_trial(study, storage, study_id)
         assert popped.number == 0 and not new
         assert popped.suggest_float("lr", 1e-4, 1e-1, log=True) == 0.01  # the enqueued parameters
-        assert storage.get_trial(popped._trial_id).state == optuna.trial.TrialState.RUNNING
+        assert storage.get_trial(trial_id(popped)).state == optuna.trial.TrialState.RUNNING
         made, new = make_trial(study, storage, study_id)  # nothing waits now: a new trial
         assert made.number == 1 and new
-        assert storage.get_trial_system_attrs(made._trial_id) == {}
+        assert storage.get_trial_system_attrs(trial_id(made)) == {}
         lr = made.suggest_float("lr", 1e-4, 1e-1, log=True)  # the study's cache knows the new trial
         study.tell(made, lr)
         study.tell(popped, 0.01)
         assert sorted((t.number, t.state.name) for t in study.get_trials()) == [(0, "COMPLETE"), (1, "COMPLETE")]
     finally:
-        unwrap(storage).engine.dispose()
+        engine(storage).dispose()

@@ -8,16 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-from conftest import cli_env, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_env, cli_here, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from helpers import wait_until
 from optuna.trial import TrialState
 
 from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.service.cpu_share import CpuShare, machine_cores
-from kmnist_tune.service.storage import open_storage
+from kmnist_tune.service.storage import open_storage, release
 
 HOLD = """
 import sys, time
@@ -65,20 +65,30 @@ def test_a_fixed_thread_count_skips_the_registry(tmp_path: Path, monkeypatch) ->
 
 
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url)).trials
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        release(storage)
 
 
-def test_a_worker_that_joins_takes_its_share_and_records_it(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
+def test_a_worker_that_joins_takes_its_share_and_records_it(tmp_path: Path, sqlite_schema_url: str) -> None:
+    url = sqlite_schema_url  # the tables made once per run (conftest)
     spec = tiny_spec("shared", budget={"n_trials": 2})
     spec["parameters"]["epochs"] = {"value": 2}
     run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url)
     env = cli_env(XDG_RUNTIME_DIR=str(tmp_path / "run"))  # this test's own registry of trainers
     first = spawn_cli("worker", "--study", "shared", "--storage", url, "--gpus", "none", "--max-trials", "1", env=env)
-    deadline = time.monotonic() + 120
-    while not any(t.state == TrialState.RUNNING for t in trials(url, "shared")):
-        assert time.monotonic() < deadline and first.poll() is None, "the first worker never started its trial"
-        time.sleep(0.2)
+    storage = open_storage(url)  # one storage for the whole wait
+    try:
+        study = optuna.load_study(study_name="shared", storage=storage)
+
+        def training() -> bool:
+            return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+        wait_until(training, 120, "the first worker to start its trial", [first])
+    finally:
+        release(storage)
     second = run_cli("worker", "--study", "shared", "--storage", url, "--gpus", "none", "--max-trials", "1", env=env)
     _, err_first = first.communicate(timeout=300)
     assert first.returncode == 0, err_first
@@ -90,14 +100,14 @@ def test_a_worker_that_joins_takes_its_share_and_records_it(tmp_path: Path) -> N
     assert [t.state for t in (alone, joined)] == [TrialState.COMPLETE] * 2
 
 
-def test_threads_option_fixes_the_count_and_bad_values_are_one_line(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 't.db'}"
+def test_threads_option_fixes_the_count_and_bad_values_are_one_line(tmp_path: Path, sqlite_schema_url: str) -> None:
+    url = sqlite_schema_url
     run_cli("study", "create", str(write_spec(tmp_path / "t.yaml", tiny_spec("fixed", budget={"n_trials": 1}))), "--storage", url)
     out = run_cli("worker", "--study", "fixed", "--storage", url, "--gpus", "none", "--threads", "1")
     assert "trial 0: 1 CPU thread (--threads 1)" in out.stderr
     assert TrialRecord.of(trials(url, "fixed")[0]).threads == 1
-    bad = run_cli("worker", "--study", "fixed", "--storage", url, "--threads", "0", check=False)
+    bad = cli_here("worker", "--study", "fixed", "--storage", url, "--threads", "0", check=False)  # refused before any work
     assert bad.returncode == 2 and error_line(bad) == "error: --threads '0': give a whole number of CPU threads >= 1, or auto"
-    env = cli_env(KMNIST_TUNE_THREADS="many")
+    env = cli_env(KMNIST_TUNE_THREADS="many")  # a real process: the entry point's one line and exit status
     bad_env = run_cli("worker", "--study", "fixed", "--storage", url, env=env, check=False)
     assert bad_env.returncode == 2 and "KMNIST_TUNE_THREADS='many': give a whole number" in error_line(bad_env)

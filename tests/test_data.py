@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from kmnist_tune.errors import UserError
 from kmnist_tune.training import data, splits
@@ -59,12 +59,6 @@ def rewrite_md5sums(folder: Path) -> None:
     """Make MD5SUMS match the folder's current files (to get past the md5 check on purpose)."""
     names = [line.split()[1] for line in (folder / "MD5SUMS").read_text().splitlines()]
     (folder / "MD5SUMS").write_text("".join(f"{hashlib.md5((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +152,7 @@ def test_fixture_both_formats_load_identically() -> None:
         assert x_idx.dtype == np.uint8 and y_idx.dtype == np.int64
         assert np.bincount(y_npz).tolist() == [per_class] * 10
         # fmt None picks npz, and the fixture needs no network.
-        x_any, _ = data.load_split("kmnist", split, KMNIST_MINI, mirror=f"http://127.0.0.1:{closed_port()}")
+        x_any, _ = data.load_split("kmnist", split, KMNIST_MINI, mirror=f"http://127.0.0.1:{free_port()}")
         assert np.array_equal(x_any, x_npz)
 
 
@@ -192,7 +186,7 @@ def test_shared_folder_verifies_and_loads_read_only(shared_dir: Path) -> None:
     assert {st.path.name: st.state for st in statuses} == dict.fromkeys(OFFICIAL_MD5, "ok")
     assert all(st.expected_md5 == OFFICIAL_MD5[st.path.name] for st in statuses)
     # No network needed for a complete folder: the mirror is a closed port.
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     x, y = data.load_split("kmnist", "train", shared_dir, mirror=dead)
     assert x.shape == (60000, 28, 28) and x.dtype == np.uint8
     assert y.dtype == np.int64 and np.bincount(y).tolist() == [6000] * 10
@@ -220,7 +214,7 @@ def test_flipped_byte_is_corrupt_and_never_loaded(tmp_path: Path) -> None:
     assert x.shape == (1200, 28, 28)
     # With idx broken too, the bad npz file is reported, not overwritten by a download.
     flip_byte(d / "train-labels-idx1-ubyte.gz")
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(DataError) as err:
         data.load_split("kmnist", "train", d, mirror=dead)
     assert "corrupt" in one_line(err)
@@ -357,7 +351,7 @@ def test_http_error_is_one_line(mirror: Mirror, tmp_path: Path) -> None:
 
 
 def test_missing_data_and_unreachable_mirror(tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(DataError) as err:
         data.load_split("kmnist", "train", tmp_path / "empty", mirror=dead)
     msg = one_line(err)

@@ -34,7 +34,7 @@ import time
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,12 @@ import optuna
 import psycopg
 import pytest
 import yaml
-from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, error_line, pg_admin, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, cli_here, error_line, pg_admin, run_cli, tiny_spec, write_spec
+from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from pgbouncer_proc import PgBouncer, entrypoint, free_port, image_files, start_pgbouncer
+from pgbouncer_proc import PgBouncer, entrypoint, image_files, start_pgbouncer
 from pgbouncer_proc import dockerfile_instructions as read_dockerfile
 from sqlalchemy.engine import make_url
 
@@ -586,8 +587,9 @@ NAMED = commands_named()
 
 @pytest.mark.parametrize(("origin", "argv"), NAMED, ids=[f"{o.split(':')[0]}:{' '.join(a[:2])}" for o, a in NAMED])
 def test_every_named_command_is_a_real_kmnist_tune_command(origin: str, argv: list[str]) -> None:
-    # Click parses every option before --help acts: an unknown command or option fails here.
-    proc = run_cli(*argv, "--help", check=False, timeout=120)
+    # Click parses every option before --help acts: an unknown command or option fails here. In this
+    # process (the entry point's own `main`): the parsing is what is checked, not a process start.
+    proc = cli_here(*argv, "--help", check=False)
     assert proc.returncode == 0, f"{origin}: `kmnist-tune {' '.join(argv)} --help` exited {proc.returncode}\n{proc.stderr}"
     assert "Usage: kmnist-tune" in proc.stdout
 
@@ -964,17 +966,6 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
 
 
 # -- the README's scale-out steps, played without Docker -------------------------------------------
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, procs: Sequence[subprocess.Popen[str]] = ()) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        for p in procs:
-            assert p.poll() is None, f"{what}: the process exited {p.returncode}"
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def listening(port: int) -> bool:

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from conftest import FIXTURE, error_line, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, cli_here, error_line, run_cli, sqlite_copy, tiny_spec, write_spec
 from PIL import Image
+from shared_trained import EvaluatedStudy
 
 from kmnist_tune.recipe.export import MODEL_FILES
 from kmnist_tune.training.inputs import image_to_28
@@ -23,13 +24,12 @@ TEST_LABELS = FIXTURE / "kmnist-test-labels.npz"
 
 
 @pytest.fixture(scope="module")
-def winner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("export")
-    url = f"sqlite:///{tmp / 'w.db'}"
-    run_cli("run", str(write_spec(tmp / "s.yaml", tiny_spec("home", budget={"n_trials": 1}))), "--storage", url)
-    shown = run_cli("best", "--study", "home", "--evaluate", "--export", str(tmp / "winner"), "--storage", url).stdout
-    stored = json.loads(run_cli("best", "--study", "home", "--json", "--storage", url).stdout)["test_evaluation"]
-    return {"tmp": tmp, "url": url, "dir": tmp / "winner", "shown": shown, "test": stored}
+def winner(evaluated_study: EvaluatedStudy) -> dict[str, Any]:
+    """The shared evaluated study (shared_trained.py): its winner exported by `best --evaluate --export`."""
+    s = evaluated_study
+    stored = json.loads(cli_here("best", "--study", s.name, "--json", "--storage", s.url).stdout)["test_evaluation"]
+    assert stored == s.evaluation["test_evaluation"]  # what --evaluate printed is what the study keeps
+    return {"tmp": s.home, "url": s.url, "name": s.name, "dir": s.model, "test": stored}
 
 
 def test_the_model_directory_holds_program_fastai_export_classes_and_card(winner: dict[str, Any]) -> None:
@@ -41,7 +41,7 @@ def test_the_model_directory_holds_program_fastai_export_classes_and_card(winner
     assert {f["name"] for f in card["data"]["files"]} >= {"kmnist-train-imgs.npz", "kmnist-test-imgs.npz"}
     assert card["metrics"]["test"]["value"] == winner["test"]["test_value"]
     assert card["hyperparameters"]["lr"] == winner["test"]["params"]["lr"] and card["batch_size_used"] == 32
-    assert card["source"] == {**card["source"], "study": "home", "trial": winner["test"]["trial"], "storage": "sqlite"}
+    assert card["source"] == {**card["source"], "study": winner["name"], "trial": winner["test"]["trial"], "storage": "sqlite"}
     assert {"torch", "fastai", "optuna", "kmnist_tune"} <= set(card["versions"])
     rows = (folder / "classes.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "index,codepoint,char" and rows[1] == "0,U+304A,お" and rows[10] == "9,U+3092,を"
@@ -82,13 +82,14 @@ def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tm
         Image.fromarray(img).save(as_28 / f"{i}.png")
         Image.fromarray(255 - img).save(dark_on_light / f"{i}.png")  # a scan: dark ink on white paper
         Image.fromarray(img).resize((84, 84), Image.Resampling.BICUBIC).convert("RGB").save(large / f"{i}.jpg", quality=95)
-    truth = run_cli("predict", str(winner["dir"]), str(TEST_IMAGES), "--out", str(tmp_path / "a.json")).stdout
+    # In this process (the entry point's own `main`): what is checked is what predict reads and writes.
+    truth = cli_here("predict", str(winner["dir"]), str(TEST_IMAGES), "--out", str(tmp_path / "a.json")).stdout
     assert "300 predictions" in truth
     by_array = [r["index"] for r in json.loads((tmp_path / "a.json").read_text())[:10]]
 
     def classes_of(folder: Path) -> list[int]:
         out = tmp_path / f"{folder.name}.csv"
-        run_cli("predict", str(winner["dir"]), str(folder), "--top", "3", "--out", str(out))
+        cli_here("predict", str(winner["dir"]), str(folder), "--top", "3", "--out", str(out))
         rows = [ln.split(",") for ln in out.read_text(encoding="utf-8").splitlines()[1:]]
         assert len(rows) == 30 and [r[1] for r in rows[:3]] == ["1", "2", "3"]
         probs = [float(r[4]) for r in rows[:3]]
@@ -104,26 +105,28 @@ def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tm
     for i, img in enumerate(images):
         back = image_to_28(large / f"{i}.jpg").astype(int)
         assert np.abs(back - img.astype(int)).mean() < 8, i
-    printed = run_cli("predict", str(winner["dir"]), str(as_28 / "0.png"), "--top", "2").stdout
+    printed = cli_here("predict", str(winner["dir"]), str(as_28 / "0.png"), "--top", "2").stdout
     assert printed.startswith(f"{as_28 / '0.png'}\t{by_array[0]}\t")
 
 
 def test_the_model_is_kept_on_the_study_for_the_dashboard(winner: dict[str, Any]) -> None:
-    study = optuna.load_study(study_name="home", storage=winner["url"])
+    study = optuna.load_study(study_name=winner["name"], storage=winner["url"])
     names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(study)}
     assert names == set(MODEL_FILES)
 
 
 def test_export_fetches_the_kept_model(winner: dict[str, Any], tmp_path: Path) -> None:
     dest = tmp_path / "again"
-    run_cli("export", "--study", "home", str(dest), "--storage", winner["url"])
+    run_cli("export", "--study", winner["name"], str(dest), "--storage", winner["url"])
     for name in MODEL_FILES:
         assert (dest / name).read_bytes() == (winner["dir"] / name).read_bytes(), name
 
 
 def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], tmp_path: Path) -> None:
-    model, url = str(winner["dir"]), winner["url"]
-    assert "no such model directory" in error_line(run_cli("predict", str(tmp_path / "none"), str(TEST_IMAGES), check=False))
+    """Real processes where a model is loaded (the entry point's one line, with torch and fastai
+    loaded), the other refusals through the entry point's `main` in this process."""
+    model, name = str(winner["dir"]), winner["name"]
+    assert "no such model directory" in error_line(cli_here("predict", str(tmp_path / "none"), str(TEST_IMAGES), check=False))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for p in winner["dir"].iterdir():
@@ -133,20 +136,22 @@ def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], t
     (damaged / "weights.safetensors").write_bytes(bytes(blob))
     assert "does not match its checksum" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))
     (damaged / "model.json").write_text("{}")
-    assert "not a kmnist-tune model card" in error_line(run_cli("predict", str(damaged), str(TEST_IMAGES), check=False))
+    assert "not a kmnist-tune model card" in error_line(cli_here("predict", str(damaged), str(TEST_IMAGES), check=False))
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture at all")
     assert "cannot be read as an image" in error_line(run_cli("predict", model, str(junk), check=False))
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, np.zeros((3, 32, 32), np.uint8))
-    assert "expected (N, 28, 28)" in error_line(run_cli("predict", model, str(wrong), check=False))
+    assert "expected (N, 28, 28)" in error_line(cli_here("predict", model, str(wrong), check=False))
     assert "end the name in .csv or .json" in error_line(
-        run_cli("predict", model, str(TEST_IMAGES), "--out", str(tmp_path / "x.txt"), check=False)
+        cli_here("predict", model, str(TEST_IMAGES), "--out", str(tmp_path / "x.txt"), check=False)
     )
-    line = error_line(run_cli("export", "--study", "home", model, "--storage", url, check=False))
+    line = error_line(run_cli("export", "--study", name, model, "--storage", winner["url"], check=False))
     assert "not an empty folder" in line
-    run_cli("study", "create", str(write_spec(tmp_path / "o.yaml", tiny_spec("other"))), "--storage", url)
-    line = error_line(run_cli("export", "--study", "other", str(tmp_path / "o"), "--storage", url, check=False))
+    # A second study in a copy of the storage (the shared one stays as it is).
+    url = sqlite_copy(Path(winner["url"].removeprefix("sqlite:///")), tmp_path / "copy" / "kmnist-tune.db")
+    cli_here("study", "create", str(write_spec(tmp_path / "o.yaml", tiny_spec("other"))), "--storage", url)
+    line = error_line(cli_here("export", "--study", "other", str(tmp_path / "o"), "--storage", url, check=False))
     assert "keeps no model yet" in line and not (tmp_path / "o").exists()
-    line = error_line(run_cli("best", "--study", "home", "--export", str(tmp_path / "n"), "--storage", url, check=False))
+    line = error_line(cli_here("best", "--study", name, "--export", str(tmp_path / "n"), "--storage", url, check=False))
     assert "--export needs --evaluate" in line

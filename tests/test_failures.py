@@ -8,19 +8,20 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, created_study, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_env, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from helpers import wait_until
 from optuna.trial import TrialState
+from sim_worker import Simulated, create
 
+from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.contract.records import TrialRecord
-from kmnist_tune.contract.spec import parse_spec
 from kmnist_tune.observe.progress import Reporter
 from kmnist_tune.service.retry import open_worker_storage
-from kmnist_tune.service.storage import open_storage
+from kmnist_tune.service.schema import create_storage
 from kmnist_tune.service.studies import create_study, open_study
 from kmnist_tune.service.worker import TrialsKeepFailing, Worker
 
@@ -39,18 +40,6 @@ def states(url: str, name: str) -> dict[str, int]:
     return out
 
 
-def wait_running(url: str, name: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if states(url, name).get("RUNNING"):
-                return
-        except KeyError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no trial of {name} started within {timeout:.0f} s")
-
-
 # -- whatever a trial raises fails that trial, not the worker -----------------------------------
 
 
@@ -58,8 +47,9 @@ def wait_running(url: str, name: str, timeout: float = 120) -> None:
 def test_an_objective_that_raises_anything_fails_its_trial_not_the_worker(error: Exception, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'w.db'}"
     spec = parse_spec(tiny_spec("raises", budget={"n_trials": 5}))
-    create_study(spec, open_storage(url, create=True), resume=False)
-    storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=0)
+    create_study(spec, create_storage(url), resume=False)
+    storage = open_worker_storage(url)
+    storage.use_heartbeat(30, 120, 0)
     study, spec = open_study(storage, "raises")
 
     def objective(trial: optuna.Trial) -> float:
@@ -76,10 +66,11 @@ def test_an_objective_that_raises_anything_fails_its_trial_not_the_worker(error:
 
 def test_a_sampler_option_that_would_fail_when_sampling_is_refused_at_create(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
+    create(url, tiny_spec("other"))  # the storage holds a study already
     spec = tiny_spec("gamma", sampler={"name": "tpe", "options": {"gamma": 5}})
     line = error_line(run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, check=False))
     assert "sampler.options.gamma" in line and "callable" in line
-    assert not (tmp_path / "s.db").exists() or optuna.get_all_study_names(url) == []
+    assert optuna.get_all_study_names(url) == ["other"]  # nothing of 'gamma' was written
 
 
 # -- one new study, created by several processes at once ----------------------------------------
@@ -136,7 +127,10 @@ def test_read_only_commands_leave_an_empty_file_and_a_foreign_database_alone(tmp
 
 
 def made_study(tmp_path: Path) -> str:
-    return created_study(tmp_path, "ok")
+    """A study named ok (no trial yet) in tmp_path/ok.db, made as `study create` makes it; its URL."""
+    url = f"sqlite:///{tmp_path / 'ok.db'}"
+    create(url, tiny_spec("ok"))
+    return url
 
 
 def test_storages_that_cannot_be_written(tmp_path: Path) -> None:
@@ -195,41 +189,44 @@ def slow_spec(name: str, n_trials: int = 3, epochs: int = 3) -> dict:
     return spec
 
 
-def test_a_study_deleted_under_a_running_worker(tmp_path: Path) -> None:
+def test_a_study_deleted_under_a_running_worker(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'd.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", slow_spec("doomed"))), "--storage", url)
+    create(url, slow_spec("doomed"))
     worker = spawn_cli("worker", "--study", "doomed", "--storage", url, "--gpus", "none")
-    wait_running(url, "doomed")
+    w = watch(url, "doomed")
+    wait_until(lambda: w.count(TrialState.RUNNING), 120, "a running trial of doomed", procs=[worker])
+    w.close()  # nothing of this test holds the study while it is deleted
     run_cli("study", "delete", "doomed", "--yes", "--storage", url)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 3, err
     assert "study 'doomed' was deleted while this worker ran" in last_error(err)
 
 
-def test_run_stopped_before_its_budget_exits_non_zero(tmp_path: Path) -> None:
+def test_run_stopped_before_its_budget_exits_non_zero(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'i.db'}"
     run = spawn_cli("run", str(write_spec(tmp_path / "s.yaml", slow_spec("stopped"))), "--storage", url)
-    wait_running(url, "stopped")
+    w = watch(url, "stopped")  # the run makes the database and the study: until then, no trials
+    wait_until(lambda: w.count(TrialState.RUNNING), 120, "a running trial of stopped", procs=[run])
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 128 + signal.SIGINT, err
     assert "stopped by SIGINT before the study's budget was used" in last_error(err)
-    assert states(url, "stopped") == {"FAIL": 1, "WAITING": 1}  # handed back, queued for the next run
+    assert w.states() == {"FAIL": 1, "WAITING": 1}  # handed back, queued for the next run
 
 
-def test_a_running_trial_that_never_beat_is_failed_and_retried(tmp_path: Path) -> None:
+def test_a_running_trial_that_never_beat_is_failed_and_retried(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'h.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", slow_spec("silent", n_trials=2, epochs=1))), "--storage", url)
+    create(url, slow_spec("silent", n_trials=2, epochs=1))
     # A plain Optuna script claims a trial and dies: RUNNING, no heartbeat ever.
     orphan = optuna.load_study(study_name="silent", storage=url).ask(
         {"lr": optuna.distributions.FloatDistribution(2e-3, 1e-2, log=True)}
     )
-    worker = spawn_cli("worker", "--study", "silent", "--storage", url, "--gpus", "none")
-    _, err = worker.communicate(timeout=300)
-    assert worker.returncode == 0, err
-    assert f"trial {orphan.number} ran 3 s without a heartbeat; failed and queued again" in err
-    trials = optuna.load_study(study_name="silent", storage=url).trials
+    worker = Simulated(url, "silent")  # the real worker loop; its trials do not train
+    assert worker.run() == 2
+    assert f"trial {orphan.number} ran 3 s without a heartbeat; failed and queued again" in worker.said.lines
+    trials = watch(url, "silent").trials()
     assert trials[orphan.number].state == TrialState.FAIL
     (retry,) = [t for t in trials if TrialRecord.of(t).retry_of == orphan.number]
     assert retry.state == TrialState.COMPLETE and retry.params["lr"] == orphan.params["lr"]
+    assert worker.params[retry.number]["lr"] == orphan.params["lr"]  # what its objective was given
     assert states(url, "silent") == {"FAIL": 1, "COMPLETE": 2}

@@ -10,16 +10,15 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import FIXTURE
 from fastai.callback.core import Callback
 
-from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.observe.progress import Reporter
 from kmnist_tune.recipe.halving import train_with_halving
 from kmnist_tune.recipe.objective import Objective
-from kmnist_tune.training.splits import load_splits
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+# `splits`: the fixture's images as tiny_spec splits them, loaded once per run (shared_trained.py).
 
 
 def make_spec(lr: float, *, min_bs: int = 8, epochs: int = 1, halve_on: list[str] | None = None):
@@ -37,12 +36,6 @@ def make_spec(lr: float, *, min_bs: int = 8, epochs: int = 1, halve_on: list[str
             "budget": {"n_trials": 1},
         }
     )
-
-
-@pytest.fixture(scope="module")
-def splits():
-    spec = make_spec(1e-3)
-    return load_splits(spec.data, FIXTURE, download=False)
 
 
 def run_trial(spec, splits, tmp_path: Path, extra_cbs=None) -> optuna.trial.FrozenTrial:
@@ -98,8 +91,10 @@ def test_oom_halves_until_it_fits_and_records_it(splits, tmp_path: Path) -> None
     assert set(trial.intermediate_values) == {1}
 
 
-def test_failed_attempt_memory_is_released_before_the_retry(splits) -> None:
-    """The model of an attempt that ran out of memory is garbage by the time the next one starts."""
+def test_failed_attempt_memory_is_released_before_the_retry(small_splits) -> None:
+    """The model of an attempt that ran out of memory is garbage by the time the next one starts
+    (fit alone, no divergence guard: 320 training images are enough)."""
+    splits = small_splits
     from kmnist_tune.training.train import EpochLog, build_learner, fit
 
     spec = make_spec(lr=5e-3)

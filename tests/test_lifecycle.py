@@ -1,4 +1,11 @@
-"""A study's life: its budget grows while workers run, it stops and resumes on every worker."""
+"""A study's life: its budget grows while workers run, it stops and resumes on every worker, and it
+starts warm from an earlier study.
+
+Where what is tested is the budget or a stop, the workers are simulated (sim_worker.py: the real
+worker loop on a thread, with an objective that samples the spec's parameters and waits at a gate
+instead of training). The commands that change the study (`study extend`, `study stop`, `study
+resume`, `study create --warm-start`) run as real processes; `run` and `worker --n-trials` run the
+real CLI, trials and all, in this process."""
 
 from __future__ import annotations
 
@@ -8,37 +15,22 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, error_line, run_cli, spawn_cli, tiny_spec, write_spec
-from optuna.trial import TrialState
+from conftest import error_line, run_cli, tiny_spec, write_spec
+from helpers import wait_until
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+from shared_studies import in_process_cli
+from sim_worker import Gate, Simulated, create
 
 from kmnist_tune.contract.records import TrialRecord
-from kmnist_tune.service.storage import open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def spec_file(tmp_path: Path, name: str, n_trials: int, epochs: int = 1) -> Path:
-    spec = tiny_spec(name, budget={"n_trials": n_trials})
-    spec["parameters"]["epochs"] = {"value": epochs}
+def lifecycle_spec(name: str, n_trials: int, **over) -> dict:  # type: ignore[no-untyped-def]
+    spec = tiny_spec(name, budget={"n_trials": n_trials}, **over)
     spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
-    return write_spec(tmp_path / f"{name}.yaml", spec)
-
-
-def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url)).trials
-
-
-def count(url: str, name: str, *states: TrialState) -> int:
-    return sum(t.state in states for t in trials(url, name))
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return spec
 
 
 def ran(out: str) -> int:
@@ -46,137 +38,145 @@ def ran(out: str) -> int:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_a_running_worker_takes_up_an_extended_budget(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_a_running_worker_takes_up_an_extended_budget(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, watch
+) -> None:
     url = f"sqlite:///{tmp_path / 'e.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
-    run_cli("study", "create", str(spec_file(tmp_path, "grow", 2)), "--storage", url)
-    worker = spawn_cli("worker", "--study", "grow", "--storage", url, "--gpus", "none")
-    wait_until(lambda: count(url, "grow", TrialState.RUNNING) == 1, 120, "the first trial")
+    create(url, lifecycle_spec("grow", 2))
+    gate = Gate()  # the first trial runs until the budget has been extended
+    worker = Simulated(url, "grow", gate).start()
+    w = watch(url, "grow")
+    wait_until(lambda: w.count(TrialState.RUNNING) == 1, 60, "the first trial")
     out = run_cli("study", "extend", "grow", "--n-trials", "4", "--storage", url).stdout
     assert "budget 4 trials" in out
-    stdout, err = worker.communicate(timeout=600)
-    assert worker.returncode == 0, err
-    assert ran(stdout) == 4 and count(url, "grow", *FINISHED) == 4
+    gate.open()
+    # Its first claim read a budget of 2: it took up the new one before its next claim.
+    assert worker.join() == 4 and w.count(*FINISHED) == 4
     shown = run_cli("study", "show", "grow", "--storage", url).stdout
     assert re.search(r"budget: 4 trials \(set at .+ by .+@.+\)", shown), shown
 
 
-def test_run_and_worker_raise_the_budget_and_never_shrink_it(tmp_path: Path) -> None:
+def test_run_and_worker_raise_the_budget_and_never_shrink_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], watch) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    spec = spec_file(tmp_path, "raise", 1)
-    run_cli("run", str(spec), "--storage", url)
-    assert count(url, "raise", *FINISHED) == 1
+    spec = write_spec(tmp_path / "raise.yaml", lifecycle_spec("raise", 1))
+    w = watch(url, "raise")
+    in_process_cli(capsys, "run", str(spec), "--storage", url)
+    assert w.count(*FINISHED) == 1
     # The same spec with a larger --n-trials is the same study, grown (it was "a different spec").
-    run_cli("run", str(spec), "--storage", url, "--n-trials", "2")
-    assert count(url, "raise", *FINISHED) == 2
+    in_process_cli(capsys, "run", str(spec), "--storage", url, "--n-trials", "2")
+    assert w.count(*FINISHED) == 2
     # Extended past the spec file's 1: running the file again works the new trials, no fewer.
     run_cli("study", "extend", "raise", "--n-trials", "3", "--storage", url)
-    again = run_cli("run", str(spec), "--storage", url)
-    assert count(url, "raise", *FINISHED) == 3 and "3 complete" in again.stdout
-    out = run_cli("worker", "--study", "raise", "--n-trials", "4", "--storage", url, "--gpus", "none").stdout
-    assert ran(out) == 1 and count(url, "raise", *FINISHED) == 4
+    again, _ = in_process_cli(capsys, "run", str(spec), "--storage", url)
+    assert w.count(*FINISHED) == 3 and "3 complete" in again
+    out, _ = in_process_cli(capsys, "worker", "--study", "raise", "--n-trials", "4", "--storage", url)
+    assert ran(out) == 1 and w.count(*FINISHED) == 4
     line = error_line(run_cli("study", "extend", "raise", "--n-trials", "2", "--storage", url, check=False))
     assert "4 finished trials already" in line and "at least 4" in line
     assert "--n-trials" in error_line(run_cli("study", "extend", "raise", "--storage", url, check=False))
 
 
 @pytest.mark.postgres
-def test_stop_and_resume_with_two_workers(tmp_path: Path, pg_url: str) -> None:
-    run_cli("study", "create", str(spec_file(tmp_path, "pause", 6, epochs=2)), "--storage", pg_url)
-    env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    workers = [spawn_cli("worker", "--study", "pause", "--storage", pg_url, "--gpus", "none", env=env) for _ in range(2)]
-    wait_until(lambda: count(pg_url, "pause", TrialState.RUNNING) == 2, 180, "two running trials")
+def test_stop_and_resume_with_two_workers(pg_url: str, watch) -> None:
+    create(pg_url, lifecycle_spec("pause", 6))
+    gate = Gate()  # both first trials run until the study has been stopped
+    workers = [Simulated(pg_url, "pause", gate).start() for _ in range(2)]
+    w = watch(pg_url, "pause")
+    wait_until(lambda: w.count(TrialState.RUNNING) == 2, 60, "two running trials")
     stopped = run_cli("study", "stop", "pause", "--storage", pg_url).stdout
     assert "stopped at" in stopped and "workers claim no more trials" in stopped
-    running_at_stop = {t.number for t in trials(pg_url, "pause") if t.state == TrialState.RUNNING}
-    outs = [w.communicate(timeout=600) for w in workers]
-    for w, (_, err) in zip(workers, outs, strict=True):
-        assert w.returncode == 0, err
-        assert "study pause was stopped at" in err and "claims no more trials" in err
-    after = trials(pg_url, "pause")
+    running_at_stop = {t.number for t in w.trials(TrialState.RUNNING)}
+    gate.open()
+    for sim in workers:
+        assert sim.join() == 1
+        assert "study pause was stopped at" in sim.said.text and "claims no more trials" in sim.said.text
+    after = w.trials()
     # The trials that ran at the stop finished and count; nothing new was claimed; nothing is RUNNING.
-    assert all(after[n].state in FINISHED for n in running_at_stop)
-    assert {t.number for t in after} <= running_at_stop | {t.number for t in after if t.number < min(running_at_stop)}
-    assert count(pg_url, "pause", TrialState.RUNNING) == 0
+    assert len(running_at_stop) == 2 and {t.number for t in after} == running_at_stop
+    assert all(t.state in FINISHED for t in after)
     assert "stopped at" in run_cli("study", "show", "pause", "--storage", pg_url).stdout
     assert "resumed" in run_cli("study", "resume", "pause", "--storage", pg_url).stdout
-    out, err = spawn_cli("worker", "--study", "pause", "--storage", pg_url, "--gpus", "none", env=env).communicate(timeout=900)
-    assert count(pg_url, "pause", *FINISHED) == 6, err
+    assert Simulated(pg_url, "pause").run() == 4
+    assert w.count(*FINISHED) == 6 and w.count(TrialState.RUNNING) == 0
     assert "stopped" not in run_cli("study", "show", "pause", "--storage", pg_url).stdout.split("spec:")[0]
 
 
-def test_stop_now_hands_the_running_trial_back(tmp_path: Path) -> None:
+def test_stop_now_hands_the_running_trial_back(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'n.db'}"
-    run_cli("study", "create", str(spec_file(tmp_path, "halt", 3, epochs=5)), "--storage", url)
-    worker = spawn_cli("worker", "--study", "halt", "--storage", url, "--gpus", "none")
-    wait_until(lambda: count(url, "halt", TrialState.RUNNING) == 1, 120, "a running trial")
-    time.sleep(1)
+    create(url, lifecycle_spec("halt", 3))
+    worker = Simulated(url, "halt", Gate()).start()  # its trial runs until the worker is asked to stop
+    w = watch(url, "halt")
+    wait_until(lambda: w.count(TrialState.RUNNING) == 1, 60, "a running trial")
     run_cli("study", "stop", "halt", "--now", "--storage", url)
     t0 = time.monotonic()
-    _, err = worker.communicate(timeout=120)
-    assert worker.returncode == 0, err
+    assert worker.join() == 1  # the heartbeat saw the stop, the trial stopped, the worker ended
     print(f"\nstop --now to worker exit: {time.monotonic() - t0:.1f} s")
-    (handed,) = [t for t in trials(url, "halt") if t.state == TrialState.FAIL]
+    assert "study stop --now: stopping after the current batch; the trial is handed back" in worker.said.lines
+    (handed,) = w.trials(TrialState.FAIL)
     assert TrialRecord.of(handed).interrupted == "study stop --now"
-    (queued,) = [t for t in trials(url, "halt") if t.state == TrialState.WAITING]
-    assert queued.params == handed.params
-    assert count(url, "halt", TrialState.RUNNING) == 0
+    (queued,) = w.trials(TrialState.WAITING)
+    assert queued.params == handed.params and "lr" in handed.params
+    assert w.count(TrialState.RUNNING) == 0
 
 
-def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'w.db'}"
-    old = tiny_spec("old", budget={"n_trials": 3})
+# -- warm starts: old studies made of finished trials (add_trial), no training ---------------------
+
+
+OLD_DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "weight_decay": CategoricalDistribution([0.0, 0.01])}
+
+
+def old_study(url: str, trials: list[tuple[float, float, float]], name: str = "old") -> None:
+    """A kmnist-tune study searching lr and weight_decay, with finished trials (lr, weight_decay, value)."""
+    old = tiny_spec(name, budget={"n_trials": len(trials)})
     old["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
-    run_cli("run", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
-    done = sorted((t for t in trials(url, "old") if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
+    create(url, old)
+    study = optuna.load_study(study_name=name, storage=url)
+    for lr, wd, value in trials:
+        study.add_trial(create_trial(params={"lr": lr, "weight_decay": wd}, distributions=OLD_DISTRIBUTIONS, value=value))
+
+
+def new_spec(tmp_path: Path, **extra: dict) -> Path:
     new = tiny_spec("new", budget={"n_trials": 4})
     new["parameters"]["lr"] = {"distribution": "log_uniform_values", "min": 3e-3, "max": 5e-3}  # narrower: clipped
     new["parameters"]["weight_decay"] = {"values": [0.01, 0.1]}  # 0.0 is not among them: left to the sampler
-    new["parameters"]["stem"] = {"values": ["imagenet", "small"]}  # not in the old study: sampled
+    new["parameters"].update(extra)
+    return write_spec(tmp_path / "new.yaml", new)
+
+
+def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path: Path, watch) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    # Built so that each rule meets a case: trial 0's lr is outside the new range (clipped) and its
+    # weight_decay is not among the new values (left to the sampler); trial 1's both fit as they
+    # are; trial 2 is the third best, and --top 2 leaves it.
+    old_study(url, [(8e-3, 0.0, 0.9), (4e-3, 0.01, 0.8), (2.5e-3, 0.01, 0.7)])
+    stem = {"values": ["imagenet", "small"]}  # not in the old study: sampled
     out = run_cli(
-        "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
+        "study", "create", str(new_spec(tmp_path, stem=stem)), "--warm-start", "old", "--top", "2", "--storage", url
     ).stdout
-    # Clipping may make old configurations one: the next best is taken instead, or fewer are queued
-    # when the old study has no more distinct ones (tested on purpose below).
-    by_number = {t.number: t for t in done}
-    sources = [by_number[int(n)] for n in re.findall(r"^queued trial (\d+) of old", out, re.M)]
-    assert len(sources) == 2 or (sources and "once fitted; skipped" in out), out
-    assert [t.number for t in sources] == [t.number for t in done if t in sources]
-    for t in sources:
-        assert f"queued trial {t.number} of old ({t.value:.4f})" in out
-        if not 3e-3 <= t.params["lr"] <= 5e-3:
-            assert f"trial {t.number}, lr: {t.params['lr']:g} clipped to" in out
-        if t.params["weight_decay"] == 0.0:
-            assert f"trial {t.number}, weight_decay: 0.0 is not among [0.01, 0.1]; left to the sampler" in out
-    run_cli("worker", "--study", "new", "--max-trials", "2", "--storage", url, "--gpus", "none")
-    first = sorted(trials(url, "new"), key=lambda t: t.number)[: len(sources)]
-    for t, source in zip(first, sources, strict=True):
-        assert TrialRecord.of(t).enqueued == f"warm start: trial {source.number} of old ({source.value:.4f})"
-        assert t.params["lr"] == pytest.approx(min(max(source.params["lr"], 3e-3), 5e-3))
-        if source.params["weight_decay"] == 0.01:
-            assert t.params["weight_decay"] == 0.01
+    assert re.findall(r"^queued trial (\d+) of old", out, re.M) == ["0", "1"], out  # best first, two of them
+    assert "queued trial 0 of old (0.9000)" in out and "queued trial 1 of old (0.8000)" in out
+    assert "trial 0, lr: 0.008 clipped to" in out and "trial 1, lr:" not in out
+    assert "trial 0, weight_decay: 0.0 is not among [0.01, 0.1]; left to the sampler" in out
+    assert "trial 1, weight_decay" not in out and "skipped" not in out
+    assert Simulated(url, "new", max_trials=2).run() == 2
+    first = watch(url, "new").trials()[:2]
+    assert [TrialRecord.of(t).enqueued for t in first] == [
+        "warm start: trial 0 of old (0.9000)",
+        "warm start: trial 1 of old (0.8000)",
+    ]
+    assert [t.params["lr"] for t in first] == [pytest.approx(5e-3), pytest.approx(4e-3)]  # clipped; kept
+    assert first[1].params["weight_decay"] == 0.01  # carried over
+    assert first[0].params["weight_decay"] in (0.01, 0.1)  # the sampler's choice
+    assert all(t.params["stem"] in ("imagenet", "small") for t in first)
 
 
-def test_warm_start_skips_configurations_that_clipping_makes_one(tmp_path: Path) -> None:
+def test_warm_start_skips_configurations_that_clipping_makes_one(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'd.db'}"
-    old = tiny_spec("old", budget={"n_trials": 3})
-    old["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
-    run_cli("study", "create", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
-    study = optuna.load_study(study_name="old", storage=url)
-    dists = {
-        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-        "weight_decay": optuna.distributions.CategoricalDistribution([0.0, 0.01]),
-    }
-    for lr, value in [(1e-2, 0.9), (2e-2, 0.8), (4e-3, 0.7)]:  # the second clips onto the first
-        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "weight_decay": 0.01}, distributions=dists, value=value))
-    new = tiny_spec("new", budget={"n_trials": 4})
-    new["parameters"]["lr"] = {"distribution": "log_uniform_values", "min": 3e-3, "max": 5e-3}
-    new["parameters"]["weight_decay"] = {"values": [0.01, 0.1]}
-    out = run_cli(
-        "study", "create", str(write_spec(tmp_path / "new.yaml", new)), "--warm-start", "old", "--top", "2", "--storage", url
-    ).stdout
+    old_study(url, [(1e-2, 0.01, 0.9), (2e-2, 0.01, 0.8), (4e-3, 0.01, 0.7)])  # the second clips onto the first
+    out = run_cli("study", "create", str(new_spec(tmp_path)), "--warm-start", "old", "--top", "2", "--storage", url).stdout
     assert "trial 1: the same configuration as trial 0 once fitted; skipped" in out
     assert re.findall(r"^queued trial (\d+) of old", out, re.M) == ["0", "2"]
-    waiting = sorted(trials(url, "new"), key=lambda t: t.number)
+    waiting = watch(url, "new").trials()
     assert [TrialRecord.of(t).enqueued for t in waiting] == [
         "warm start: trial 0 of old (0.9000)",
         "warm start: trial 2 of old (0.7000)",
@@ -187,8 +187,9 @@ def test_warm_start_skips_configurations_that_clipping_makes_one(tmp_path: Path)
 def test_warm_start_refusals_leave_no_study_behind(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     old = tiny_spec("fixed", budget={"n_trials": 1})
-    old["parameters"]["lr"] = {"value": 5e-3}  # searches nothing
-    run_cli("run", str(write_spec(tmp_path / "old.yaml", old)), "--storage", url)
+    old["parameters"]["lr"] = {"value": 5e-3}  # searches nothing: its trials have no parameters
+    create(url, old)
+    optuna.load_study(study_name="fixed", storage=url).add_trial(create_trial(params={}, distributions={}, value=0.5))
     new = write_spec(tmp_path / "new.yaml", tiny_spec("fresh"))
     line = error_line(run_cli("study", "create", str(new), "--warm-start", "fixed", "--storage", url, check=False))
     assert "no parameter to carry over" in line

@@ -14,7 +14,8 @@ import torch
 from conftest import FIXTURE, tiny_spec
 from fastai.callback.core import Callback, CancelFitException
 
-from kmnist_tune.contract.spec import AugmentSpec, PerformanceSpec, SpecError, parse_spec, spec_to_dict
+from kmnist_tune.contract.load import parse_spec
+from kmnist_tune.contract.spec import AugmentSpec, PerformanceSpec, SpecError, spec_to_dict
 from kmnist_tune.training.augment import RandomAffine, stream_seed, warp
 from kmnist_tune.training.loader import TensorBatches, TensorSplit, make_dls, make_split
 from kmnist_tune.training.precision import Bf16Autocast, Performance, close_leaked_autocast, resolve_performance
@@ -22,12 +23,7 @@ from kmnist_tune.training.splits import Splits, load_splits
 from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    spec = parse_spec(tiny_spec())
-    return load_splits(spec.data, FIXTURE, download=False)
+# `splits`: the fixture's images as tiny_spec splits them, loaded once per run (shared_trained.py).
 
 
 def split_of(splits: Splits, seed: int = 0) -> TensorSplit:

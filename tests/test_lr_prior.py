@@ -1,4 +1,7 @@
-"""The LR-finder prior on real training: computed once, stored, shared, and tried first."""
+"""The LR-finder prior on real training: computed once, stored, shared, and tried first.
+
+The PostgreSQL study three workers started together on (`lr_prior_study`, shared_trained.py) is read
+by the first two tests, and by test_artifacts.py."""
 
 from __future__ import annotations
 
@@ -8,24 +11,25 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_here, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from shared_trained import LrPriorStudy, lr_prior_spec
 
 from kmnist_tune.contract.records import PRIOR_ATTR, TrialRecord
-from kmnist_tune.service.storage import open_storage
+from kmnist_tune.service.storage import open_storage, release
 
 
-def prior_spec(name: str, n_trials: int, width: float = 1.0) -> dict:
-    spec = tiny_spec(name, budget={"n_trials": n_trials})
-    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": width, "suggestion": "minimum"}
-    spec["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
-    return spec
+def stored(shared: LrPriorStudy) -> tuple[dict, list[optuna.trial.FrozenTrial]]:
+    """The study's prior and its trials in number order, read through one storage, closed after."""
+    storage = open_storage(shared.url)
+    try:
+        study = optuna.load_study(study_name=shared.name, storage=storage)
+        return study.user_attrs[PRIOR_ATTR], sorted(study.trials, key=lambda t: t.number)
+    finally:
+        release(storage)
 
 
-def test_prior_is_stored_read_by_another_process_and_tried_first(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    run_cli("run", str(write_spec(tmp_path / "p.yaml", prior_spec("prior", 2))), "--storage", url)
-    study = optuna.load_study(study_name="prior", storage=url)
-    prior = study.user_attrs[PRIOR_ATTR]
+def test_prior_is_stored_read_by_another_process_and_tried_first(lr_prior_study: LrPriorStudy, tmp_path: Path) -> None:
+    prior, trials = stored(lr_prior_study)
     assert prior["key"] == "kmnist/resnet18/imagenet/bs32"
     assert set(prior["suggestions"]) == {"minimum", "steep", "valley"}
     lrs, losses = prior["lrs"], prior["losses"]
@@ -39,40 +43,36 @@ def test_prior_is_stored_read_by_another_process_and_tried_first(tmp_path: Path)
     assert prior["low"] == pytest.approx(prior["centre"] / math.sqrt(10))
     assert prior["high"] == pytest.approx(prior["centre"] * math.sqrt(10))
 
-    first, second = sorted(study.trials, key=lambda t: t.number)
+    first, second = trials  # the budget, exactly, across the three workers
     assert first.params["lr"] == pytest.approx(prior["centre"])  # the suggestion itself, first
     assert first.params["weight_decay"] == 0.01  # the other parameters take their defaults
     assert TrialRecord.key("enqueued") in first.user_attrs
+    assert TrialRecord.key("enqueued") not in second.user_attrs
     assert prior["low"] <= second.params["lr"] <= prior["high"]
     assert first.state == second.state == optuna.trial.TrialState.COMPLETE
 
     # Another process reads the same prior back from the storage, without running the finder.
     png = tmp_path / "curve.png"
-    shown = run_cli("lr-find", "--study", "prior", "--storage", url, "--stored", "--out", str(png)).stdout
+    url = lr_prior_study.url
+    shown = run_cli("lr-find", "--study", lr_prior_study.name, "--storage", url, "--stored", "--out", str(png)).stdout
     assert f"minimum: {prior['suggestions']['minimum']:.4g}  <- centre" in shown
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert optuna.load_study(study_name="prior", storage=url).user_attrs[PRIOR_ATTR] == prior
+    assert stored(lr_prior_study)[0] == prior
 
 
-def test_many_workers_on_a_fresh_study_run_the_finder_once(tmp_path: Path, pg_url: str) -> None:
-    run_cli("study", "create", str(write_spec(tmp_path / "p.yaml", prior_spec("prior-pg", 2))), "--storage", pg_url)
-    workers = [spawn_cli("worker", "--study", "prior-pg", "--storage", pg_url, cwd=tmp_path) for _ in range(3)]
-    errs = []
-    for w in workers:
-        _, err = w.communicate(timeout=900)
-        assert w.returncode == 0, err
-        errs.append(err)
+def test_many_workers_on_a_fresh_study_run_the_finder_once(lr_prior_study: LrPriorStudy) -> None:
+    errs = lr_prior_study.errs
     computed = sum("(computed here)" in e for e in errs)
     read = sum("(read from the storage)" in e for e in errs)
     assert (computed, read) == (1, 2), errs
-    study = optuna.load_study(study_name="prior-pg", storage=open_storage(pg_url))
-    tagged = [t for t in study.trials if TrialRecord.key("enqueued") in t.user_attrs]
-    assert len(tagged) == 1 and tagged[0].params["lr"] == pytest.approx(study.user_attrs[PRIOR_ATTR]["centre"])
+    prior, trials = stored(lr_prior_study)
+    tagged = [t for t in trials if TrialRecord.key("enqueued") in t.user_attrs]
+    assert len(tagged) == 1 and tagged[0].params["lr"] == pytest.approx(prior["centre"])
 
 
-def test_sqlite_lock_serialises_two_workers(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "p.yaml", prior_spec("prior-sq", 1))), "--storage", url)
+def test_sqlite_lock_serialises_two_workers(tmp_path: Path, sqlite_schema_url: str) -> None:
+    url = sqlite_schema_url  # the tables made once per run (conftest)
+    run_cli("study", "create", str(write_spec(tmp_path / "p.yaml", lr_prior_spec("prior-sq", 1))), "--storage", url)
     workers = [spawn_cli("worker", "--study", "prior-sq", "--storage", url, cwd=tmp_path) for _ in range(2)]
     errs = [w.communicate(timeout=900)[1] for w in workers]
     assert all(w.returncode == 0 for w in workers), errs
@@ -84,12 +84,12 @@ def test_sqlite_lock_serialises_two_workers(tmp_path: Path) -> None:
     assert re.search(r"LR finder \(kmnist/resnet18/imagenet/bs32\): (\d+)/\1\n", finder), finder
 
 
-def test_lr_find_needs_a_study_that_uses_it(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'x.db'}"
+def test_lr_find_needs_a_study_that_uses_it(tmp_path: Path, sqlite_schema_url: str) -> None:
+    url = sqlite_schema_url
     run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("plain"))), "--storage", url)
+    # A real process for the first refusal (the entry point's one line and exit status), then in this one.
     assert "lr_finder" in error_line(run_cli("lr-find", "--study", "plain", "--storage", url, check=False))
-    spec_path = write_spec(tmp_path / "p.yaml", prior_spec("fresh", 1))
-    run_cli("study", "create", str(spec_path), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / "p.yaml", lr_prior_spec("fresh", 1))), "--storage", url)
     assert "no stored LR-finder prior" in error_line(
-        run_cli("lr-find", "--study", "fresh", "--storage", url, "--stored", check=False)
+        cli_here("lr-find", "--study", "fresh", "--storage", url, "--stored", check=False)
     )

@@ -8,14 +8,14 @@ import os
 
 import pytest
 import torch
-from conftest import FIXTURE, tiny_spec
+from conftest import tiny_spec
 from fastai.callback.core import Callback
 
-from kmnist_tune.contract.spec import parse_spec
+from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.training.augment import RandomAffine
 from kmnist_tune.training.loader import TensorBatches, make_split
 from kmnist_tune.training.precision import Bf16Autocast, close_leaked_autocast
-from kmnist_tune.training.splits import Splits, load_splits
+from kmnist_tune.training.splits import Splits
 from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 pytestmark = [
@@ -24,11 +24,7 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    return load_splits(parse_spec(tiny_spec()).data, FIXTURE, download=False)
+# `splits`: the fixture's images as tiny_spec splits them, loaded once per run (shared_trained.py).
 
 
 def params(**over: object) -> dict[str, object]:

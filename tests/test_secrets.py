@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, error_line, run_cli, tiny_spec, write_spec
+from conftest import cli_env, cli_here, error_line, run_cli, tiny_spec, write_spec
 
 from kmnist_tune.masking import mask
 
@@ -68,14 +68,14 @@ def test_a_storage_password_reaches_no_file_record_or_line(how: str, tmp_path: P
 
 def test_the_attach_hint_keeps_the_password_out_of_the_command_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'h.db'}"
-    out = run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("hint"))), "--storage", url).stdout
+    out = cli_here("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("hint"))), "--storage", url).stdout
     assert f"kmnist-tune worker --study hint --storage '{url}'" in out  # nothing secret: shown as it is
 
 
 def test_grpc_urls_with_credentials_are_refused_without_showing_them() -> None:
     line = error_line(run_cli("study", "list", "--storage", f"grpc://admin:{PASSWORD}@127.0.0.1:13000", check=False))
     assert "takes no credentials" in line and PASSWORD not in line
-    line = error_line(run_cli("study", "list", "--storage", f"grpc://admin:{PASSWORD}@host", check=False))
+    line = error_line(cli_here("study", "list", "--storage", f"grpc://admin:{PASSWORD}@host", check=False))  # in process
     assert PASSWORD not in line
 
 

@@ -13,8 +13,9 @@ import optuna
 import pytest
 import yaml
 
+from kmnist_tune.contract.load import load_spec, parse_spec
 from kmnist_tune.contract.space import grid_space, sample_params
-from kmnist_tune.contract.spec import PARAMETERS, SpecError, SweepSpec, load_spec, parse_spec, spec_to_dict
+from kmnist_tune.contract.spec import PARAMETERS, SpecError, SweepSpec, spec_to_dict
 from kmnist_tune.service.studies import make_sampler
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,12 @@ import pytest
 from conftest import tiny_spec
 from sqlalchemy.engine import make_url
 
+from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.contract.records import SPEC_ATTR, Budget
-from kmnist_tune.contract.spec import parse_spec, spec_to_dict
+from kmnist_tune.contract.spec import spec_to_dict
 from kmnist_tune.errors import UserError
 from kmnist_tune.masking import MaskSecrets, mask
+from kmnist_tune.service.schema import create_storage
 from kmnist_tune.service.storage import (
     DEFAULT_STORAGE,
     ENV_STORAGE,
@@ -30,7 +32,7 @@ from kmnist_tune.service.storage import (
     require_study,
     resolve_url,
 )
-from kmnist_tune.service.studies import create_study, open_study
+from kmnist_tune.service.studies import check_study, create_study, open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -204,7 +206,7 @@ def test_reading_an_empty_postgresql_database_creates_nothing(pg_url: str) -> No
 
 def test_open_sqlite_with_create_makes_it(tmp_path: Path) -> None:
     db = tmp_path / "new.db"
-    storage = open_storage(f"sqlite:///{db}", create=True)
+    storage = create_storage(f"sqlite:///{db}")
     try:
         assert db.is_file() and db.stat().st_size > 0
         assert storage.get_all_studies() == []
@@ -227,7 +229,7 @@ def test_open_file_that_is_not_a_database(tmp_path: Path) -> None:
 def test_open_with_a_driver_that_is_not_installed(tmp_path: Path) -> None:
     # A dialect SQLAlchemy knows but whose DB-API module this environment lacks.
     with pytest.raises(UserError) as info:
-        open_storage(f"sqlite+pysqlcipher:///{tmp_path}/x.db", create=True)
+        create_storage(f"sqlite+pysqlcipher:///{tmp_path}/x.db")
     msg = one_line(info)
     assert "not installed" in msg and "sqlite+pysqlcipher" in msg
     assert not (tmp_path / "x.db").exists()
@@ -236,7 +238,7 @@ def test_open_with_a_driver_that_is_not_installed(tmp_path: Path) -> None:
 def test_unreachable_postgres_is_one_line_without_the_password() -> None:
     t0 = time.monotonic()
     with pytest.raises(UserError) as info:
-        open_storage("postgresql+psycopg://u:topsecret@127.0.0.1:1/db", create=True)
+        create_storage("postgresql+psycopg://u:topsecret@127.0.0.1:1/db")
     elapsed = time.monotonic() - t0
     msg = one_line(info)
     assert elapsed < 15, f"took {elapsed:.1f}s to give up"
@@ -258,7 +260,7 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def storage(storage_url: str) -> Iterator[optuna.storages.RDBStorage]:
-    st = open_storage(storage_url, create=True)
+    st = create_storage(storage_url)
     try:
         yield st
     finally:
@@ -294,7 +296,7 @@ def test_require_study_lists_existing(storage: optuna.storages.RDBStorage) -> No
 def test_unknown_study_error_masks_the_storage_password(pg_url: str) -> None:
     # Trust authentication ignores the password, so the URL with one still connects.
     url = pg_url.replace("://postgres@", "://postgres:topsecret@")
-    storage = open_storage(url, create=True)
+    storage = create_storage(url)
     try:
         with pytest.raises(UserError) as info:
             require_study(storage, "gamma")
@@ -363,7 +365,7 @@ def test_open_study_made_without_kmnist_tune(storage: optuna.storages.RDBStorage
 @pytest.mark.postgres
 def test_postgres_pool_is_bounded(pg_url: str) -> None:
     dbname = make_url(pg_url).database
-    storage = open_storage(pg_url, create=True)
+    storage = create_storage(pg_url)
     try:
         spec = parse_spec(rich_spec("pool"))
         study, created = create_study(spec, storage, resume=False, seed=0)
@@ -415,3 +417,19 @@ def test_finished_and_best_agrees_with_optuna(storage: optuna.storages.RDBStorag
     study.tell(study.ask(), float("-inf"))  # the worst for maximize, the best for minimize
     assert finished_and_best(storage, sid, maximize) == (5, study.best_value)
     assert study.best_value == (0.75 if maximize else float("-inf"))
+
+
+def test_check_study_reads_the_spec_without_a_storage_and_says_what_is_wrong(storage_url: str, tmp_path: Path) -> None:
+    storage = create_storage(storage_url)
+    create_study(parse_spec(tiny_spec("checked")), storage, resume=False)
+    optuna.create_study(storage=storage, study_name="foreign")  # made without kmnist-tune: no spec
+    storage.engine.dispose()
+    assert check_study(storage_url, "checked") == parse_spec(tiny_spec("checked"))
+    with pytest.raises(UserError) as info:
+        check_study(storage_url, "ghost")
+    assert "no study named 'ghost'" in one_line(info) and "checked, foreign" in one_line(info)
+    with pytest.raises(UserError, match="not created by kmnist-tune"):
+        check_study(storage_url, "foreign")
+    with pytest.raises(NoStudies):
+        check_study(f"sqlite:///{tmp_path / 'none.db'}", "checked")
+    assert not (tmp_path / "none.db").exists()

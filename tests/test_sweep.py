@@ -8,10 +8,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import K49_FIXTURE, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import K49_FIXTURE, cli_env, run_cli, tiny_spec, write_spec
+from shared_studies import FINISHED, PgWorkersScenario, ran
 
 from kmnist_tune.contract.records import TEST_ATTR
-from kmnist_tune.service.storage import open_storage
 
 CHANCE = 0.1
 
@@ -57,23 +57,17 @@ def test_sqlite_sweep_default_storage_then_best_evaluate(tmp_path: Path) -> None
     assert re.search(r"test accuracy of trial \d+ \(official test split, 300 images.*\): 0\.\d{4}", shown), shown
 
 
-def test_postgres_study_created_elsewhere_and_worked_by_two_workers(tmp_path: Path, pg_url: str) -> None:
-    spec = write_spec(tmp_path / "pg.yaml", tiny_spec("tiny-pg", budget={"n_trials": 3}))
-    created = run_cli("study", "create", str(spec), "--storage", pg_url)
-    assert "created study tiny-pg" in created.stdout
-    # Workers need only the study name and the storage URL: the spec comes from the storage.
-    workers = [spawn_cli("worker", "--study", "tiny-pg", "--storage", pg_url, cwd=tmp_path) for _ in range(2)]
-    outs = [w.communicate(timeout=600) for w in workers]
-    for w, (_, err) in zip(workers, outs, strict=True):
-        assert w.returncode == 0, err
-    ran = sum(int(re.search(r"worker ran (\d+) trial", out).group(1)) for out, _ in outs)  # type: ignore[union-attr]
-    study = optuna.load_study(study_name="tiny-pg", storage=open_storage(pg_url))
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) == ran
-    assert len(finished(study)) == 3  # the budget holds exactly across workers
-    assert all(CHANCE < t.value <= 1.0 for t in finished(study))
-    listed = run_cli("study", "list", "--storage", pg_url).stdout
-    assert re.search(r"tiny-pg\t\d+/\d+ finished\tbest 0\.\d{4}", listed), listed
+@pytest.mark.postgres
+def test_postgres_study_created_elsewhere_and_worked_by_several_workers(pg_workers_scenario: PgWorkersScenario) -> None:
+    """shared_studies.pg_workers_scenario: `study create`, then four `worker` processes (two with the
+    default --gpus) that are given only the study name and the storage URL: the spec comes from the storage."""
+    s = pg_workers_scenario
+    assert f"created study {s.name}" in s.created_out
+    numbers = [t.number for t in s.trials]
+    assert len(numbers) == len(set(numbers)) == sum(ran(out) for out, _ in s.outs)
+    assert len([t for t in s.trials if t.state in FINISHED]) == s.n_trials  # the budget holds exactly across workers
+    assert all(CHANCE < t.value <= 1.0 for t in s.trials if t.state in FINISHED)
+    assert re.search(rf"{s.name}\t\d+/\d+ finished\tbest 0\.\d{{4}}", s.listed), s.listed
 
 
 def test_k49_layout_trains_with_balanced_accuracy(tmp_path: Path) -> None:

@@ -7,23 +7,25 @@ import math
 
 import pytest
 import torch
-from conftest import FIXTURE, tiny_spec
+from conftest import tiny_spec
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.optimizer import Lookahead
 
-from kmnist_tune.contract.spec import SpecError, parse_spec
-from kmnist_tune.training.splits import Splits, load_splits
+from kmnist_tune.contract.load import parse_spec
+from kmnist_tune.contract.spec import SpecError
+from kmnist_tune.training.splits import Splits
 from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def splits() -> Splits:
-    # 320 of the fixture's training images: these tests check what fastai trains with, not how well.
-    return load_splits(parse_spec(tiny_spec(data={"train_size": 320})).data, FIXTURE, download=False)
+@pytest.fixture
+def splits(small_splits: Splits) -> Splits:
+    """320 of the fixture's training images, loaded once per run (shared_trained.py): these tests
+    check what fastai trains with, not how well."""
+    return small_splits
 
 
 class Seen(Callback):

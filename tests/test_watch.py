@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import optuna
 import pytest
 from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from helpers import free_port, wait_until
 from wandb_records import read_run
 
 
@@ -38,33 +37,29 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"tmp": tmp, "url": url, "env": env}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read()
 
 
+def _answers(url: str) -> bool:
+    try:
+        _get(url)
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def dashboard(watched: dict[str, Any]):
-    port = _free_port()
+    port = free_port()
     proc = spawn_cli("dashboard", "--storage", watched["url"], "--port", str(port), env=watched["env"])
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            _get(f"{base}/api/studies")
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"dashboard exited: {proc.communicate()[1]}") from None
-            time.sleep(0.3)
-    else:
-        raise AssertionError("dashboard did not answer on loopback within 60 s")
+    try:
+        wait_until(lambda: _answers(f"{base}/api/studies"), 60, "the dashboard to answer on loopback", procs=[proc], every=0.3)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"the dashboard did not answer: {proc.communicate()[1][-2000:]}") from None
     yield base
     proc.terminate()
     proc.wait(10)
@@ -172,7 +167,7 @@ def test_read_only_commands_never_load_torch_or_fastai(name: str, watched: dict[
 
 
 def test_the_dashboard_never_loads_torch_or_fastai(watched: dict[str, Any]) -> None:
-    port = _free_port()
+    port = free_port()
     argv = ["dashboard", "--storage", watched["url"], "--port", str(port)]
     body = f"""import threading, time, urllib.request
 threading.Thread(target=main, args=({argv!r},), daemon=True).start()

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..masking import install_log_masking, mask
 from . import data, study, sweep, watch  # noqa: F401  (each adds its commands to the apps)
 from .apps import app
@@ -128,7 +128,8 @@ def _unexpected(e: Exception) -> int:
 
 
 def _line(e: BaseException) -> str:
-    return mask(" ".join(str(e).split()))[:300] or type(e).__name__
+    # Masked whole, then cut: a URL cut before its password is masked would not be recognised.
+    return mask(one_line(e, sys.maxsize))[:300]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -14,6 +14,11 @@ from ..errors import UserError
 from ..masking import has_password, mask
 from .apps import study_app
 from .options import JsonOpt, StorageOpt, StudyArg, StudyOpt, out, out_json, out_lines, say, storage_url, study_name
+
+if TYPE_CHECKING:  # the commands import what they use when they run
+    import optuna
+
+    from ..contract.spec import SweepSpec
 
 T = TypeVar("T")
 
@@ -31,7 +36,7 @@ def study_create(
     top: Annotated[int, typer.Option("--top", metavar="K", help="with --warm-start: how many of its best", min=1)] = 5,
 ) -> None:
     """Create a study from SPEC without running trials; attach workers with `kmnist-tune worker`."""
-    from ..contract.spec import load_spec
+    from ..contract.load import load_spec
     from ..service.studies import create_warm
 
     spec = load_spec(spec_path)
@@ -124,13 +129,15 @@ def study_delete(
     out(f"deleted study {name}" + (f" and its {removed} artifact(s)" if removed else ""))
 
 
-def _change(study_arg: str | None, study: str | None, storage: str | None, change: Callable[[Any, Any], T]) -> tuple[str, T]:
+def _change(
+    study_arg: str | None, study: str | None, storage: str | None, change: Callable[[optuna.Study, SweepSpec], T]
+) -> tuple[str, T]:
     """Open the named study, apply `change(study, spec)`, and write its dashboard note again."""
     from ..observe.notes import refresh_study_note
-    from ..service.studies import open_existing
+    from ..service.studies import read_study
 
     name = study_name(study_arg, study)
-    st, spec = open_existing(storage_url(storage), name)
+    st, spec = read_study(storage_url(storage), name)
     result = change(st, spec)
     refresh_study_note(st)
     return name, result

@@ -52,7 +52,7 @@ def run(
 
     One CPU slot works in this process; GPU slots (--gpus, --per-gpu) each get a pinned worker process.
     """
-    from ..contract.spec import load_spec
+    from ..contract.load import load_spec
     from ..observe.summary import summary_lines
     from ..recipe.session import DataOptions, run_sweep
 
@@ -150,7 +150,7 @@ def best(
             f"with `kmnist-tune export --study {name} {export}`"
         )
     if evaluate:
-        from ..recipe.evaluate import evaluate_best
+        from ..recipe.export import evaluate_best
 
         summary = evaluate_best(url, name, data_dir=data_dir, mirror=mirror, device=device, train_size=train_size, export=export)
     else:
@@ -265,7 +265,7 @@ def schema(
 
         out(f"pruned {prune_artifacts(open_storage(storage_url(storage)))} artifact(s) that no study owns")
         return
-    from ..service.storage import init_schema
+    from ..service.schema import init_schema
 
     out(f"{init_schema(storage_url(storage))}: ready")
 
@@ -280,6 +280,6 @@ def storage_proxy(
 
     Workers then use --storage grpc://HOST:PORT and hold no database connection of their own.
     """
-    from ..service.storage import serve_proxy
+    from ..service.proxy import serve_proxy
 
     serve_proxy(storage_url(storage), host, port, announce=say)

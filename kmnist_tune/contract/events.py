@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import one_line
 from .records import EpochRecord, HalvingEvent, TrialRecord
 
 
@@ -79,7 +80,7 @@ class Events(Listener):
                 getattr(listener, name)(*args)
             except Exception as e:
                 self.evidence.remove(listener)
-                why = " ".join(str(e).split())[:160]
+                why = one_line(e, 160)
                 self.display.line(f"{type(listener).__name__} stopped ({type(e).__name__}: {why}); training goes on")
 
     def line(self, text: str) -> None:

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .spec import ParamSpec
 
 # The normal family has unbounded support; its quantile is taken in [EPS, 1 - EPS] (+-4.75 sigma),
 # which keeps every value finite and gives Optuna a bounded range to store. Beta too, so that its
@@ -21,32 +17,41 @@ if TYPE_CHECKING:
 QUANTILE_EPS = 1e-6
 
 
-def ppf(p: ParamSpec, u: float) -> float:
-    """The value at quantile u (0..1) of the block's distribution, rounded to q where it has one."""
-    kind = p.kind()
+def ppf(
+    kind: str,
+    u: float,
+    low: float = 0.0,
+    high: float = 1.0,
+    *,
+    shape: tuple[float, float] = (0.0, 1.0),
+    step: int | float = 1,
+) -> float:
+    """The value at quantile u (0..1) of W&B's distribution `kind`, rounded to a multiple of `step`
+    for the q_ families (an int when `step` is one). `low`/`high` bound the uniform families (W&B's
+    min/max), `shape` is (mu, sigma) of the normal family or (a, b) of beta. Plain numbers, so that
+    the spec's models can call it without this module knowing them."""
     if kind in ("normal", "q_normal", "log_normal", "q_log_normal"):
-        mu, sigma = p.shape
+        mu, sigma = shape
         z = NormalDist(mu, sigma).inv_cdf(min(max(u, QUANTILE_EPS), 1 - QUANTILE_EPS))
         x = math.exp(z) if "log" in kind else z
     elif kind in ("beta", "q_beta"):
-        from scipy.special import betaincinv  # the regularised incomplete beta's inverse: beta's ppf
+        # The regularised incomplete beta's inverse is beta's ppf; neither the standard library nor
+        # numpy has it.
+        from scipy.special import betaincinv
 
-        a, b = p.shape
+        a, b = shape
         x = float(betaincinv(a, b, min(max(u, QUANTILE_EPS), 1 - QUANTILE_EPS)))
+    elif kind == "q_uniform":
+        x = low + u * (high - low)
+    elif kind == "q_log_uniform_values":
+        x = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    elif kind == "q_log_uniform":
+        x = math.exp(low + u * (high - low))
     else:
-        lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
-        if kind == "q_uniform":
-            x = lo + u * (hi - lo)
-        elif kind == "q_log_uniform_values":
-            x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-        elif kind == "q_log_uniform":
-            x = math.exp(lo + u * (hi - lo))
-        else:
-            raise ValueError(f"{kind} is not sampled through its quantile")
+        raise ValueError(f"{kind} is not sampled through its quantile")
     if kind.startswith("q_"):
-        q = p.step
-        x = round(x / q) * q
-        return int(x) if isinstance(q, int) else x
+        x = round(x / step) * step
+        return int(x) if isinstance(step, int) else x
     return x
 
 

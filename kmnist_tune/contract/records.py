@@ -26,6 +26,10 @@ BUDGET_ATTR = "kmnist_tune.budget"
 MODEL_ATTR = "kmnist_tune.model"
 STOP_ATTR = "kmnist_tune.stopped"
 
+# Optuna's trial states (by name) that ended for good: what the budget counts and what the progress
+# line calls finished. A failed trial is retried or given up on; neither is finished work.
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
 
 @dataclass
 class HalvingEvent:

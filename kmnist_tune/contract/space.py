@@ -7,7 +7,8 @@ from typing import Any
 
 import optuna
 
-from .quantiles import QUANTILE_EPS, categorical_at, ppf
+from ..optuna_internals import trial_id
+from .quantiles import QUANTILE_EPS, categorical_at
 from .spec import BOUNDED_BY_SHAPE, LOG_UNIFORM, PARAMETERS, THROUGH_QUANTILE, ParamSpec, SweepSpec
 
 # The sampler's own parameter for a distribution drawn through its quantile: "lr_quantile".
@@ -45,7 +46,7 @@ def _through_quantile(trial: optuna.Trial, name: str, p: ParamSpec, is_int: bool
     is the distribution's inverse CDF at u, rounded to q. Optuna has no normal, beta or W&B-rounded
     distribution, so the value used is then stored as the trial's parameter NAME itself."""
     lo_u, hi_u = (QUANTILE_EPS, 1 - QUANTILE_EPS) if p.kind() in BOUNDED_BY_SHAPE else (0.0, 1.0)
-    value = ppf(p, trial.suggest_float(name + QUANTILE_SUFFIX, lo_u, hi_u))
+    value = p.at_quantile(trial.suggest_float(name + QUANTILE_SUFFIX, lo_u, hi_u))
     lo, hi = p.support()
     dist: optuna.distributions.BaseDistribution
     if is_int:
@@ -60,7 +61,7 @@ def _through_quantile(trial: optuna.Trial, name: str, p: ParamSpec, is_int: bool
 def _store(trial: optuna.Trial, name: str, value: Any, dist: optuna.distributions.BaseDistribution) -> Any:
     """Record `value` as the trial's parameter `name` (BaseStorage.set_trial_param, what suggest_*
     does after sampling), so every Optuna client shows the value training used."""
-    trial.storage.set_trial_param(trial._trial_id, name, dist.to_internal_repr(value), dist)  # no public id
+    trial.storage.set_trial_param(trial_id(trial), name, dist.to_internal_repr(value), dist)
     return value
 
 

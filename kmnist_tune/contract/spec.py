@@ -1,22 +1,20 @@
-"""The sweep spec: a YAML file validated into typed settings.
+"""The sweep spec's models: typed, validated settings.
 
 Parameter blocks use the vocabulary of W&B sweep configs (`value`, `values`,
-`distribution`, `min`, `max`, `q`); a W&B sweep file's own top-level keys are translated first
-(contract/wandb.py).
+`distribution`, `min`, `max`, `q`). Reading a spec (YAML, size and nesting bounds, W&B's own
+top-level keys) is contract/load.py's; this module only validates what it is handed.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import re
-from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from ..errors import UserError
+from .quantiles import ppf
 
 DISTRIBUTIONS = (
     "constant",
@@ -47,7 +45,6 @@ BOUNDED_BY_SHAPE = ("normal", "q_normal", "log_normal", "q_log_normal", "beta", 
 THROUGH_QUANTILE = ("q_uniform", "q_log_uniform_values", "q_log_uniform", *BOUNDED_BY_SHAPE)
 LRSuggestion = Literal["minimum", "valley", "steep"]
 HalveOn = Literal["divergence", "oom"]
-LR_SUGGESTIONS: tuple[str, ...] = get_args(LRSuggestion)
 HALVE_ON: tuple[str, ...] = get_args(HalveOn)
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
@@ -75,12 +72,6 @@ def natural_direction(metric: str) -> str:
 class SpecError(UserError):
     """A sweep spec that does not validate; the message names the field."""
 
-
-MAX_SPEC_BYTES = 64 * 1024  # a spec is a page of settings; it is stored in the study and read by every worker
-# The deepest real spec is 4 levels (sampler.options.x0.lr, parameters.lr.values); YAML and pydantic recurse
-# per level, so a deeper one is refused before either builds it.
-MAX_SPEC_DEPTH = 20
-TOO_DEEP = f"nested more than {MAX_SPEC_DEPTH} levels deep; a spec is a few levels of plain settings: write it out flat"
 
 # Sampler and pruner options reach Optuna's constructors in every worker, from a spec anyone sharing the
 # database can write: each value is bounded, so that one number cannot make every worker allocate or loop
@@ -147,6 +138,36 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "mixup": {"kind": "float", "default": 0.0, "min": 0.0, "max": 100.0},  # MixUp's alpha; 0 = off
     "cutmix": {"kind": "float", "default": 0.0, "min": 0.0, "max": 100.0},  # CutMix's alpha; 0 = off
     "one_cycle": {"kind": "bool", "default": True},  # false: a flat fit at lr
+}
+
+# Parameter names as W&B users write them -> this project's parameters. Any spec may use them
+# (wandb.translate renames them); here, so that an unknown name's error can list them too.
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "max_epochs": "epochs",
+    "drop": "dropout",
+    "ps": "dropout",
+    "architecture": "arch",
+    "model": "arch",
+    "optim": "optimizer",
+    "opt": "optimizer",
+    "beta1": "momentum",
+    "beta_1": "momentum",
+    "mom": "momentum",
+    "beta_2": "beta2",
+    "sqr_mom": "beta2",
+    "smoothing": "label_smoothing",
+    "label_smooth": "label_smoothing",
+    "mixup_alpha": "mixup",
+    "cutmix_alpha": "cutmix",
+    "onecycle": "one_cycle",
+    "warmup": "pct_start",
+    "warmup_ratio": "pct_start",
+    "warmup_pct": "pct_start",
 }
 
 
@@ -249,15 +270,19 @@ class ParamSpec(_Strict):
         log_uniform, -exponents for inv_log_uniform: X = exp(U) and X = exp(-U)); the normal family's
         ends are its quantiles at QUANTILE_EPS and 1 - QUANTILE_EPS, after rounding to q."""
         if self.kind() in THROUGH_QUANTILE:
-            from .quantiles import ppf
-
-            return ppf(self, 0.0), ppf(self, 1.0)
+            return self.at_quantile(0.0), self.at_quantile(1.0)
         lo, hi = float(self.min), float(self.max)  # type: ignore[arg-type]
         if self.kind() == "log_uniform":
             return math.exp(lo), math.exp(hi)
         if self.kind() == "inv_log_uniform":
             return math.exp(-hi), math.exp(-lo)
         return lo, hi
+
+    def at_quantile(self, u: float) -> float:
+        """The value at quantile u (0..1) of a distribution drawn through its quantile (THROUGH_QUANTILE),
+        rounded to q where it has one."""
+        bounds = (float(self.min), float(self.max)) if self.min is not None and self.max is not None else (0.0, 1.0)
+        return ppf(self.kind(), u, *bounds, shape=self.shape, step=self.step)
 
     def lr_finder_settings(self) -> tuple[float, str]:
         """(width in decades, suggestion) of an lr_finder block, with their defaults filled in."""
@@ -374,7 +399,7 @@ class _NamedChoice(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in cls.CHOICES:
-            raise ValueError(f"unknown {cls.KIND} {v!r}{_did_you_mean(v, cls.CHOICES)}; use one of {', '.join(cls.CHOICES)}")
+            raise ValueError(f"unknown {cls.KIND} {v!r}{did_you_mean(v, cls.CHOICES)}; use one of {', '.join(cls.CHOICES)}")
         return v
 
     @field_validator("options")
@@ -397,7 +422,7 @@ def _option_problem(name: str, value: Any, nested: bool = False) -> str | None:
         return None
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{name}: {_non_finite(value)} is not a usable number; give a finite value"
+            return f"{name}: {non_finite(value)} is not a usable number; give a finite value"
         lo, hi, why = _ANY_NUMBER if nested else OPTION_RANGES.get(name, _ANY_NUMBER)
         if not lo <= value <= hi:
             because = f" ({why})" if why else ""
@@ -469,6 +494,10 @@ class SweepSpec(_Strict):
     @property
     def notes(self) -> list[str]:
         return list(self._notes)
+
+    def add_notes(self, notes: list[str]) -> None:
+        """Say what reading the file left unused (contract/load.py); the commands print it."""
+        self._notes.extend(notes)
 
     @model_validator(mode="before")
     @classmethod
@@ -592,10 +621,8 @@ def _can_be_on(p: ParamSpec) -> bool:
 
 def _check_parameter(name: str, p: ParamSpec) -> None:
     if name not in PARAMETERS:
-        from .wandb import ALIASES
-
         known = [*PARAMETERS, *ALIASES]
-        raise ValueError(f"parameters.{name}: unknown parameter{_did_you_mean(name, known)}; known: {', '.join(known)}")
+        raise ValueError(f"parameters.{name}: unknown parameter{did_you_mean(name, known)}; known: {', '.join(known)}")
     meta = PARAMETERS[name]
     kind = p.kind()
     where = f"parameters.{name}"
@@ -627,7 +654,7 @@ def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
     if meta["kind"] == "choice":
         if v in meta["choices"]:
             return None
-        return f"{v!r} is not one of {', '.join(meta['choices'])}{_did_you_mean(str(v).lower(), meta['choices'])}"
+        return f"{v!r} is not one of {', '.join(meta['choices'])}{did_you_mean(str(v).lower(), meta['choices'])}"
     if meta["kind"] == "bool":
         return None if isinstance(v, bool) else f"{v!r} is not true or false"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -635,7 +662,7 @@ def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
     if meta["kind"] == "int" and not float(v).is_integer():
         return f"{v!r} is not a whole number"
     if not math.isfinite(v):
-        return f"{_non_finite(v)} is not a usable number; give a finite value"
+        return f"{non_finite(v)} is not a usable number; give a finite value"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (v < lo or (meta.get("min_open") and v == lo)):
         return f"{v!r} is below the allowed range ({'>' if meta.get('min_open') else '>='} {lo:g})"
@@ -644,200 +671,15 @@ def _value_problem(meta: dict[str, Any], v: Any) -> str | None:
     return None
 
 
-def _non_finite(v: float) -> str:
+def non_finite(v: float) -> str:
     return "NaN" if math.isnan(v) else "infinity" if v > 0 else "-infinity"
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
+def did_you_mean(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys allowed at a location, to suggest a fix for a typo."""
-    model: Any = SweepSpec
-    for part in loc[:-1]:
-        if model is SweepSpec and part == "parameters":
-            model = "params"
-            continue
-        if model == "params":
-            model = ParamSpec
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-_UNION_MEMBERS = ("int", "float")  # pydantic names the member of `int | float` it tried in the location
-
-
-def _one_line(err: ValidationError) -> str:
-    errors = err.errors()
-    for e in errors:
-        e["loc"] = tuple(p for p in e["loc"] if p not in _UNION_MEMBERS)
-    # One problem per place: `int | float` reports each member's failure at the same field.
-    errors = list({e["loc"]: e for e in reversed(errors)}.values())[::-1]
-    # An unknown key is reported first: a misspelt `budgte` also makes `budget` missing, and
-    # "budget: required but missing" alone would hide the typo that caused it.
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
-    where = ".".join(str(p) for p in loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
-        msg = f"unknown key {key!r} in {parent}{_did_you_mean(key, _fields_at(loc))}"
-    elif first["type"] == "missing":
-        msg = f"{where}: required but missing"
-    elif first["type"] == "finite_number":
-        msg = f"{where}: {_non_finite(float(first['input']))} is not a usable number; give a finite value"
-    else:
-        text = first["msg"].removeprefix("Value error, ")
-        msg = f"{where}: {text}" if loc else text
-        if first["type"] == "literal_error" or first["type"].endswith("_type") or first["type"].endswith("_parsing"):
-            msg += f" (got {first.get('input')!r})"
-    more = len(errors) - 1
-    return msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
-
-
-def parse_spec(data: Any, source: str = "spec", default_name: str | None = None) -> SweepSpec:
-    """A spec from its YAML mapping; `default_name` names a W&B sweep file's study when it has no
-    `name` (W&B's own sweeps make one up)."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: a spec must be a YAML mapping (key: value lines), got {type(data).__name__}")
-    if _expanded_size(data, MAX_SPEC_BYTES) > MAX_SPEC_BYTES:
-        # YAML aliases repeat one node many times: 354 bytes of nested aliases expand to megabytes.
-        raise SpecError(
-            f"{source}: the spec expands to more than {MAX_SPEC_BYTES // 1024} KB (nested YAML aliases or huge values); "
-            "write the settings out plainly"
-        )
-    # After the size check, which bounds how many nodes this walk can visit (aliases share nodes).
-    if _depth(data, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
-        raise SpecError(f"{source}: {TOO_DEEP}")
-    from .wandb import TranslationError, translate
-
-    try:
-        try:
-            data, notes = translate(data, default_name)
-        except TranslationError as e:
-            raise SpecError(f"{source}: {e}") from None
-        try:
-            spec = SweepSpec.model_validate(data)
-        except ValidationError as e:
-            raise SpecError(f"{source}: {_one_line(e)}") from None
-    except RecursionError:  # not expected below MAX_SPEC_DEPTH; still one line, never a crash
-        raise SpecError(f"{source}: {TOO_DEEP}") from None
-    spec._notes = notes
-    return spec
-
-
-def _expanded_size(data: Any, limit: int) -> int:
-    """Roughly how many bytes `data` takes written out with every alias expanded; stops counting
-    once past `limit`, so a billion laughs costs no more than the limit to measure."""
-    size, stack = 0, [data]
-    while stack and size <= limit:
-        node = stack.pop()
-        if isinstance(node, dict):
-            size += 2 + 2 * len(node)
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            size += 2 + len(node)
-            stack.extend(node)
-        else:
-            size += len(str(node))
-    return size
-
-
-def _depth(data: Any, limit: int) -> int:
-    """How many containers deep `data` goes (a scalar: 0); without recursion, and stops once past `limit`."""
-    deepest, stack = 0, [(data, 1)]
-    while stack and deepest <= limit:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list | tuple):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
-
-
-def _yaml_too_deep(text: str) -> int | None:
-    """The line where the YAML text nests deeper than MAX_SPEC_DEPTH (None: it does not). PyYAML's parser
-    yields events without recursing, so this stops at the first level too many, before anything is built."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_UniqueKeyLoader):
-        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-            depth += 1
-            if depth > MAX_SPEC_DEPTH:
-                return event.start_mark.line + 1
-        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-            depth -= 1
-    return None
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file {p} does not exist; pass a YAML spec such as sweeps/quickstart.yaml")
-    if p.stat().st_size > MAX_SPEC_BYTES:
-        raise SpecError(f"{p}: {p.stat().st_size:,} bytes; a spec is at most {MAX_SPEC_BYTES // 1024} KB")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SpecError(f"{p}: not a UTF-8 text file; pass a YAML spec") from None
-    try:
-        line = _yaml_too_deep(text)
-        if line is not None:
-            raise SpecError(f"{p}: at line {line}: {TOO_DEEP}")
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe_load semantics
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML{_yaml_problem(e, text)}") from None
-    except RecursionError:  # PyYAML builds nodes recursively: a long chain of aliases, each holding the last
-        raise SpecError(f"{p}: {TOO_DEEP}") from None
-    return parse_spec(data, str(p), default_name=p.stem)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice in one mapping is an error, not a silent overwrite."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`; explicit keys may override it
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML) reads `1e-5` and `3e4` as strings: it wants a dot and a signed exponent. W&B
-# users write them as numbers, and so does YAML 1.2; read them as floats everywhere in a spec.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
-    """' at line N: what is wrong', on one line (PyYAML's own str() spans several)."""
-    mark = getattr(e, "problem_mark", None)
-    if isinstance(e, yaml.reader.ReaderError):
-        # Raised for control characters such as NUL; it carries a character offset, not a mark.
-        line = text.count("\n", 0, max(e.position, 0)) + 1
-        code = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "?")
-        return f" at line {line}: unacceptable character #x{code:04x} (control characters are not allowed)"
-    at = f" at line {mark.line + 1}" if mark is not None else ""
-    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{at}: {problem}"
-
-
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
-    """A JSON-safe dict that parse_spec() turns back into the same spec."""
+    """A JSON-safe dict that load.parse_spec() turns back into the same spec."""
     return spec.model_dump(mode="json", exclude_none=True)

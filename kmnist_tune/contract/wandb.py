@@ -10,10 +10,10 @@ aliases, which both kinds may use).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .spec import SweepSpec
+# One direction only: the spec's models know nothing of W&B's files (contract/load.py joins the two).
+from .spec import ALIASES, BudgetSpec, SweepSpec, spec_to_dict
 
 # W&B's search methods -> Optuna's samplers (TPE is Optuna's Bayesian optimisation).
 METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}
@@ -27,34 +27,6 @@ METRIC_NAMES: dict[str, str] = {
     ),
     **dict.fromkeys(("balanced_accuracy", "val_balanced_accuracy", "valid_balanced_accuracy"), "balanced_accuracy"),
     **dict.fromkeys(("loss", "val_loss", "valid_loss", "validation_loss", "eval_loss"), "valid_loss"),
-}
-# Parameter names as W&B users write them -> this project's parameters.
-ALIASES: dict[str, str] = {
-    "learning_rate": "lr",
-    "wd": "weight_decay",
-    "bs": "batch_size",
-    "num_epochs": "epochs",
-    "n_epochs": "epochs",
-    "max_epochs": "epochs",
-    "drop": "dropout",
-    "ps": "dropout",
-    "architecture": "arch",
-    "model": "arch",
-    "optim": "optimizer",
-    "opt": "optimizer",
-    "beta1": "momentum",
-    "beta_1": "momentum",
-    "mom": "momentum",
-    "beta_2": "beta2",
-    "sqr_mom": "beta2",
-    "smoothing": "label_smoothing",
-    "label_smooth": "label_smoothing",
-    "mixup_alpha": "mixup",
-    "cutmix_alpha": "cutmix",
-    "onecycle": "one_cycle",
-    "warmup": "pct_start",
-    "warmup_ratio": "pct_start",
-    "warmup_pct": "pct_start",
 }
 GOALS = {"maximize": "maximize", "minimize": "minimize"}
 
@@ -233,8 +205,6 @@ def to_wandb(
     """(a W&B sweep config that `translate` reads back into this spec's search, what W&B cannot say).
 
     n_trials/timeout: the study's current budget; lr_range: the LR-finder prior's range, if computed."""
-    from .spec import BudgetSpec, SweepSpec, spec_to_dict
-
     notes: list[str] = []
     out: dict[str, Any] = {"name": spec.name}
     if spec.description:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
 
+from optuna.storages import BaseStorage
+
 from ..errors import UserError
 from ..service.artifacts import artifact_store
 
@@ -176,7 +178,9 @@ class _ThreadingServer6(_ThreadingServer):
     address_family = socket.AF_INET6
 
 
-def serve(storage: Any, host: str, port: int, artifacts: str | Path | None = None, allow_hosts: Iterable[str] = ()) -> None:
+def serve(
+    storage: BaseStorage, host: str, port: int, artifacts: str | Path | None = None, allow_hosts: Iterable[str] = ()
+) -> None:
     """Serve until Ctrl-C; `allow_hosts` as HostPolicy.for_server takes them (checked before anything binds)."""
     policy = HostPolicy.for_server(host, port, allow_hosts)
     from optuna_dashboard import wsgi

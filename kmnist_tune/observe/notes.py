@@ -8,8 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.storages import BaseStorage
+
 from ..contract.events import Listener, TrialEnd
 from ..contract.records import Budget, LRPrior, StudyStop, TrialRecord
+from ..errors import one_line
 
 
 def trial_note(number: int, state: str, value: float | None, metric: str, rec: TrialRecord) -> str:
@@ -79,14 +83,14 @@ def study_note(study_name: str, attrs: dict[str, Any]) -> str:
     return "\n".join(lines) + ("\n\n" + prior_note(prior, study_name) if prior else "")
 
 
-def refresh_study_note(study: Any) -> None:
+def refresh_study_note(study: optuna.Study) -> None:
     """Write the study's note for optuna-dashboard again (after the prior, a budget change, a stop)."""
     from optuna_dashboard import save_note
 
     save_note(study, study_note(study.study_name, study.user_attrs))
 
 
-def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], None]) -> None:
+def attach_prior(study: optuna.Study, storage: BaseStorage, prior: LRPrior, say: Callable[[str], None]) -> None:
     """The LR-finder curve (a PNG artifact) and a note with its suggestions, on the study. Evidence,
     not results: the sweep goes on without it when it cannot be written."""
     from ..service.artifacts import upload_file
@@ -98,4 +102,4 @@ def attach_prior(study: Any, storage: Any, prior: LRPrior, say: Callable[[str], 
             upload_file(storage, study, png, mimetype="image/png")
         refresh_study_note(study)
     except Exception as e:
-        say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+        say(f"could not attach the LR-finder plot to the study ({type(e).__name__}: {one_line(e, 120)})")

@@ -35,7 +35,6 @@ class Reporter(Listener):
 
     def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = ""):
         self.stream = stream or sys.stderr
-        self.total_trials = total_trials
         self.label = f"[{label}] " if label else ""
         # Under a supervisor, every line also carries this slot's state for its live row.
         self.structured = os.environ.get(STATUS_ENV) == "1"
@@ -146,13 +145,14 @@ def make_reporter(total_trials: int | None = None, label: str = "", stream: Text
 
 class SlotBoard:
     """The supervisor's view of its slot processes: one live row per slot on a terminal
-    (trial, epoch, accuracy, best so far, trials left), plain prefixed lines otherwise."""
+    (trial, epoch, the study's metric, best so far, trials left), plain prefixed lines otherwise."""
 
     # Slot processes write structured status lines for the rows (see Reporter.structured).
     child_env = {STATUS_ENV: "1"}
 
-    def __init__(self, labels: list[str], stream: TextIO | None = None):
+    def __init__(self, labels: list[str], metric: str, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
+        self.metric = metric  # the column's header: what the slots report (valid_loss, balanced_accuracy, ...)
         self.rows: dict[str, dict[str, Any]] = {lb: {} for lb in labels}
         self.live: Live | None = None
         self.lock = threading.Lock()
@@ -172,7 +172,7 @@ class SlotBoard:
 
     def _table(self) -> Table:
         t = Table(title="workers", expand=False)
-        for col in ("slot", "trial", "epoch", "accuracy", "best", "left", "last"):
+        for col in ("slot", "trial", "epoch", self.metric, "best", "left", "last"):
             t.add_column(col)
         for label, st in self.rows.items():
             t.add_row(

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..contract.records import LRPrior, TrialRecord
+from ..contract.records import FINISHED_STATES, LRPrior, TrialRecord
 from ..contract.spec import SweepSpec
 from ..service.studies import summarize
 from .plots import finish, placeholder, plot_prior, pyplot, save_axes, writable_folder
@@ -57,7 +57,7 @@ def importance_plot(study: optuna.Study, path: Path) -> Path:
 
 
 def top_trials_plot(study: optuna.Study, spec: SweepSpec, path: Path, k: int = 5) -> Path:
-    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    done = [t for t in study.trials if t.state.name in FINISHED_STATES and t.intermediate_values]
     if not done:
         return placeholder(path, "Validation per epoch", "no trial has reported an epoch yet")
     reverse = spec.direction == "maximize"

@@ -21,8 +21,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..contract.events import Listener, TrialEnd, TrialStart
-from ..contract.records import EpochRecord, HalvingEvent
+from ..contract.records import FINISHED_STATES, EpochRecord, HalvingEvent
 from ..contract.spec import WandbSpec
+from ..errors import one_line
 
 
 def has_wandb_login() -> bool:
@@ -136,7 +137,7 @@ class WandbListener(Listener):
                 settings=wandb.Settings(silent=True, console="off"),
             )
         except Exception as e:  # W&B must never fail a trial
-            self.say(f"W&B run not started ({type(e).__name__}: {' '.join(str(e).split())[:160]}); training goes on")
+            self.say(f"W&B run not started ({type(e).__name__}: {one_line(e, 160)}); training goes on")
 
     def _safe(self, fn: Callable[[], None]) -> None:
         if self.run is None:
@@ -178,7 +179,7 @@ class WandbListener(Listener):
 
         def done() -> None:
             self.run.summary.update(summary)
-            self.run.finish(exit_code=0 if end.state in ("COMPLETE", "PRUNED") else 1)
+            self.run.finish(exit_code=0 if end.state in FINISHED_STATES else 1)
 
         self._safe(done)
         self.run = None

@@ -31,8 +31,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from ..contract.records import TrialRecord
 from ..contract.spec import SweepSpec
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..masking import printable
+from ..optuna_internals import study_id, trial_id
 from ..service.artifacts import artifact_store, checkpoint_base, checkpoint_ids, download_checked, remove_artifacts
 from ..signing import signer
 from ..training.checkpoint import EpochCheckpoints, read_meta, save_checkpoint
@@ -67,14 +68,14 @@ class TrialCheckpoints:
         self.trial, self.spec, self.say = trial, spec, say
         self.store = artifact_store(trial.storage)
         self.signer = signer()
-        self.trial_id = trial._trial_id  # Optuna's Trial has no public id
+        self.trial_id = trial_id(trial)
         # The trials this one retries, oldest first (Optuna's retry bookkeeping), and the checkpoint
         # recorded on the newest of them.
         self.retried = _retry_chain(trial)
         self.parent: tuple[int, dict[str, Any]] | None = None
         if self.retried:
-            number, trial_id = self.retried[-1]
-            self.parent = (number, _checkpoint_of(trial.storage.get_trial(trial_id).user_attrs))
+            number, parent_id = self.retried[-1]
+            self.parent = (number, _checkpoint_of(trial.storage.get_trial(parent_id).user_attrs))
         inherited = self.parent[1] if self.parent else None
         self.saved: list[dict[str, Any]] = [inherited] if inherited else []
         self.last_size = 0  # bytes of the newest checkpoint saved here (benchmarks/bench_checkpoint.py)
@@ -119,8 +120,9 @@ class TrialCheckpoints:
         try:
             pending.result()
         except Exception as e:
-            why = " ".join(str(e).split())[:160] or type(e).__name__
-            self.say(f"trial {self.trial.number}: a checkpoint could not be stored ({why}); the previous one is kept")
+            self.say(
+                f"trial {self.trial.number}: a checkpoint could not be stored ({one_line(e, 160)}); the previous one is kept"
+            )
 
     def _upload(self, staging: tempfile.TemporaryDirectory, weights: Path, info: Path, epoch: int, bs: int) -> None:
         base = checkpoint_base(self.trial_id, epoch)
@@ -173,7 +175,7 @@ class TrialCheckpoints:
         except Exception as e:
             for path in folder.iterdir():  # nothing that failed a check stays on this host
                 path.unlink(missing_ok=True)
-            why = printable(" ".join(str(e).split()))[:160] or type(e).__name__
+            why = printable(one_line(e, 160)) or type(e).__name__  # it may quote what others stored: no control characters
             self.say(
                 f"trial {self.trial.number}: the checkpoint of trial {number} (epoch {ckpt.get('epoch', '?')}) "
                 f"does not load ({why}); starting from scratch"
@@ -209,18 +211,18 @@ class TrialCheckpoints:
 def _retry_chain(trial: optuna.Trial) -> list[tuple[int, int]]:
     """(number, id) of the trials `trial` retries, oldest first, from Optuna's retry bookkeeping."""
     storage = trial.storage
-    system = SimpleNamespace(system_attrs=storage.get_trial_system_attrs(trial._trial_id))
+    system = SimpleNamespace(system_attrs=storage.get_trial_system_attrs(trial_id(trial)))
     history = RetryHeartbeatStaleTrialCallback.retry_history(system)  # type: ignore[arg-type]
     if not isinstance(history, list):
         return []
     numbers = [n for n in history if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < trial.number]
     if not numbers:
         return []
-    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    sid = study_id(trial.study)  # no lookup by name: the trial's study knows its id
     chain = []
     for n in numbers[-MAX_RETRY_CHAIN:]:
         try:
-            chain.append((n, storage.get_trial_id_from_study_id_trial_number(study_id, n)))
+            chain.append((n, storage.get_trial_id_from_study_id_trial_number(sid, n)))
         except KeyError:
             continue
     return chain

@@ -1,5 +1,5 @@
-"""The one place the official test split is used: retrain the chosen trial, score it on test (and,
-when asked, take the retrained model home: recipe/export.py)."""
+"""The one place the official test split is used: retrain the chosen trial and score it on test.
+What is done with the retrained model (`best --evaluate [--export]`) is recipe/export.py's."""
 
 from __future__ import annotations
 
@@ -16,11 +16,7 @@ from fastai.learner import Learner
 from ..contract.events import Listener, TrialStart
 from ..contract.records import EpochRecord, TestEvaluation, TrialRecord
 from ..contract.spec import SweepSpec
-from ..observe.progress import make_reporter
-from ..service.storage import open_storage
-from ..service.studies import StudySummary, open_study, require_best, summarize
-from ..training.data import resolve_data_dir
-from ..training.devices import resolve_device
+from ..service.studies import require_best
 from ..training.splits import Splits, load_splits
 from ..training.train import EpochLog, build_learner, fit
 
@@ -91,29 +87,3 @@ def evaluate_on_test(
     )
     evaluation.store(study)
     return Retrained(best, params, learn, splits, evaluation, seconds, result.epochs)
-
-
-def evaluate_best(
-    url: str,
-    name: str,
-    *,
-    data_dir: Path | None,
-    mirror: str | None,
-    device: str,
-    train_size: int | None,
-    export: Path | None = None,
-) -> StudySummary:
-    """`best --evaluate [--export DIR]`: score the study's best trial on the official test split, keep
-    the retrained model on the study (and in DIR); the study's summary after."""
-    from .export import check_destination, keep_model
-
-    dev = resolve_device(device)
-    if export is not None:
-        check_destination(export)  # before minutes of training, not after
-    storage = open_storage(url)
-    study, spec = open_study(storage, name)
-    folder = resolve_data_dir(data_dir)
-    with make_reporter(label="evaluate") as reporter:
-        retrained = evaluate_on_test(study, spec, folder, dev, reporter, mirror=mirror, train_size=train_size)
-        keep_model(retrained, study, storage, spec, folder, export, say=reporter.line)
-    return summarize(study, spec, with_trials=False)

@@ -1,4 +1,6 @@
-"""The winner as a model directory a user takes home, kept on the study as artifacts too.
+"""The winner as a model directory a user takes home, kept on the study as artifacts too:
+`evaluate_best` (`best --evaluate [--export DIR]`) retrains and scores it (recipe/evaluate.py) and keeps
+it, `fetch_model` (`export`) brings a kept one back.
 
     weights.safetensors  the network's weights, which `predict` loads (a format that cannot hold code)
     model.pt2            torch.export program: uint8 pixels (N, 1, 28, 28) in, logits out (torch only;
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 
 from .. import __version__
 from ..contract.records import KeptModel, TrialRecord, who_and_when
@@ -35,11 +38,13 @@ from ..contract.spec import SweepSpec
 from ..errors import UserError
 from ..masking import printable
 from ..observe.plots import writable_folder
-from ..service.artifacts import BadDownload, artifact_store, download_checked, upload_file
+from ..observe.progress import make_reporter
+from ..service.artifacts import BadDownload, CheckedArtifactStore, artifact_store, download_checked, upload_file
 from ..service.storage import backend, open_storage
-from ..service.studies import open_study
+from ..service.studies import StudySummary, open_study, summarize
 from ..signing import signer
-from ..training.data import class_map, verify
+from ..training.data import class_map, resolve_data_dir, verify
+from ..training.devices import resolve_device
 from ..training.inference import (
     CARD_JSON,
     CLASSES,
@@ -51,7 +56,7 @@ from ..training.inference import (
     save_weights,
     sha256,
 )
-from .evaluate import Retrained
+from .evaluate import Retrained, evaluate_on_test
 
 CARD_MD, FASTAI = "model-card.md", "fastai-learner.pkl"
 # Every file of a model directory, by its fixed name; `export` writes these and nothing else.
@@ -195,7 +200,7 @@ Source: study {src["study"]}, trial {src["trial"]} ({src["storage"]} storage).
 def keep_model(
     r: Retrained,
     study: optuna.Study,
-    storage: Any,
+    storage: BaseStorage,
     spec: SweepSpec,
     data_dir: Path,
     export: Path | None,
@@ -217,6 +222,30 @@ def keep_model(
             if export.exists():
                 export.rmdir()  # empty, checked before training
             os.replace(folder, export)
+
+
+def evaluate_best(
+    url: str,
+    name: str,
+    *,
+    data_dir: Path | None,
+    mirror: str | None,
+    device: str,
+    train_size: int | None,
+    export: Path | None = None,
+) -> StudySummary:
+    """`best --evaluate [--export DIR]`: score the study's best trial on the official test split, keep
+    the retrained model on the study (and in DIR); the study's summary after."""
+    dev = resolve_device(device)
+    if export is not None:
+        check_destination(export)  # before minutes of training, not after
+    storage = open_storage(url)
+    study, spec = open_study(storage, name)
+    folder = resolve_data_dir(data_dir)
+    with make_reporter(label="evaluate") as reporter:
+        retrained = evaluate_on_test(study, spec, folder, dev, reporter, mirror=mirror, train_size=train_size)
+        keep_model(retrained, study, storage, spec, folder, export, say=reporter.line)
+    return summarize(study, spec, with_trials=False)
 
 
 def fetch_model(url: str, name: str, dest: Path) -> Path:
@@ -256,7 +285,7 @@ def fetch_model(url: str, name: str, dest: Path) -> Path:
     return dest
 
 
-def _download(store: Any, artifact_id: Any, target: Path, digest: Any, what: str) -> None:
+def _download(store: CheckedArtifactStore, artifact_id: Any, target: Path, digest: Any, what: str) -> None:
     try:
         download_checked(store, artifact_id, target, digest, MAX_FILE_BYTES)
     except BadDownload as e:

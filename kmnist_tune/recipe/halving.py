@@ -18,6 +18,7 @@ from fastai.callback.core import Callback
 
 from ..contract.records import HalvingEvent
 from ..contract.spec import HalvingSpec
+from ..errors import one_line
 
 
 class Diverged(Exception):
@@ -137,7 +138,7 @@ def train_with_halving(
             if not (is_oom(e) and "oom" in cfg.halve_on):
                 raise
             # fastai prefixes errors raised in callbacks with a line of its own: keep the whole text.
-            reason, detail, epoch, batch = "oom", " ".join(str(e).split())[:300], -1, -1
+            reason, detail, epoch, batch = "oom", one_line(e, 300), -1, -1
         release_memory()
         nxt = bs // 2
         floor = nxt < cfg.min_batch_size

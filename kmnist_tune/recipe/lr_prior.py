@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages import BaseStorage
 
 from ..contract.events import Listener
 from ..contract.records import LRPrior, TrialRecord
@@ -82,7 +83,7 @@ def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events:
 
 def ensure_prior(
     study: optuna.Study,
-    storage: Any,
+    storage: BaseStorage,
     spec: SweepSpec,
     splits: Splits,
     device: torch.device,
@@ -115,7 +116,7 @@ def ensure_prior(
 
 
 def resolve_spec(
-    study: optuna.Study, storage: Any, spec: SweepSpec, splits: Splits, device: torch.device, events: Listener
+    study: optuna.Study, storage: BaseStorage, spec: SweepSpec, splits: Splits, device: torch.device, events: Listener
 ) -> SweepSpec:
     """The spec a worker samples from: an `lr: {distribution: lr_finder}` block becomes the study
     prior's concrete log-uniform range (computing the prior if this worker is the first)."""

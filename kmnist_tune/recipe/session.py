@@ -19,10 +19,12 @@ from ..masking import mask
 from ..observe.notes import NoteListener
 from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
+from ..optuna_internals import study_storage
 from ..service.cpu_share import CpuShare
+from ..service.schema import create_storage
 from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
-from ..service.storage import open_storage
-from ..service.studies import StudySummary, create_study, open_existing, open_for_work, raise_budget, summarize
+from ..service.storage import release
+from ..service.studies import StudySummary, check_study, create_study, open_for_work, raise_budget, read_study, summarize
 from ..service.worker import StopFlag, Worker
 from ..training.data import resolve_data_dir
 from ..training.devices import slot_device
@@ -62,15 +64,19 @@ def work_here(
     max_trials: int | None = None,
     timeout: float | None = None,
     splits: Splits | None = None,
+    n_trials: int | None = None,
 ) -> WorkResult:
     """Work the study in this process until its budget is used, the time is up or a signal comes:
-    the LR prior first (once per study), then the trial loop."""
+    the LR prior first (once per study), then the trial loop. `n_trials` raises the study's budget
+    first (it never lowers it). All of it through the worker's one storage."""
     device = device or slot_device()
 
     def log(m: str) -> None:
         print(f"[{label}] {mask(m)}" if label else mask(m), file=sys.stderr, flush=True)
 
     storage, study, spec = open_for_work(url, study_name, log=log)
+    if n_trials is not None:
+        raise_budget(study, spec, n_trials, None)
     splits = splits if splits is not None else load_data(spec, data)
     with CpuShare() as cpu_share, make_reporter(Budget.of(study.user_attrs, spec).n_trials, label=label) as reporter:
         events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
@@ -110,14 +116,17 @@ def run_sweep(spec: SweepSpec, url: str, slots: list[Slot], data: DataOptions) -
     """`kmnist-tune run`: create the study (or resume it), work it with local slots, summarise it."""
     own_wandb_settings(spec)
     splits = load_data(spec, data)  # data problems surface before anything is stored
-    study, created = create_study(spec, open_storage(url, create=True), resume=True, seed=spec.seed)
+    storage = create_storage(url)
+    study, created = create_study(spec, storage, resume=True, seed=spec.seed)
     print(f"{'created' if created else 'resuming'} study {spec.name} in {mask(url)}", file=sys.stderr, flush=True)
+    # The workers have storages of their own (at most 2 connections each): this one holds none meanwhile.
+    release(storage)
     if in_this_process(slots):
         result = work_here(url, spec.name, data, device=torch.device("cpu"), splits=splits)
         if result.stopped.signum:  # a signal, not `study stop` (which ends a run as planned)
             raise Stopped(result.stopped.reason, 128 + result.stopped.signum)
-    else:
-        run_slots(url, slots, worker_args(spec.name, data_dir=data.data_dir, mirror=data.mirror), _board(slots))
+        return summarize(result.study, result.spec, with_trials=False)
+    run_slots(url, slots, worker_args(spec.name, data_dir=data.data_dir, mirror=data.mirror), _board(slots, spec))
     return summarize(study, spec, with_trials=False)
 
 
@@ -135,18 +144,22 @@ def attach_worker(
     """`kmnist-tune worker`: work a study created elsewhere, here (one CPU slot, or one slot of a
     supervisor) or with one pinned process per GPU slot (then None: each slot reports itself).
     `n_trials` raises the study's budget first (it never lowers it)."""
-    if n_trials is not None:
-        raise_budget(*open_existing(url, study_name), n_trials, None)
     if in_process or in_this_process(slots):
         label = WorkerInfo.here().label
-        return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout)
-    open_for_work(url, study_name)  # fail here, once, on an unknown study or a bad URL
+        return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout, n_trials=n_trials)
+    # Fail here, once, on an unknown study or a bad URL, before the slot processes start.
+    if n_trials is not None:
+        study, spec = read_study(url, study_name)
+        raise_budget(study, spec, n_trials, None)
+        release(study_storage(study))
+    else:
+        spec = check_study(url, study_name)
     args = worker_args(study_name, data_dir=data.data_dir, mirror=data.mirror, max_trials=max_trials, timeout=timeout)
     # A worker asked to stop hands its trials back and exits 0 (containers are stopped that way).
     with contextlib.suppress(Stopped):
-        run_slots(url, slots, args, _board(slots))
+        run_slots(url, slots, args, _board(slots, spec))
     return None
 
 
-def _board(slots: list[Slot]) -> SlotBoard:
-    return SlotBoard([s.label for s in slots])
+def _board(slots: list[Slot], spec: SweepSpec) -> SlotBoard:
+    return SlotBoard([s.label for s in slots], spec.metric)

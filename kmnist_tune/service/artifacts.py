@@ -24,15 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import optuna
 import sqlalchemy
+from optuna.storages import BaseStorage
 
 from ..errors import UserError
 from ..masking import printable
-from .storage import backend, sqlite_file, unwrap
+from ..optuna_internals import ALL_TRIAL_IDS, LOCK_STUDY_OF_TRIAL, RECORDED_ARTIFACT_KEYS
+from .lock import storage_lock
+from .storage import backend, engine, sqlite_file
+from .tables import ARTIFACTS
+from .tables import ARTIFACTS_TABLE as TABLE
 
 ENV_ARTIFACTS = "KMNIST_TUNE_ARTIFACTS"
 FOLDER = "kmnist-tune-artifacts"
-TABLE = "kmnist_tune_artifacts"
 CHUNK = 1 << 20  # bytes per row: a checkpoint streams through in 1 MiB pieces, never whole in memory
 
 
@@ -41,7 +46,7 @@ def _chosen(override: str | Path | None) -> str | None:
     return str(chosen) if chosen else None
 
 
-def artifact_dir(storage: Any, override: str | Path | None = None) -> Path | None:
+def artifact_dir(storage: BaseStorage, override: str | Path | None = None) -> Path | None:
     """The artifact folder, or None when the artifacts live in the database (or S3)."""
     chosen = _chosen(override)
     if chosen:
@@ -53,7 +58,7 @@ def artifact_dir(storage: Any, override: str | Path | None = None) -> Path | Non
     return base / FOLDER
 
 
-def describe_store(storage: Any, override: str | Path | None = None) -> str:
+def describe_store(storage: BaseStorage, override: str | Path | None = None) -> str:
     chosen = _chosen(override)
     if chosen and chosen.startswith("s3://"):
         return chosen
@@ -61,17 +66,17 @@ def describe_store(storage: Any, override: str | Path | None = None) -> str:
     return str(folder) if folder is not None else f"the {TABLE} table of the study database"
 
 
-def artifact_store(storage: Any, override: str | Path | None = None) -> CheckedArtifactStore:
+def artifact_store(storage: BaseStorage, override: str | Path | None = None) -> CheckedArtifactStore:
     return CheckedArtifactStore(_raw_store(storage, override))
 
 
-def _raw_store(storage: Any, override: str | Path | None) -> Any:
+def _raw_store(storage: BaseStorage, override: str | Path | None) -> Any:
     chosen = _chosen(override)
     if chosen and chosen.startswith("s3://"):
         return _s3_store(chosen)
     folder = artifact_dir(storage, override)
     if folder is None:
-        return PostgresArtifactStore(unwrap(storage).engine)
+        return PostgresArtifactStore(engine(storage))
     from optuna.artifacts import FileSystemArtifactStore
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,20 +160,6 @@ def _s3_store(url: str) -> Any:
 # -- artifacts in PostgreSQL ----------------------------------------------------------------------
 
 
-def _table() -> sqlalchemy.Table:
-    meta = sqlalchemy.MetaData()
-    return sqlalchemy.Table(
-        TABLE,
-        meta,
-        sqlalchemy.Column("artifact_id", sqlalchemy.String(255), primary_key=True),
-        sqlalchemy.Column("chunk", sqlalchemy.Integer, primary_key=True, autoincrement=False),
-        sqlalchemy.Column("data", sqlalchemy.LargeBinary, nullable=False),
-    )
-
-
-ARTIFACTS = _table()
-
-
 class PostgresArtifactStore:
     """Optuna's ArtifactStore protocol over the `kmnist_tune_artifacts` table: one row per MiB.
 
@@ -182,7 +173,7 @@ class PostgresArtifactStore:
     (uuid ids) are kept orphan-free by `upload_file`'s lock instead: Optuna's `upload_artifact` records
     an upload on its study before the write in some releases and after it in others (5.1)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: sqlalchemy.Engine):
         self.engine = engine
 
     def _missing(self, artifact_id: str) -> Exception:
@@ -225,22 +216,16 @@ class OwnerGone(UserError):
     """An artifact was to be written for a trial or study that is gone (its study deleted)."""
 
 
-# Optuna's RDB schema: the study of a checkpoint's trial (its id is in the name), its row locked
-# against DELETE until the write commits.
-_OWNER_OF_CHECKPOINT = sqlalchemy.text(
-    "SELECT s.study_id FROM studies s JOIN trials t ON t.study_id = s.study_id WHERE t.trial_id = :tid FOR KEY SHARE OF s"
-)
-
-
 def _lock_owner(conn: Any, name: ArtifactName) -> None:
-    if name.trial_id is not None and conn.execute(_OWNER_OF_CHECKPOINT, {"tid": name.trial_id}).first() is None:
+    # The study of a checkpoint's trial (its id is in the name), its row locked against DELETE until the write commits.
+    if name.trial_id is not None and conn.execute(LOCK_STUDY_OF_TRIAL, {"tid": name.trial_id}).first() is None:
         raise OwnerGone(f"artifact {name.artifact_id} was not stored: its trial is gone (its study was deleted)")
 
 
 class _ChunkReader(io.RawIOBase):
     """Reads an artifact's rows one at a time, in order."""
 
-    def __init__(self, engine: Any, artifact_id: str, chunks: int):
+    def __init__(self, engine: sqlalchemy.Engine, artifact_id: str, chunks: int):
         self.engine, self.artifact_id, self.chunks = engine, artifact_id, chunks
         self.next_chunk, self.buffer = 0, memoryview(b"")
 
@@ -266,7 +251,7 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-def remove_artifacts(store: Any, artifact_ids: list[str]) -> None:
+def remove_artifacts(store: CheckedArtifactStore, artifact_ids: list[str]) -> None:
     """Remove artifacts that may already be gone (a retry and its original share a checkpoint). An id of
     no form this project writes names nothing it wrote: it is skipped, never joined to a path."""
     from optuna.artifacts.exceptions import ArtifactNotFound
@@ -281,14 +266,13 @@ def checkpoint_base(trial_id: int, epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}{trial_id}-{epoch}"
 
 
-def remove_checkpoints(store: Any, trial_ids: list[int], n_epochs: int) -> None:
+def remove_checkpoints(store: CheckedArtifactStore, trial_ids: list[int], n_epochs: int) -> None:
     """Every checkpoint of these trials, recorded or not: a worker killed between an upload and the
     trial's record of it leaves one that no record names."""
     if not trial_ids:
         return
-    inner = getattr(store, "inner", store)
-    if isinstance(inner, PostgresArtifactStore):
-        with inner.engine.begin() as conn:
+    if isinstance(store.inner, PostgresArtifactStore):
+        with store.inner.engine.begin() as conn:
             for trial_id in sorted(set(trial_ids)):
                 prefix = f"{CHECKPOINT_PREFIX}{trial_id}-"
                 conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.startswith(prefix, autoescape=True)))
@@ -318,13 +302,11 @@ def artifacts_lock(study_name: str) -> str:
     return f"kmnist-tune/artifacts/{study_name}"
 
 
-def upload_file(storage: Any, study: Any, path: Path, mimetype: str | None = None) -> str:
+def upload_file(storage: BaseStorage, study: optuna.Study, path: Path, mimetype: str | None = None) -> str:
     """Optuna's `upload_artifact` of a file onto a study, under the study's artifacts lock: `study delete`
     takes the same lock around listing, deleting and removing, so an upload is either listed and
     removed with the study, or finds the study gone and stores nothing."""
     from optuna.artifacts import upload_artifact
-
-    from .lock import storage_lock
 
     with storage_lock(storage, artifacts_lock(study.study_name)):
         try:
@@ -336,15 +318,7 @@ def upload_file(storage: Any, study: Any, path: Path, mimetype: str | None = Non
         )
 
 
-# Optuna's RDB schema: the artifacts its upload_artifact recorded, and the trials that exist.
-_RECORDED = sqlalchemy.text(
-    "SELECT key FROM study_system_attributes WHERE key LIKE 'artifacts:%' "
-    "UNION SELECT key FROM trial_system_attributes WHERE key LIKE 'artifacts:%'"
-)
-_TRIAL_IDS = sqlalchemy.text("SELECT trial_id FROM trials")
-
-
-def prune_artifacts(storage: Any) -> int:
+def prune_artifacts(storage: BaseStorage) -> int:
     """`kmnist-tune schema --prune`: remove the rows of the artifact table that no study owns (ids of no
     form this project writes, checkpoints of trials that are gone, uploads no study or trial records).
     Returns how many artifacts went. Only the PostgreSQL table: a folder or bucket may be shared with
@@ -354,13 +328,13 @@ def prune_artifacts(storage: Any) -> int:
             "--prune works on a PostgreSQL study database (its kmnist_tune_artifacts table); "
             "a SQLite study keeps its artifacts as files beside it"
         )
-    engine = unwrap(storage).engine
-    with engine.connect() as conn:
+    eng = engine(storage)
+    with eng.connect() as conn:
         if not sqlalchemy.inspect(conn).has_table(TABLE):
             return 0
         stored = [r[0] for r in conn.execute(sqlalchemy.select(ARTIFACTS.c.artifact_id).distinct())]
-        recorded = {str(r[0]).removeprefix("artifacts:") for r in conn.execute(_RECORDED)}
-        trials = {int(r[0]) for r in conn.execute(_TRIAL_IDS)}
+        recorded = {str(r[0]).removeprefix("artifacts:") for r in conn.execute(RECORDED_ARTIFACT_KEYS)}
+        trials = {int(r[0]) for r in conn.execute(ALL_TRIAL_IDS)}
     orphans = []
     for artifact_id in stored:
         try:
@@ -372,7 +346,7 @@ def prune_artifacts(storage: Any) -> int:
         if not owned:
             orphans.append(artifact_id)
     if orphans:
-        with engine.begin() as conn:
+        with eng.begin() as conn:
             conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.in_(orphans)))
     return len(orphans)
 
@@ -381,7 +355,7 @@ class BadDownload(UserError):
     """A downloaded artifact that is larger than allowed or does not match its recorded sha256."""
 
 
-def download_checked(store: Any, artifact_id: str, target: Path, sha256: Any, limit: int) -> None:
+def download_checked(store: CheckedArtifactStore, artifact_id: str, target: Path, sha256: Any, limit: int) -> None:
     """The artifact into `target` (a fixed local name the caller chose, created anew), hashed as it is
     copied and at most `limit` bytes; on any failure the file is deleted, so nothing unchecked stays."""
     h, size = hashlib.sha256(), 0

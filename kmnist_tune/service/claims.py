@@ -20,41 +20,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import optuna
 import psycopg
 import sqlalchemy
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
+from ..contract.records import FINISHED_STATES
 from ..errors import UserError
+from ..optuna_internals import counted_trials_sql, new_trial
 from .lock import lock_key, storage_lock
-from .storage import FINISHED_STATES, autocommitted, backend, count_states, retried, unwrap
+from .storage import autocommitted, backend, count_states, engine, retried
+from .tables import CLAIMS_TABLE as TABLE
 
-TABLE = "kmnist_tune_claims"
 # A ticket lives from the claim until Optuna has made the trial (milliseconds; seconds for a
 # sampler over thousands of trials). Older ones belong to workers that died in between.
 TICKET_TTL_S = 120
 # Trial states the budget counts: what finished for good, and what is running now.
 COUNTED = (*FINISHED_STATES, "RUNNING")
-
-
-def _table() -> sqlalchemy.Table:
-    meta = sqlalchemy.MetaData()
-    return sqlalchemy.Table(
-        TABLE,
-        meta,
-        sqlalchemy.Column("claim_id", sqlalchemy.BigInteger, primary_key=True, autoincrement=True),
-        # No foreign key to Optuna's `studies`: deleting a study must not depend on this table.
-        sqlalchemy.Column("study_id", sqlalchemy.Integer, nullable=False, index=True),
-        sqlalchemy.Column("claimed_at", sqlalchemy.DateTime(timezone=True), nullable=False, server_default=sqlalchemy.func.now()),
-    )
-
-
-CLAIMS = _table()
-
-
-_COUNTED_SQL = ", ".join(f"'{s}'" for s in COUNTED)
 
 
 def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
@@ -71,7 +55,7 @@ def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
     WITH expired AS (
         DELETE FROM {TABLE} WHERE study_id = {sid} AND claimed_at < now() - make_interval(secs => {ttl})
     ), counted AS (
-        SELECT (SELECT count(*) FROM trials WHERE study_id = {sid} AND state IN ({_COUNTED_SQL}))
+        SELECT {counted_trials_sql(sid, COUNTED)}
              + (SELECT count(*) FROM {TABLE} WHERE study_id = {sid} AND claimed_at >= now() - make_interval(secs => {ttl})) AS n
     )
     INSERT INTO {TABLE} (study_id) SELECT {sid} FROM counted WHERE counted.n < {budget}
@@ -80,11 +64,11 @@ def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
     """
 
 
-def _take_ticket(engine: Any, study_id: int, study_name: str, n_trials: int) -> int | None:
+def _take_ticket(eng: sqlalchemy.Engine, study_id: int, study_name: str, n_trials: int) -> int | None:
     """Lock the study's budget, drop expired tickets, insert one if there is room: one transaction
     in one round trip. The lock waits in the server while another worker's claim finishes (well
     under a millisecond of server time), and is released by the COMMIT or when the connection dies."""
-    raw = engine.raw_connection()  # pooled, like every other connection of this storage
+    raw = eng.raw_connection()  # pooled, like every other connection of this storage
     conn = raw.driver_connection  # psycopg's: several statements in one query need its simple protocol
     claim_id: int | None = None
     try:
@@ -110,11 +94,11 @@ def _take_ticket(engine: Any, study_id: int, study_name: str, n_trials: int) -> 
     return claim_id
 
 
-def _drop_ticket(storage: Any, claim_id: int) -> None:
+def _drop_ticket(storage: BaseStorage, claim_id: int) -> None:
     autocommitted(storage, sqlalchemy.text(f"DELETE FROM {TABLE} WHERE claim_id = :id"), {"id": claim_id})
 
 
-def pending_claims(storage: Any, study_id: int) -> int:
+def pending_claims(storage: BaseStorage, study_id: int) -> int:
     """Claims granted whose trial Optuna is still making (PostgreSQL; 0 elsewhere)."""
     if backend(storage) != "postgresql":
         return 0
@@ -124,7 +108,7 @@ def pending_claims(storage: Any, study_id: int) -> int:
     return int(autocommitted(storage, query, {"sid": study_id, "ttl": TICKET_TTL_S})[0][0])
 
 
-def make_trial(study: optuna.Study, storage: Any, study_id: int) -> tuple[optuna.Trial, bool]:
+def make_trial(study: optuna.Study, storage: BaseStorage, study_id: int) -> tuple[optuna.Trial, bool]:
     """What `study.ask()` does, without its read of the whole study when no trial waits.
 
     Optuna's ask first brings its per-process cache of the study up to date, to look for a WAITING
@@ -139,12 +123,11 @@ def make_trial(study: optuna.Study, storage: Any, study_id: int) -> tuple[optuna
     Returns the trial, and whether it was made just now (so it has no attributes yet: it is no retry)."""
     if storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         return study.ask(), False
-    # Optuna keeps the study's (cached) storage private; ask uses the same two calls.
-    return optuna.Trial(study, study._storage.create_new_trial(study_id)), True
+    return new_trial(study), True
 
 
 @contextmanager
-def budget_slot(storage: Any, study_id: int, study_name: str, n_trials: int | None) -> Iterator[bool]:
+def budget_slot(storage: BaseStorage, study_id: int, study_name: str, n_trials: int | None) -> Iterator[bool]:
     """Yields whether the budget has room for one more trial; when it does, the caller makes the
     trial (make_trial) inside the block, and the slot is its own until the block ends."""
     if n_trials is None:
@@ -157,9 +140,9 @@ def budget_slot(storage: Any, study_id: int, study_name: str, n_trials: int | No
             c = count_states(storage, study_id)
             yield c.finished + c.running < n_trials
         return
-    engine = unwrap(storage).engine
+    eng = engine(storage)
     # A worker's storage rides out a database restart; so do its claims.
-    claim_id = retried(storage, lambda: _take_ticket(engine, study_id, study_name, n_trials))
+    claim_id = retried(storage, lambda: _take_ticket(eng, study_id, study_name, n_trials))
     if claim_id is None:
         yield False
         return

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from optuna.storages import BaseStorage
 
 from ..errors import UserError
 from .retry import is_transient
-from .storage import backend, engine_kwargs, is_sqlite, retried, sqlite_file, sqlite_path, unwrap
+from .storage import backend, engine, is_sqlite, retried, short_engine, sqlite_file, sqlite_path
 
 # Waiting for a lock another process holds: first look again after 20 ms, then doubling up to 1 s
 # (held locks guard work of seconds to minutes: creating a study, the LR finder).
@@ -32,7 +33,7 @@ def lock_path(db: Path | None, name: str) -> Path:
 
 
 @contextmanager
-def storage_lock(storage: Any, name: str) -> Iterator[None]:
+def storage_lock(storage: BaseStorage, name: str) -> Iterator[None]:
     """A lock held in the storage backend itself: a PostgreSQL transaction-scoped advisory lock taken
     on one of the storage's own pooled connections (so a worker never opens more), released by the
     server if the holder dies; for SQLite an flock on a file beside the database (SQLite is one
@@ -47,7 +48,7 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
             yield
     else:
         # A worker's storage retries through a database restart: so does taking its lock.
-        with _advisory_lock(unwrap(storage).engine, name, functools.partial(retried, storage)):
+        with _advisory_lock(engine(storage), name, functools.partial(retried, storage)):
             yield
 
 
@@ -59,13 +60,9 @@ def schema_lock(url: str) -> Iterator[None]:
         with _file_lock(lock_path(sqlite_path(url), name)):
             yield
         return
-    # A short-lived connection of its own (NullPool): it is closed when the tables are there.
-    engine = sqlalchemy.create_engine(url, connect_args=engine_kwargs(url)["connect_args"], poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with _advisory_lock(engine, name):
-            yield
-    finally:
-        engine.dispose()
+    # A short-lived connection of its own: it is closed when the tables are there.
+    with short_engine(url) as eng, _advisory_lock(eng, name):
+        yield
 
 
 @contextmanager
@@ -89,7 +86,7 @@ def lock_key(name: str) -> int:
 
 
 @contextmanager
-def _advisory_lock(engine: Any, name: str, retrying: Callable[..., Any] | None = None) -> Iterator[None]:
+def _advisory_lock(eng: sqlalchemy.Engine, name: str, retrying: Callable[..., Any] | None = None) -> Iterator[None]:
     """A transaction-scoped advisory lock, held by an open transaction until the block ends.
 
     Transaction-scoped, not session-level: behind PgBouncer's transaction pooling a session lock
@@ -103,7 +100,7 @@ def _advisory_lock(engine: Any, name: str, retrying: Callable[..., Any] | None =
     query = sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:k)")
 
     def try_once() -> Any:
-        conn = engine.connect()
+        conn = eng.connect()
         try:
             if conn.execute(query, {"k": key}).scalar_one():
                 return conn

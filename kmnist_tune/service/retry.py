@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
+from ..optuna_internals import STALE_TRIALS_METHOD
 from .storage import first_line, is_grpc, open_grpc, open_storage
 
 
@@ -69,7 +70,7 @@ def _log_warning(message: str) -> None:
 
 # Storage methods Optuna calls during ask/tell/report and heartbeats: the ones worth retrying. The
 # heartbeat methods are named here, not taken from Optuna's private heartbeat base class.
-HEARTBEAT_METHODS = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+HEARTBEAT_METHODS = {"record_heartbeat", STALE_TRIALS_METHOD, "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
 _RETRIED = sorted(
     optuna.storages.BaseStorage.__abstractmethods__
     | HEARTBEAT_METHODS
@@ -94,6 +95,16 @@ class RetryingRDBStorage(_Retrying, optuna.storages.RDBStorage):
         self._init_retry(patience, log)
         super().__init__(url, **kwargs)
 
+    def use_heartbeat(self, interval: int | None, grace_period: int | None, max_retry: int | None) -> None:
+        """The study's heartbeat settings, which live in its spec: the worker opens this one storage,
+        reads the spec through it, then sets them (the attributes RDBStorage's constructor sets from
+        the same arguments, and which its heartbeat methods read)."""
+        if interval is not None and interval <= 0 or grace_period is not None and grace_period <= 0:
+            raise ValueError("heartbeat_interval and grace_period must be positive or None")
+        self.heartbeat_interval, self.grace_period = interval, grace_period
+        self.heartbeat_stale_trial_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.failed_trial_callback = self.heartbeat_stale_trial_callback  # its old name, as __init__ keeps both
+
     def __getstate__(self) -> dict[str, Any]:
         # Optuna's storage contract: a storage pickles (RDBStorage drops its engine and re-creates it).
         # The logger is this process's (often a closure): the copy logs as the default does.
@@ -106,15 +117,18 @@ class RetryingStorage(_Retrying, optuna.storages.BaseStorage):
     """The same retries around any other storage (the gRPC proxy), by delegation. The proxy has no
     heartbeat API, so this storage reports heartbeats as off (get_heartbeat_interval is None)."""
 
-    def __init__(self, inner: Any, patience: float = 600.0, log: Callable[[str], None] | None = None):
-        self._inner = inner
+    def __init__(self, inner: optuna.storages.BaseStorage, patience: float = 600.0, log: Callable[[str], None] | None = None):
+        self.inner = inner
         self._init_retry(patience, log)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return getattr(self.inner, name)
 
     def get_heartbeat_interval(self) -> int | None:
         return None
+
+    def use_heartbeat(self, interval: int | None, grace_period: int | None, max_retry: int | None) -> None:
+        """The proxy has no heartbeat API: a killed worker's trials stay RUNNING (README)."""
 
 
 def _retried_method(name: str, base: type) -> Callable[..., Any]:
@@ -126,7 +140,7 @@ def _retried_method(name: str, base: type) -> Callable[..., Any]:
     else:
 
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return self.retrying(getattr(self._inner, name), *args, **kwargs)
+            return self.retrying(getattr(self.inner, name), *args, **kwargs)
 
     method.__name__ = name
     return method
@@ -141,25 +155,13 @@ RetryingStorage.__abstractmethods__ = frozenset()
 
 
 def open_worker_storage(
-    url: str,
-    *,
-    heartbeat_interval: int | None,
-    grace_period: int | None,
-    max_retry: int | None,
-    patience: float = 600.0,
-    log: Callable[[str], None] | None = None,
-) -> Any:
-    """The storage a worker uses: heartbeats on (RDB storages), a killed worker's trials failed
-    after the grace period and retried with the same parameters, transient errors retried."""
+    url: str, *, patience: float = 600.0, log: Callable[[str], None] | None = None
+) -> RetryingRDBStorage | RetryingStorage:
+    """The one storage a worker uses: every call retried through a database restart. Heartbeats
+    (and with them a killed worker's trials failed after the grace period and retried with the same
+    parameters) are switched on with `use_heartbeat` once the study's spec has been read through it."""
     if is_grpc(url):
-        return RetryingStorage(open_grpc(url), patience, log)  # the proxy has no heartbeat API
-    return open_storage(
-        url,
-        create=False,
-        storage_cls=RetryingRDBStorage,
-        patience=patience,
-        log=log,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-    )
+        return RetryingStorage(open_grpc(url), patience, log)
+    storage = open_storage(url, storage_cls=RetryingRDBStorage, patience=patience, log=log)
+    assert isinstance(storage, RetryingRDBStorage)
+    return storage

@@ -7,12 +7,10 @@ lock.py), so connection limits, time-outs and the error lines a user sees are de
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +18,14 @@ from typing import Any
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from optuna.storages import BaseStorage, RDBStorage
 from sqlalchemy.engine import make_url
 
+from .. import optuna_internals as internals
+from ..contract.records import FINISHED_STATES
 from ..errors import UserError
 from ..masking import mask
-
-# Optuna's INFO lines ("A new study created ...") and its notes that heartbeats and retries are
-# experimental are not for our users; our own lines say what happened.
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+from ..optuna_internals import REQUIRED_TABLES
 
 DEFAULT_STORAGE = "sqlite:///kmnist-tune.db"
 ENV_STORAGE = "KMNIST_TUNE_STORAGE"
@@ -86,37 +83,50 @@ def sqlite_path(url: str) -> Path | None:
     return Path(db) if db and db != ":memory:" else None
 
 
-# Trial states that finished for good: what the budget counts, with the running ones (claims.py).
-FINISHED_STATES = ("COMPLETE", "PRUNED")
-_FINISHED_SQL = ", ".join(f"'{s}'" for s in FINISHED_STATES)
+def quiet_optuna() -> None:
+    """Optuna's INFO lines ("A new study created ...") and its notes that heartbeats and retries are
+    experimental are not for our users: our own lines say what happened. Set when this process first
+    opens a storage (every command does), not when the package is imported."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class NoStudies(UserError):
     """The storage holds no Optuna studies at all (a missing SQLite file, an empty database)."""
 
 
-def backend(storage: Any) -> str:
+def backend(storage: BaseStorage) -> str:
     """ "sqlite", "postgresql", or "grpc" (the storage proxy) for an opened storage, however wrapped."""
-    inner = unwrap(storage)
-    if isinstance(inner, optuna.storages.RDBStorage):
-        return inner.engine.url.get_backend_name()
-    return "grpc"
+    inner = internals.rdb(storage)
+    return inner.engine.url.get_backend_name() if inner is not None else "grpc"
 
 
-def sqlite_file(storage: Any) -> Path | None:
+def engine(storage: BaseStorage) -> sqlalchemy.Engine:
+    """The SQLAlchemy engine of an RDB storage (not the proxy's: callers ask `backend` first)."""
+    inner = internals.rdb(storage)
+    if inner is None:
+        raise TypeError("the storage proxy has no database engine")
+    return inner.engine
+
+
+def release(storage: BaseStorage) -> None:
+    """Close the idle pooled connections of an RDB storage (it reconnects if it is used again): a
+    command that has done its storage work before a long wait holds no database connection through it."""
+    inner = internals.rdb(storage)
+    if inner is not None:
+        inner.engine.dispose()
+
+
+def sqlite_file(storage: BaseStorage) -> Path | None:
     """The database file of a SQLite storage, else None."""
-    inner = unwrap(storage)
-    if isinstance(inner, optuna.storages.RDBStorage) and backend(inner) == "sqlite":
-        return sqlite_path(inner.url)
-    return None
+    inner = internals.rdb(storage)
+    return sqlite_path(inner.url) if inner is not None and backend(inner) == "sqlite" else None
 
 
-def describe(storage: Any) -> str:
+def describe(storage: BaseStorage) -> str:
     """The storage's URL with its password masked, for messages."""
-    inner = unwrap(storage)
-    if isinstance(inner, optuna.storages.RDBStorage):
-        return mask(inner.url)
-    return f"grpc://{getattr(inner, '_host', '?')}:{getattr(inner, '_port', '?')}"
+    inner = internals.rdb(storage)
+    return mask(inner.url) if inner is not None else f"grpc://{internals.grpc_address(storage)}"
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -142,35 +152,42 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
 
 
-def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
-    """Open (and with create=True, initialise) the storage; failures become one-line UserErrors.
+def open_storage(url: str, *, storage_cls: type[RDBStorage] = RDBStorage, **rdb_kwargs: Any) -> BaseStorage:
+    """Open an existing study database (or the storage proxy); failures become one-line UserErrors.
+    Nothing is created: a database without Optuna's tables is refused (service/schema.py creates them).
 
-    Returns an RDBStorage, or for grpc:// a GrpcStorageProxy."""
+    Returns an RDBStorage (or `storage_cls`), or for grpc:// a GrpcStorageProxy."""
+    quiet_optuna()
     if is_grpc(url):
         return open_grpc(url)
-    try:
-        if not create:
-            _require_schema(url)
-        cls = rdb_kwargs.pop("storage_cls", optuna.storages.RDBStorage)
-        if not create:
-            # The tables are there (_require_schema): Optuna's create_all would only look for each
-            # one again, a reflection query per table, for every worker that starts.
-            rdb_kwargs.setdefault("skip_table_creation", True)
-            return cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
-        folder = sqlite_path(url).parent if is_sqlite(url) and sqlite_path(url) else None  # type: ignore[union-attr]
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"cannot open SQLite storage {mask(url)}: its folder {folder} does not exist; create it first")
-        # Optuna creates its tables on open; processes that open one new database at once would
-        # race to create them (PostgreSQL: a duplicate key in pg_type), so they take turns.
-        from .artifacts import ARTIFACTS
-        from .claims import CLAIMS
-        from .lock import schema_lock
+    with user_errors(url):
+        require_schema(url)
+        # The tables are there (require_schema): Optuna's create_all would only look for each
+        # one again, a reflection query per table, for every worker that starts.
+        rdb_kwargs.setdefault("skip_table_creation", True)
+        check = not rdb_kwargs.pop("skip_compatibility_check", False)
+        storage = storage_cls(url, engine_kwargs=engine_kwargs(url), skip_compatibility_check=True, **rdb_kwargs)
+        if check:
+            require_current_schema(storage)
+        return storage
 
-        with schema_lock(url):
-            storage = cls(url, engine_kwargs=engine_kwargs(url), **rdb_kwargs)
-            # PostgreSQL keeps the study's artifacts beside it, and the tickets of budget claims in progress.
-            ensure_tables(storage.engine, ARTIFACTS, CLAIMS)
-            return storage
+
+def require_current_schema(storage: RDBStorage) -> None:
+    """The check RDBStorage makes when it opens (skipped there), through its public version calls and
+    with one connection at a time (Optuna's holds two at once), ending in one line, not a traceback."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise UserError(
+            f"storage {mask(storage.url)} has Optuna schema {current} and this Optuna needs {head}; "
+            "run `kmnist-tune schema --storage URL` once as the database owner (it migrates the tables)"
+        )
+
+
+@contextmanager
+def user_errors(url: str) -> Iterator[None]:
+    """What opening a database raises, as the one line a user gets."""
+    try:
+        yield
     except sqlalchemy.exc.ArgumentError as e:
         raise UserError(f"malformed storage URL {mask(url)!r} ({first_line(e)}); {URL_HELP}") from None
     except ImportError:
@@ -193,37 +210,35 @@ def open_storage(url: str, *, create: bool = False, **rdb_kwargs: Any) -> Any:
         raise UserError(f"storage {mask(url)} is not a usable Optuna database: {first_line(e.orig or e)}") from None
 
 
-def ensure_tables(engine: Any, *tables: sqlalchemy.Table) -> None:
-    """Create kmnist-tune's own tables where a PostgreSQL database lacks them (the owner's job:
-    `kmnist-tune schema`, `study create`); a worker role may not create tables, so look first."""
-    if engine.url.get_backend_name() != "postgresql":
-        return
-    with engine.connect() as conn:
-        missing = [t for t in tables if not sqlalchemy.inspect(conn).has_table(t.name)]
-    for table in missing:
-        table.metadata.create_all(engine, tables=[table])
-
-
-def _require_schema(url: str) -> None:
-    """Raise NoStudies unless the database already holds Optuna's tables. Opening an RDBStorage
-    creates them, and a command that only reads must never write into a foreign or empty database."""
-    no_studies = NoStudies(
+def no_studies(url: str) -> NoStudies:
+    return NoStudies(
         f"no studies in {mask(url)} yet; create one (`kmnist-tune run SPEC` or `kmnist-tune study create SPEC`) "
         f"or pass --storage / set {ENV_STORAGE}"
     )
+
+
+def require_schema(url: str) -> None:
+    """Raise NoStudies unless the database already holds Optuna's tables. Opening an RDBStorage
+    creates them, and a command that only reads must never write into a foreign or empty database."""
     if is_sqlite(url):
         path = sqlite_path(url)
         if path is not None and not path.exists():
-            raise no_studies  # and sqlite3 must not create the file either
-    # One short-lived connection, closed on return (NullPool): the bound on a worker's connections holds.
+            raise no_studies(url)  # and sqlite3 must not create the file either
+    with short_engine(url) as engine, engine.connect() as conn:
+        tables = set(sqlalchemy.inspect(conn).get_table_names())
+    if not tables >= REQUIRED_TABLES:
+        raise no_studies(url)
+
+
+@contextmanager
+def short_engine(url: str) -> Iterator[sqlalchemy.Engine]:
+    """An engine whose one connection closes on return (NullPool): the bound on a process's
+    connections holds while it checks, locks or looks something up before its storage is open."""
     engine = sqlalchemy.create_engine(url, connect_args=engine_kwargs(url)["connect_args"], poolclass=sqlalchemy.pool.NullPool)
     try:
-        with engine.connect() as conn:
-            tables = set(sqlalchemy.inspect(conn).get_table_names())
+        yield engine
     finally:
         engine.dispose()
-    if not {"studies", "version_info"} <= tables:
-        raise no_studies
 
 
 def first_line(e: BaseException) -> str:
@@ -231,21 +246,26 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+def study_names(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in storage.get_all_studies()]
 
 
-def require_study(storage: optuna.storages.BaseStorage, name: str) -> int:
+def require_study(storage: BaseStorage, name: str) -> int:
     """The study's id, or a UserError naming the studies that do exist."""
     try:
         return storage.get_study_id_from_name(name)
     except KeyError:
-        known = study_names(storage)
-        hint = f"studies there: {', '.join(known)}" if known else "there are no studies there yet"
-        raise UserError(f"no study named {name!r} in {describe(storage)}; {hint}") from None
+        raise unknown_study(describe(storage), name, study_names(storage)) from None
+
+
+def unknown_study(where: str, name: str, known: list[str]) -> UserError:
+    """No study `name` in the storage `where` (masked); the line names the studies that do exist."""
+    hint = f"studies there: {', '.join(known)}" if known else "there are no studies there yet"
+    return UserError(f"no study named {name!r} in {where}; {hint}")
 
 
 def open_grpc(url: str) -> optuna.storages.GrpcStorageProxy:
+    quiet_optuna()
     host, port = _grpc_host_port(url)
     proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
     try:
@@ -256,86 +276,6 @@ def open_grpc(url: str) -> optuna.storages.GrpcStorageProxy:
             "`kmnist-tune storage-proxy --storage URL --port PORT`"
         ) from None
     return proxy
-
-
-def init_schema(url: str) -> str:
-    """`kmnist-tune schema`: Optuna's tables at the head version and the artifact table; what is there."""
-    if is_grpc(url):
-        raise UserError("schema needs a database URL, not the storage proxy's grpc://")
-    storage = open_storage(url, create=True, skip_compatibility_check=True)
-    if storage.get_current_version() != storage.get_head_version():
-        storage.upgrade()
-    what = f"Optuna schema {storage.get_current_version()}"
-    if backend(storage) != "postgresql":
-        return what
-    # Optuna's version tables: one UPDATE there makes every worker and the dashboard refuse to start
-    # ("upgrade Optuna"), and the default privileges of storage/initdb give the worker role write on
-    # every table the owner makes, these included. Only their owner and the role running this (the
-    # one that migrates them) keep write; every other grantee, PUBLIC too, SELECT at most. Optuna
-    # writes them only when they are empty or unstamped, which this has just made sure they are not.
-    grants = sqlalchemy.text(
-        "SELECT DISTINCT c.oid::regclass::text AS tbl, a.grantee = 0 AS public, pg_get_userbyid(a.grantee) AS who"
-        " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
-        " WHERE c.relkind = 'r' AND c.relname IN ('alembic_version', 'version_info') AND pg_table_is_visible(c.oid)"
-        " AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')"
-        " AND a.grantee <> c.relowner AND a.grantee <> (SELECT oid FROM pg_roles WHERE rolname = current_user)"
-        " ORDER BY 1, 3"
-    )
-    quote = storage.engine.dialect.identifier_preparer.quote
-    try:
-        with storage.engine.begin() as conn:
-            for tbl, public, who in conn.execute(grants).all():
-                grantee = "PUBLIC" if public else quote(who)
-                conn.execute(sqlalchemy.text(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {tbl} FROM {grantee} CASCADE"))
-            # A REVOKE that this role may not make is only a warning in PostgreSQL: look again.
-            left = [f"{'PUBLIC' if public else who} on {tbl}" for tbl, public, who in conn.execute(grants).all()]
-    except sqlalchemy.exc.DBAPIError as e:
-        raise UserError(
-            f"cannot take write on Optuna's version tables from the other roles of {mask(url)}: {first_line(e.orig or e)}; "
-            "run `kmnist-tune schema` as the database owner"
-        ) from None
-    if left:
-        raise UserError(
-            f"{', '.join(left)} may still write Optuna's version tables and this role cannot revoke it; "
-            "run `kmnist-tune schema` as the database owner"
-        )
-    return what + " and the kmnist_tune_artifacts and kmnist_tune_claims tables; only the owner writes the version tables"
-
-
-def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Optuna's gRPC storage proxy in front of a database, until interrupted."""
-    if is_grpc(url):
-        raise UserError("--storage for the proxy must be a database URL, not grpc://")
-    storage = open_storage(url, create=True)
-    announce(f"storage proxy for {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)")
-    got: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        got.append(signum)
-        raise KeyboardInterrupt
-
-    # SIGTERM (docker stop, kubectl delete) stops it as Ctrl-C does. A SIGINT that the parent had
-    # ignored (a background job) stays ignored, as Python leaves it.
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port)
-    except KeyboardInterrupt:
-        # gRPC's handler threads are joined when the interpreter exits, and one still waiting on the
-        # database would keep the process alive. The proxy keeps no state of its own, and a
-        # worker's storage retries a call cut short, so it leaves at once.
-        announce("storage proxy stopped")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + (got[0] if got else signal.SIGINT))
-
-
-def unwrap(storage: Any) -> Any:
-    """The RDBStorage (or proxy) under our retrying wrapper and Optuna's cache."""
-    while True:
-        inner = getattr(storage, "_inner", None) or getattr(storage, "_backend", None)
-        if inner is None:
-            return storage
-        storage = inner
 
 
 # -- what every command asks of a study ---------------------------------------------------------
@@ -370,97 +310,74 @@ class StateCounts:
         return ", ".join(f"{v} {k.lower()}" for k, v in self.nonzero().items()) or "none yet"
 
 
-def retried(storage: Any, fn: Callable[[], Any]) -> Any:
+def retried(storage: BaseStorage, fn: Callable[[], Any]) -> Any:
     """fn(), retried through a database restart when `storage` is a worker's (retry.py); else once."""
     retrying = getattr(storage, "retrying", None)
     return retrying(fn) if retrying is not None else fn()
 
 
-def autocommitted(storage: Any, statement: Any, params: dict[str, Any]) -> list[Any]:
+def autocommitted(storage: BaseStorage, statement: Any, params: dict[str, Any]) -> list[Any]:
     """One statement on an RDB storage, autocommitted, and its rows ([] when it returns none): one
     round trip, and no transaction keeps a server connection from PgBouncer's pool while this
     process waits for the CPU. A worker's storage retries it through a database restart."""
-    engine = unwrap(storage).engine
+    eng = engine(storage)
 
     def run() -> list[Any]:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             result = conn.execute(statement, params)
             return list(result) if result.returns_rows else []
 
     return retried(storage, run)
 
 
-def count_states(storage: Any, study_id: int) -> StateCounts:
+def _runner(storage: BaseStorage) -> internals.Run | None:
+    """How to run one of optuna_internals' queries on this storage; None for the proxy (public API)."""
+    if internals.rdb(storage) is None:
+        return None
+    return lambda statement, params: autocommitted(storage, statement, params)
+
+
+def count_states(storage: BaseStorage, study_id: int) -> StateCounts:
     """Trials per state, counted by the database (one small query) rather than by loading every
     trial: workers ask before each claim, and a study may hold thousands of trials."""
     out = {st.name: 0 for st in optuna.trial.TrialState}
-    rdb = unwrap(storage)
-    if isinstance(rdb, optuna.storages.RDBStorage):
-        query = sqlalchemy.text("SELECT state, count(*) FROM trials WHERE study_id = :sid GROUP BY state")
-        for state, n in autocommitted(storage, query, {"sid": study_id}):
-            name = state if isinstance(state, str) else optuna.trial.TrialState(state).name
-            out[str(name).split(".")[-1]] = int(n)
+    run = _runner(storage)
+    if run is not None:
+        out.update(internals.state_counts(run, study_id))
     else:
         for t in storage.get_all_trials(study_id, deepcopy=False):
             out[t.state.name] += 1
     return StateCounts(out)
 
 
-def finished_and_best(storage: Any, study_id: int, maximize: bool) -> tuple[int, float | None]:
+def finished_and_best(storage: BaseStorage, study_id: int, maximize: bool) -> tuple[int, float | None]:
     """How many trials finished (complete or pruned), and the best value so far (None before the
     first complete one): the worker's progress line after every trial. One small query where
     Optuna's `best_trial` would find the best trial and then read it whole."""
-    rdb = unwrap(storage)
-    if not isinstance(rdb, optuna.storages.RDBStorage):
-        try:
-            best: float | None = storage.get_best_trial(study_id).value
-        except ValueError:  # no complete trial yet
-            best = None
-        return count_states(storage, study_id).finished, best
-    # Optuna stores an infinite value as a value type without a number; grouping by it keeps them apart.
-    query = sqlalchemy.text(
-        f"SELECT 'finished', count(*), NULL, NULL FROM trials WHERE study_id = :sid AND state IN ({_FINISHED_SQL}) "
-        "UNION ALL "
-        "SELECT CAST(v.value_type AS VARCHAR(16)), count(*), min(v.value), max(v.value) FROM trial_values v "
-        "JOIN trials t ON t.trial_id = v.trial_id WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 "
-        "GROUP BY v.value_type"
-    )
-    rows = {str(kind).split(".")[-1]: (n, low, high) for kind, n, low, high in autocommitted(storage, query, {"sid": study_id})}
-    top, bottom = ("INF_POS", "INF_NEG") if maximize else ("INF_NEG", "INF_POS")
-    if top in rows:
-        best = float("inf") if maximize else float("-inf")
-    elif "FINITE" in rows:
-        best = float(rows["FINITE"][2] if maximize else rows["FINITE"][1])
-    elif bottom in rows:
-        best = float("-inf") if maximize else float("inf")
-    else:
+    run = _runner(storage)
+    if run is not None:
+        return internals.finished_and_best(run, study_id, maximize)
+    try:
+        best: float | None = storage.get_best_trial(study_id).value
+    except ValueError:  # no complete trial yet
         best = None
-    return int(rows["finished"][0]), best
+    return count_states(storage, study_id).finished, best
 
 
-def study_attrs(storage: Any, study_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
+def study_attrs(storage: BaseStorage, study_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
     """Some of a study's user attributes. Workers read the budget and the stop before every claim;
     Optuna's get_study_user_attrs decodes them all, the stored spec and LR prior included, so an
-    RDB storage is asked for just these keys (Optuna's RDB schema keeps each as JSON text)."""
-    rdb = unwrap(storage)
-    if not isinstance(rdb, optuna.storages.RDBStorage):
-        attrs = storage.get_study_user_attrs(study_id)
-        return {k: attrs[k] for k in keys if k in attrs}
-    query = sqlalchemy.text(
-        "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid AND key IN :keys"
-    ).bindparams(sqlalchemy.bindparam("keys", expanding=True))
-    return {k: json.loads(v) for k, v in autocommitted(storage, query, {"sid": study_id, "keys": list(keys)})}
+    RDB storage is asked for just these keys."""
+    run = _runner(storage)
+    if run is not None:
+        return internals.study_user_attrs(run, study_id, keys)
+    attrs = storage.get_study_user_attrs(study_id)
+    return {k: attrs[k] for k in keys if k in attrs}
 
 
-def running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
+def running_without_heartbeat(storage: BaseStorage, study_id: int) -> list[int]:
     """Ids of the study's RUNNING trials that never recorded a heartbeat (made by `optuna ask`, by a
     plain Optuna script, or by a worker that died before its first beat). Optuna's stale-trial check
-    skips them, so alone they would block the budget forever. Table names are Optuna's RDB schema."""
-    rdb = unwrap(storage)
-    if not isinstance(rdb, optuna.storages.RDBStorage):
-        return []
-    query = sqlalchemy.text(
-        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-        "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
-    )
-    return [int(r[0]) for r in autocommitted(storage, query, {"sid": study_id})]
+    skips them, so alone they would block the budget forever. The proxy has no heartbeats: none."""
+    run = _runner(storage)
+    return internals.running_without_heartbeat(run, study_id) if run is not None else []

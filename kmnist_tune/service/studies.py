@@ -15,18 +15,48 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
+from optuna.artifacts import get_all_artifact_meta
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
-from ..contract.records import CREATED_ATTR, SPEC_ATTR, Budget, LRPrior, StudyStop, TestEvaluation, TrialRecord, who_and_when
+from .. import optuna_internals as internals
+from ..contract.load import parse_spec
+from ..contract.records import (
+    CREATED_ATTR,
+    FINISHED_STATES,
+    SPEC_ATTR,
+    Budget,
+    LRPrior,
+    StudyStop,
+    TestEvaluation,
+    TrialRecord,
+    who_and_when,
+)
 from ..contract.space import fit_into, grid_space, without_quantiles
-from ..contract.spec import SpecError, SweepSpec, parse_spec, spec_to_dict
+from ..contract.spec import SpecError, SweepSpec, spec_to_dict
 from ..contract.wandb import to_wandb
 from ..errors import UserError
+from ..masking import mask
+from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .lock import storage_lock
-from .retry import open_worker_storage
-from .storage import StateCounts, count_states, describe, open_storage, require_study, study_names, unwrap
+from .retry import RetryingRDBStorage, RetryingStorage, open_worker_storage
+from .schema import create_storage
+from .storage import (
+    StateCounts,
+    count_states,
+    describe,
+    is_grpc,
+    open_grpc,
+    open_storage,
+    require_schema,
+    require_study,
+    short_engine,
+    study_names,
+    unknown_study,
+    user_errors,
+)
 
 SAMPLER_CLASSES: dict[str, type] = {
     "tpe": optuna.samplers.TPESampler,
@@ -88,10 +118,14 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
         raise SpecError(f"pruner.options: {e}; see Optuna's {name} pruner for its options") from None
 
 
+class NotOurStudy(UserError):
+    """A study without a stored spec: another tool made it (or a `study create` is writing it now)."""
+
+
 def stored_spec(study_name: str, attrs: dict[str, Any]) -> SweepSpec:
     data = attrs.get(SPEC_ATTR)
     if data is None:
-        raise UserError(
+        raise NotOurStudy(
             f"study {study_name!r} was not created by kmnist-tune (it has no stored spec); "
             "create it with `kmnist-tune study create SPEC`"
         )
@@ -100,9 +134,7 @@ def stored_spec(study_name: str, attrs: dict[str, Any]) -> SweepSpec:
     return parse_spec(data, f"spec stored in study {study_name!r}")
 
 
-def create_study(
-    spec: SweepSpec, storage: optuna.storages.BaseStorage, *, resume: bool, seed: int | None = None
-) -> tuple[optuna.Study, bool]:
+def create_study(spec: SweepSpec, storage: BaseStorage, *, resume: bool, seed: int | None = None) -> tuple[optuna.Study, bool]:
     """Create the study for `spec`, or (resume=True) reopen it if it exists with the same spec.
 
     Returns (study, created). The spec is stored in the study's user attrs, so workers need
@@ -117,9 +149,7 @@ def create_study(
             return _create_or_reopen(spec, storage, resume=resume, seed=seed)
 
 
-def _create_or_reopen(
-    spec: SweepSpec, storage: optuna.storages.BaseStorage, *, resume: bool, seed: int | None
-) -> tuple[optuna.Study, bool]:
+def _create_or_reopen(spec: SweepSpec, storage: BaseStorage, *, resume: bool, seed: int | None) -> tuple[optuna.Study, bool]:
     if spec.name in study_names(storage):
         if not resume:
             raise UserError(
@@ -153,7 +183,7 @@ def _create_or_reopen(
 def create_warm(spec: SweepSpec, url: str, old_name: str | None, top: int) -> list[str]:
     """`study create` [--warm-start OLD --top K]: the configurations to carry over are worked out
     before anything is written, so a refusal leaves no new study behind."""
-    storage = open_storage(url, create=True)
+    storage = create_storage(url)
     plan: list[tuple[dict[str, Any], str]] = []
     lines: list[str] = []
     if old_name is not None:
@@ -230,7 +260,7 @@ def set_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeo
     """`study extend`: the new total (and/or timeout). Every worker reads it before its next claim."""
     current = Budget.of(study.user_attrs, spec)
     if n_trials is not None:
-        done = count_states(study._storage, study._study_id).finished
+        done = count_states(internals.study_storage(study), internals.study_id(study)).finished
         if n_trials < done:
             raise UserError(f"study {study.study_name!r} has {done} finished trials already; give --n-trials of at least {done}")
     budget = Budget(
@@ -254,42 +284,59 @@ def resume_study(study: optuna.Study) -> StudyStop | None:
     return stop
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, *, seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
-    study_id = require_study(storage, name)
-    spec = stored_spec(name, storage.get_study_user_attrs(study_id))
-    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+def open_study(storage: BaseStorage, name: str, *, seed: int | None = None) -> tuple[optuna.Study, SweepSpec]:
+    """The study with its spec's sampler and pruner: one lookup by name (Optuna's load_study), then
+    the spec read by the study's id."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise unknown_study(describe(storage), name, study_names(storage)) from None
+    spec = stored_spec(name, storage.get_study_user_attrs(internals.study_id(study)))
+    # Public attributes that every later ask reads: built from the spec, which is read after the study.
+    study.sampler, study.pruner = make_sampler(spec, seed), make_pruner(spec)
     return study, spec
 
 
-def open_for_work(url: str, name: str, *, log: Callable[[str], None] | None = None) -> tuple[Any, optuna.Study, SweepSpec]:
-    """The worker's storage (heartbeats, stale-trial retries, retried calls) and the study with its spec."""
-    # The worker's own storage, opened below, checks the schema version (Optuna reads its migration
-    # scripts for that: tens of milliseconds); the probe need not do it twice.
-    probe = open_storage(url, skip_compatibility_check=True)
-    study_id = require_study(probe, name)
-    if SPEC_ATTR not in probe.get_study_user_attrs(study_id):
+def open_for_work(
+    url: str, name: str, *, log: Callable[[str], None] | None = None
+) -> tuple[RetryingRDBStorage | RetryingStorage, optuna.Study, SweepSpec]:
+    """The worker's one storage (retried calls; heartbeats and stale-trial retries as its spec sets
+    them) and the study with its spec. Workers must not all sample the same points: each process
+    seeds its sampler differently (seed None)."""
+    storage = open_worker_storage(url, log=log)
+    try:
+        study, spec = open_study(storage, name)
+    except NotOurStudy:
         # Created this instant by another process, which holds the lock until the spec is written.
-        with storage_lock(probe, f"kmnist-tune/create/{name}"):
+        with storage_lock(storage, f"kmnist-tune/create/{name}"):
             pass
-    spec = stored_spec(name, probe.get_study_user_attrs(study_id))
-    # The heartbeat settings live in the spec, so the spec is read before the worker's storage opens;
-    # the probe's pooled connection would be a third one held by this worker.
-    engine = getattr(unwrap(probe), "engine", None)
-    if engine is not None:
-        engine.dispose()
-    storage = open_worker_storage(
-        url,
-        heartbeat_interval=spec.workers.heartbeat_interval,
-        grace_period=spec.workers.grace_period,
-        max_retry=spec.workers.max_retry,
-        log=log,
-    )
-    # Workers must not all sample the same points: each process seeds its sampler differently.
-    study, spec = open_study(storage, name, seed=None)
+        study, spec = open_study(storage, name)
+    storage.use_heartbeat(spec.workers.heartbeat_interval, spec.workers.grace_period, spec.workers.max_retry)
     return storage, study, spec
 
 
-def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str | None = None) -> int:
+def check_study(url: str, name: str) -> SweepSpec:
+    """The stored spec of a study, to fail once on a bad URL, an unknown study or a foreign one before
+    worker processes start: one short connection and two small queries, not a storage."""
+    if is_grpc(url):
+        proxy = open_grpc(url)
+        return stored_spec(name, proxy.get_study_user_attrs(require_study(proxy, name)))
+    with user_errors(url):
+        require_schema(url)
+        with short_engine(url) as eng, eng.connect() as conn:
+
+            def run(statement: Any, params: dict[str, Any]) -> list[Any]:
+                return list(conn.execute(statement, params))
+
+            sid = internals.study_id_by_name(run, name)
+            attrs = internals.study_user_attrs(run, sid, (SPEC_ATTR,)) if sid is not None else {}
+            known = internals.study_names(run) if sid is None else []
+    if sid is None:
+        raise unknown_study(mask(url), name, known)
+    return stored_spec(name, attrs)
+
+
+def delete_study(storage: BaseStorage, name: str, artifacts: str | None = None) -> int:
     """Delete a study with its artifacts (plots, checkpoints, kept models). Returns how many went.
 
     So that nothing is left behind, not even an upload in flight: under the study's artifacts lock
@@ -297,15 +344,11 @@ def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str
     attributes, which go with it), delete the study (on PostgreSQL its DELETE waits for a checkpoint
     write in flight, which holds the study's row), then remove what was listed and every checkpoint
     named after its trials."""
-    from optuna.artifacts import get_all_artifact_meta
-
-    from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
-
     require_study(storage, name)
     with storage_lock(storage, artifacts_lock(name)):
         study = optuna.load_study(study_name=name, storage=storage)
         trials = study.get_trials(deepcopy=False)
-        trial_ids = [t._trial_id for t in trials]  # Optuna's FrozenTrial has no public id
+        trial_ids = [internals.trial_id(t) for t in trials]
         ids = [m.artifact_id for m in get_all_artifact_meta(study)]
         ids += [m.artifact_id for t in trials for m in get_all_artifact_meta(t, storage=storage)]
         ids += [
@@ -316,7 +359,7 @@ def delete_study(storage: optuna.storages.BaseStorage, name: str, artifacts: str
         except UserError:  # a study another tool made: it has no checkpoints of ours by name
             epochs = 0
         # Searched epochs are capped (the spec's range); a stored number could be anything.
-        n_epochs = {t._trial_id: min(max(int(t.params.get("epochs", epochs)), 0), 1000) for t in trials}
+        n_epochs = {internals.trial_id(t): min(max(int(t.params.get("epochs", epochs)), 0), 1000) for t in trials}
         store = artifact_store(storage, artifacts)
         optuna.delete_study(study_name=name, storage=storage)
         if ids:
@@ -345,13 +388,9 @@ def require_best(study: optuna.Study) -> FrozenTrial:
     return best
 
 
-def open_existing(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
-    """Open a study to change it (its budget, its stop)."""
-    return open_study(open_storage(url), name)
-
-
 def read_study(url: str, name: str) -> tuple[optuna.Study, SweepSpec]:
-    """Open a study to read it: nothing is created or written, not even Optuna's tables."""
+    """Open a study to read it, or to change its budget or stop: nothing else is created or written,
+    not even Optuna's tables."""
     return open_study(open_storage(url), name)
 
 
@@ -440,7 +479,7 @@ class StudySummary:
 def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True) -> StudySummary:
     """One pass over the study: the summary every command prints. with_trials=False skips the
     per-worker table (which loads every trial)."""
-    storage = study._storage
+    storage = internals.study_storage(study)
     attrs = study.user_attrs
     best = best_or_none(study)
     summary = StudySummary(
@@ -448,7 +487,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         storage=describe(storage),
         metric=spec.metric,
         direction=spec.direction,
-        states=count_states(storage, study._study_id),
+        states=count_states(storage, internals.study_id(study)),
         budget={k: v for k, v in asdict(Budget.of(attrs, spec)).items() if v not in (None, "")},
         best=None
         if best is None
@@ -477,7 +516,7 @@ def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[st
         row = groups.setdefault((rec.worker.host, str(rec.worker.gpu)), WorkerRow(rec.worker.host, str(rec.worker.gpu)))
         if t.state == TrialState.RUNNING:
             row.running.append(t.number)
-        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        elif t.state.name in FINISHED_STATES:
             row.finished += 1
         elif t.state == TrialState.FAIL:
             row.failed += 1
@@ -494,13 +533,13 @@ class StudyListing:
     best: float | None
 
 
-def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyListing]:
+def list_studies(storage: BaseStorage) -> list[StudyListing]:
     out = []
     for s in storage.get_all_studies():
-        counts = count_states(storage, s._study_id)
+        counts = count_states(storage, internals.study_id(s))
         best = None
         if len(s.directions) == 1:  # another tool's multi-objective study has no single best
             with contextlib.suppress(ValueError):  # no completed trial yet
-                best = storage.get_best_trial(s._study_id).value
+                best = storage.get_best_trial(internals.study_id(s)).value
         out.append(StudyListing(s.study_name, counts.finished, counts.total, best))
     return out

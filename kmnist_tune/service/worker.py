@@ -20,13 +20,14 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..contract.events import Listener, TrialEnd
 from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
-from ..errors import Interrupted, WorkerStopped
+from ..errors import Interrupted, WorkerStopped, one_line
+from ..optuna_internals import study_id, trial_id
 from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
@@ -46,6 +47,17 @@ class StudyGone(WorkerStopped):
 
 class StorageLost(WorkerStopped):
     pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the objective ended: the state and value to tell, the one-line error of a failed trial,
+    and whether it was interrupted by a stop (then it is handed back, not counted as a failure)."""
+
+    state: TrialState
+    value: float | None = None
+    error: str = ""
+    interrupted: bool = False
 
 
 @dataclass
@@ -83,7 +95,7 @@ class _Heartbeat:
     """Records the trial's heartbeat every interval (Optuna's storage API) while it trains, and calls
     `on_beat` after each beat (the worker looks whether its study was stopped with --now)."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: int | None, on_beat: Callable[[], None] | None = None):
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: int | None, on_beat: Callable[[], None] | None = None):
         self.storage, self.trial_id, self.interval, self.on_beat = storage, trial_id, interval, on_beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,7 +128,7 @@ class Worker:
     def __init__(
         self,
         study: optuna.Study,
-        storage: Any,
+        storage: BaseStorage,
         spec: SweepSpec,
         objective: Callable[[optuna.Trial], float],
         events: Listener,
@@ -131,7 +143,7 @@ class Worker:
         self.sampler_done = False  # the sampler has nothing left to suggest (a finished grid)
         hb = getattr(storage, "get_heartbeat_interval", None)
         self.heartbeat_interval: int | None = hb() if hb is not None else None
-        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.study_id = study_id(study)
         self._new_trials: set[int] = set()  # made by this worker's claim, not popped from Optuna's queue: no retry
         self._silent_since: dict[int, float] = {}  # RUNNING trials seen without a heartbeat, since when
         self.budget = Budget.of({}, spec)  # the study's budget, as the last claim read it
@@ -159,7 +171,7 @@ class Worker:
     def make_trial(self) -> optuna.Trial:
         trial, new = make_trial(self.study, self.storage, self.study_id)
         if new:
-            self._new_trials.add(trial._trial_id)
+            self._new_trials.add(trial_id(trial))
         return trial
 
     def _look_for_stop_now(self) -> None:
@@ -169,7 +181,7 @@ class Worker:
 
     def remove_checkpoints(self, frozen: optuna.trial.FrozenTrial) -> None:
         history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-        chain = [frozen._trial_id]
+        chain = [trial_id(frozen)]
         for n in history if isinstance(history, list) else []:
             if isinstance(n, int) and 0 <= n < frozen.number:
                 with contextlib.suppress(KeyError):  # a number no trial has: not Optuna's bookkeeping
@@ -181,71 +193,82 @@ class Worker:
         remove_artifacts(store, checkpoint_ids(TrialRecord.of(frozen).checkpoint, chain))
         remove_checkpoints(store, chain, n_epochs)
 
-    # -- one trial ----------------------------------------------------------
-    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str] | None:
+    # -- one trial: start, execute, tell, after (as Optuna's _run_trial and _tell_with_warning) -----
+    def run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, Outcome] | None:
         """Run and tell one trial; None when its result was discarded (it was failed as stale while
         this worker could not reach the storage, and another worker retries it)."""
         try:
-            return self._run_trial(trial)
+            self._start(trial)
+            with _Heartbeat(self.storage, trial_id(trial), self.heartbeat_interval, self._look_for_stop_now):
+                outcome = self._execute(trial)
+            frozen = self._tell(trial, outcome)
         except UpdateFinishedTrialError:
             self.events.line(
                 f"trial {trial.number} was failed as stale while this worker was unreachable; its result is discarded"
             )
             return None
+        self._after(trial, frozen, outcome)
+        return frozen, outcome
 
-    def _run_trial(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial, str]:
-        # Optuna's Trial has no public id; its storage record says whether this is a retry. A retry
-        # starts with its original's attributes: the marks of how that one ended are cleared. Only
-        # the system attributes are read (one small query; a whole trial takes several), and
-        # Optuna's own retried_trial_number reads them, so the attribute's name stays Optuna's.
-        # A trial made just now (not popped from Optuna's queue) has none yet: no read needed.
-        new = trial._trial_id in self._new_trials
-        self._new_trials.discard(trial._trial_id)
-        system = SimpleNamespace(system_attrs={} if new else self.storage.get_trial_system_attrs(trial._trial_id))
+    def _start(self, trial: optuna.Trial) -> None:
+        """Record who runs the trial, and whether it retries another. A retry starts with its
+        original's attributes: the marks of how that one ended are cleared. Only the system attributes
+        are read (one small query; a whole trial takes several), and Optuna's own retried_trial_number
+        reads them, so the attribute's name stays Optuna's. A trial made just now by this worker's
+        claim (not popped from Optuna's queue) has none yet: no read needed."""
+        tid = trial_id(trial)
+        new = tid in self._new_trials
+        self._new_trials.discard(tid)
+        system = SimpleNamespace(system_attrs={} if new else self.storage.get_trial_system_attrs(tid))
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(system)  # type: ignore[arg-type]
         fresh = TrialRecord.fresh() if original is not None else {}
         # retry_of is written either way: one that a client enqueued in the user attributes is not Optuna's.
         TrialRecord.write(trial, worker=self.identity, **fresh, retry_of=original)
-        error = ""
-        with _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval, self._look_for_stop_now):
-            # As Optuna's own optimize loop does: whatever the objective raises fails this trial
-            # (with a one-line reason), not the worker. Losing the storage is the worker's problem.
-            try:
-                value = self.objective(trial)
-                state = TrialState.COMPLETE
-            except optuna.TrialPruned:
-                state, value = TrialState.PRUNED, None
-            except Interrupted:
-                state, value, error = TrialState.FAIL, None, f"interrupted by {self.stop.reason}"
-                TrialRecord.write(trial, interrupted=self.stop.reason)
-            except UpdateFinishedTrialError:
-                raise
-            except Exception as e:
-                if is_transient(e):
-                    raise StorageLost(f"the storage stayed unreachable ({first_line(e)[:160]}); this worker stops") from None
-                state, value = TrialState.FAIL, None
-                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                TrialRecord.write(trial, error=error)
+
+    def _execute(self, trial: optuna.Trial) -> Outcome:
+        """The objective, as Optuna's own optimize loop runs it: whatever it raises fails this trial
+        (with a one-line reason), not the worker. Losing the storage is the worker's problem."""
         try:
-            frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            return Outcome(TrialState.COMPLETE, self.objective(trial))
+        except optuna.TrialPruned:
+            return Outcome(TrialState.PRUNED)
+        except Interrupted:
+            TrialRecord.write(trial, interrupted=self.stop.reason)
+            return Outcome(TrialState.FAIL, error=f"interrupted by {self.stop.reason}", interrupted=True)
+        except UpdateFinishedTrialError:
+            raise
+        except Exception as e:
+            if is_transient(e):
+                raise StorageLost(f"the storage stayed unreachable ({first_line(e)[:160]}); this worker stops") from None
+            error = f"{type(e).__name__}: {one_line(e, 300)}"
+            TrialRecord.write(trial, error=error)
+            return Outcome(TrialState.FAIL, error=error)
+
+    def _tell(self, trial: optuna.Trial, outcome: Outcome) -> optuna.trial.FrozenTrial:
+        """Optuna's tell, with the two cases it does not expect of an ask/tell loop."""
+        try:
+            return self.study.tell(trial, outcome.value, state=outcome.state)
         except ValueError:
             # Optuna refuses to tell a finished trial: another worker failed it as stale meanwhile.
-            if self.storage.get_trial(trial._trial_id).state.is_finished():
+            if self.storage.get_trial(trial_id(trial)).state.is_finished():
                 raise UpdateFinishedTrialError(f"trial {trial.number} is finished already") from None
             raise
         except RuntimeError as e:
-            # GridSampler calls study.stop() once the grid is used up, which Optuna allows only
-            # inside study.optimize; the result is stored before that (tell's finally), so just stop.
+            # GridSampler calls study.stop() once the grid is used up, which Optuna allows only inside
+            # study.optimize, and says so in a RuntimeError that has no type of its own (hence the
+            # match on its text). The result is stored before that (tell's finally), so just stop.
             if "Study.stop" not in str(e):
                 raise
             self.sampler_done = True
-            frozen = self.storage.get_trial(trial._trial_id)
-        if error.startswith("interrupted"):
-            # Hand the trial back: the same parameters (and its newest checkpoint) are queued for
-            # whichever worker comes next.
+            return self.storage.get_trial(trial_id(trial))
+
+    def _after(self, trial: optuna.Trial, frozen: optuna.trial.FrozenTrial, outcome: Outcome) -> None:
+        """Hand an interrupted trial back (the same parameters, and its newest checkpoint, are queued for
+        whichever worker comes next), or clean up after one that ended for good; then say so."""
+        if outcome.interrupted:
             self.retry(self.study, frozen)
         else:
-            # It ended for good: its checkpoints and those of the trials it retries are not needed.
+            # Its checkpoints and those of the trials it retries are not needed any more.
             self.remove_checkpoints(frozen)
         finished, best = finished_and_best(self.storage, self.study_id, self.spec.direction == "maximize")
         self.events.trial_finished(
@@ -256,14 +279,13 @@ class Worker:
                 value=frozen.value,
                 metric=self.spec.metric,
                 record=TrialRecord.of(frozen),
-                error=error,
+                error=outcome.error,
                 best=best,
                 finished=finished,
                 budget=self.budget.n_trials,  # as read by this trial's claim
                 trial=trial,
             )
         )
-        return frozen, error
 
     # -- trials nobody works on ---------------------------------------------
     def fail_stale(self) -> None:
@@ -336,16 +358,17 @@ class Worker:
                 last_stale_check = float("-inf")  # idle: look for dead workers' trials every poll
                 continue
             waiting_said = False
-            outcome = self.run_trial(trial)
-            if outcome is None:
+            told = self.run_trial(trial)
+            if told is None:
                 continue
-            frozen, error = outcome
+            frozen, outcome = told
             ran += 1
-            if frozen.state == TrialState.FAIL and not error.startswith("interrupted"):
+            if frozen.state == TrialState.FAIL and not outcome.interrupted:
                 failures += 1
                 if failures >= MAX_FAILURES_IN_A_ROW:
                     raise TrialsKeepFailing(
-                        f"{failures} trials in a row failed (last: {error}); check the spec's ranges and `kmnist-tune study show`"
+                        f"{failures} trials in a row failed (last: {outcome.error}); "
+                        "check the spec's ranges and `kmnist-tune study show`"
                     )
             else:
                 failures = 0

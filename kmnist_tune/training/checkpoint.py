@@ -33,7 +33,6 @@ class EpochCheckpoints(Callback):
 
     def __init__(self, every: int, save: Callable[[int], None], min_interval_s: float = 0.0):
         self.every, self.save, self.min_interval_s = every, save, min_interval_s
-        self.seconds: list[float] = []  # time each save held training up
         self._last = time.monotonic()
 
     def before_fit(self) -> None:
@@ -43,9 +42,7 @@ class EpochCheckpoints(Callback):
         done = self.epoch + 1
         due = time.monotonic() - self._last >= self.min_interval_s
         if due and done % self.every == 0 and done < self.n_epoch and not getattr(self, "_skipped", False):
-            t0 = time.perf_counter()
             self.save(self.epoch)
-            self.seconds.append(time.perf_counter() - t0)
             self._last = time.monotonic()
 
     def before_epoch(self) -> None:

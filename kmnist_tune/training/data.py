@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 DEFAULT_MIRROR = "http://codh.rois.ac.jp/kmnist/dataset"
 MIRROR_ENV = "KMNIST_TUNE_MIRROR"
@@ -548,7 +548,7 @@ def _parse_npz(path: Path, fileobj: BinaryIO, images: bool, limit: int, too_many
         RuntimeError,  # an encrypted member
         NotImplementedError,  # a compression method zipfile lacks
     ) as e:
-        raise _malformed(path, f"not a valid npz file: {' '.join(str(e).split())[:160]}") from None
+        raise _malformed(path, f"not a valid npz file: {one_line(e, 160)}") from None
     return buf.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
@@ -580,7 +580,7 @@ def _parse_idx(
         raise
     except (OSError, EOFError, zlib.error) as e:
         kind = "gzip" if gzipped else "idx"
-        raise _malformed(path, f"not a valid {kind} file: {' '.join(str(e).split())[:160]}") from None
+        raise _malformed(path, f"not a valid {kind} file: {one_line(e, 160)}") from None
     return arr.reshape((n, *IMAGE_SHAPE)) if images else arr
 
 

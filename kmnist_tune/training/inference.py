@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..contract.spec import ARCHS, STEMS
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..signing import signer
 from .inputs import Inputs, read_inputs
 
@@ -121,7 +121,7 @@ def load_network(card: dict[str, Any], weights: Path, device: torch.device, wher
     try:
         net.load_state_dict(load_file(str(weights)), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        why = " ".join(str(e).split())[:120]
+        why = one_line(e, 120)
         raise UserError(f"{where}: {WEIGHTS} does not hold the weights of its card's network ({why}); export it again") from None
     return net.to(device).eval()
 

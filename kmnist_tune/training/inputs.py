@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -47,10 +47,10 @@ def image_to_28(path: Path) -> np.ndarray:
                 _check_size(path, *im.size)  # a format may settle its size on load; checked before the square below
                 gray = np.asarray(im.convert("L"), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        why = " ".join(str(e).split())[:120]
+        why = one_line(e, 120)
         raise UserError(f"{path}: refused as a decompression bomb ({why}); {CAPS}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as an image ({' '.join(str(e).split())[:120]})") from None
+        raise UserError(f"{path}: cannot be read as an image ({one_line(e, 120)})") from None
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > 127:
         gray = 255 - gray

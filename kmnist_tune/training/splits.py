@@ -5,6 +5,7 @@ official test split."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ class Splits:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
 
-    @property
+    @cached_property
     def mean_std(self) -> tuple[float, float]:
+        """The training images' pixel mean and std (0..1): every Learner and export normalises with
+        them. Once per Splits: it takes a float copy of every training image."""
         x = self.x_train.astype(np.float32) / 255.0
         return float(x.mean()), float(x.std())
 

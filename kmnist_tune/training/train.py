@@ -92,7 +92,7 @@ class EpochLog(Callback):
             raise CancelFitException()
 
 
-def metric_for(dataset: str, metric: str) -> tuple[Any | None, str]:
+def metric_for(metric: str) -> tuple[Any | None, str]:
     """The fastai metric object and the name fastai's Recorder logs it under."""
     if metric == "balanced_accuracy":
         return BalancedAccuracy(), "balanced_accuracy_score"
@@ -131,7 +131,7 @@ def build_learner(
     torch.manual_seed(seed)
     model = build_model(params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
     model = prepare_model(model, device, perf)
-    m, name = metric_for(splits.dataset, metric)
+    m, name = metric_for(metric)
     # fastai writes temporary weights (lr_find) under path/model_dir: keep them out of the user's cwd.
     learn = Learner(
         dls,

@@ -1,0 +1,170 @@
+"""The one door to Optuna's private parts: attributes and methods it does not document, and the
+tables of its RDB schema. Nothing else in the package names them.
+
+Optuna's public API lacks what a shared, budgeted study needs: a trial's id (every storage call
+takes it, no public attribute gives it), the study's cached storage (what `Study.ask` writes
+through), and small queries where the public calls read whole studies or every attribute. Each
+function here is checked against Optuna's public API on SQLite and PostgreSQL
+(tests/test_optuna_internals.py), and the schema version these queries were written for is pinned
+there (SCHEMA_VERSION), so an upgrade that moves any of them fails a test instead of a study.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage
+
+from .contract.records import FINISHED_STATES
+
+# RDBStorage's schema head (`get_head_version()`) these queries were written against.
+SCHEMA_VERSION = "v3.2.0.a"
+# Tables an Optuna database has once RDBStorage made it: without them, a database is not one.
+REQUIRED_TABLES = frozenset({"studies", "version_info"})
+# Optuna's schema version tables: nobody but the database owner may write them (service/schema.py).
+VERSION_TABLES = ("alembic_version", "version_info")
+
+# A query's runner: (statement, parameters) -> rows, autocommitted (service/storage.autocommitted).
+Run = Callable[[Any, dict[str, Any]], list[Any]]
+
+
+def _states(states: tuple[str, ...]) -> str:
+    return ", ".join(f"'{s}'" for s in states)
+
+
+# -- the objects ---------------------------------------------------------------------------------
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The storage's id of a trial (live or frozen): every BaseStorage call takes it."""
+    return int(trial._trial_id)
+
+
+def study_id(study: optuna.Study | optuna.study.FrozenStudy) -> int:
+    """The storage's id of a study (live, or as `get_all_studies` lists it), without a lookup by name."""
+    return int(study._study_id)
+
+
+def study_storage(study: optuna.Study) -> BaseStorage:
+    """The storage a study writes through (for an RDB storage, Optuna's per-process cache in front of it)."""
+    return study._storage
+
+
+def new_trial(study: optuna.Study) -> optuna.Trial:
+    """A new RUNNING trial, made the way `Study.ask` makes one when no trial waits: through the study's
+    own cached storage (so its cache knows the trial), without ask's look for a WAITING trial."""
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+
+
+def rdb(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage under Optuna's cache and our retrying wrapper (its `inner`), None for the proxy."""
+    while not isinstance(storage, RDBStorage):
+        inner = getattr(storage, "inner", None) or getattr(storage, "_backend", None)
+        if inner is None:
+            return None
+        storage = inner
+    return storage
+
+
+def grpc_address(storage: BaseStorage) -> str:
+    """host:port of a gRPC storage proxy client (it keeps no public record of where it connects)."""
+    while not isinstance(storage, optuna.storages.GrpcStorageProxy):
+        storage = getattr(storage, "inner", None)
+        if storage is None:
+            return "?"
+    return f"{storage._host}:{storage._port}"
+
+
+# The private storage method Optuna's `fail_stale_trials` calls: a worker's storage retries it too.
+STALE_TRIALS_METHOD = "_get_stale_trial_ids"
+
+
+def stale_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:
+    """The RUNNING trials whose heartbeat stopped: what `fail_stale_trials` fails (RDB storages)."""
+    return list(getattr(storage, STALE_TRIALS_METHOD)(study_id))
+
+
+# -- small queries on Optuna's RDB schema ----------------------------------------------------------
+
+
+def state_counts(run: Run, study_id: int) -> dict[str, int]:
+    """Trials per state name (no zero rows), counted by the database."""
+    rows = run(sqlalchemy.text("SELECT state, count(*) FROM trials WHERE study_id = :sid GROUP BY state"), {"sid": study_id})
+    out: dict[str, int] = {}
+    for state, n in rows:
+        name = state if isinstance(state, str) else optuna.trial.TrialState(state).name
+        out[str(name).split(".")[-1]] = int(n)
+    return out
+
+
+def finished_and_best(run: Run, study_id: int, maximize: bool) -> tuple[int, float | None]:
+    """How many trials finished, and the best value (None before the first complete one)."""
+    # Optuna stores an infinite value as a value type without a number; grouping by it keeps them apart.
+    query = sqlalchemy.text(
+        f"SELECT 'finished', count(*), NULL, NULL FROM trials WHERE study_id = :sid AND state IN ({_states(FINISHED_STATES)}) "
+        "UNION ALL "
+        "SELECT CAST(v.value_type AS VARCHAR(16)), count(*), min(v.value), max(v.value) FROM trial_values v "
+        "JOIN trials t ON t.trial_id = v.trial_id WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 "
+        "GROUP BY v.value_type"
+    )
+    rows = {str(kind).split(".")[-1]: (n, low, high) for kind, n, low, high in run(query, {"sid": study_id})}
+    top, bottom = ("INF_POS", "INF_NEG") if maximize else ("INF_NEG", "INF_POS")
+    best: float | None
+    if top in rows:
+        best = float("inf") if maximize else float("-inf")
+    elif "FINITE" in rows:
+        best = float(rows["FINITE"][2] if maximize else rows["FINITE"][1])
+    elif bottom in rows:
+        best = float("-inf") if maximize else float("inf")
+    else:
+        best = None
+    return int(rows["finished"][0]), best
+
+
+def study_user_attrs(run: Run, study_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Some of a study's user attributes (each is JSON text in Optuna's schema), not all of them."""
+    query = sqlalchemy.text(
+        "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid AND key IN :keys"
+    ).bindparams(sqlalchemy.bindparam("keys", expanding=True))
+    return {k: json.loads(v) for k, v in run(query, {"sid": study_id, "keys": list(keys)})}
+
+
+def study_id_by_name(run: Run, name: str) -> int | None:
+    rows = run(sqlalchemy.text("SELECT study_id FROM studies WHERE study_name = :name"), {"name": name})
+    return int(rows[0][0]) if rows else None
+
+
+def study_names(run: Run) -> list[str]:
+    return [str(r[0]) for r in run(sqlalchemy.text("SELECT study_name FROM studies ORDER BY study_id"), {})]
+
+
+def running_without_heartbeat(run: Run, study_id: int) -> list[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat."""
+    query = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+    return [int(r[0]) for r in run(query, {"sid": study_id})]
+
+
+def counted_trials_sql(study_id: int, states: tuple[str, ...]) -> str:
+    """A scalar subquery: the study's trials in `states` (the budget claim's count, claims.py, which
+    must be one query string with the claim's lock and insert)."""
+    return f"(SELECT count(*) FROM trials WHERE study_id = {int(study_id)} AND state IN ({_states(states)}))"
+
+
+# Locks the study row of a trial against DELETE (a study delete) until the transaction ends; no row
+# when the trial (or its study) is gone. PostgreSQL.
+LOCK_STUDY_OF_TRIAL = sqlalchemy.text(
+    "SELECT s.study_id FROM studies s JOIN trials t ON t.study_id = s.study_id WHERE t.trial_id = :tid FOR KEY SHARE OF s"
+)
+# The artifact ids Optuna's upload_artifact recorded on any study or trial, as `artifacts:ID` keys.
+RECORDED_ARTIFACT_KEYS = sqlalchemy.text(
+    "SELECT key FROM study_system_attributes WHERE key LIKE 'artifacts:%' "
+    "UNION SELECT key FROM trial_system_attributes WHERE key LIKE 'artifacts:%'"
+)
+ALL_TRIAL_IDS = sqlalchemy.text("SELECT trial_id FROM trials")

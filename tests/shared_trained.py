@@ -1,0 +1,124 @@
+"""Trained setups that several test modules read, built once per run (issue 22).
+
+- `lr_prior_study` (test_lr_prior.py, test_artifacts.py): a PostgreSQL study whose spec searches the
+  LR with the LR finder's prior; three worker processes started together from one working directory
+  ("host A") work its two trials, so one of them runs the finder and uploads its plot into the
+  database, and the other two read the prior back. Tests only read it; one that changes it works on
+  a copy (`conftest.copy_database`, after every client of it has closed).
+- `evaluated_study` (test_export.py; test_sweep.py's SQLite sweep can read it too): `run` of a
+  two-trial tiny spec in a folder with no storage given (the SQLite default there), `run` again (it
+  resumes, nothing runs), `best --evaluate --export` (the winner retrained on the whole official
+  train split, scored on the test split, exported and kept on the study), then `best`. A test that
+  changes the study works on a copy (`conftest.sqlite_copy`).
+- `splits` (test_halving.py, test_loader.py, test_perf_gpu.py): the fixture's images split as
+  `tiny_spec` splits them, loaded once; `small_splits` (test_training_knobs.py, test_halving.py):
+  320 of its training images, for tests that check what fastai trains with, not how well.
+
+conftest.py imports this module (`from shared_trained import *`) before it has defined its own names,
+so conftest is only looked up inside the fixtures, when they run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["EvaluatedStudy", "LrPriorStudy", "evaluated_study", "lr_prior_spec", "lr_prior_study", "small_splits", "splits"]
+
+
+def lr_prior_spec(name: str, n_trials: int, width: float = 1.0) -> dict[str, Any]:
+    """tiny_spec with the LR finder's prior for the learning rate and a second, categorical parameter."""
+    import conftest
+
+    spec = conftest.tiny_spec(name, budget={"n_trials": n_trials})
+    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": width, "suggestion": "minimum"}
+    spec["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
+    return spec
+
+
+@dataclass(frozen=True)
+class LrPriorStudy:
+    url: str  # the PostgreSQL database's SQLAlchemy URL
+    name: str  # the study
+    host: Path  # the working directory every worker ran in
+    errs: tuple[str, ...]  # each worker's stderr
+
+
+@pytest.fixture(scope="session")
+def lr_prior_study(pg_schema_template: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LrPriorStudy]:
+    import conftest
+
+    tmp = tmp_path_factory.mktemp("lr-prior")
+    host = tmp / "host-a"
+    host.mkdir()
+    with conftest.copy_database(pg_schema_template) as url:
+        spec = conftest.write_spec(tmp / "p.yaml", lr_prior_spec("prior-pg", 2))
+        conftest.run_cli("study", "create", str(spec), "--storage", url)
+        workers = [conftest.spawn_cli("worker", "--study", "prior-pg", "--storage", url, cwd=host) for _ in range(3)]
+        errs = []
+        try:
+            for w in workers:
+                _, err = w.communicate(timeout=900)
+                assert w.returncode == 0, err
+                conftest.deprecation_free(err)
+                errs.append(err)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait(10)
+        yield LrPriorStudy(url, "prior-pg", host, tuple(errs))
+
+
+@pytest.fixture(scope="session")
+def splits() -> Any:
+    import conftest
+
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.training.splits import load_splits
+
+    return load_splits(parse_spec(conftest.tiny_spec()).data, conftest.FIXTURE, download=False)
+
+
+@pytest.fixture(scope="session")
+def small_splits() -> Any:
+    import conftest
+
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.training.splits import load_splits
+
+    return load_splits(parse_spec(conftest.tiny_spec(data={"train_size": 320})).data, conftest.FIXTURE, download=False)
+
+
+@dataclass(frozen=True)
+class EvaluatedStudy:
+    home: Path  # the working directory: kmnist-tune.db, the default storage, lives here
+    url: str  # that storage's URL
+    name: str  # the study
+    model: Path  # the model directory `best --evaluate --export` wrote
+    first: subprocess.CompletedProcess[str]  # the first `run`
+    again: subprocess.CompletedProcess[str]  # the second `run` of the same spec
+    evaluation: dict[str, Any]  # `best --evaluate --export DIR --json`
+    shown: str  # `best` afterwards (stdout)
+
+
+@pytest.fixture(scope="session")
+def evaluated_study(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedStudy:
+    import conftest
+
+    home = tmp_path_factory.mktemp("evaluated")
+    name = "tiny-sqlite"
+    spec = conftest.write_spec(home / "tiny.yaml", conftest.tiny_spec(name))
+    # No --storage and no env: the SQLite file in the working directory is the default.
+    first = conftest.run_cli("run", str(spec), cwd=home)
+    again = conftest.run_cli("run", str(spec), cwd=home)
+    model = home / "winner"
+    evaluated = conftest.run_cli("best", "--study", name, "--evaluate", "--export", str(model), "--json", cwd=home)
+    shown = conftest.cli_here("best", "--study", name, cwd=home).stdout  # reads only: in this process
+    url = f"sqlite:///{home / 'kmnist-tune.db'}"
+    return EvaluatedStudy(home, url, name, model, first, again, json.loads(evaluated.stdout), shown)
