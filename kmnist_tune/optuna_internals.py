@@ -79,8 +79,14 @@ def grpc_address(storage: BaseStorage) -> str:
     return f"{storage._host}:{storage._port}"
 
 
-# The private storage method Optuna's `fail_stale_trials` calls: a worker's storage retries it too.
+# The private storage method Optuna's `fail_stale_trials` calls.
 STALE_TRIALS_METHOD = "_get_stale_trial_ids"
+# The private RDBStorage methods Optuna's per-process cache calls (creating trials, every suggest,
+# the sampler's and pruner's reads of the study): a worker's storage retries them as it retries the
+# public ones, or a database restart during a suggest would end the worker.
+CACHE_BACKEND_METHODS = frozenset(
+    {"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials", STALE_TRIALS_METHOD}
+)
 
 
 def stale_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:

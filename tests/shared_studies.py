@@ -48,17 +48,33 @@ class Watch:
         self.url, self.name = url, name
         self.storage: Any = None
         self.study_id: int | None = None
-        self.not_yet: BaseException | None = None  # why the storage could not be opened yet
+        self.not_yet: BaseException | None = None  # why the study could not be read yet
+
+    def _study_row(self) -> bool:
+        """Whether the study's row is there, read without opening a storage: an RDBStorage opened
+        while another process is still making the database would write Optuna's version row into it."""
+        import sqlalchemy
+
+        if self.url.startswith("sqlite:///") and not Path(self.url.removeprefix("sqlite:///")).exists():
+            return False  # and connecting must not make the file
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                query = sqlalchemy.text("SELECT count(*) FROM studies WHERE study_name = :n")
+                return bool(conn.execute(query, {"n": self.name}).scalar_one())
+        except sqlalchemy.exc.DBAPIError as e:  # no tables yet
+            self.not_yet = e
+            return False
+        finally:
+            engine.dispose()
 
     def _ready(self) -> bool:
         from kmnist_tune.service.storage import open_storage
 
         if self.storage is None:
-            try:
-                self.storage = open_storage(self.url)
-            except Exception as e:  # no database, or one another process is making this instant
-                self.not_yet = e
+            if not self._study_row():
                 return False
+            self.storage = open_storage(self.url)
         if self.study_id is None:
             try:
                 self.study_id = self.storage.get_study_id_from_name(self.name)

@@ -15,8 +15,10 @@ from kmnist_tune.service.retry import RetryingRDBStorage, open_worker_storage
 
 def _worker_storage(url: str) -> RetryingRDBStorage:
     optuna.storages.RDBStorage(url).engine.dispose()  # Optuna's tables, as `study create` leaves them
-    storage = open_worker_storage(url, heartbeat_interval=30, grace_period=120, max_retry=3, log=lambda m: print(m))
+    storage = open_worker_storage(url, log=lambda m: print(m))
     assert isinstance(storage, RetryingRDBStorage)
+    storage.use_heartbeat(30, 120, 3)  # as a worker sets them once it has read its study's spec
+    assert storage.get_heartbeat_interval() == 30 and storage.get_heartbeat_stale_trial_callback() is not None
     return storage
 
 

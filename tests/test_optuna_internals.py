@@ -256,3 +256,16 @@ def test_optunas_private_names_and_tables_appear_only_in_the_door() -> None:
         for m in TABLE_SQL.finditer(text):
             problems.append(f"{where}:{text[: m.start()].count(chr(10)) + 1} SQL on Optuna's table: {m.group(0)}")
     assert not problems, "outside kmnist_tune/optuna_internals.py:\n" + "\n".join(problems)
+
+
+def test_the_private_calls_of_optunas_cache_are_the_ones_a_worker_retries() -> None:
+    import inspect
+
+    from optuna.storages import _cached_storage
+
+    from kmnist_tune.service.retry import RetryingRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(_[a-z]\w*)\(", inspect.getsource(_cached_storage)))
+    assert called == internals.CACHE_BACKEND_METHODS
+    for name in called:  # each wrapped, not RDBStorage's own
+        assert getattr(RetryingRDBStorage, name) is not getattr(optuna.storages.RDBStorage, name)

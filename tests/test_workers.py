@@ -207,7 +207,7 @@ def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_o
     """Worker A reaches PostgreSQL through a loopback proxy that is cut, while worker B runs, for longer
     than the grace period: B fails A's trial as stale and retries it; A, back, discards its result."""
     n = 4
-    spec = write_spec(tmp_path / "s.yaml", fast_spec("partition", n, heartbeat=1))
+    spec = write_spec(tmp_path / "s.yaml", fast_spec("partition", n, epochs=2, heartbeat=1))
     run_cli("study", "create", str(spec), "--storage", pg_url)
     w = watch(pg_url, "partition")
     proxy = TcpProxy(5432)
@@ -216,11 +216,13 @@ def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_o
         env = worker_env()
         a = spawn_cli("worker", "--study", "partition", "--storage", via_proxy, "--gpus", "none", env=env)
 
-        def a_running() -> list:  # type: ignore[type-arg]
-            return [t for t in w.trials(TrialState.RUNNING) if t.user_attrs.get("worker", {}).get("pid") == a.pid]
+        def a_training() -> list:  # type: ignore[type-arg]
+            """A's trial once its first epoch is reported: A is training its second, not starting its trial."""
+            mine = [t for t in w.trials(TrialState.RUNNING) if t.user_attrs.get("worker", {}).get("pid") == a.pid]
+            return [t for t in mine if 1 in t.intermediate_values]
 
-        wait_until(a_running, 120, "A's trial", procs=[a])
-        (a_trial,) = a_running()
+        wait_until(a_training, 180, "A's trial in its second epoch", procs=[a])
+        (a_trial,) = a_training()
         b = spawn_cli("worker", "--study", "partition", "--storage", pg_url, "--gpus", "none", env=env)
         proxy.cut()
         wait_until(
@@ -229,8 +231,13 @@ def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_o
             "A's trial failed as stale",
             procs=[b],
         )
-        # A is let back once B has taken its trial up again.
-        wait_until(lambda: any(t.user_attrs.get("retry_of") == a_trial.number for t in w.trials()), 120, "B's retry", procs=[b])
+        # A is let back once B has retried its trial to the end.
+        wait_until(
+            lambda: any(t.user_attrs.get("retry_of") == a_trial.number and t.state in FINISHED for t in w.trials()),
+            120,
+            "B's retry of A's trial to finish",
+            procs=[b],
+        )
         proxy.mend()
         (out_a, err_a), (out_b, err_b) = (finish(p) for p in (a, b))
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 
-from ..optuna_internals import STALE_TRIALS_METHOD
+from ..optuna_internals import CACHE_BACKEND_METHODS, STALE_TRIALS_METHOD
 from .storage import first_line, is_grpc, open_grpc, open_storage
 
 
@@ -74,6 +74,7 @@ HEARTBEAT_METHODS = {"record_heartbeat", STALE_TRIALS_METHOD, "get_heartbeat_int
 _RETRIED = sorted(
     optuna.storages.BaseStorage.__abstractmethods__
     | HEARTBEAT_METHODS
+    | CACHE_BACKEND_METHODS
     | {
         "get_n_trials",
         "get_best_trial",
@@ -149,7 +150,7 @@ def _retried_method(name: str, base: type) -> Callable[..., Any]:
 for _name in _RETRIED:
     if hasattr(optuna.storages.RDBStorage, _name):
         setattr(RetryingRDBStorage, _name, _retried_method(_name, optuna.storages.RDBStorage))
-    if _name not in HEARTBEAT_METHODS:
+    if _name not in HEARTBEAT_METHODS | CACHE_BACKEND_METHODS:  # the proxy has neither
         setattr(RetryingStorage, _name, _retried_method(_name, object))
 RetryingStorage.__abstractmethods__ = frozenset()
 
