@@ -47,7 +47,7 @@ def _create_rdb(url: str, storage_cls: type[RDBStorage] = RDBStorage, **rdb_kwar
             raise UserError(f"cannot open SQLite storage {mask(url)}: its folder {folder} does not exist; create it first")
         if not _has_all_tables(url):
             _make_tables(url)
-    storage = open_storage(url, storage_cls=storage_cls, **rdb_kwargs)
+    storage = open_storage(url, storage_cls=storage_cls, tables_checked=True, **rdb_kwargs)
     assert isinstance(storage, RDBStorage)
     return storage
 

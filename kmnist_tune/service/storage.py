@@ -152,16 +152,20 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     }
 
 
-def open_storage(url: str, *, storage_cls: type[RDBStorage] = RDBStorage, **rdb_kwargs: Any) -> BaseStorage:
+def open_storage(
+    url: str, *, storage_cls: type[RDBStorage] = RDBStorage, tables_checked: bool = False, **rdb_kwargs: Any
+) -> BaseStorage:
     """Open an existing study database (or the storage proxy); failures become one-line UserErrors.
     Nothing is created: a database without Optuna's tables is refused (service/schema.py creates them).
 
+    `tables_checked`: the caller has just looked (schema.py, which made them if missing).
     Returns an RDBStorage (or `storage_cls`), or for grpc:// a GrpcStorageProxy."""
     quiet_optuna()
     if is_grpc(url):
         return open_grpc(url)
     with user_errors(url):
-        require_schema(url)
+        if not tables_checked:
+            require_schema(url)
         # The tables are there (require_schema): Optuna's create_all would only look for each
         # one again, a reflection query per table, for every worker that starts.
         rdb_kwargs.setdefault("skip_table_creation", True)
