@@ -24,7 +24,7 @@ from .contract.records import FINISHED_STATES
 # RDBStorage's schema head (`get_head_version()`) these queries were written against.
 SCHEMA_VERSION = "v3.2.0.a"
 # Tables an Optuna database has once RDBStorage made it: without them, a database is not one.
-REQUIRED_TABLES = frozenset({"studies", "version_info"})
+REQUIRED_TABLES = frozenset({"studies", "version_info", "alembic_version"})
 # Optuna's schema version tables: nobody but the database owner may write them (service/schema.py).
 VERSION_TABLES = ("alembic_version", "version_info")
 
@@ -34,6 +34,19 @@ Run = Callable[[Any, dict[str, Any]], list[Any]]
 
 def _states(states: tuple[str, ...]) -> str:
     return ", ".join(f"'{s}'" for s in states)
+
+
+def schema_made(conn: sqlalchemy.Connection, *also: str) -> bool:
+    """Whether RDBStorage has finished making this database (and it holds the tables `also`).
+
+    A new RDBStorage makes its tables, then the version_info row, then stamps alembic_version, each
+    in its own transaction. Until the stamp is there another process is still making the database
+    (or never finished): opening an RDBStorage on it then would stamp it a second time and fail on
+    alembic_version's unique key, so such a database counts as not made."""
+    tables = set(sqlalchemy.inspect(conn).get_table_names())
+    if not REQUIRED_TABLES | set(also) <= tables:
+        return False
+    return conn.execute(sqlalchemy.text("SELECT 1 FROM alembic_version")).first() is not None
 
 
 # -- the objects ---------------------------------------------------------------------------------

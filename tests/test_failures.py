@@ -20,6 +20,7 @@ from sim_worker import Simulated, create
 from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.observe.progress import Reporter
+from kmnist_tune.service.lock import schema_lock
 from kmnist_tune.service.retry import open_worker_storage
 from kmnist_tune.service.schema import create_storage
 from kmnist_tune.service.studies import create_study, open_study
@@ -90,6 +91,43 @@ def test_concurrent_creates_of_one_new_study(backend: str, tmp_path: Path, reque
     for err in refused:
         assert "Traceback" not in err and err.strip().startswith("error:") and "already exists" in err, err
     assert optuna.get_all_study_names(url) == ["race"]
+
+
+def test_a_database_another_process_is_still_making_is_waited_for_not_stamped_twice(tmp_path: Path) -> None:
+    """The moment the race above can hit: Optuna's tables and version row are there, its alembic stamp
+    not yet. A reader sees no studies and writes nothing; a creator waits for the schema lock and then
+    finishes the database once, instead of stamping it beside the first creator."""
+    db = tmp_path / "half.db"
+    url = f"sqlite:///{db}"
+    storage = create_storage(url)
+    head = storage.get_current_version()  # type: ignore[attr-defined]
+    storage.engine.dispose()  # type: ignore[attr-defined]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM alembic_version")  # the first creator has not stamped it yet
+    assert run_cli("study", "list", "--storage", url).stdout.startswith("no studies in")
+    assert stamps(db) == 0  # the reader wrote nothing
+
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec("half"))
+    with schema_lock(url):  # held by the first creator
+        proc = spawn_cli("study", "create", str(spec), "--storage", url)
+        # It waits for the lock (the kernel lists it as a blocked flock) instead of opening the database.
+        wait_until(
+            lambda: f"-> FLOCK  ADVISORY  WRITE {proc.pid} " in Path("/proc/locks").read_text(),
+            120,
+            "create waits for the schema lock",
+            [proc],
+        )
+        assert stamps(db) == 0
+        with sqlite3.connect(db) as conn:  # the first creator stamps it and lets go
+            conn.execute("INSERT INTO alembic_version VALUES (?)", (head,))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "created study half" in out, err
+    assert stamps(db) == 1
+
+
+def stamps(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
 
 
 def test_concurrent_runs_of_one_new_study_share_it(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from optuna.storages import BaseStorage, RDBStorage
 
 from ..errors import UserError
 from ..masking import mask
-from ..optuna_internals import REQUIRED_TABLES, VERSION_TABLES
+from ..optuna_internals import VERSION_TABLES, schema_made
 from .lock import schema_lock
 from .storage import (
     backend,
@@ -53,9 +53,9 @@ def _create_rdb(url: str, storage_cls: type[RDBStorage] = RDBStorage, **rdb_kwar
 
 
 def _has_all_tables(url: str) -> bool:
-    ours = {ARTIFACTS.name, CLAIMS.name} if not is_sqlite(url) else set()
+    ours = (ARTIFACTS.name, CLAIMS.name) if not is_sqlite(url) else ()
     with short_engine(url) as eng, eng.connect() as conn:
-        return REQUIRED_TABLES | ours <= set(sqlalchemy.inspect(conn).get_table_names())
+        return schema_made(conn, *ours)
 
 
 def _make_tables(url: str) -> None:

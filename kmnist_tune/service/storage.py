@@ -25,7 +25,7 @@ from .. import optuna_internals as internals
 from ..contract.records import FINISHED_STATES
 from ..errors import UserError
 from ..masking import mask
-from ..optuna_internals import REQUIRED_TABLES
+from ..optuna_internals import schema_made
 
 DEFAULT_STORAGE = "sqlite:///kmnist-tune.db"
 ENV_STORAGE = "KMNIST_TUNE_STORAGE"
@@ -222,15 +222,16 @@ def no_studies(url: str) -> NoStudies:
 
 
 def require_schema(url: str) -> None:
-    """Raise NoStudies unless the database already holds Optuna's tables. Opening an RDBStorage
-    creates them, and a command that only reads must never write into a foreign or empty database."""
+    """Raise NoStudies unless Optuna has made the database. Opening an RDBStorage creates its tables
+    and stamps their version, and a command that only reads must never write into a foreign, empty
+    or half-made database."""
     if is_sqlite(url):
         path = sqlite_path(url)
         if path is not None and not path.exists():
             raise no_studies(url)  # and sqlite3 must not create the file either
     with short_engine(url) as engine, engine.connect() as conn:
-        tables = set(sqlalchemy.inspect(conn).get_table_names())
-    if not tables >= REQUIRED_TABLES:
+        made = schema_made(conn)
+    if not made:
         raise no_studies(url)
 
 
