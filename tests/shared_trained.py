@@ -5,7 +5,7 @@
   ("host A") work its two trials, so one of them runs the finder and uploads its plot into the
   database, and the other two read the prior back. Tests only read it; one that changes it works on
   a copy (`conftest.copy_database`, after every client of it has closed).
-- `evaluated_study` (test_export.py; test_sweep.py's SQLite sweep can read it too): `run` of a
+- `evaluated_study` (test_export.py, test_sweep.py): `run` of a
   two-trial tiny spec in a folder with no storage given (the SQLite default there), `run` again (it
   resumes, nothing runs), `best --evaluate --export` (the winner retrained on the whole official
   train split, scored on the test split, exported and kept on the study), then `best`. A test that
@@ -28,7 +28,19 @@ from typing import Any
 
 import pytest
 
-__all__ = ["EvaluatedStudy", "LrPriorStudy", "evaluated_study", "lr_prior_spec", "lr_prior_study", "small_splits", "splits"]
+# The LR finder's steps in tests: a curve with a minimum on the fixture's images, in a third of fastai's 100.
+FINDER_STEPS = 30
+
+__all__ = [
+    "FINDER_STEPS",
+    "EvaluatedStudy",
+    "LrPriorStudy",
+    "evaluated_study",
+    "lr_prior_spec",
+    "lr_prior_study",
+    "small_splits",
+    "splits",
+]
 
 
 def lr_prior_spec(name: str, n_trials: int, width: float = 1.0) -> dict[str, Any]:
@@ -36,7 +48,7 @@ def lr_prior_spec(name: str, n_trials: int, width: float = 1.0) -> dict[str, Any
     import conftest
 
     spec = conftest.tiny_spec(name, budget={"n_trials": n_trials})
-    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": width, "suggestion": "minimum"}
+    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": width, "suggestion": "minimum", "iterations": FINDER_STEPS}
     spec["parameters"]["weight_decay"] = {"values": [0.0, 0.01]}
     return spec
 

@@ -4,9 +4,7 @@ installed optuna) run against the storage class every worker uses, on SQLite and
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
-import optuna
 import pytest
 from optuna.testing.pytest_storages import StorageTestCase
 
@@ -14,7 +12,8 @@ from kmnist_tune.service.retry import RetryingRDBStorage, open_worker_storage
 
 
 def _worker_storage(url: str) -> RetryingRDBStorage:
-    optuna.storages.RDBStorage(url).engine.dispose()  # Optuna's tables, as `study create` leaves them
+    """On a copy of the database `kmnist-tune schema` made once for the run (conftest's templates):
+    the tables as `study create` leaves them, without making Optuna's schema for each of the tests."""
     storage = open_worker_storage(url, log=lambda m: print(m))
     assert isinstance(storage, RetryingRDBStorage)
     storage.use_heartbeat(30, 120, 3)  # as a worker sets them once it has read its study's spec
@@ -24,8 +23,8 @@ def _worker_storage(url: str) -> RetryingRDBStorage:
 
 class TestWorkerStorageOnSQLite(StorageTestCase):
     @pytest.fixture
-    def storage(self, tmp_path: Path) -> Iterator[RetryingRDBStorage]:
-        st = _worker_storage(f"sqlite:///{tmp_path / 'contract.db'}")
+    def storage(self, sqlite_schema_url: str) -> Iterator[RetryingRDBStorage]:
+        st = _worker_storage(sqlite_schema_url)
         yield st
         st.engine.dispose()
 
@@ -33,7 +32,7 @@ class TestWorkerStorageOnSQLite(StorageTestCase):
 @pytest.mark.postgres
 class TestWorkerStorageOnPostgreSQL(StorageTestCase):
     @pytest.fixture
-    def storage(self, pg_url: str) -> Iterator[RetryingRDBStorage]:
-        st = _worker_storage(pg_url)
+    def storage(self, pg_schema_url: str) -> Iterator[RetryingRDBStorage]:
+        st = _worker_storage(pg_schema_url)
         yield st
         st.engine.dispose()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, cli_here, error_line, run_cli, tiny_spec, write_spec
+from shared_trained import FINDER_STEPS
 
 from kmnist_tune.masking import mask
 
@@ -35,24 +36,28 @@ def test_a_storage_password_reaches_no_file_record_or_line(how: str, tmp_path: P
     env = cli_env(HOME=str(home), TMPDIR=str(tmp_path / "tmp"), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb"))
     (tmp_path / "tmp").mkdir()
     spec = tiny_spec("secret", budget={"n_trials": 1})
-    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1}
+    spec["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1, "iterations": FINDER_STEPS}
     spec["tracking"] = {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb")}}
     spec_path = write_spec(tmp_path / "s.yaml", spec)
     storage = ["--storage", url] if how == "command line" else []
     if how == "environment":
         env["KMNIST_TUNE_STORAGE"] = url
     printed = []
+    # The commands that write (the study, W&B's run, whose record holds the process arguments) are
+    # processes of their own; those that read run in this process, with the same env and lines.
+    for args in (["study", "create", str(spec_path), *storage], ["worker", "--study", "secret", *storage]):
+        proc = run_cli(*args, cwd=tmp_path, env=env)
+        printed.append(proc.stdout + proc.stderr)
     for args in (
-        ["study", "create", str(spec_path), *storage],
-        ["worker", "--study", "secret", *storage],
         ["study", "show", "secret", *storage],
         ["study", "list", *storage],
         ["best", "--study", "secret", "--json", *storage],
         ["report", "--study", "secret", "--out", str(tmp_path / "report"), *storage],
         ["lr-find", "--study", "secret", "--stored", "--out", str(tmp_path / "lr.png"), *storage],
     ):
-        proc = run_cli(*args, cwd=tmp_path, env=env)
+        proc = cli_here(*args, cwd=tmp_path, env=env)
         printed.append(proc.stdout + proc.stderr)
+    assert "secret" in printed[2] and (tmp_path / "report").is_dir() and (tmp_path / "lr.png").is_file()  # they ran
     assert PASSWORD not in "".join(printed)
     assert "***" in printed[0]  # the URL was shown, masked
     runs = list((tmp_path / "wb").rglob("*.wandb"))

@@ -110,6 +110,16 @@ MISTAKES: list[tuple[str, Any, list[str]]] = [
         ["mni", "parameters.lr", "'min'"],
     ),
     ("unknown data key", base(data={"datset": "k49"}), ["datset", "data", "'dataset'"]),
+    (
+        "finder iterations too few",
+        base(parameters={"lr": {"distribution": "lr_finder", "iterations": 5}}),
+        ["parameters.lr.iterations", "greater than or equal to 10"],
+    ),
+    (
+        "finder settings on another distribution",
+        base(parameters={"lr": {"distribution": "uniform", "min": 1e-4, "max": 0.1, "iterations": 50}}),
+        ["parameters.lr", "iterations: only for distribution lr_finder, not uniform"],
+    ),
     ("epochs not a number (bare)", base(parameters={"epochs": "ten"}), ["parameters.epochs", "'ten'", "not a number"]),
     ("epochs not a number (value)", base(parameters={"epochs": {"value": "ten"}}), ["parameters.epochs", "'ten'"]),
     ("epochs not whole", base(parameters={"epochs": 2.5}), ["parameters.epochs", "2.5", "whole number"]),
@@ -283,6 +293,16 @@ INT_STEPS: dict[str, Any] = {
     "batch_size": {"min": 32, "max": 96},  # W&B shorthand: int_uniform
     "lr": 0.01,
 }
+
+
+def test_the_lr_finder_block_stores_what_it_used() -> None:
+    """A stored spec says the finder's width, suggestion and steps, defaults filled in, so that a
+    later default changes no study."""
+    lr = parse_spec(base(parameters={"lr": {"distribution": "lr_finder"}})).parameters["lr"]
+    assert (lr.width, lr.suggestion, lr.iterations) == (2.0, "minimum", 100)
+    lr = parse_spec(base(parameters={"lr": {"iterations": 30}})).parameters["lr"]  # the block's own keys say lr_finder
+    assert lr.kind() == "lr_finder" and lr.finder_iterations == 30
+    assert spec_to_dict(parse_spec(base(parameters={"lr": {"iterations": 30}})))["parameters"]["lr"]["iterations"] == 30
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
+from shared_trained import FINDER_STEPS
 from wandb_records import read_run
 
 
@@ -27,7 +28,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = cli_env(KMNIST_TUNE_ARTIFACTS=str(tmp / "artifacts"))
     env.pop("WANDB_MODE")  # each spec says its own mode
     prior = tiny_spec("prior", budget={"n_trials": 1})
-    prior["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1}
+    prior["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1, "iterations": FINDER_STEPS}
     prior["tracking"] = {"wandb": {"mode": "disabled"}}
     run_cli("run", str(write_spec(tmp / "prior.yaml", prior)), "--storage", url, env=env)
     halve = tiny_spec("halve", budget={"n_trials": 2}, sampler={"name": "grid"})

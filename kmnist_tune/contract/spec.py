@@ -47,6 +47,7 @@ LRSuggestion = Literal["minimum", "valley", "steep"]
 HalveOn = Literal["divergence", "oom"]
 HALVE_ON: tuple[str, ...] = get_args(HalveOn)
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
+LR_FIND_ITERATIONS = 100  # fastai's lr_find default (num_it)
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 # The one list of each: the model builder, the metric code and the validation all read these.
 Arch = Literal["resnet18", "resnet34", "resnet50"]
@@ -189,6 +190,9 @@ class ParamSpec(_Strict):
     # distribution: lr_finder -- the range is centred on fastai's LR-finder suggestion.
     width: float | None = Field(default=None, gt=0, le=8, description="decades around the suggestion")
     suggestion: LRSuggestion | None = None
+    iterations: int | None = Field(
+        default=None, ge=10, le=10_000, description=f"steps of fastai's lr_find (its num_it; default {LR_FIND_ITERATIONS})"
+    )
 
     @field_validator("distribution")
     @classmethod
@@ -200,6 +204,9 @@ class ParamSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpec:
         dist = self.kind()
+        finder_keys = [k for k in ("width", "suggestion", "iterations") if getattr(self, k) is not None]
+        if finder_keys and dist != "lr_finder":
+            raise ValueError(f"{', '.join(finder_keys)}: only for distribution lr_finder, not {dist}")
         if dist == "constant":
             if self.values is not None or self.min is not None or self.max is not None:
                 raise ValueError("a fixed `value` takes no `values`, `min` or `max`")
@@ -222,6 +229,7 @@ class ParamSpec(_Strict):
             if self.min is not None or self.max is not None or self.values is not None:
                 raise ValueError("lr_finder sets the range itself; give `width` (decades) and `suggestion`, not min/max")
             self.width, self.suggestion = self.lr_finder_settings()  # stored specs say what was used
+            self.iterations = self.finder_iterations
         else:
             if self.min is None or self.max is None:
                 raise ValueError(f"distribution {dist} needs `min` and `max`")
@@ -240,7 +248,7 @@ class ParamSpec(_Strict):
 
     def kind(self) -> str:
         """The distribution this block describes, with W&B's shorthands resolved."""
-        if (self.width is not None or self.suggestion is not None) and self.distribution is None:
+        if (self.width is not None or self.suggestion is not None or self.iterations is not None) and self.distribution is None:
             return "lr_finder"
         if self.distribution is not None:
             return self.distribution
@@ -289,6 +297,11 @@ class ParamSpec(_Strict):
         if self.kind() != "lr_finder":
             raise ValueError(f"not an lr_finder block: {self.kind()}")
         return float(self.width if self.width is not None else 2.0), self.suggestion or "minimum"
+
+    @property
+    def finder_iterations(self) -> int:
+        """The LR finder's steps of an lr_finder block (one batch each), its default filled in."""
+        return self.iterations if self.iterations is not None else LR_FIND_ITERATIONS
 
     @property
     def searched(self) -> bool:

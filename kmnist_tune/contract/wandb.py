@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 # One direction only: the spec's models know nothing of W&B's files (contract/load.py joins the two).
-from .spec import ALIASES, BudgetSpec, SweepSpec, spec_to_dict
+from .spec import ALIASES, LR_FIND_ITERATIONS, BudgetSpec, SweepSpec, spec_to_dict
 
 # W&B's search methods -> Optuna's samplers (TPE is Optuna's Bayesian optimisation).
 METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}
@@ -244,6 +244,8 @@ def to_wandb(
             block["distribution"] = "categorical_w_probabilities"  # W&B's categorical takes no probabilities
         if p.kind() == "lr_finder":
             width, suggestion = p.lr_finder_settings()
+            if p.finder_iterations != LR_FIND_ITERATIONS:
+                suggestion += f", {p.finder_iterations} finder iterations"
             if lr_range is None:
                 notes.append(f"parameters.{name}: lr_finder ({width:g} decades around the {suggestion}); not run yet")
                 continue

@@ -29,7 +29,7 @@ from ..service.studies import open_study, require_lr_finder
 from ..training.data import resolve_data_dir
 from ..training.devices import resolve_device
 from ..training.splits import Splits, load_splits
-from ..training.train import LR_FIND_ITERATIONS, build_learner, find_lr
+from ..training.train import build_learner, find_lr
 
 
 def prior_config(spec: SweepSpec) -> dict[str, Any]:
@@ -60,7 +60,8 @@ def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events:
         splits, prior_config(spec), device, spec.metric, seed=spec.seed, augment=spec.augment, performance=spec.performance
     )
     task = f"LR finder ({study_key(spec)})"
-    curve = find_lr(learn, LR_FIND_ITERATIONS, on_iter=lambda done, total: events.progress(task, done, total))
+    events.line(f"running the LR finder for {study_key(spec)} ({lr_spec.finder_iterations} iterations)")
+    curve = find_lr(learn, lr_spec.finder_iterations, on_iter=lambda done, total: events.progress(task, done, total))
     centre = curve.suggestions[chosen]
     if not (math.isfinite(centre) and centre > 0):
         raise RuntimeError(f"the LR finder's {chosen} suggestion is {centre}; the loss curve never fell")
@@ -105,7 +106,6 @@ def ensure_prior(
         prior = LRPrior.read(study.user_attrs)
         if prior is not None and not rerun:
             return prior, False
-        events.line(f"running the LR finder for {study_key(spec)} ({LR_FIND_ITERATIONS} iterations)")
         first = prior is None
         prior = compute_prior(spec, splits, device, events)
         prior.store(study)

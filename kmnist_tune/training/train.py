@@ -21,6 +21,7 @@ from fastai.learner import Learner
 from fastai.metrics import BalancedAccuracy, accuracy
 
 from ..contract.records import EpochRecord
+from ..contract.spec import LR_FIND_ITERATIONS
 from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
@@ -28,8 +29,6 @@ from .model import build_model
 from .optim import knob, loss_func, mixing_callbacks, moms, opt_func
 from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
 from .splits import Splits
-
-LR_FIND_ITERATIONS = 100
 
 
 @dataclass
