@@ -293,21 +293,25 @@ def killed_scenario(
     create(db.pooled, four_epochs("killed"))
     w = Watch(db.direct, "killed")  # polled on the server: the workers' pool is theirs
     ref = Watch(db.direct, "uninterrupted")
+    # One CPU thread in every process: the resumed trial is compared with the uninterrupted one, and
+    # the victim (alone), the survivor and the reference (side by side) would otherwise each get the
+    # share of the moment, and with another thread count other float sums (0.80 against 0.84, once).
+    env = conftest.cli_env(KMNIST_TUNE_THREADS="1")
     procs: list[subprocess.Popen[str]] = []
     try:
-        victim = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none")
+        victim = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none", env=env)
         procs.append(victim)
         wait_until(lambda: checkpointed(w, 1), 180, "a checkpoint of epoch 2", procs=[victim])
         victim.kill()  # SIGKILL: no chance to clean up
         victim.wait(10)
         killed_at = time.time()
         (doomed,) = w.trials(TrialState.RUNNING)
-        survivor = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none")
+        survivor = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none", env=env)
         procs.append(survivor)
         # The yardstick, trained while the survivor works: the doomed trial's configuration (its
         # sampled lr, fixed) and seed (it is trial 0 of its study too), never interrupted.
         ref_spec = conftest.write_spec(folder / "ref.yaml", four_epochs("uninterrupted", lr={"value": doomed.params["lr"]}))
-        reference_run = conftest.spawn_cli("run", str(ref_spec), "--storage", db.direct, "--gpus", "none")
+        reference_run = conftest.spawn_cli("run", str(ref_spec), "--storage", db.direct, "--gpus", "none", env=env)
         procs.append(reference_run)
         out, err = finish(survivor)
         finish(reference_run)
