@@ -294,25 +294,28 @@ def killed_scenario(
     w = Watch(db.direct, "killed")  # polled on the server: the workers' pool is theirs
     ref = Watch(db.direct, "uninterrupted")
     # One CPU thread in every process: the resumed trial is compared with the uninterrupted one, and
-    # the victim (alone), the survivor and the reference (side by side) would otherwise each get the
-    # share of the moment, and with another thread count other float sums (0.80 against 0.84, once).
+    # the victim, the survivor and the reference would otherwise each get the share of the moment,
+    # and with another thread count other float sums (0.80 against 0.84, once).
     env = conftest.cli_env(KMNIST_TUNE_THREADS="1")
     procs: list[subprocess.Popen[str]] = []
     try:
         victim = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none", env=env)
         procs.append(victim)
+        sampled = lambda: [t for t in w.trials(TrialState.RUNNING) if "lr" in t.params]  # noqa: E731
+        wait_until(sampled, 180, "the victim's trial to sample its lr", procs=[victim])
+        (doomed,) = sampled()
+        # The yardstick, trained beside the victim and then the survivor: the doomed trial's
+        # configuration (its sampled lr, fixed) and seed (it is trial 0 of its study too), never interrupted.
+        ref_spec = conftest.write_spec(folder / "ref.yaml", four_epochs("uninterrupted", lr={"value": doomed.params["lr"]}))
+        reference_run = conftest.spawn_cli("run", str(ref_spec), "--storage", db.direct, "--gpus", "none", env=env)
+        procs.append(reference_run)
         wait_until(lambda: checkpointed(w, 1), 180, "a checkpoint of epoch 2", procs=[victim])
         victim.kill()  # SIGKILL: no chance to clean up
         victim.wait(10)
         killed_at = time.time()
-        (doomed,) = w.trials(TrialState.RUNNING)
+        (doomed,) = w.trials(TrialState.RUNNING)  # as the kill left it
         survivor = conftest.spawn_cli("worker", "--study", "killed", "--storage", db.pooled, "--gpus", "none", env=env)
         procs.append(survivor)
-        # The yardstick, trained while the survivor works: the doomed trial's configuration (its
-        # sampled lr, fixed) and seed (it is trial 0 of its study too), never interrupted.
-        ref_spec = conftest.write_spec(folder / "ref.yaml", four_epochs("uninterrupted", lr={"value": doomed.params["lr"]}))
-        reference_run = conftest.spawn_cli("run", str(ref_spec), "--storage", db.direct, "--gpus", "none", env=env)
-        procs.append(reference_run)
         out, err = finish(survivor)
         finish(reference_run)
         (reference,) = ref.trials()
@@ -357,7 +360,7 @@ def pg_workers_scenario(
     db = _scenario_database()
     folder = tmp_path_factory.mktemp("pg-workers")
     name, n = "shared-pg", 6
-    spec = conftest.tiny_spec(name, budget={"n_trials": n})
+    spec = conftest.tiny_spec(name, budget={"n_trials": n}, data=conftest.WHOLE_FIXTURE)  # test_sweep: its trials learn
     spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
     created = conftest.run_cli("study", "create", str(conftest.write_spec(folder / "s.yaml", spec)), "--storage", db.direct)
     sampler = ConnectionSampler(db.name)

@@ -10,8 +10,8 @@
   resumes, nothing runs), `best --evaluate --export` (the winner retrained on the whole official
   train split, scored on the test split, exported and kept on the study), then `best`. A test that
   changes the study works on a copy (`conftest.sqlite_copy`).
-- `splits` (test_halving.py, test_loader.py, test_perf_gpu.py): the fixture's images split as
-  `tiny_spec` splits them, loaded once; `small_splits` (test_training_knobs.py, test_halving.py):
+- `splits` (test_halving.py, test_loader.py, test_perf_gpu.py): all of the fixture's images, split
+  as `tiny_spec` splits them, loaded once; `small_splits` (test_training_knobs.py, test_halving.py):
   320 of its training images, for tests that check what fastai trains with, not how well.
 
 conftest.py imports this module (`from shared_trained import *`) before it has defined its own names,
@@ -94,7 +94,8 @@ def splits() -> Any:
     from kmnist_tune.contract.load import parse_spec
     from kmnist_tune.training.splits import load_splits
 
-    return load_splits(parse_spec(conftest.tiny_spec()).data, conftest.FIXTURE, download=False)
+    whole = conftest.tiny_spec(data=conftest.WHOLE_FIXTURE)  # the halving rule's tests need its warm-up
+    return load_splits(parse_spec(whole).data, conftest.FIXTURE, download=False)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +105,8 @@ def small_splits() -> Any:
     from kmnist_tune.contract.load import parse_spec
     from kmnist_tune.training.splits import load_splits
 
-    return load_splits(parse_spec(conftest.tiny_spec(data={"train_size": 320})).data, conftest.FIXTURE, download=False)
+    spec = conftest.tiny_spec(data={"train_size": 320, "valid_size": None})
+    return load_splits(parse_spec(spec).data, conftest.FIXTURE, download=False)
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def evaluated_study(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedStudy:
 
     home = tmp_path_factory.mktemp("evaluated")
     name = "tiny-sqlite"
-    spec = conftest.write_spec(home / "tiny.yaml", conftest.tiny_spec(name))
+    spec = conftest.write_spec(home / "tiny.yaml", conftest.tiny_spec(name, data=conftest.WHOLE_FIXTURE))  # its trials learn
     # No --storage and no env: the SQLite file in the working directory is the default.
     first = conftest.run_cli("run", str(spec), cwd=home)
     again = conftest.run_cli("run", str(spec), cwd=home)

@@ -233,6 +233,19 @@ def test_the_stored_spec_does_not_choose_where_wandb_writes_or_logs(poisoned_run
     assert "asks for W&B entity attacker" in err and "asks W&B to write to" in err and "asks for W&B mode online" in err
 
 
+def test_the_worker_settings_come_from_the_environment_it_is_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """wandb_target reads every one of its settings, the mode included, from the mapping passed in."""
+    from kmnist_tune.contract.spec import WandbSpec
+    from kmnist_tune.observe.tracking import wandb_target
+
+    monkeypatch.setenv("WANDB_MODE", "online")  # this process's own, which must not be read
+    given = {"WANDB_MODE": "disabled", "WANDB_DIR": str(tmp_path), "WANDB_ENTITY": "team", "WANDB_PROJECT": "mine"}
+    target, notes = wandb_target(WandbSpec(mode="online", entity="attacker"), "study", given)
+    assert (target.mode, target.dir, target.entity, target.project) == ("disabled", tmp_path, "team", "mine")
+    assert any("asks for W&B mode online; this worker logs disabled" in n for n in notes)
+    assert any("asks for W&B entity attacker" in n for n in notes)
+
+
 def test_export_writes_only_the_model_files_and_only_into_the_destination(shared: Shared, tmp_path: Path) -> None:
     study = shared.create(tmp_path, "swapped")
     absolute = tmp_path / "absolute" / "written.txt"

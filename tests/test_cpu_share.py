@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import cli_env, cli_here, error_line, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import wait_until
 from optuna.trial import TrialState
+from shared_studies import in_process_cli
 
 from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.service.cpu_share import CpuShare, machine_cores
@@ -72,12 +74,17 @@ def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
         release(storage)
 
 
-def test_a_worker_that_joins_takes_its_share_and_records_it(tmp_path: Path, sqlite_schema_url: str) -> None:
+def test_a_worker_that_joins_takes_its_share_and_records_it(
+    tmp_path: Path, sqlite_schema_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process trains; a second worker (the CLI's main in this process, so that it starts
+    its trial within a second) joins while it does."""
     url = sqlite_schema_url  # the tables made once per run (conftest)
     spec = tiny_spec("shared", budget={"n_trials": 2})
-    spec["parameters"]["epochs"] = {"value": 2}
+    spec["parameters"]["epochs"] = {"value": 3}  # the first worker trains for several seconds
     run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url)
-    env = cli_env(XDG_RUNTIME_DIR=str(tmp_path / "run"))  # this test's own registry of trainers
+    registry = str(tmp_path / "run")  # this test's own registry of trainers
+    env = cli_env(XDG_RUNTIME_DIR=registry)
     first = spawn_cli("worker", "--study", "shared", "--storage", url, "--gpus", "none", "--max-trials", "1", env=env)
     storage = open_storage(url)  # one storage for the whole wait
     try:
@@ -89,14 +96,16 @@ def test_a_worker_that_joins_takes_its_share_and_records_it(tmp_path: Path, sqli
         wait_until(training, 120, "the first worker to start its trial", [first])
     finally:
         release(storage)
-    second = run_cli("worker", "--study", "shared", "--storage", url, "--gpus", "none", "--max-trials", "1", env=env)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", registry)
+    monkeypatch.delenv("KMNIST_TUNE_THREADS", raising=False)
+    _, second_err = in_process_cli(capsys, "worker", "--study", "shared", "--storage", url, "--max-trials", "1")
     _, err_first = first.communicate(timeout=300)
     assert first.returncode == 0, err_first
     cores = machine_cores()
     alone, joined = sorted(trials(url, "shared"), key=lambda t: t.number)
     assert TrialRecord.of(alone).threads == cores  # the only trainer when its trial started
     assert TrialRecord.of(joined).threads == max(1, cores // 2)  # the first worker was still training
-    assert f"{max(1, cores // 2)} CPU thread" in second.stderr and "shared by 2 training processes" in second.stderr
+    assert f"{max(1, cores // 2)} CPU thread" in second_err and "shared by 2 training processes" in second_err
     assert [t.state for t in (alone, joined)] == [TrialState.COMPLETE] * 2
 
 

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 # `splits`: the fixture's images as tiny_spec splits them, loaded once per run (shared_trained.py).
 
 
-def make_spec(lr: float, *, min_bs: int = 8, epochs: int = 1, halve_on: list[str] | None = None):
+def make_spec(lr: float, *, min_bs: int = 8, epochs: int = 1, halve_on: list[str] | None = None, **halving: float):
     return parse_spec(
         {
+            "halving": halving,
             "name": "halving",
             "data": {"dataset": "kmnist", "valid_fraction": 0.2},
             "parameters": {
@@ -80,8 +81,10 @@ class InjectOOM(Callback):
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected: batch {self.xb[0].shape[0]} > {self.limit})")
 
 
-def test_oom_halves_until_it_fits_and_records_it(splits, tmp_path: Path) -> None:
-    trial = run_trial(make_spec(lr=5e-3), splits, tmp_path, extra_cbs=lambda: [InjectOOM(limit=16)])
+def test_oom_halves_until_it_fits_and_records_it(small_splits, tmp_path: Path) -> None:
+    # 320 images, the no-trend rule off: what is tested is the out-of-memory path.
+    spec = make_spec(lr=5e-3, trend_drop=0.0)
+    trial = run_trial(spec, small_splits, tmp_path, extra_cbs=lambda: [InjectOOM(limit=16)])
     assert trial.state == optuna.trial.TrialState.COMPLETE
     events = trial.user_attrs["halving_events"]
     assert [(e["from_bs"], e["to_bs"], e["reason"]) for e in events] == [(32, 16, "oom")]
@@ -120,16 +123,18 @@ def test_oom_is_not_caught_when_not_asked_for(splits, tmp_path: Path) -> None:
         run_trial(make_spec(lr=5e-3, halve_on=["divergence"]), splits, tmp_path, extra_cbs=lambda: [InjectOOM(limit=16)])
 
 
-def test_a_restarted_attempt_does_not_re_report_steps(splits, tmp_path: Path) -> None:
+def test_a_restarted_attempt_does_not_re_report_steps(small_splits, tmp_path: Path) -> None:
     """Epoch 0 is reported by the first attempt; an OOM injected in epoch 1 restarts training at half
-    the batch size; the restart's epoch 0 is not reported again, its epoch 1 is."""
+    the batch size; the restart's epoch 0 is not reported again, its epoch 1 is. On 320 images (ten
+    batches, the warm-up's length: the no-trend rule is off, what is tested is the reporting)."""
 
     class OOMInSecondEpoch(Callback):
         def before_batch(self) -> None:
             if self.training and self.epoch == 1 and self.xb[0].shape[0] > 16:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected in epoch 1)")
 
-    trial = run_trial(make_spec(lr=5e-3, epochs=2), splits, tmp_path, extra_cbs=lambda: [OOMInSecondEpoch()])
+    spec = make_spec(lr=5e-3, epochs=2, trend_drop=0.0)
+    trial = run_trial(spec, small_splits, tmp_path, extra_cbs=lambda: [OOMInSecondEpoch()])
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert [(e["from_bs"], e["to_bs"]) for e in trial.user_attrs["halving_events"]] == [(32, 16)]
     assert set(trial.intermediate_values) == {1, 2}

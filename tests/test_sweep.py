@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import K49_FIXTURE, cli_env, run_cli, tiny_spec, write_spec
+from conftest import K49_FIXTURE, WHOLE_FIXTURE, cli_env, run_cli, tiny_spec, write_spec
 from shared_studies import FINISHED, PgWorkersScenario, ran
 from shared_trained import EvaluatedStudy
 
@@ -66,7 +66,8 @@ def test_postgres_study_created_elsewhere_and_worked_by_several_workers(pg_worke
 
 
 def test_k49_layout_trains_with_balanced_accuracy(tmp_path: Path) -> None:
-    spec = tiny_spec("tiny-k49", data={"dataset": "k49", "valid_fraction": 0.25}, budget={"n_trials": 1})
+    k49 = {"dataset": "k49", "valid_fraction": 0.25, **WHOLE_FIXTURE}  # every class in both parts
+    spec = tiny_spec("tiny-k49", data=k49, budget={"n_trials": 1})
     spec["parameters"]["batch_size"] = {"value": 64}
     # 49 classes on 735 images: one epoch lowers the loss by a few percent, near the no-trend rule's 5%,
     # so whether it halves (and at 16, stops) would turn on the CPU threads' arithmetic. What is tested

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import REPO, browse, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import REPO, WHOLE_FIXTURE, browse, cli_env, deprecation_free, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from shared_trained import FINDER_STEPS
 from wandb_records import read_run
@@ -30,11 +30,19 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     prior = tiny_spec("prior", budget={"n_trials": 1})
     prior["parameters"]["lr"] = {"distribution": "lr_finder", "width": 1, "iterations": FINDER_STEPS}
     prior["tracking"] = {"wandb": {"mode": "disabled"}}
-    run_cli("run", str(write_spec(tmp / "prior.yaml", prior)), "--storage", url, env=env)
-    halve = tiny_spec("halve", budget={"n_trials": 2}, sampler={"name": "grid"})
+    # The two `run`s side by side in one new SQLite file, as two users' runs can be: one makes the
+    # tables, the other waits for them; each takes its share of the cores (the registry in XDG_RUNTIME_DIR).
+    env["XDG_RUNTIME_DIR"] = str(tmp / "run")
+    first = spawn_cli("run", str(write_spec(tmp / "prior.yaml", prior)), "--storage", url, env=env)
+    # All of the fixture's images: the sane trial runs past the halving rule's warm-up and trend check.
+    halve = tiny_spec("halve", budget={"n_trials": 2}, sampler={"name": "grid"}, data=WHOLE_FIXTURE)
     halve["parameters"].update({"lr": {"values": [50.0, 5e-3]}, "epochs": {"value": 2}, "batch_size": {"initial": 64, "min": 32}})
     halve["tracking"] = {"wandb": {"mode": "offline", "project": "kt-test", "dir": str(tmp / "wb")}}
-    run_cli("run", str(write_spec(tmp / "halve.yaml", halve)), "--storage", url, env=env)
+    second = spawn_cli("run", str(write_spec(tmp / "halve.yaml", halve)), "--storage", url, env=env)
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"run exited {proc.returncode}\n{out}\n{err}"
+        deprecation_free(err)
     return {"tmp": tmp, "url": url, "env": env}
 
 

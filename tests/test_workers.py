@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import WHOLE_FIXTURE, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from shared_studies import FINISHED, KilledScenario, PgWorkersScenario, SigtermScenario, finish, ran
@@ -205,9 +205,14 @@ def test_a_study_worked_through_the_grpc_proxy_completes(tmp_path: Path, pg_url:
 
 def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_on(tmp_path: Path, pg_url: str, watch) -> None:
     """Worker A reaches PostgreSQL through a loopback proxy that is cut, while worker B runs, for longer
-    than the grace period: B fails A's trial as stale and retries it; A, back, discards its result."""
-    n = 4
-    spec = write_spec(tmp_path / "s.yaml", fast_spec("partition", n, epochs=2, heartbeat=1))
+    than the grace period: B fails A's trial as stale and retries it; A, back, discards its result.
+    Two trials: B's retry of A's and one more, which A, once back, finds taken."""
+    n = 2
+    spec_dict = fast_spec("partition", n, epochs=2, heartbeat=1)
+    # All of the fixture's images: A's second epoch must outlast the few tenths of a second between
+    # seeing it start and cutting the proxy, or A would finish its trial before it is cut off.
+    spec_dict["data"].update(WHOLE_FIXTURE)
+    spec = write_spec(tmp_path / "s.yaml", spec_dict)
     run_cli("study", "create", str(spec), "--storage", pg_url)
     w = watch(pg_url, "partition")
     proxy = TcpProxy(5432)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
@@ -172,6 +172,14 @@ ALIASES: dict[str, str] = {
 }
 
 
+class FinderSettings(NamedTuple):
+    """What an lr_finder block asks of the LR finder, its defaults filled in."""
+
+    width: float  # decades the search range spans, centred on the suggestion
+    suggestion: str  # which of fastai's suggestions is the centre
+    iterations: int  # the finder's steps (one batch each): fastai's num_it
+
+
 class ParamSpec(_Strict):
     value: Any = None
     values: list[Any] | None = None
@@ -228,8 +236,7 @@ class ParamSpec(_Strict):
         elif dist == "lr_finder":
             if self.min is not None or self.max is not None or self.values is not None:
                 raise ValueError("lr_finder sets the range itself; give `width` (decades) and `suggestion`, not min/max")
-            self.width, self.suggestion = self.lr_finder_settings()  # stored specs say what was used
-            self.iterations = self.finder_iterations
+            self.width, self.suggestion, self.iterations = self.lr_finder_settings()  # stored specs say what was used
         else:
             if self.min is None or self.max is None:
                 raise ValueError(f"distribution {dist} needs `min` and `max`")
@@ -292,16 +299,15 @@ class ParamSpec(_Strict):
         bounds = (float(self.min), float(self.max)) if self.min is not None and self.max is not None else (0.0, 1.0)
         return ppf(self.kind(), u, *bounds, shape=self.shape, step=self.step)
 
-    def lr_finder_settings(self) -> tuple[float, str]:
-        """(width in decades, suggestion) of an lr_finder block, with their defaults filled in."""
+    def lr_finder_settings(self) -> FinderSettings:
+        """Width, suggestion and iterations of an lr_finder block, with their defaults filled in."""
         if self.kind() != "lr_finder":
             raise ValueError(f"not an lr_finder block: {self.kind()}")
-        return float(self.width if self.width is not None else 2.0), self.suggestion or "minimum"
-
-    @property
-    def finder_iterations(self) -> int:
-        """The LR finder's steps of an lr_finder block (one batch each), its default filled in."""
-        return self.iterations if self.iterations is not None else LR_FIND_ITERATIONS
+        return FinderSettings(
+            float(self.width if self.width is not None else 2.0),
+            self.suggestion or "minimum",
+            self.iterations if self.iterations is not None else LR_FIND_ITERATIONS,
+        )
 
     @property
     def searched(self) -> bool:

@@ -243,9 +243,9 @@ def to_wandb(
         if p.probabilities is not None:
             block["distribution"] = "categorical_w_probabilities"  # W&B's categorical takes no probabilities
         if p.kind() == "lr_finder":
-            width, suggestion = p.lr_finder_settings()
-            if p.finder_iterations != LR_FIND_ITERATIONS:
-                suggestion += f", {p.finder_iterations} finder iterations"
+            width, suggestion, iterations = p.lr_finder_settings()
+            if iterations != LR_FIND_ITERATIONS:
+                suggestion += f", {iterations} finder iterations"
             if lr_range is None:
                 notes.append(f"parameters.{name}: lr_finder ({width:g} decades around the {suggestion}); not run yet")
                 continue

@@ -36,15 +36,17 @@ def has_wandb_login() -> bool:
     return bool(auth and auth[2])
 
 
-def resolve_mode(mode: str) -> str:
-    """auto: $WANDB_MODE if set, else online when logged in to W&B, else offline (sync later with
-    `wandb sync`)."""
-    if os.environ.get("WANDB_MODE") == "":
-        del os.environ["WANDB_MODE"]  # W&B itself rejects an empty WANDB_MODE
+def resolve_mode(mode: str, env: Mapping[str, str] | None = None) -> str:
+    """auto: WANDB_MODE of `env` (this process's environment by default) if set, else online when
+    logged in to W&B, else offline (sync later with `wandb sync`)."""
+    if env is None:
+        if os.environ.get("WANDB_MODE") == "":
+            del os.environ["WANDB_MODE"]  # W&B itself rejects an empty WANDB_MODE
+        env = os.environ
     if mode == "auto":
-        env = os.environ.get("WANDB_MODE", "").lower()
-        if env in ("online", "offline", "disabled"):
-            return env
+        given = env.get("WANDB_MODE", "").lower()
+        if given in ("online", "offline", "disabled"):
+            return given
         return "online" if has_wandb_login() else "offline"
     return mode
 
@@ -66,9 +68,9 @@ class WandbTarget:
 def wandb_target(cfg: WandbSpec, study: str, env: Mapping[str, str] | None = None) -> tuple[WandbTarget, list[str]]:
     """The worker's own W&B settings, narrowed (never widened) by the study's spec; and a line for
     each setting of the spec that was not followed."""
+    own_mode = resolve_mode("auto", env)
     env = os.environ if env is None else env
     notes = []
-    own_mode = resolve_mode("auto")
     mode = own_mode if cfg.mode in ("auto", "online") else min(own_mode, cfg.mode, key=_ONLINE.__getitem__)
     if cfg.mode == "online" and own_mode != "online":
         notes.append(f"the study's spec asks for W&B mode online; this worker logs {own_mode} (its own WANDB_MODE or login)")

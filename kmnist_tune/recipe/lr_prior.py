@@ -55,19 +55,20 @@ def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events:
     lr_spec = spec.lr_finder
     if lr_spec is None:
         raise ValueError("the spec does not search lr with the LR finder")
-    width, chosen = lr_spec.lr_finder_settings()
+    width, chosen, iterations = lr_spec.lr_finder_settings()
     learn, _ = build_learner(
         splits, prior_config(spec), device, spec.metric, seed=spec.seed, augment=spec.augment, performance=spec.performance
     )
-    task = f"LR finder ({study_key(spec)})"
-    events.line(f"running the LR finder for {study_key(spec)} ({lr_spec.finder_iterations} iterations)")
-    curve = find_lr(learn, lr_spec.finder_iterations, on_iter=lambda done, total: events.progress(task, done, total))
+    key = study_key(spec)
+    task = f"LR finder ({key})"
+    events.line(f"running the LR finder for {key} ({iterations} iterations)")
+    curve = find_lr(learn, iterations, on_iter=lambda done, total: events.progress(task, done, total))
     centre = curve.suggestions[chosen]
     if not (math.isfinite(centre) and centre > 0):
         raise RuntimeError(f"the LR finder's {chosen} suggestion is {centre}; the loss curve never fell")
     half = 10 ** (width / 2)
     return LRPrior(
-        key=study_key(spec),
+        key=key,
         lrs=curve.lrs,
         losses=curve.losses,
         suggestions=curve.suggestions,
