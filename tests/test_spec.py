@@ -301,7 +301,7 @@ def test_the_lr_finder_block_stores_what_it_used() -> None:
     lr = parse_spec(base(parameters={"lr": {"distribution": "lr_finder"}})).parameters["lr"]
     assert (lr.width, lr.suggestion, lr.iterations) == (2.0, "minimum", 100)
     lr = parse_spec(base(parameters={"lr": {"iterations": 30}})).parameters["lr"]  # the block's own keys say lr_finder
-    assert lr.kind() == "lr_finder" and lr.finder_iterations == 30
+    assert lr.kind() == "lr_finder" and lr.lr_finder_settings() == (2.0, "minimum", 30)
     assert spec_to_dict(parse_spec(base(parameters={"lr": {"iterations": 30}})))["parameters"]["lr"]["iterations"] == 30
 
 
