@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -37,10 +38,31 @@ def opt_func(params: dict[str, Any]) -> Any:
     return partial(OPT_FUNCS[name], **hypers)
 
 
+class _PlainTensors:
+    """fastai's flattened losses, the same in every way but one: fastai's `BaseLoss._contiguous`
+    wraps the predictions and targets in fastai's TensorBase, and the loss it returns is one too, so
+    every later op on the loss (clone, backward, the smoothed loss, the divergence guard) runs
+    through TensorBase's Python-level `__torch_function__`: about 15 a batch, a third of the loop's
+    own time on a small model (benchmarks/bench_loop.py). Here they stay plain tensors."""
+
+    axis: int
+
+    def _contiguous(self, x: Any) -> Any:
+        return x.transpose(self.axis, -1).contiguous() if isinstance(x, torch.Tensor) else x
+
+
+class CrossEntropy(_PlainTensors, CrossEntropyLossFlat):
+    """fastai's CrossEntropyLossFlat on plain tensors."""
+
+
+class LabelSmoothingCrossEntropy(_PlainTensors, LabelSmoothingCrossEntropyFlat):
+    """fastai's LabelSmoothingCrossEntropyFlat on plain tensors."""
+
+
 def loss_func(params: dict[str, Any]) -> Any:
     """fastai's cross-entropy, or its label-smoothing cross-entropy when `label_smoothing` > 0."""
     eps = float(knob(params, "label_smoothing"))
-    return LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
+    return LabelSmoothingCrossEntropy(eps=eps) if eps > 0 else CrossEntropy()
 
 
 def mixing_callbacks(params: dict[str, Any]) -> list[Callback]:

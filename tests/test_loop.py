@@ -1,0 +1,139 @@
+"""The training loop's own parts (issue 23): TrialLearner dispatches fastai's events exactly as
+fastai's Learner does, and the losses compute fastai's values on plain tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_spec
+from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.mixup import MixUp
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.torch_core import TensorBase
+
+from kmnist_tune.contract.load import parse_spec
+from kmnist_tune.recipe.halving import DivergenceGuard
+from kmnist_tune.training.optim import CrossEntropy, LabelSmoothingCrossEntropy
+from kmnist_tune.training.splits import Splits
+from kmnist_tune.training.train import EpochLog, StopOnRequest, TrialLearner, build_learner, fit
+
+CPU = torch.device("cpu")
+
+
+class Trace(Callback):
+    """Writes each event it handles, with the learner's phase and batch, into a shared list."""
+
+    def __init__(self, name: str, events: list[tuple[str, ...]], order: int, *, valid: bool = True) -> None:
+        self.label, self.events, self.order, self.run_valid = name, events, order, valid
+
+    def _note(self, event: str) -> None:
+        self.events.append((self.label, event, str(self.learn.training), str(getattr(self.learn, "iter", -1))))
+
+
+TRACED = ("before_fit", "before_batch", "after_loss", "after_batch", "after_epoch", "after_fit")
+for _event in TRACED:  # a method per event: the dispatch looks for the methods a callback has
+    setattr(Trace, _event, lambda self, e=_event: self._note(e))
+
+
+class SkipEveryThird(Callback):
+    """Cancels every third training batch before its loss, as a callback may."""
+
+    order = 1
+
+    def after_pred(self) -> None:
+        if self.training and self.iter % 3 == 2:
+            raise CancelBatchException()
+
+
+class StopsItself(Callback):
+    """Switches itself off (run = False) after two batches; fastai switches it back on after the fit."""
+
+    order = 3
+
+    def before_fit(self) -> None:
+        self.calls = 0
+
+    def after_batch(self) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.run = False
+
+
+def traced(cls: type[Learner], splits: Splits) -> tuple[list[tuple[str, ...]], StopsItself]:
+    spec = parse_spec(tiny_spec(parameters={"lr": {"value": 5e-3}, "epochs": {"value": 2}}))
+    params = {**spec.fixed_params(), "batch_size": 64}
+    built, name = build_learner(splits, params, CPU, "accuracy")
+    learn = cls(built.dls, built.model, loss_func=built.loss_func, opt_func=built.opt_func, metrics=built.metrics)
+    learn.logger = lambda *a, **k: None
+    events: list[tuple[str, ...]] = []
+    stops = StopsItself()
+    cbs = [Trace("late", events, 70), Trace("early", events, -5), Trace("train-only", events, 20, valid=False), SkipEveryThird()]
+    fit(learn, params, EpochLog(name), [*cbs, stops, DivergenceGuard(spec.halving), StopOnRequest(lambda: False)])
+    return events, stops
+
+
+def test_trial_learner_dispatches_what_fastai_dispatches_in_its_order(small_splits: Splits) -> None:
+    theirs, their_stops = traced(Learner, small_splits)
+    ours, our_stops = traced(TrialLearner, small_splits)
+    assert ours == theirs
+    assert len(theirs) > 100 and {e[1] for e in theirs} == {
+        "before_fit",
+        "before_batch",
+        "after_loss",
+        "after_batch",
+        "after_epoch",
+        "after_fit",
+    }
+    assert ("train-only", "before_batch", "False", "0") not in ours  # run_valid=False: training batches only
+    assert our_stops.run and our_stops.calls == 2  # switched off after 2 batches, back on after the fit
+
+
+def test_the_trial_learner_exports_without_its_dispatch_lists(small_splits: Splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = parse_spec(tiny_spec(parameters={"lr": {"value": 5e-3}}))
+    params = {**spec.fixed_params(), "batch_size": 64}
+    learn, name = build_learner(small_splits, params, CPU, "accuracy")
+    assert isinstance(learn, TrialLearner)
+    fit(learn, params, EpochLog(name), [StopOnRequest(lambda: False)])
+    learn._kt_dispatch = {("before_batch", ()): [StopOnRequest(lambda: False)]}  # as if a fit had left some
+    assert "_kt_dispatch" not in learn.__getstate__()
+    learn.export(tmp_path / "learner.pkl")
+    assert (tmp_path / "learner.pkl").stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(CrossEntropy(), CrossEntropyLossFlat()), (LabelSmoothingCrossEntropy(eps=0.2), LabelSmoothingCrossEntropyFlat(eps=0.2))],
+    ids=["cross-entropy", "label smoothing"],
+)
+def test_the_losses_are_fastais_on_plain_tensors(ours: object, theirs: object) -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(32, 10, requires_grad=True), torch.randint(0, 10, (32,))
+    mine, fastais = ours(logits, target), theirs(logits, target)  # type: ignore[operator]
+    assert type(mine) is torch.Tensor and isinstance(fastais, TensorBase)
+    assert mine.item() == pytest.approx(fastais.item(), rel=1e-6)
+    (g_mine,) = torch.autograd.grad(mine, logits)
+    (g_fastai,) = torch.autograd.grad(fastais, logits)
+    torch.testing.assert_close(g_mine, g_fastai.as_subclass(torch.Tensor))
+    torch.testing.assert_close(ours.activation(logits), theirs.activation(logits))  # type: ignore[attr-defined]
+    assert torch.equal(ours.decodes(logits), theirs.decodes(logits))  # type: ignore[attr-defined]
+
+
+def test_mixup_mixes_the_plain_loss(small_splits: Splits) -> None:
+    """MixUp swaps in its own loss around ours (with reduction 'none'); a fit runs and its loss is finite."""
+    spec = parse_spec(tiny_spec(parameters={"lr": {"value": 5e-3}, "mixup": {"value": 0.4}, "label_smoothing": {"value": 0.1}}))
+    params = {**spec.fixed_params(), "batch_size": 64}
+    learn, name = build_learner(small_splits, params, CPU, "accuracy")
+    mixed: list[object] = []
+
+    class Look(Callback):
+        order = 90
+
+        def after_loss(self) -> None:
+            if self.training:
+                mixed.append(getattr(self.learn.loss_func, "__self__", None))
+                assert type(self.learn.loss) is torch.Tensor
+
+    result = fit(learn, params, EpochLog(name), [Look()])
+    assert mixed and all(isinstance(m, MixUp) for m in mixed)
+    assert result.epochs and torch.isfinite(torch.tensor(result.epochs[0].train_loss))
