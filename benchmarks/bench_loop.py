@@ -52,6 +52,7 @@ from torch import nn  # noqa: E402
 
 from kmnist_tune.contract.load import parse_spec  # noqa: E402
 from kmnist_tune.contract.spec import HalvingSpec  # noqa: E402
+from kmnist_tune.recipe import halving  # noqa: E402
 from kmnist_tune.recipe.halving import DivergenceGuard  # noqa: E402
 from kmnist_tune.training.splits import load_splits  # noqa: E402
 from kmnist_tune.training.train import EpochLog, ShareThreads, StopOnRequest, build_learner, fit  # noqa: E402
@@ -236,9 +237,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the loop, not the arithmetic)")
     ap.add_argument("--where", action="store_true", help="also print where the host reads are made")
+    ap.add_argument(
+        "--device-paths",
+        action="store_true",
+        help="run the code paths kmnist-tune takes on a GPU (the divergence guard's device sums, read a batch late) on the CPU",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device_paths:
+        halving.HOST_DEVICES = frozenset()  # the guard treats the CPU as it treats a GPU
     spec = parse_spec(
         {
             "name": "loop",
@@ -266,7 +274,8 @@ def main() -> None:
     base = results["bare PyTorch"]["us_per_batch"]
     n_train = len(splits.y_train)
     setup = f"{n_train} training images, batch {args.bs}, {args.epochs} epochs, {args.threads} thread(s)"
-    print(f"linear model, {setup}, torch {torch.__version__}")
+    paths = ", the GPU's code paths" if args.device_paths else ""
+    print(f"linear model, {setup}{paths}, torch {torch.__version__}")
     print(f"{'loop':<16} {'µs/batch':>9} {'x bare':>7} {'host reads/batch':>17}")
     for name, r in results.items():
         print(f"{name:<16} {r['us_per_batch']:>9.0f} {r['us_per_batch'] / base:>7.2f} {r['host_reads_per_batch']:>17.2f}")

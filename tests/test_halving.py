@@ -139,3 +139,121 @@ def test_a_restarted_attempt_does_not_re_report_steps(small_splits, tmp_path: Pa
     assert [(e["from_bs"], e["to_bs"]) for e in trial.user_attrs["halving_events"]] == [(32, 16)]
     assert set(trial.intermediate_values) == {1, 2}
     assert trial.intermediate_values[2] == pytest.approx(trial.value)
+
+
+# -- the guard's decisions on scripted losses, on both of its paths ---------------------------------
+
+
+def reference(losses: list[float], cfg, beta: float = 0.9):  # type: ignore[no-untyped-def]
+    """The rule as the README states it, checked at every batch on Python floats: (reason, detail,
+    batch) of the first divergence in one epoch of `losses`, or None."""
+    avg, low, after_warmup, smooth = 0.0, float("inf"), None, None
+    for i, loss in enumerate(losses):
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            return "non_finite", f"loss {loss} at batch {i}", i
+        n = i + 1  # every batch before a non-finite one was finite
+        avg = beta * avg + (1 - beta) * loss
+        smooth = avg / (1 - beta**n)
+        if n == cfg.warmup_batches:
+            after_warmup = smooth
+        if n > cfg.warmup_batches and smooth > cfg.blowup_factor * low:
+            return "blowup", f"smoothed loss {smooth:.3g} > {cfg.blowup_factor:g} x its minimum {low:.3g}", i
+        low = min(low, smooth)
+    if after_warmup is not None:
+        drop = 1 - smooth / after_warmup
+        if drop < cfg.trend_drop:
+            detail = f"first epoch lowered the smoothed loss by {drop:.1%} (< {cfg.trend_drop:.0%}) "
+            detail += f"from {after_warmup:.3g} to {smooth:.3g}"
+            return "no_trend", detail, len(losses) - 1
+    return None
+
+
+class Scripted:
+    """The part of a fastai Learner the guard reads: the loss, the phase, the epoch and the batch."""
+
+    def __init__(self) -> None:
+        self.training, self.epoch, self.iter, self.loss = True, 0, 0, None
+
+
+def guarded(losses: list[float], cfg, device_path: bool, monkeypatch):  # type: ignore[no-untyped-def]
+    """One epoch of `losses` through DivergenceGuard, as fastai calls it; (reason, detail, batch) or None."""
+    from kmnist_tune.recipe import halving
+
+    if device_path:  # the GPU's path (float64 tensors, values read a batch later), run on CPU tensors
+        monkeypatch.setattr(halving, "HOST_DEVICES", frozenset())
+    guard = halving.DivergenceGuard(cfg)
+    guard.learn = Scripted()  # type: ignore[assignment]
+    guard.before_fit()
+    try:
+        for i, loss in enumerate(losses):
+            guard.learn.iter, guard.learn.loss = i, torch.tensor(loss, dtype=torch.float32)
+            guard.after_loss()
+        guard.before_validate()
+    except halving.Diverged as d:
+        assert d.epoch == 0
+        return d.reason, d.detail, d.batch
+    return None
+
+
+def f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _by_a_hair(falling: list[float], at: int) -> tuple[list[float], list[float]]:
+    """Two scripts that differ only in the loss at batch `at`, by one float32 step: with the larger
+    the rule's smoothed loss is just above 4x its minimum there, with the smaller just below it."""
+    from kmnist_tune.contract.spec import HalvingSpec
+
+    def blows(v: float) -> bool:
+        found = reference([*falling[:at], v], HalvingSpec())
+        return found is not None and found[0] == "blowup"
+
+    lo, hi = 0.0, 400.0
+    while True:
+        mid = f32((lo + hi) / 2)
+        if mid in (lo, hi):
+            break
+        lo, hi = (lo, mid) if blows(mid) else (mid, hi)
+    assert blows(hi) and not blows(lo)
+    return [*falling[:at], hi, *falling[at + 1 :]], [*falling[:at], lo, *falling[at + 1 :]]
+
+
+def _scripts() -> dict[str, list[float]]:
+    torch.manual_seed(3)
+    falling = [f32(2.3 * 0.97**i + 0.05 * float(torch.rand(()))) for i in range(40)]
+    above, below = _by_a_hair(falling, 25)
+    return {
+        "falling": falling,  # no divergence
+        "nan mid-epoch": falling[:17] + [float("nan")] + falling[18:],
+        "inf at the last batch": falling[:-1] + [float("inf")],
+        "spike after the warm-up": falling[:25] + [60.0, 80.0] + falling[27:],
+        "spike at the last warm-up batch": falling[:9] + [400.0] + falling[10:],  # watched from the next batch on
+        "spike in the warm-up": [30.0 if i in (3, 4) else x for i, x in enumerate(falling)],
+        "blowup by a hair": above,
+        "no blowup by a hair": below,
+        "flat": [f32(2.3 + 0.01 * float(torch.rand(()))) for _ in range(40)],
+        "just under the trend drop": [f32(2.3 * 0.9985**i) for i in range(40)],
+    }
+
+
+@pytest.mark.parametrize("name", list(_scripts()))
+@pytest.mark.parametrize("device_path", [False, True], ids=["host floats", "device tensors"])
+def test_the_guard_decides_as_the_rule_at_every_batch(name: str, device_path: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Read a batch late, or on the device, the guard raises for the same batch, for the same
+    reason, with the same numbers in its detail as the rule checked at once on Python floats."""
+    from kmnist_tune.contract.spec import HalvingSpec
+
+    losses = _scripts()[name]  # float32 values, what a float32 loss holds
+    cfg = HalvingSpec()
+    expected = reference(losses, cfg)
+    assert guarded(losses, cfg, device_path, monkeypatch) == expected
+    reason = expected[0] if expected else None
+    wanted = {"falling": None, "nan mid-epoch": "non_finite", "inf at the last batch": "non_finite",
+              "spike after the warm-up": "blowup", "spike at the last warm-up batch": "blowup",
+              "blowup by a hair": "blowup", "flat": "no_trend", "just under the trend drop": "no_trend"}  # fmt: skip
+    if name in wanted:  # the scripts reach the branches they are named for
+        assert reason == wanted[name], expected
+    if name == "spike at the last warm-up batch":
+        assert expected is not None and expected[2] == 10  # not at batch 9, the warm-up's last
+    if name == "no blowup by a hair":
+        assert reason != "blowup" or expected[2] != 25  # type: ignore[index]

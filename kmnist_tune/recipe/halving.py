@@ -36,6 +36,15 @@ class DivergenceGuard(Callback):
     - blowup: after `warmup_batches`, the smoothed loss above `blowup_factor` x its running minimum;
     - no_trend: at the end of the first epoch, the smoothed loss has not fallen by at least
       `trend_drop` (a fraction) from where it stood after the warm-up.
+
+    On a GPU the host never waits for the guard mid-epoch: the smoothing runs on the device, and
+    each batch's values go to the host in a non-blocking copy that is read at the next batch (and at
+    the end of the training part of each epoch). A divergence is then raised one batch later than it
+    happens, naming that batch and its values: the same triggers and the same recorded events as a
+    check made at once (the attempt that diverged is thrown away either way). The device sums are
+    float64, the same arithmetic as Python's floats, so every threshold compares the same numbers
+    (float32 on MPS, which has no float64). On a CPU, where reading the loss waits for nothing,
+    the sums are Python floats and the values are ready at once.
     """
 
     order = 5  # before Recorder: a diverged batch must not reach the metrics
@@ -45,43 +54,102 @@ class DivergenceGuard(Callback):
         self.beta = 0.9  # smoothing of the loss; short memory so a real spike shows within a few batches
 
     def before_fit(self) -> None:
-        self.n, self.avg, self.smooth_min = 0, 0.0, math.inf
-        self.after_warmup: float | None = None
         self.lr_finding = hasattr(self.learn, "lr_finder")  # lr_find drives the loss up on purpose
+        self.n = 0
+        # Python floats on a CPU, 0-d tensors on the loss's device elsewhere.
+        self.avg: Any = None  # the running sum (unbiased by 1 - beta**n)
+        self.smooth_min: Any = None
+        self.after_warmup: Any = None
+        self.last_smooth: Any = None
+        self._pending: _HostCopy | None = None
 
     def after_loss(self) -> None:
         if not self.training or self.lr_finding:
             return
-        loss = float(self.loss.detach())
-        if not math.isfinite(loss):
-            raise Diverged("non_finite", f"loss {loss} at batch {self.iter}", self.epoch, self.iter)
+        self._check()  # the batch before this one
+        on_host = self.loss.device.type in HOST_DEVICES
+        if on_host:
+            loss: Any = float(self.loss.detach())
+        else:
+            loss = self.loss.detach().reshape(()).to(_SUM_DTYPE.get(self.loss.device.type, torch.float64))
+        if self.avg is None:
+            self.avg, self.smooth_min = (0.0, math.inf) if on_host else (torch.zeros_like(loss), torch.full_like(loss, math.inf))
         self.n += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        # Two products and a sum, each rounded, as `beta * avg + (1 - beta) * loss` on Python floats.
+        self.avg = self.avg * self.beta + loss * (1 - self.beta)
         smooth = self.avg / (1 - self.beta**self.n)
         if self.n == self.cfg.warmup_batches:
             self.after_warmup = smooth
-        if self.n > self.cfg.warmup_batches and smooth > self.cfg.blowup_factor * self.smooth_min:
-            raise Diverged(
-                "blowup",
-                f"smoothed loss {smooth:.3g} > {self.cfg.blowup_factor:g} x its minimum {self.smooth_min:.3g}",
-                self.epoch,
-                self.iter,
-            )
-        self.smooth_min = min(self.smooth_min, smooth)
+        watched = self.n > self.cfg.warmup_batches
+        self._pending = _HostCopy((loss, smooth, self.smooth_min), watched, self.epoch, self.iter)
+        self.smooth_min = min(self.smooth_min, smooth) if on_host else torch.minimum(self.smooth_min, smooth)
         self.last_smooth = smooth
 
-    def before_validate(self) -> None:
-        if self.lr_finding or self.epoch != 0 or self.after_warmup is None:
+    def _check(self) -> None:
+        """Raise for the batch whose values were sent to the host last, if they diverged."""
+        if self._pending is None:
             return
-        drop = 1 - self.last_smooth / self.after_warmup
+        pending, self._pending = self._pending, None
+        loss, smooth, smooth_min = pending.values()
+        if not math.isfinite(loss):
+            raise Diverged("non_finite", f"loss {loss} at batch {pending.batch}", pending.epoch, pending.batch)
+        if pending.watched and smooth > self.cfg.blowup_factor * smooth_min:
+            raise Diverged(
+                "blowup",
+                f"smoothed loss {smooth:.3g} > {self.cfg.blowup_factor:g} x its minimum {smooth_min:.3g}",
+                pending.epoch,
+                pending.batch,
+            )
+
+    def before_validate(self) -> None:
+        if self.lr_finding:
+            return
+        self._check()  # the epoch's last batch
+        if self.epoch != 0 or self.after_warmup is None or self.last_smooth is None:
+            return
+        last, after_warmup = float(self.last_smooth), float(self.after_warmup)  # once an epoch
+        drop = 1 - last / after_warmup
         if drop < self.cfg.trend_drop:
             raise Diverged(
                 "no_trend",
                 f"first epoch lowered the smoothed loss by {drop:.1%} (< {self.cfg.trend_drop:.0%}) "
-                f"from {self.after_warmup:.3g} to {self.last_smooth:.3g}",
+                f"from {after_warmup:.3g} to {last:.3g}",
                 self.epoch,
                 self.iter,
             )
+
+
+# Devices whose losses the guard reads at once, into Python floats (reading waits for nothing there).
+HOST_DEVICES = frozenset({"cpu"})
+# The dtype of the device-side sums: float64 (Python's floats), where the device has it.
+_SUM_DTYPE = {"mps": torch.float32}
+
+
+class _HostCopy:
+    """A batch's (loss, smoothed loss, minimum before it) on their way to the host: from CUDA a
+    non-blocking copy into pinned memory and an event after it, which the next batch's read finds
+    long passed; from other devices a plain copy; Python floats as they are."""
+
+    def __init__(self, vals: tuple[Any, Any, Any], watched: bool, epoch: int, batch: int):
+        self.watched, self.epoch, self.batch = watched, epoch, batch
+        self._event: torch.cuda.Event | None = None
+        self._floats: list[float] | None = None
+        if isinstance(vals[0], torch.Tensor):
+            device = torch.stack(vals)
+            self._host = torch.empty(device.shape, dtype=device.dtype, pin_memory=device.is_cuda)
+            self._host.copy_(device, non_blocking=device.is_cuda)
+            if device.is_cuda:
+                self._event = torch.cuda.Event()
+                self._event.record()
+        else:
+            self._floats = [float(v) for v in vals]
+
+    def values(self) -> list[float]:
+        if self._floats is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._floats = [float(x) for x in self._host.tolist()]
+        return self._floats
 
 
 def is_oom(e: BaseException) -> bool:
