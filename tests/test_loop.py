@@ -137,3 +137,23 @@ def test_mixup_mixes_the_plain_loss(small_splits: Splits) -> None:
     result = fit(learn, params, EpochLog(name), [Look()])
     assert mixed and all(isinstance(m, MixUp) for m in mixed)
     assert result.epochs and torch.isfinite(torch.tensor(result.epochs[0].train_loss))
+
+
+def test_the_smoothed_loss_is_fastais_kept_where_the_loss_is(small_splits: Splits) -> None:
+    from types import SimpleNamespace
+
+    from fastai.learner import AvgSmoothLoss
+
+    from kmnist_tune.training.train import DeviceSmoothLoss
+
+    learn, _ = build_learner(small_splits, parse_spec(tiny_spec()).fixed_params(), CPU, "accuracy")
+    assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss) and learn.recorder.smooth_loss.beta == 0.98
+    theirs, ours = AvgSmoothLoss(), DeviceSmoothLoss()
+    torch.manual_seed(0)
+    for _ in range(50):
+        batch = SimpleNamespace(loss=torch.rand(32) * 3)  # what fastai's Recorder hands the metric
+        theirs.accumulate(batch)
+        ours.accumulate(batch)
+        assert ours.value.item() == theirs.value.item()  # the same float32 lerp, bit for bit
+    ours.reset()
+    assert ours.count == 0 and ours.val.item() == 0.0

@@ -17,7 +17,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, event
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, steep, valley
-from fastai.learner import Learner
+from fastai.learner import AvgSmoothLoss, Learner
 from fastai.metrics import BalancedAccuracy, accuracy
 
 from ..contract.records import EpochRecord
@@ -129,6 +129,22 @@ class TrialLearner(Learner):
         return {k: v for k, v in super().__getstate__().items() if k != "_kt_dispatch"}
 
 
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss (the Recorder's `train_loss`), kept where the loss is.
+
+    fastai's AvgSmoothLoss moves every batch's loss to the host (`to_detach`, `.cpu()`) before it
+    averages it, which on a GPU makes the host wait for the device at every batch; the same lerp on
+    the device is read once an epoch, when the Recorder logs it. (No `maybe_gather`: trials train on
+    one device.)"""
+
+    def accumulate(self, learn: Learner) -> None:
+        self.count += 1
+        loss = learn.loss.mean().detach()
+        if self.val.device != loss.device:  # reset() puts it on the host, once a fit
+            self.val = self.val.to(loss.device)
+        self.val = torch.lerp(loss, self.val, self.beta)
+
+
 def metric_for(metric: str) -> tuple[Any | None, str]:
     """The fastai metric object and the name fastai's Recorder logs it under."""
     if metric == "balanced_accuracy":
@@ -180,6 +196,7 @@ def build_learner(
         model_dir="models",
     )
     learn.logger = _quiet  # without fastprogress, Recorder would print raw metric lists
+    learn.recorder.smooth_loss = DeviceSmoothLoss(beta=learn.recorder.smooth_loss.beta)
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)  # our own progress display replaces fastprogress's
     if perf.precision == "bf16":
