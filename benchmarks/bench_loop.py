@@ -178,6 +178,11 @@ class Mark(Callback):
             self.learn.yb = tuple(map(self.phase.mark, self.yb))
 
 
+def marks(phase: Phase) -> list[Callback]:
+    """The Mark callback in counting runs only: in timed runs the bare loop marks nothing either."""
+    return [Mark(phase)] if phase.reads is not None else []
+
+
 def linear() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
@@ -188,7 +193,7 @@ def ours(splits: Any, params: dict[str, Any], phase: Phase) -> None:
     learn.model = linear()
     # What every attempt of a trial adds (recipe/objective.py), checkpoints aside.
     trial_cbs = [DivergenceGuard(HalvingSpec()), StopOnRequest(lambda: False), ShareThreads(torch.get_num_threads)]
-    cbs = [Probe(phase), Mark(phase), *trial_cbs]
+    cbs = [Probe(phase), *marks(phase), *trial_cbs]
     fit(learn, params, EpochLog(name), cbs)
 
 
@@ -197,7 +202,7 @@ def fastai_default(splits: Any, params: dict[str, Any], phase: Phase) -> None:
     # The loss fastai infers for category labels (these loaders carry no fastai types to infer it from).
     learn = Learner(dls, linear(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        learn.fit_one_cycle(int(params["epochs"]), float(params["lr"]), cbs=[Probe(phase), Mark(phase)])
+        learn.fit_one_cycle(int(params["epochs"]), float(params["lr"]), cbs=[Probe(phase), *marks(phase)])
 
 
 def bare(splits: Any, params: dict[str, Any], phase: Phase) -> None:

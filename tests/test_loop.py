@@ -14,9 +14,10 @@ from fastai.torch_core import TensorBase
 
 from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.recipe.halving import DivergenceGuard
+from kmnist_tune.training.loop import TrialLearner
 from kmnist_tune.training.optim import CrossEntropy, LabelSmoothingCrossEntropy
 from kmnist_tune.training.splits import Splits
-from kmnist_tune.training.train import EpochLog, StopOnRequest, TrialLearner, build_learner, fit
+from kmnist_tune.training.train import EpochLog, StopOnRequest, build_learner, fit
 
 CPU = torch.device("cpu")
 
@@ -144,7 +145,7 @@ def test_the_smoothed_loss_is_fastais_kept_where_the_loss_is(small_splits: Split
 
     from fastai.learner import AvgSmoothLoss
 
-    from kmnist_tune.training.train import DeviceSmoothLoss
+    from kmnist_tune.training.loop import DeviceSmoothLoss
 
     learn, _ = build_learner(small_splits, parse_spec(tiny_spec()).fixed_params(), CPU, "accuracy")
     assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss) and learn.recorder.smooth_loss.beta == 0.98
@@ -157,3 +158,50 @@ def test_the_smoothed_loss_is_fastais_kept_where_the_loss_is(small_splits: Split
         assert ours.value.item() == theirs.value.item()  # the same float32 lerp, bit for bit
     ours.reset()
     assert ours.count == 0 and ours.val.item() == 0.0
+
+
+def test_the_trial_callbacks_record_what_fastais_record(small_splits: Splits) -> None:
+    """TrialTrainEval and TrialRecorder (with DeviceSmoothLoss), in the place of fastai's
+    TrainEvalCallback, Recorder and CastToTensor: the same fit records the same numbers, bit for bit."""
+    from fastai.callback.core import TrainEvalCallback
+    from fastai.callback.progress import ProgressCallback
+    from fastai.learner import CastToTensor, Recorder
+
+    from kmnist_tune.training.loop import TrialRecorder, TrialTrainEval
+
+    spec = parse_spec(tiny_spec(parameters={"lr": {"value": 5e-3}, "epochs": {"value": 2}, "optimizer": {"value": "sgd"}}))
+    params = spec.fixed_params()
+    ours, _ = build_learner(small_splits, params, CPU, "accuracy")
+    built, _ = build_learner(small_splits, params, CPU, "accuracy")  # the same seed: the same initial model
+    theirs = Learner(built.dls, built.model, loss_func=built.loss_func, opt_func=built.opt_func, metrics=built.metrics)
+    theirs.logger = ours.logger
+    theirs.remove_cb(ProgressCallback)  # a display only; build_learner takes it out too
+    kinds = {type(cb) for cb in theirs.cbs}
+    assert {TrainEvalCallback, Recorder, CastToTensor} <= kinds
+    assert {TrialTrainEval, TrialRecorder} <= {type(cb) for cb in ours.cbs} and CastToTensor not in {type(cb) for cb in ours.cbs}
+    assert ours.recorder is ours.cbs.filter(lambda cb: isinstance(cb, TrialRecorder))[0] and ours.train_eval
+    for learn in (ours, theirs):
+        torch.manual_seed(0)  # the same dropout draws
+        learn.fit(2, float(params["lr"]), wd=float(params["weight_decay"]))
+    r_ours, r_theirs = ours.recorder, theirs.recorder
+    assert len(r_ours.losses) == 20
+    assert [float(x) for x in r_ours.losses] == [float(x) for x in r_theirs.losses]
+    assert r_ours.lrs == r_theirs.lrs and r_ours.iters == r_theirs.iters
+    assert list(r_ours.metric_names) == list(r_theirs.metric_names)
+    assert [[float(v) for v in row] for row in r_ours.values] == [[float(v) for v in row] for row in r_theirs.values]
+    assert (ours.train_iter, ours.pct_train) == (theirs.train_iter, theirs.pct_train)
+
+
+def test_the_one_cycle_phases_are_fastais_schedule() -> None:
+    from fastai.callback.schedule import combined_cos
+
+    from kmnist_tune.training.optim import Phases, one_cycle_scheduler
+
+    for pct in (0.25, 0.3, 0.1):
+        sched = one_cycle_scheduler(1e-2, pct, (0.95, 0.85, 0.95)).scheds
+        fastai_lr, fastai_mom = combined_cos(pct, 1e-2 / 25, 1e-2, 1e-2 / 1e5), combined_cos(pct, 0.95, 0.85, 0.95)
+        for i in range(1000):
+            pos = i / 1000
+            assert sched["lr"](pos) == pytest.approx(float(fastai_lr(pos)), rel=1e-6, abs=1e-8), (pct, pos)
+            assert sched["mom"](pos) == pytest.approx(float(fastai_mom(pos)), rel=1e-6), (pct, pos)
+    assert isinstance(sched["lr"], Phases)

@@ -365,6 +365,10 @@ class PerformanceSpec(_Strict):
     channels_last: Literal["auto", True, False] = "auto"
     cudnn_benchmark: bool = True
     compile: bool = Field(default=False, description="wrap the model in torch.compile")
+    optimizer: Literal["torch", "fastai"] = Field(
+        default="torch",
+        description="torch: PyTorch's fused (CUDA) or foreach (CPU) Adam/SGD behind fastai's OptimWrapper; fastai: its own",
+    )
 
 
 class WorkersSpec(_Strict):

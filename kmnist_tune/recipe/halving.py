@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback
 
 from ..contract.records import HalvingEvent
 from ..contract.spec import HalvingSpec
 from ..errors import one_line
+from ..training.loop import TrialCallback
 
 
 class Diverged(Exception):
@@ -29,7 +29,7 @@ class Diverged(Exception):
         self.reason, self.detail, self.epoch, self.batch = reason, detail, epoch, batch
 
 
-class DivergenceGuard(Callback):
+class DivergenceGuard(TrialCallback):
     """Watches the raw and smoothed training loss and raises `Diverged` when training goes wrong.
 
     - non_finite: a NaN/inf loss at any batch;
@@ -64,14 +64,15 @@ class DivergenceGuard(Callback):
         self._pending: _HostCopy | None = None
 
     def after_loss(self) -> None:
-        if not self.training or self.lr_finding:
+        learn = self.learn
+        if not learn.training or self.lr_finding:
             return
         self._check()  # the batch before this one
-        on_host = self.loss.device.type in HOST_DEVICES
+        on_host = learn.loss.device.type in HOST_DEVICES
         if on_host:
-            loss: Any = float(self.loss.detach())
+            loss: Any = float(learn.loss.detach())
         else:
-            loss = self.loss.detach().reshape(()).to(_SUM_DTYPE.get(self.loss.device.type, torch.float64))
+            loss = learn.loss.detach().reshape(()).to(_SUM_DTYPE.get(learn.loss.device.type, torch.float64))
         if self.avg is None:
             self.avg, self.smooth_min = (0.0, math.inf) if on_host else (torch.zeros_like(loss), torch.full_like(loss, math.inf))
         self.n += 1
@@ -81,7 +82,7 @@ class DivergenceGuard(Callback):
         if self.n == self.cfg.warmup_batches:
             self.after_warmup = smooth
         watched = self.n > self.cfg.warmup_batches
-        self._pending = _HostCopy((loss, smooth, self.smooth_min), watched, self.epoch, self.iter)
+        self._pending = _HostCopy((loss, smooth, self.smooth_min), watched, learn.epoch, learn.iter)
         self.smooth_min = min(self.smooth_min, smooth) if on_host else torch.minimum(self.smooth_min, smooth)
         self.last_smooth = smooth
 

@@ -22,6 +22,8 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 
+from .optim import optimizer_label
+
 FORMAT = 1
 
 
@@ -70,6 +72,7 @@ def save_checkpoint(learn: Learner, folder: Path, epoch: int, meta: dict[str, An
         "n_epochs": learn.n_epoch,
         "batch_size": learn.dls.train.bs,
         "loader_epoch": getattr(learn.dls.train, "_epoch", epoch + 1),
+        "optimizer": optimizer_label(learn.opt),
         "rng": _rng_state(),
         "torch": torch.__version__,
         **meta,
@@ -88,6 +91,13 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def load_checkpoint(learn: Learner, weights: Path, info: dict[str, Any]) -> int:
     """Put `learn` where the checkpoint left it; returns the epoch to start from."""
+    if learn.opt is None:
+        learn.create_opt()
+    # fastai's load only warns when the optimizer's state does not fit: refuse instead (a state of
+    # fastai's optimizer does not load into PyTorch's, nor the other way round).
+    saved, ours = info.get("optimizer", "fastai"), optimizer_label(learn.opt)
+    if saved != ours:
+        raise ValueError(f"its optimizer state is {saved}'s and this trial's optimizer is {ours}")
     learn.load(weights.resolve().with_suffix(""), with_opt=True, strict=True)  # fastai loads weights_only
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(info["rng"]["torch"]), dtype=np.uint8).copy()))
     kind, keys, pos, has_gauss, gauss = info["rng"]["numpy"]

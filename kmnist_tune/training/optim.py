@@ -10,10 +10,13 @@ from typing import Any
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.schedule import SchedCos
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
 
 from ..contract.spec import OPTIMIZERS, PARAMETERS
+from .loop import TrialScheduler
+from .torch_optim import TorchOptimizer
 
 # The spec's names -> fastai's optimizer functions (ranger is fastai's RAdam + Lookahead).
 OPT_FUNCS = {"adam": Adam, "sgd": SGD, "rmsprop": RMSProp, "lamb": Lamb, "ranger": ranger}
@@ -28,14 +31,33 @@ def knob(params: dict[str, Any], name: str) -> Any:
     return params.get(name, PARAMETERS[name]["default"])
 
 
-def opt_func(params: dict[str, Any]) -> Any:
-    """fastai's optimizer for this trial, with `momentum` as fastai's `mom` (Adam's beta1) and
-    `beta2` as its `sqr_mom` (SGD has no second moment)."""
+def uses_torch_optimizer(params: dict[str, Any], impl: str = "torch") -> bool:
+    """Whether this trial's optimizer is PyTorch's multi-tensor one (training/torch_optim.py) rather
+    than fastai's own: with `performance.optimizer: torch` (the default), for Adam and SGD, and for
+    RMSProp without momentum. fastai's RMSProp applies momentum to the raw gradient and PyTorch's to
+    the normalised step, two different optimizers; LAMB and ranger have no PyTorch counterpart."""
+    name = knob(params, "optimizer")
+    if impl != "torch":
+        return False
+    return name in ("adam", "sgd") or (name == "rmsprop" and float(knob(params, "momentum")) == 0)
+
+
+def opt_func(params: dict[str, Any], impl: str = "torch") -> Any:
+    """The optimizer for this trial, with `momentum` as fastai's `mom` (Adam's beta1) and `beta2` as its
+    `sqr_mom` (SGD has no second moment): PyTorch's fused/foreach one where `uses_torch_optimizer`,
+    else fastai's."""
     name = knob(params, "optimizer")
     hypers: dict[str, float] = {"mom": float(knob(params, "momentum"))}
     if name != "sgd":
         hypers["sqr_mom"] = float(knob(params, "beta2"))
+    if uses_torch_optimizer(params, impl):
+        return partial(TorchOptimizer, kind=name, **hypers)
     return partial(OPT_FUNCS[name], **hypers)
+
+
+def optimizer_label(opt: Any) -> str:
+    """Which implementation a Learner's optimizer is, as checkpoints record it: their states differ."""
+    return f"torch.{type(opt.opt).__name__}" if isinstance(opt, TorchOptimizer) else "fastai"
 
 
 class _PlainTensors:
@@ -48,7 +70,11 @@ class _PlainTensors:
     axis: int
 
     def _contiguous(self, x: Any) -> Any:
-        return x.transpose(self.axis, -1).contiguous() if isinstance(x, torch.Tensor) else x
+        if not isinstance(x, torch.Tensor):
+            return x
+        if self.axis in (-1, x.dim() - 1):  # fastai's transpose of the last axis with itself is a no-op
+            return x.contiguous()
+        return x.transpose(self.axis, -1).contiguous()
 
 
 class CrossEntropy(_PlainTensors, CrossEntropyLossFlat):
@@ -74,3 +100,31 @@ def mixing_callbacks(params: dict[str, Any]) -> list[Callback]:
 def moms(params: dict[str, Any]) -> tuple[float, float, float]:
     top = float(knob(params, "momentum"))
     return top, top * MOM_DIP, top
+
+
+class Phases:
+    """fastai's `combine_scheds` for two phases (what `fit_one_cycle`'s `combined_cos` builds), with the
+    phase picked by one comparison: fastai's finds it with five tensor ops per call, two calls a batch,
+    on the host (a tenth of the loop's own time on a small model, benchmarks/bench_loop.py). The
+    phases are fastai's own schedule functions; the positions agree with fastai's to float32 rounding
+    (fastai computes them in float32 tensors)."""
+
+    def __init__(self, pct: float, first: Any, second: Any):
+        self.pct, self.first, self.second = float(pct), first, second
+
+    def __call__(self, pos: float) -> float:
+        if pos < self.pct:
+            return float(self.first(pos / self.pct))
+        return float(self.second((pos - self.pct) / (1 - self.pct) if self.pct < 1 else 1.0))
+
+
+def one_cycle_scheduler(lr_max: float, pct_start: float, moms: tuple[float, float, float]) -> Callback:
+    """fastai's one-cycle `ParamScheduler` (as loop.TrialScheduler) as `fit_one_cycle` makes it (cosine warm-up of the lr from
+    lr_max/25 for `pct_start`, cosine decay to lr_max/1e5; momentum the other way), on `Phases`."""
+    div, div_final = 25.0, 1e5  # fit_one_cycle's defaults
+    return TrialScheduler(
+        {
+            "lr": Phases(pct_start, SchedCos(lr_max / div, lr_max), SchedCos(lr_max, lr_max / div_final)),
+            "mom": Phases(pct_start, SchedCos(moms[0], moms[1]), SchedCos(moms[1], moms[2])),
+        }
+    )

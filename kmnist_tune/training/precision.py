@@ -25,10 +25,11 @@ class Performance:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     compile: bool = False
+    optimizer: str = "torch"  # "torch" (PyTorch's fused/foreach where it matches fastai's) | "fastai"
 
     def describe(self) -> str:
         flags = [self.precision] + [n for n in ("channels_last", "cudnn_benchmark", "compile") if getattr(self, n)]
-        return "+".join(flags)
+        return "+".join(flags + (["fastai_optimizer"] if self.optimizer == "fastai" else []))
 
 
 def resolve_performance(spec: Any, device: torch.device) -> Performance:
@@ -46,6 +47,9 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         precision = "bf16" if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    optimizer = opt("optimizer", "torch")
+    if optimizer not in ("torch", "fastai"):
+        raise ValueError(f"unknown optimizer implementation {optimizer!r}; use torch or fastai")
     channels_last = opt("channels_last", "auto")
     channels_last = cuda if channels_last == "auto" else bool(channels_last)
     return Performance(
@@ -53,6 +57,7 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         channels_last=channels_last,
         cudnn_benchmark=cuda and bool(opt("cudnn_benchmark", True)),
         compile=bool(opt("compile", False)),
+        optimizer=optimizer,
     )
 
 

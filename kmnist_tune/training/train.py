@@ -14,10 +14,10 @@ from typing import Any
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and lr_find)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelFitException, event
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, steep, valley
-from fastai.learner import AvgSmoothLoss, Learner
+from fastai.learner import Learner
 from fastai.metrics import BalancedAccuracy, accuracy
 
 from ..contract.records import EpochRecord
@@ -25,8 +25,9 @@ from ..contract.spec import LR_FIND_ITERATIONS
 from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
+from .loop import TrialCallback, TrialLearner, use_trial_callbacks
 from .model import build_model
-from .optim import knob, loss_func, mixing_callbacks, moms, opt_func
+from .optim import knob, loss_func, mixing_callbacks, moms, one_cycle_scheduler, opt_func
 from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
 from .splits import Splits
 
@@ -41,7 +42,7 @@ class FitResult:
         return self.epochs[-1].metric if self.epochs else float("nan")
 
 
-class EpochLog(Callback):
+class EpochLog(TrialCallback):
     """Collects per-epoch metrics and timing after fastai's Recorder has filled its log,
     and hands each epoch to `on_epoch` (progress display, Optuna reports, pruning)."""
 
@@ -61,10 +62,11 @@ class EpochLog(Callback):
         self._seen = 0
 
     def after_batch(self) -> None:
-        if self.training:
-            self._seen += int(self.xb[0].shape[0])
+        learn = self.learn
+        if learn.training:
+            self._seen += int(learn.xb[0].shape[0])
             if self.on_batch is not None:
-                self.on_batch(self.iter + 1, self.n_iter)
+                self.on_batch(learn.iter + 1, learn.n_iter)
 
     def before_validate(self) -> None:
         self._train_s = time.perf_counter() - self._t0
@@ -89,60 +91,6 @@ class EpochLog(Callback):
         if self.on_epoch is not None and self.on_epoch(rec) is False:
             self.result.cancelled = True
             raise CancelFitException()
-
-
-class TrialLearner(Learner):
-    """fastai's Learner, with the same events dispatched in less time.
-
-    fastai's `Learner._call_one` sorts every callback by order and calls each one for each of the
-    dozen events of a batch, whether or not it handles that event; with a model small enough, or a
-    GPU fast enough, those ~130 calls a batch (each resolving attributes through fastcore's
-    `GetAttr`) set the pace (benchmarks/bench_loop.py). Here the callbacks that define an event are
-    listed once per event and set of callbacks, in fastai's order, and called through their own
-    `Callback.__call__` as fastai calls them (run flags, train/valid filtering, exception wrapping
-    unchanged). `after_fit` still reaches every callback: fastai resets each one's `run` there."""
-
-    def __call__(self, event_name: Any) -> None:
-        # fastai wraps every event name in a fastcore list and maps over it; one name needs neither.
-        if isinstance(event_name, str):
-            self._call_one(event_name)
-        else:
-            super().__call__(event_name)
-
-    def _call_one(self, event_name: str) -> None:
-        if event_name == "after_fit":
-            self._kt_dispatch = {}  # the fit's own callbacks are removed after it: forget them
-            super()._call_one(event_name)
-            return
-        dispatch = self.__dict__.setdefault("_kt_dispatch", {})
-        key = (event_name, tuple(map(id, self.cbs)))
-        cbs = dispatch.get(key)
-        if cbs is None:
-            if not hasattr(event, event_name):
-                raise Exception(f"missing {event_name}")  # fastai's own check and message
-            cbs = dispatch[key] = [cb for cb in self.cbs.sorted("order") if hasattr(cb, event_name)]
-        for cb in cbs:
-            cb(event_name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # learn.export pickles the Learner: not the callbacks a dispatch list holds on to.
-        return {k: v for k, v in super().__getstate__().items() if k != "_kt_dispatch"}
-
-
-class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss (the Recorder's `train_loss`), kept where the loss is.
-
-    fastai's AvgSmoothLoss moves every batch's loss to the host (`to_detach`, `.cpu()`) before it
-    averages it, which on a GPU makes the host wait for the device at every batch; the same lerp on
-    the device is read once an epoch, when the Recorder logs it. (No `maybe_gather`: trials train on
-    one device.)"""
-
-    def accumulate(self, learn: Learner) -> None:
-        self.count += 1
-        loss = learn.loss.mean().detach()
-        if self.val.device != loss.device:  # reset() puts it on the host, once a fit
-            self.val = self.val.to(loss.device)
-        self.val = torch.lerp(loss, self.val, self.beta)
 
 
 def metric_for(metric: str) -> tuple[Any | None, str]:
@@ -190,13 +138,13 @@ def build_learner(
         dls,
         model,
         loss_func=loss_func(params),
-        opt_func=opt_func(params),
+        opt_func=opt_func(params, perf.optimizer),
         metrics=[m] if m is not None else [],
         path=Path(tempfile.gettempdir()) / "kmnist-tune",
         model_dir="models",
     )
     learn.logger = _quiet  # without fastprogress, Recorder would print raw metric lists
-    learn.recorder.smooth_loss = DeviceSmoothLoss(beta=learn.recorder.smooth_loss.beta)
+    use_trial_callbacks(learn)
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)  # our own progress display replaces fastprogress's
     if perf.precision == "bf16":
@@ -218,15 +166,15 @@ def fit(
     n, lr, wd = int(params["epochs"]), float(params["lr"]), float(params["weight_decay"])
     cbs = [log, *mixing_callbacks(params), *extra_cbs]
     if knob(params, "one_cycle"):
-        learn.fit_one_cycle(
-            n, lr, wd=wd, pct_start=float(params["pct_start"]), moms=moms(params), cbs=cbs, start_epoch=start_epoch
-        )
+        # fastai's fit_one_cycle, with its scheduler on optim.Phases (same curves, fewer host ops)
+        sched = one_cycle_scheduler(lr, float(params["pct_start"]), moms(params))
+        learn.fit(n, lr, wd=wd, cbs=[sched, *cbs], start_epoch=start_epoch)
     else:
         learn.fit(n, lr, wd=wd, cbs=cbs, start_epoch=start_epoch)
     return log.result
 
 
-class ShareThreads(Callback):
+class ShareThreads(TrialCallback):
     """Before every epoch, sets torch's CPU threads to `threads()`: this process's share of the cores
     (service/cpu_share.py), which changes as other training processes on the host come and go."""
 
@@ -241,7 +189,7 @@ class ShareThreads(Callback):
             torch.set_num_threads(n)
 
 
-class StopOnRequest(Callback):
+class StopOnRequest(TrialCallback):
     """Ends training at the next batch once `requested()` says so (the worker got SIGINT/SIGTERM)."""
 
     order = 1
@@ -254,14 +202,14 @@ class StopOnRequest(Callback):
             raise Interrupted("stop requested")
 
 
-class IterationCount(Callback):
+class IterationCount(TrialCallback):
     """Calls `on_iter(done, total)` after every training batch of an LR-finder run."""
 
     def __init__(self, total: int, on_iter: Callable[[int, int], None]):
         self.total, self.on_iter, self.done = total, on_iter, 0
 
     def after_batch(self) -> None:
-        if self.training:
+        if self.learn.training:
             self.done += 1
             self.on_iter(min(self.done, self.total), self.total)
 

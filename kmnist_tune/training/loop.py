@@ -1,0 +1,228 @@
+"""The training loop's fast paths: fastai's Learner, Recorder and callbacks doing the same work per
+batch in less host time, and reading nothing back from the device.
+
+On a small model, or a GPU fast enough, fastai's own per-batch Python sets a trial's pace
+(benchmarks/bench_loop.py): callback dispatch through fastcore's `GetAttr`, lists made per batch,
+attribute writes that first ask the Learner whether they shadow one of its names, and losses read
+back to the host. Each class here keeps fastai's behaviour and says what it changes and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fastai.callback.core import (
+    Callback,
+    CancelBackwardException,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelStepException,
+    CancelTrainException,
+    CancelValidException,
+    TrainEvalCallback,
+    _inner_loop,
+    event,
+)
+from fastai.callback.schedule import ParamScheduler
+from fastai.learner import AvgSmoothLoss, CastToTensor, Learner, Recorder
+from fastcore.xtras import modify_exception
+
+_CANCELS = (
+    CancelBatchException,
+    CancelBackwardException,
+    CancelEpochException,
+    CancelFitException,
+    CancelStepException,
+    CancelTrainException,
+    CancelValidException,
+)
+_INNER = frozenset(_inner_loop)
+
+
+class TrialCallback(Callback):
+    """fastai's Callback, with plain attribute writes.
+
+    fastai's `Callback.__setattr__` first asks the Learner whether the name shadows one of its own
+    (`hasattr(learn, name)`, which fastcore's `GetAttr` sends on to the model and nn.Module answers
+    by raising): microseconds per write, and the guard and the epoch log write several a batch. Our
+    callbacks write only names of their own, and read the Learner's through `self.learn`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+
+class TrialLearner(Learner):
+    """fastai's Learner, with the same events dispatched in less time.
+
+    fastai's `Learner._call_one` sorts every callback by order and calls each one for each of the
+    dozen events of a batch, whether or not it handles that event, and each `Callback.__call__`
+    resolves `training` and the handler through fastcore's `GetAttr`; with a model small enough, or a
+    GPU fast enough, those ~130 calls a batch set the pace (benchmarks/bench_loop.py). Here the
+    handlers of an event are listed once per event (again after every add_cb/remove_cb), in fastai's order, and
+    called as `Callback.__call__` calls them: the same `run`/`run_train`/`run_valid` filter (on the
+    learner's `training`), cancel exceptions passed through, other exceptions wrapped with fastai's
+    message. A callback with its own `__call__` is called through it. `after_fit` still reaches every
+    callback: fastai resets each one's `run` there."""
+
+    def __call__(self, event_name: Any) -> None:
+        # fastai wraps every event name in a fastcore list and maps over it; one name needs neither.
+        if isinstance(event_name, str):
+            self._call_one(event_name)
+        else:
+            super().__call__(event_name)
+
+    def _call_one(self, event_name: str) -> None:
+        if event_name == "after_fit":
+            self._kt_dispatch = {}  # the fit's own callbacks are removed after it: forget them
+            super()._call_one(event_name)
+            return
+        dispatch = self.__dict__.setdefault("_kt_dispatch", {})
+        key = (event_name, id(self.cbs))  # the list itself, in case someone assigns learn.cbs
+        handlers = dispatch.get(key)
+        if handlers is None:
+            if not hasattr(event, event_name):
+                raise Exception(f"missing {event_name}")  # fastai's own check and message
+            handlers = dispatch[key] = [
+                (cb, getattr(cb, event_name) if type(cb).__call__ is Callback.__call__ else None)
+                for cb in self.cbs.sorted("order")
+                if hasattr(cb, event_name)
+            ]
+        inner = event_name in _INNER
+        training = self.__dict__.get("training", True)
+        for cb, handler in handlers:
+            if handler is None:
+                cb(event_name)
+                continue
+            if not cb.run or (inner and not (cb.run_train if training else cb.run_valid)):
+                continue
+            try:
+                handler()
+            except _CANCELS:
+                raise
+            except Exception as e:
+                # fastai's wording, its spelling included: users search for it
+                what = e.args[0] if e.args else e
+                msg = f"Exception occured in `{type(cb).__name__}` when calling event `{event_name}`:\n\t{what}"
+                raise modify_exception(e, msg, replace=True)  # noqa: B904  (fastai chains it the same way)
+
+    def add_cb(self, cb: Any) -> Any:
+        self._kt_dispatch = {}
+        return super().add_cb(cb)
+
+    def remove_cb(self, cb: Any) -> Any:
+        self._kt_dispatch = {}
+        return super().remove_cb(cb)
+
+    def _set_device(self, b: Any) -> Any:
+        # fastai moves every batch with `to_device`, a recursive walk; these loaders already yield
+        # tensors on the model's device, which need no walk. Within a fit the model is on the
+        # loaders' device (TrialTrainEval.before_fit); outside one, fastai's own check.
+        dev = self.__dict__.get("_kt_fit_device")
+        if dev is not None and all(isinstance(t, torch.Tensor) and t.device == dev for t in b):
+            return b
+        return super()._set_device(b)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # learn.export pickles the Learner: not the callbacks a dispatch list holds on to.
+        return {k: v for k, v in super().__getstate__().items() if k != "_kt_dispatch"}
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss (the Recorder's `train_loss`), kept where the loss is.
+
+    fastai's AvgSmoothLoss moves every batch's loss to the host (`to_detach`, `.cpu()`) before it
+    averages it, which on a GPU makes the host wait for the device at every batch; the same lerp on
+    the device is read once an epoch, when the Recorder logs it. (No `maybe_gather`: trials train on
+    one device.)"""
+
+    def accumulate(self, learn: Learner) -> None:
+        self.count += 1
+        loss = learn.loss.mean().detach()
+        if self.val.device != loss.device:  # reset() puts it on the host, once a fit
+            self.val = self.val.to(loss.device)
+        self.val = torch.lerp(loss, self.val, self.beta)
+
+
+class TrialRecorder(Recorder):
+    """fastai's Recorder, with its per-batch step (`after_batch`) in less host time.
+
+    fastai's reads the Learner's state through `GetAttr`, builds the list of metrics to update anew
+    each batch, and reads the smoothed loss's `value` (a division on the device) twice. The same
+    updates, in the same order, are made here with direct reads and one `value`."""
+
+    @property
+    def name(self) -> str:
+        return "recorder"  # fastai's name for it (learn.recorder), which lr_find and plots read
+
+    def after_batch(self) -> None:
+        learn = self.learn
+        if len(learn.yb) == 0:
+            return
+        if not learn.training:
+            for met in self._valid_mets:
+                met.accumulate(learn)
+            return
+        if not self.__dict__.get("cancel_train", False):
+            self.smooth_loss.accumulate(learn)
+            if self.train_metrics:
+                for met in learn.metrics:
+                    met.accumulate(learn)
+        self.lrs.append(learn.opt.hypers[-1]["lr"])
+        value = self.smooth_loss.value
+        self.losses.append(value)
+        learn.smooth_loss = value
+
+
+class TrialTrainEval(TrainEvalCallback):
+    """fastai's TrainEvalCallback, its per-batch counters updated without `GetAttr`."""
+
+    @property
+    def name(self) -> str:
+        return "train_eval"
+
+    def before_fit(self) -> None:
+        super().before_fit()  # moves the model to the loaders' device
+        self.learn._kt_fit_device = next(self.learn.model.parameters()).device
+
+    def after_fit(self) -> None:
+        self.learn._kt_fit_device = None
+
+    def after_batch(self) -> None:
+        learn = self.learn
+        learn.pct_train += 1.0 / (learn.n_iter * learn.n_epoch)
+        learn.train_iter += 1
+
+
+class TrialScheduler(ParamScheduler):
+    """fastai's ParamScheduler, reading the Learner's position and optimizer without `GetAttr`."""
+
+    @property
+    def name(self) -> str:
+        return "param_scheduler"
+
+    def before_batch(self) -> None:
+        self._update_val(self.learn.pct_train)
+
+    def _update_val(self, pct: float) -> None:
+        opt = self.learn.opt
+        for n, f in self.scheds.items():
+            opt.set_hyper(n, f(pct))
+
+    def after_batch(self) -> None:
+        hypers = self.learn.opt.hypers[-1]
+        for p, values in self.hps.items():
+            values.append(hypers[p])
+
+
+def use_trial_callbacks(learn: Learner) -> None:
+    """Puts TrialTrainEval and TrialRecorder (with DeviceSmoothLoss) in the place of the Learner's
+    default TrainEvalCallback and Recorder, and takes out fastai's CastToTensor: these loaders and
+    fastai's mixing callbacks yield plain tensors, which it would walk through (fastai's `apply`)
+    twice a batch for nothing."""
+    old = learn.recorder
+    rec = TrialRecorder(add_time=old.add_time, train_metrics=old.train_metrics, valid_metrics=old.valid_metrics)
+    rec.smooth_loss = DeviceSmoothLoss(beta=old.smooth_loss.beta)
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, Recorder | TrainEvalCallback | CastToTensor)])
+    learn.add_cbs([TrialTrainEval(), rec])
