@@ -208,10 +208,11 @@ def train_run(
     max_seconds: float | None,
     seed: int,
     base_dls: Any = None,
+    performance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     params = {"arch": arch, "stem": stem, "batch_size": bs, "dropout": 0.5}
     if path == "ours":
-        learn, _ = build_learner(splits, params, device, "accuracy", seed=seed)
+        learn, _ = build_learner(splits, params, device, "accuracy", seed=seed, performance=performance)
         settings = learn.kt_performance.describe()
         n_epoch_images = (len(splits.x_train) // bs) * bs if len(splits.x_train) > bs else len(splits.x_train)
     else:
@@ -274,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-data", action="store_true", help="skip the data-path-alone measurement")
     ap.add_argument("--skip-train", action="store_true", help="skip the training runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--performance",
+        type=json.loads,
+        default=None,
+        help='the spec\'s performance block for ours, as JSON (e.g. \'{"optimizer": "fastai"}\'); default: auto',
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     args = ap.parse_args(argv)
 
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_batches": args.warmup,
         "max_seconds": max_seconds,
         "repeat": args.repeat,
-        "performance_ours": resolve_performance(None, device).describe(),
+        "performance_ours": resolve_performance(args.performance, device).describe(),
         "loadavg_start": list(os.getloadavg()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
@@ -360,7 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                     for path in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
                         runs[path].append(
                             train_run(
-                                path, splits, arch, stem, bs, args.epochs, device, args.warmup, max_seconds, args.seed, base_dls
+                                path,
+                                splits,
+                                arch,
+                                stem,
+                                bs,
+                                args.epochs,
+                                device,
+                                args.warmup,
+                                max_seconds,
+                                args.seed,
+                                base_dls,
+                                args.performance,
                             )
                         )
                 ours = max(runs["ours"], key=lambda r: r["images_per_s"])

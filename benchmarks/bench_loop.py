@@ -10,7 +10,8 @@ Adam, trained three ways:
 - **fastai default**: a plain `Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)`
   and `fit_one_cycle`;
 - **bare PyTorch**: `for xb, yb in dls.train`, forward, `cross_entropy`, backward,
-  `torch.optim.Adam` (foreach) stepped under `OneCycleLR`.
+  `torch.optim.AdamW` (foreach; the trial's weight decay and fastai's eps, which is what fastai's
+  Adam computes) stepped under `OneCycleLR`.
 
 For each: microseconds per training batch (epochs after the first; median of --repeats runs) and,
 in one more run, host reads per training batch: `.item()`, `float()`, `int()`, `bool()`,
@@ -52,8 +53,8 @@ from torch import nn  # noqa: E402
 
 from kmnist_tune.contract.load import parse_spec  # noqa: E402
 from kmnist_tune.contract.spec import HalvingSpec  # noqa: E402
-from kmnist_tune.recipe import halving  # noqa: E402
 from kmnist_tune.recipe.halving import DivergenceGuard  # noqa: E402
+from kmnist_tune.training import devices  # noqa: E402
 from kmnist_tune.training.splits import load_splits  # noqa: E402
 from kmnist_tune.training.train import EpochLog, ShareThreads, StopOnRequest, build_learner, fit  # noqa: E402
 
@@ -208,7 +209,9 @@ def fastai_default(splits: Any, params: dict[str, Any], phase: Phase) -> None:
 def bare(splits: Any, params: dict[str, Any], phase: Phase) -> None:
     dls = build_learner(splits, params, torch.device("cpu"), "accuracy", seed=0)[0].dls
     model, epochs, lr = linear(), int(params["epochs"]), float(params["lr"])
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.95, 0.99), foreach=True)
+    # The trial's optimizer: fastai's Adam is AdamW with eps 1e-5 and the trial's decoupled decay.
+    wd = float(params["weight_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.99), eps=1e-5, weight_decay=wd, foreach=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(dls.train), pct_start=0.25)
     for _ in range(epochs):
         model.train()
@@ -245,13 +248,13 @@ def main() -> None:
     ap.add_argument(
         "--device-paths",
         action="store_true",
-        help="run the code paths kmnist-tune takes on a GPU (the divergence guard's device sums, read a batch late) on the CPU",
+        help="run kmnist-tune's GPU code paths on the CPU (the guard's and the smoothed loss's device sums, read late)",
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device_paths:
-        halving.HOST_DEVICES = frozenset()  # the guard treats the CPU as it treats a GPU
+        devices.HOST_DEVICES = frozenset()  # the guard and the smoothed loss treat the CPU as a GPU
     spec = parse_spec(
         {
             "name": "loop",
@@ -262,20 +265,23 @@ def main() -> None:
     )
     splits = load_splits(spec.data, args.data, download=False)
     params = spec.fixed_params()
-    results: dict[str, dict[str, Any]] = {}
-    for name, loop in LOOPS.items():
-        us = []
-        for _ in range(args.repeats):
+    # The loops take turns, repeat after repeat, so that a drift in the machine's speed reaches all
+    # three alike; each one's figure is its median.
+    us: dict[str, list[float]] = {name: [] for name in LOOPS}
+    for _ in range(args.repeats):
+        for name, loop in LOOPS.items():
             phase = Phase()
             loop(splits, params, phase)
-            us.append(1e6 * phase.seconds / phase.batches)
+            us[name].append(1e6 * phase.seconds / phase.batches)
+    results: dict[str, dict[str, Any]] = {}
+    for name, loop in LOOPS.items():
         counter = HostReads()  # a separate run: marking and counting cost time of their own
         phase = Phase(counter)
         with counter.installed():
             loop(splits, params, phase)
         where = {k: round(v / phase.batches, 2) for k, v in counter.where.most_common()}
         reads = counter.count / phase.batches
-        results[name] = {"us_per_batch": statistics.median(us), "host_reads_per_batch": reads, "where": where}
+        results[name] = {"us_per_batch": statistics.median(us[name]), "host_reads_per_batch": reads, "where": where}
     base = results["bare PyTorch"]["us_per_batch"]
     n_train = len(splits.y_train)
     setup = f"{n_train} training images, batch {args.bs}, {args.epochs} epochs, {args.threads} thread(s)"

@@ -9,7 +9,8 @@
 # (124 = hit its time limit). The script's own exit status is 0 only if every step passed.
 #
 # Time limits (seconds) can be changed with environment variables:
-#   GPU_CHECK_T_PYTEST (150)  GPU_CHECK_T_BENCH (180)  GPU_CHECK_T_PACKING (180)  GPU_CHECK_T_CHECKPOINT (90)
+#   GPU_CHECK_T_PYTEST (150)  GPU_CHECK_T_BENCH (150)  GPU_CHECK_T_BENCH_OPT (90)  GPU_CHECK_T_LOOP (60)
+#   GPU_CHECK_T_PACKING (90)  GPU_CHECK_T_CHECKPOINT (60)
 # (together under 10 minutes: the device tool's limit for one command)
 set -u -o pipefail
 
@@ -79,22 +80,29 @@ step pytest_gpu "${GPU_CHECK_T_PYTEST:-150}" "$PY" -m pytest -m gpu -q -rs -p no
 
 # Full official train split minus validation, batch 512, resnet18 with both stems; a run stops after
 # 30 timed seconds at most.
-step bench_epoch "${GPU_CHECK_T_BENCH:-180}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 30 \
+step bench_epoch "${GPU_CHECK_T_BENCH:-150}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 30 \
   --archs resnet18 \
   --json "$OUT/bench_epoch.json"
+# The same with fastai's own optimizer (performance.optimizer: fastai): before/after issue 23's
+# PyTorch multi-tensor optimizers, on the same machine in the same run.
+step bench_epoch_fastai_opt "${GPU_CHECK_T_BENCH_OPT:-90}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
+  --archs resnet18 --skip-data --performance '{"optimizer": "fastai"}' \
+  --json "$OUT/bench_epoch_fastai_opt.json"
+# The loop's own cost per batch (the CPU proxy), on this machine's CPU: the same figure as RESULTS.md's.
+step bench_loop "${GPU_CHECK_T_LOOP:-60}" "$PY" benchmarks/bench_loop.py --repeats 5 --json "$OUT/bench_loop.json"
 
 # Benchmarks owned by the worker/storage side, run when present (adjust their arguments here).
 # Each gets KMNIST_TUNE_DATA and BENCH_OUT (= RESULTS_DIR) in its environment.
 if [ -f benchmarks/bench_packing.py ]; then
   PACK_DATA=()
   [ -n "$DATA" ] && PACK_DATA=(--data-dir "$DATA")
-  step bench_packing "${GPU_CHECK_T_PACKING:-180}" "$PY" benchmarks/bench_packing.py ${PACK_DATA[@]+"${PACK_DATA[@]}"} \
+  step bench_packing "${GPU_CHECK_T_PACKING:-90}" "$PY" benchmarks/bench_packing.py ${PACK_DATA[@]+"${PACK_DATA[@]}"} \
     --trials 8 --epochs 1 \
     --json "$OUT/bench_packing.json"
 fi
 # Checkpoint cost per epoch at the quickstart's size into the folder store (no PostgreSQL there).
 if [ -f benchmarks/bench_checkpoint.py ]; then
-  step bench_checkpoint "${GPU_CHECK_T_CHECKPOINT:-90}" "$PY" benchmarks/bench_checkpoint.py --device cuda --no-postgres \
+  step bench_checkpoint "${GPU_CHECK_T_CHECKPOINT:-60}" "$PY" benchmarks/bench_checkpoint.py --device cuda --no-postgres \
     --epochs 4 --json "$OUT/bench_checkpoint.json"
 fi
 

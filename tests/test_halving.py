@@ -178,9 +178,10 @@ class Scripted:
 def guarded(losses: list[float], cfg, device_path: bool, monkeypatch):  # type: ignore[no-untyped-def]
     """One epoch of `losses` through DivergenceGuard, as fastai calls it; (reason, detail, batch) or None."""
     from kmnist_tune.recipe import halving
+    from kmnist_tune.training import devices
 
     if device_path:  # the GPU's path (float64 tensors, values read a batch later), run on CPU tensors
-        monkeypatch.setattr(halving, "HOST_DEVICES", frozenset())
+        monkeypatch.setattr(devices, "HOST_DEVICES", frozenset())
     guard = halving.DivergenceGuard(cfg)
     guard.learn = Scripted()  # type: ignore[assignment]
     guard.before_fit()

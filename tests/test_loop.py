@@ -140,29 +140,39 @@ def test_mixup_mixes_the_plain_loss(small_splits: Splits) -> None:
     assert result.epochs and torch.isfinite(torch.tensor(result.epochs[0].train_loss))
 
 
-def test_the_smoothed_loss_is_fastais_kept_where_the_loss_is(small_splits: Splits) -> None:
+@pytest.mark.parametrize("device_path", [False, True], ids=["host floats", "device tensors"])
+def test_the_smoothed_loss_is_fastais_kept_where_the_loss_is(small_splits: Splits, device_path: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On the device path (a GPU's; run here on CPU tensors) fastai's float32 lerp bit for bit, on a CPU
+    the same lerp on Python floats, within float32 rounding of fastai's."""
     from types import SimpleNamespace
 
     from fastai.learner import AvgSmoothLoss
 
+    from kmnist_tune.training import devices
     from kmnist_tune.training.loop import DeviceSmoothLoss
 
     learn, _ = build_learner(small_splits, parse_spec(tiny_spec()).fixed_params(), CPU, "accuracy")
     assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss) and learn.recorder.smooth_loss.beta == 0.98
+    if device_path:
+        monkeypatch.setattr(devices, "HOST_DEVICES", frozenset())
     theirs, ours = AvgSmoothLoss(), DeviceSmoothLoss()
     torch.manual_seed(0)
     for _ in range(50):
         batch = SimpleNamespace(loss=torch.rand(32) * 3)  # what fastai's Recorder hands the metric
         theirs.accumulate(batch)
         ours.accumulate(batch)
-        assert ours.value.item() == theirs.value.item()  # the same float32 lerp, bit for bit
+        if device_path:
+            assert isinstance(ours.value, torch.Tensor) and ours.value.item() == theirs.value.item()
+        else:
+            assert isinstance(ours.value, float) and ours.value == pytest.approx(theirs.value.item(), rel=1e-6)
     ours.reset()
-    assert ours.count == 0 and ours.val.item() == 0.0
+    assert ours.count == 0 and float(ours.val) == 0.0
 
 
 def test_the_trial_callbacks_record_what_fastais_record(small_splits: Splits) -> None:
     """TrialTrainEval and TrialRecorder (with DeviceSmoothLoss), in the place of fastai's
-    TrainEvalCallback, Recorder and CastToTensor: the same fit records the same numbers, bit for bit."""
+    TrainEvalCallback, Recorder and CastToTensor: the same fit records the same numbers (the smoothed
+    losses, on Python floats on a CPU, within float32 rounding), the rest bit for bit."""
     from fastai.callback.core import TrainEvalCallback
     from fastai.callback.progress import ProgressCallback
     from fastai.learner import CastToTensor, Recorder
@@ -185,10 +195,12 @@ def test_the_trial_callbacks_record_what_fastais_record(small_splits: Splits) ->
         learn.fit(2, float(params["lr"]), wd=float(params["weight_decay"]))
     r_ours, r_theirs = ours.recorder, theirs.recorder
     assert len(r_ours.losses) == 20
-    assert [float(x) for x in r_ours.losses] == [float(x) for x in r_theirs.losses]
+    assert [float(x) for x in r_ours.losses] == pytest.approx([float(x) for x in r_theirs.losses], rel=1e-6)
     assert r_ours.lrs == r_theirs.lrs and r_ours.iters == r_theirs.iters
     assert list(r_ours.metric_names) == list(r_theirs.metric_names)
-    assert [[float(v) for v in row] for row in r_ours.values] == [[float(v) for v in row] for row in r_theirs.values]
+    assert len(r_ours.values) == len(r_theirs.values) == 2
+    for row_ours, row_theirs in zip(r_ours.values, r_theirs.values, strict=True):
+        assert [float(v) for v in row_ours] == pytest.approx([float(v) for v in row_theirs], rel=1e-6)
     assert (ours.train_iter, ours.pct_train) == (theirs.train_iter, theirs.pct_train)
 
 
@@ -205,3 +217,37 @@ def test_the_one_cycle_phases_are_fastais_schedule() -> None:
             assert sched["lr"](pos) == pytest.approx(float(fastai_lr(pos)), rel=1e-6, abs=1e-8), (pct, pos)
             assert sched["mom"](pos) == pytest.approx(float(fastai_mom(pos)), rel=1e-6), (pct, pos)
     assert isinstance(sched["lr"], Phases)
+
+
+def test_the_validation_metrics_are_fastais_summed_where_the_batches_are() -> None:
+    """DeviceAvgLoss, DeviceAvgMetric(accuracy) and balanced_accuracy over the same batches as fastai's
+    AvgLoss, AvgMetric and BalancedAccuracy: the same values; their sums stay tensors on the batches'
+    device until the value is asked for (fastai's are on the host after every batch)."""
+    from types import SimpleNamespace
+
+    from fastai.learner import AvgLoss, AvgMetric
+    from fastai.metrics import BalancedAccuracy, accuracy
+
+    from kmnist_tune.training.loop import DeviceAvgLoss, DeviceAvgMetric, balanced_accuracy
+
+    pairs = [
+        (DeviceAvgLoss(), AvgLoss()),
+        (DeviceAvgMetric(accuracy), AvgMetric(accuracy)),
+        (balanced_accuracy(), BalancedAccuracy()),
+    ]
+    torch.manual_seed(0)
+    for ours, theirs in pairs:
+        ours.reset()
+        theirs.reset()
+    for bs in (32, 32, 17):  # a short last batch: the sums weigh by batch size
+        pred, y = torch.randn(bs, 10), torch.randint(0, 10, (bs,))
+        batch = SimpleNamespace(pred=pred, yb=(y,), y=y, loss=torch.nn.functional.cross_entropy(pred, y, reduction="none"))
+        batch.to_detach = lambda b, cpu=True, gather=True: b.detach().cpu()
+        for ours, theirs in pairs:
+            ours.accumulate(batch)
+            theirs.accumulate(batch)
+    assert isinstance(pairs[0][0].total, torch.Tensor) and isinstance(pairs[1][0].total, torch.Tensor)
+    for ours, theirs in pairs:
+        assert ours.name == theirs.name
+        assert float(ours.value) == pytest.approx(float(theirs.value), rel=1e-6), ours.name
+    assert 0 < float(pairs[2][0].value) < 1

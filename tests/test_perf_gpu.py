@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -142,3 +143,59 @@ def test_compiled_model_fits(splits: Splits) -> None:
     assert learn.kt_performance.compile
     result = fit(learn, params(), EpochLog(name))
     assert len(result.epochs) == 1 and math.isfinite(result.epochs[0].train_loss)
+
+
+class SyncWatch(Callback):
+    """Puts torch's sync debug mode on `warn` from the end of each epoch's second training batch to the
+    end of its training part, and keeps what it warns of: every time the host waited for the GPU in
+    the training loop (the bookkeeping, the guard, the optimizer, the loader's next batch)."""
+
+    order = 100  # after every other callback's after_batch
+
+    def __init__(self) -> None:
+        self.watched, self.syncs = 0, []
+        self._catch: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def before_train(self) -> None:
+        self.seen = 0
+
+    def after_batch(self) -> None:
+        if not self.learn.training:
+            return
+        self.seen += 1
+        if self.seen == 2:  # warm-up: the epoch's first batch allocates, cuDNN picks its kernels
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self.seen > 2:
+            self.watched += 1
+
+    def after_train(self) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        if self._catch is not None:
+            self.syncs += [str(w.message) for w in self._caught if "synchroniz" in str(w.message)]
+            self._catch.__exit__(None, None, None)
+            self._catch = None
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+def test_training_batches_wait_for_nothing_after_warm_up(splits: Splits, metric: str) -> None:
+    """Issue 23: after warm-up a training batch makes no host-device synchronisation at all: the guard
+    reads its values a batch late from a non-blocking pinned copy, the smoothed loss and the metrics
+    are summed on the device, the optimizer is PyTorch's fused one."""
+    from kmnist_tune.contract.spec import HalvingSpec
+    from kmnist_tune.recipe.halving import DivergenceGuard
+    from kmnist_tune.training.torch_optim import TorchOptimizer
+    from kmnist_tune.training.train import ShareThreads, StopOnRequest
+
+    p = params(epochs=2)
+    learn, name = build_learner(splits, p, CUDA, metric)
+    watch = SyncWatch()
+    extra = [DivergenceGuard(HalvingSpec()), StopOnRequest(lambda: False), ShareThreads(torch.get_num_threads), watch]
+    result = fit(learn, p, EpochLog(name), extra)
+    assert isinstance(learn.opt, TorchOptimizer) and learn.opt.opt.defaults.get("fused") is True
+    assert len(result.epochs) == 2 and all(math.isfinite(e.train_loss) and 0 <= e.metric <= 1 for e in result.epochs)
+    assert watch.watched >= 2 * 20
+    assert watch.syncs == [], watch.syncs[:5]

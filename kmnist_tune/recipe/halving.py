@@ -18,6 +18,7 @@ import torch
 from ..contract.records import HalvingEvent
 from ..contract.spec import HalvingSpec
 from ..errors import one_line
+from ..training import devices
 from ..training.loop import TrialCallback
 
 
@@ -68,9 +69,9 @@ class DivergenceGuard(TrialCallback):
         if not learn.training or self.lr_finding:
             return
         self._check()  # the batch before this one
-        on_host = learn.loss.device.type in HOST_DEVICES
+        on_host = learn.loss.device.type in devices.HOST_DEVICES
         if on_host:
-            loss: Any = float(learn.loss.detach())
+            loss: Any = learn.loss.item()
         else:
             loss = learn.loss.detach().reshape(()).to(_SUM_DTYPE.get(learn.loss.device.type, torch.float64))
         if self.avg is None:
@@ -120,8 +121,6 @@ class DivergenceGuard(TrialCallback):
             )
 
 
-# Devices whose losses the guard reads at once, into Python floats (reading waits for nothing there).
-HOST_DEVICES = frozenset({"cpu"})
 # The dtype of the device-side sums: float64 (Python's floats), where the device has it.
 _SUM_DTYPE = {"mps": torch.float32}
 
@@ -143,7 +142,7 @@ class _HostCopy:
                 self._event = torch.cuda.Event()
                 self._event.record()
         else:
-            self._floats = [float(v) for v in vals]
+            self._floats = list(vals)  # Python floats already
 
     def values(self) -> list[float]:
         if self._floats is None:

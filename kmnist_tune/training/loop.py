@@ -26,8 +26,12 @@ from fastai.callback.core import (
     event,
 )
 from fastai.callback.schedule import ParamScheduler
-from fastai.learner import AvgSmoothLoss, CastToTensor, Learner, Recorder
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, CastToTensor, Learner, Recorder
+from fastai.metrics import AccumMetric, ActivationType
+from fastai.torch_core import find_bs, flatten_check
 from fastcore.xtras import modify_exception
+
+from . import devices
 
 _CANCELS = (
     CancelBatchException,
@@ -78,18 +82,22 @@ class TrialLearner(Learner):
             self._kt_dispatch = {}  # the fit's own callbacks are removed after it: forget them
             super()._call_one(event_name)
             return
-        dispatch = self.__dict__.setdefault("_kt_dispatch", {})
-        key = (event_name, id(self.cbs))  # the list itself, in case someone assigns learn.cbs
-        handlers = dispatch.get(key)
-        if handlers is None:
+        dispatch = self.__dict__.get("_kt_dispatch")
+        if dispatch is None or dispatch.get("cbs") is not self.cbs:  # first call, or learn.cbs assigned
+            dispatch = self._kt_dispatch = {"cbs": self.cbs}
+        entry = dispatch.get(event_name)
+        if entry is None:
             if not hasattr(event, event_name):
                 raise Exception(f"missing {event_name}")  # fastai's own check and message
-            handlers = dispatch[key] = [
+            handlers = [
                 (cb, getattr(cb, event_name) if type(cb).__call__ is Callback.__call__ else None)
                 for cb in self.cbs.sorted("order")
                 if hasattr(cb, event_name)
             ]
-        inner = event_name in _INNER
+            entry = dispatch[event_name] = (event_name in _INNER, handlers)
+        inner, handlers = entry
+        if not handlers:
+            return
         training = self.__dict__.get("training", True)
         for cb, handler in handlers:
             if handler is None:
@@ -106,6 +114,15 @@ class TrialLearner(Learner):
                 what = e.args[0] if e.args else e
                 msg = f"Exception occured in `{type(cb).__name__}` when calling event `{event_name}`:\n\t{what}"
                 raise modify_exception(e, msg, replace=True)  # noqa: B904  (fastai chains it the same way)
+
+    def _split(self, b: Any) -> None:
+        # fastai looks `n_inp` up on the loaders at every batch, through three levels of GetAttr;
+        # within a fit it is the same (TrialTrainEval.before_fit notes it).
+        i = self.__dict__.get("_kt_n_inp")
+        if i is None:
+            super()._split(b)
+        else:
+            self.xb, self.yb = b[:i], b[i:]
 
     def add_cb(self, cb: Any) -> Any:
         self._kt_dispatch = {}
@@ -130,19 +147,85 @@ class TrialLearner(Learner):
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss (the Recorder's `train_loss`), kept where the loss is.
+    """fastai's smoothed training loss (the Recorder's `train_loss`): on the GPU kept where the loss is,
+    on a CPU in Python floats.
 
     fastai's AvgSmoothLoss moves every batch's loss to the host (`to_detach`, `.cpu()`) before it
-    averages it, which on a GPU makes the host wait for the device at every batch; the same lerp on
-    the device is read once an epoch, when the Recorder logs it. (No `maybe_gather`: trials train on
-    one device.)"""
+    averages it, which on a GPU makes the host wait for the device at every batch; the same float32
+    lerp on the device is read once an epoch, when the Recorder logs it. On a CPU (devices.HOST_DEVICES),
+    where reading waits for nothing, the lerp is done on Python floats: a tensor op there costs more
+    than the loop's whole bookkeeping of a batch (benchmarks/bench_loop.py), and the values agree with
+    fastai's float32 ones to float32 rounding. (No `maybe_gather`: trials train on one device.)"""
 
     def accumulate(self, learn: Learner) -> None:
         self.count += 1
-        loss = learn.loss.mean().detach()
-        if self.val.device != loss.device:  # reset() puts it on the host, once a fit
-            self.val = self.val.to(loss.device)
+        loss = learn.loss
+        if loss.device.type in devices.HOST_DEVICES:
+            x = loss.item() if not loss.dim() else float(loss.detach().mean())
+            val = self.val if isinstance(self.val, float) else float(self.val)  # reset() leaves a tensor
+            self.val = x + self.beta * (val - x)  # torch.lerp(x, val, beta)
+            return
+        loss = loss.detach()
+        if loss.dim():  # a mean-reduced loss is one number already
+            loss = loss.mean()
+        if not isinstance(self.val, torch.Tensor) or self.val.device != loss.device:  # reset(): on the host
+            self.val = torch.as_tensor(float(self.val), dtype=loss.dtype, device=loss.device)
         self.val = torch.lerp(loss, self.val, self.beta)
+
+
+class DeviceAvgLoss(AvgLoss):
+    """fastai's AvgLoss (the Recorder's `valid_loss`), summed where the loss is: fastai moves every
+    validation batch's loss to the host first (`to_detach`), a wait for the GPU per batch. The
+    same float32 sum, read once an epoch when the Recorder logs it."""
+
+    def accumulate(self, learn: Learner) -> None:
+        bs = find_bs(learn.yb)
+        self.total += learn.loss.mean().detach() * bs
+        self.count += bs
+
+
+class DeviceAvgMetric(AvgMetric):
+    """fastai's AvgMetric (accuracy), summed where the predictions are; see DeviceAvgLoss."""
+
+    def accumulate(self, learn: Learner) -> None:
+        bs = find_bs(learn.yb)
+        self.total += self.func(learn.pred, *learn.yb).detach() * bs
+        self.count += bs
+
+
+class DeviceAccumMetric(AccumMetric):
+    """fastai's AccumMetric (balanced accuracy), keeping the epoch's predictions and targets where they
+    are: fastai copies each batch's to the host; here they go in one copy an epoch, when the value is
+    asked for (scikit-learn computes it on the host)."""
+
+    def accum_values(self, preds: Any, targs: Any, learn: Any = None) -> None:
+        preds, targs = preds.detach(), targs.detach()
+        if self.flatten:
+            preds, targs = flatten_check(preds, targs)
+        self.preds.append(preds)
+        self.targs.append(targs)
+
+    @property
+    def value(self) -> Any:
+        if self.preds and self.preds[0].device.type != "cpu":
+            self.preds, self.targs = [torch.cat(self.preds).cpu()], [torch.cat(self.targs).cpu()]
+        return super().value
+
+
+def balanced_accuracy() -> DeviceAccumMetric:
+    """fastai's `BalancedAccuracy()` (skm_to_fastai of scikit-learn's balanced_accuracy_score), on
+    DeviceAccumMetric."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return DeviceAccumMetric(
+        balanced_accuracy_score,
+        dim_argmax=-1,
+        activation=ActivationType.No,
+        to_np=True,
+        invert_arg=True,
+        sample_weight=None,
+        adjusted=False,
+    )
 
 
 class TrialRecorder(Recorder):
@@ -184,10 +267,12 @@ class TrialTrainEval(TrainEvalCallback):
 
     def before_fit(self) -> None:
         super().before_fit()  # moves the model to the loaders' device
-        self.learn._kt_fit_device = next(self.learn.model.parameters()).device
+        learn = self.learn
+        learn._kt_fit_device = next(learn.model.parameters()).device
+        learn._kt_n_inp = getattr(learn.dls, "n_inp", None)  # fastai's _split: None = decide by the batch
 
     def after_fit(self) -> None:
-        self.learn._kt_fit_device = None
+        self.learn._kt_fit_device = self.learn._kt_n_inp = None
 
     def after_batch(self) -> None:
         learn = self.learn
@@ -217,12 +302,12 @@ class TrialScheduler(ParamScheduler):
 
 
 def use_trial_callbacks(learn: Learner) -> None:
-    """Puts TrialTrainEval and TrialRecorder (with DeviceSmoothLoss) in the place of the Learner's
+    """Puts TrialTrainEval and TrialRecorder (with DeviceSmoothLoss and DeviceAvgLoss) in the place of the Learner's
     default TrainEvalCallback and Recorder, and takes out fastai's CastToTensor: these loaders and
     fastai's mixing callbacks yield plain tensors, which it would walk through (fastai's `apply`)
     twice a batch for nothing."""
     old = learn.recorder
     rec = TrialRecorder(add_time=old.add_time, train_metrics=old.train_metrics, valid_metrics=old.valid_metrics)
-    rec.smooth_loss = DeviceSmoothLoss(beta=old.smooth_loss.beta)
+    rec.smooth_loss, rec.loss = DeviceSmoothLoss(beta=old.smooth_loss.beta), DeviceAvgLoss()
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, Recorder | TrainEvalCallback | CastToTensor)])
     learn.add_cbs([TrialTrainEval(), rec])

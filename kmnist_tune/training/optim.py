@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import SchedCos
@@ -78,7 +79,28 @@ class _PlainTensors:
 
 
 class CrossEntropy(_PlainTensors, CrossEntropyLossFlat):
-    """fastai's CrossEntropyLossFlat on plain tensors."""
+    """fastai's CrossEntropyLossFlat on plain tensors. For what every trial hands it, (N, C) logits and
+    (N,) int64 labels, fastai's flattening is the identity and its `nn.CrossEntropyLoss` calls
+    `F.cross_entropy` with the module's settings: called directly (a module call, a map and two
+    views less a batch), with the settings read at each call as MixUp changes `reduction`."""
+
+    def __call__(self, inp: Any, targ: Any, **kwargs: Any) -> Any:
+        if (
+            not kwargs
+            and type(inp) is torch.Tensor
+            and type(targ) is torch.Tensor
+            and inp.dim() == 2
+            and targ.dim() == 1
+            and targ.dtype == torch.int64
+            and self.axis in (-1, 1)
+            and self.flatten
+            and not self.floatify
+        ):
+            f = self.func
+            return F.cross_entropy(
+                inp, targ, weight=f.weight, ignore_index=f.ignore_index, reduction=f.reduction, label_smoothing=f.label_smoothing
+            )
+        return super().__call__(inp, targ, **kwargs)
 
 
 class LabelSmoothingCrossEntropy(_PlainTensors, LabelSmoothingCrossEntropyFlat):

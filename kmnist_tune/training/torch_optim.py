@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
+from fastai.optimizer import OptimWrapper, detuplify_pg
 
 # fastai's hyper-parameter names for each torch optimizer's keys. `kt_wd` is the decoupled decay
 # this wrapper applies itself where torch has none.
@@ -98,8 +98,14 @@ class TorchOptimizer(OptimWrapper):
 
     def _set_hyper(self, k: str, v: Sequence[Any]) -> None:
         key = self.bwd_map.get(k, k)
+        name, _, index = key.partition("__")  # fastai's name for a tuple's item: betas__0
         for i, (pg, v_) in enumerate(zip(self.opt.param_groups, v, strict=True)):
-            set_item_pg(pg, key, v_)
+            if index:  # fastai's set_item_pg, without its string split and range walk per call
+                items = list(pg[name])
+                items[int(index)] = v_
+                pg[name] = tuple(items)
+            else:
+                pg[name] = v_
             if self._hypers is not None:
                 self._hypers[i][k] = v_
 

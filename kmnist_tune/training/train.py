@@ -18,14 +18,14 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, steep, valley
 from fastai.learner import Learner
-from fastai.metrics import BalancedAccuracy, accuracy
+from fastai.metrics import accuracy
 
 from ..contract.records import EpochRecord
 from ..contract.spec import LR_FIND_ITERATIONS
 from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
-from .loop import TrialCallback, TrialLearner, use_trial_callbacks
+from .loop import DeviceAvgMetric, TrialCallback, TrialLearner, balanced_accuracy, use_trial_callbacks
 from .model import build_model
 from .optim import knob, loss_func, mixing_callbacks, moms, one_cycle_scheduler, opt_func
 from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
@@ -95,10 +95,11 @@ class EpochLog(TrialCallback):
 
 def metric_for(metric: str) -> tuple[Any | None, str]:
     """The fastai metric object and the name fastai's Recorder logs it under."""
+    # fastai's metrics, their sums kept on the device (training/loop.py)
     if metric == "balanced_accuracy":
-        return BalancedAccuracy(), "balanced_accuracy_score"
+        return balanced_accuracy(), "balanced_accuracy_score"
     if metric == "accuracy":
-        return accuracy, "accuracy"
+        return DeviceAvgMetric(accuracy), "accuracy"
     return None, "valid_loss"
 
 
