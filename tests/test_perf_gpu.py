@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 
 import pytest
@@ -199,3 +200,18 @@ def test_training_batches_wait_for_nothing_after_warm_up(splits: Splits, metric:
     assert len(result.epochs) == 2 and all(math.isfinite(e.train_loss) and 0 <= e.metric <= 1 for e in result.epochs)
     assert watch.watched >= 2 * 20
     assert watch.syncs == [], watch.syncs[:5]
+
+
+@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is None, reason="needs NVIDIA's MPS (nvidia-cuda-mps-control)")
+def test_an_mps_daemon_is_started_for_the_slots_and_stopped_after() -> None:
+    from kmnist_tune.service import mps
+
+    said: list[str] = []
+    daemon = mps.share_gpus([0], 2, said.append)
+    assert daemon is not None and len(said) == 1, said
+    try:
+        assert mps._running(daemon.pipe_dir)
+    finally:
+        daemon.stop(said.append)
+    if "started" in said[0]:
+        assert not mps._running(daemon.pipe_dir)

@@ -14,6 +14,7 @@ from typing import IO, Any, Protocol
 
 from ..errors import UserError
 from ..masking import mask
+from .mps import share_gpus
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,16 @@ def run_slots(url: str, slots: list[Slot], child_args: list[str], board: Board) 
     def log(m: str) -> None:
         print(mask(m), file=sys.stderr, flush=True)
 
+    gpus = sorted({s.gpu for s in slots if s.gpu is not None})
+    per_gpu = max((sum(s.gpu == g for s in slots) for g in gpus), default=0)
+    mps = share_gpus(gpus, per_gpu, log)  # K processes on a GPU side by side, not taking turns
     env = dict(os.environ, KMNIST_TUNE_STORAGE=url)  # the URL (and its password) stays out of `ps`
-    rc = supervise(child_args, slots, env, log, board)
+    env.update(mps.env if mps is not None else {})
+    try:
+        rc = supervise(child_args, slots, env, log, board)
+    finally:
+        if mps is not None:
+            mps.stop(log)
     if rc > 128:
         raise Stopped(signal.Signals(rc - 128).name, rc)
     if rc:
