@@ -76,6 +76,7 @@ def spec_for(args: argparse.Namespace) -> Any:
                 "lr": {"value": 2e-3},
             },
             "checkpoints": {"enabled": True, "every": 1, "keep": 1, "min_interval_s": args.min_interval},
+            "performance": {"compile": False},  # what is compared is the epochs with and without checkpoints
             "budget": {"n_trials": 1},
         }
     )

@@ -24,8 +24,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spec(name: str, n_trials: int, epochs: int) -> dict:
+def spec(name: str, n_trials: int, epochs: int, performance: dict | None = None) -> dict:
     return {
+        **({"performance": performance} if performance else {}),
         "name": name,
         "data": {"dataset": "kmnist", "valid_fraction": 0.1},
         "parameters": {
@@ -42,10 +43,10 @@ def spec(name: str, n_trials: int, epochs: int) -> dict:
     }
 
 
-def run_k(k: int, n_trials: int, epochs: int, data_dir: str, gpu: str, work: Path) -> dict:
+def run_k(k: int, n_trials: int, epochs: int, data_dir: str, gpu: str, work: Path, performance: dict | None = None) -> dict:
     url = f"sqlite:///{work / f'pack{k}.db'}"
     path = work / f"pack{k}.yaml"
-    path.write_text(yaml.safe_dump(spec(f"pack{k}", n_trials, epochs)))
+    path.write_text(yaml.safe_dump(spec(f"pack{k}", n_trials, epochs, performance)))
     env = {**os.environ, "KMNIST_TUNE_DATA": data_dir, "WANDB_MODE": "disabled"}
     cli = [sys.executable, "-m", "kmnist_tune"]
     subprocess.run([*cli, "study", "create", str(path), "--storage", url], check=True, env=env, cwd=work, capture_output=True)
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--gpu", default="0")
+    ap.add_argument("--performance", type=json.loads, default=None, help="the spec's performance block, as JSON (default: auto)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -79,7 +81,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.per_gpu:
-            rows.append(run_k(k, args.trials, args.epochs, args.data_dir, args.gpu, Path(tmp)))
+            rows.append(run_k(k, args.trials, args.epochs, args.data_dir, args.gpu, Path(tmp), args.performance))
             r = rows[-1]
             print(
                 f"per-gpu {k}: {r['trials']} trials in {r['wall_s']:.1f} s = {r['trials_per_hour']:.0f} trials/hour "

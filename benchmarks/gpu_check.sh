@@ -9,8 +9,8 @@
 # (124 = hit its time limit). The script's own exit status is 0 only if every step passed.
 #
 # Time limits (seconds) can be changed with environment variables:
-#   GPU_CHECK_T_PYTEST (120)  GPU_CHECK_T_BENCH (120)  GPU_CHECK_T_BENCH_OPT (80)  GPU_CHECK_T_STUDY (60)
-#   GPU_CHECK_T_LOOP (50)  GPU_CHECK_T_PACKING (90)  GPU_CHECK_T_CHECKPOINT (50)
+#   GPU_CHECK_T_PYTEST (150)  GPU_CHECK_T_BENCH (110)  GPU_CHECK_T_BENCH_OPT (70)  GPU_CHECK_T_BENCH_NC (60)
+#   GPU_CHECK_T_STUDY (60)  GPU_CHECK_T_PACKING (60)  GPU_CHECK_T_CHECKPOINT (40)
 # (together under 10 minutes: the device tool's limit for one command)
 set -u -o pipefail
 
@@ -76,16 +76,17 @@ export BENCH_OUT="$OUT"  # for benchmarks that write several files
 
 # -- steps -------------------------------------------------------------------------------------------
 # Only the GPU tests' file: collecting all of tests/ imports W&B's record reader, and the GPU image has no wandb.
-step pytest_gpu "${GPU_CHECK_T_PYTEST:-120}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests/test_perf_gpu.py
+export KMNIST_TUNE_TEST_COMPILE=1  # the compile test too: compiling is the default on CUDA
+step pytest_gpu "${GPU_CHECK_T_PYTEST:-150}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" tests/test_perf_gpu.py
 
 # Full official train split minus validation, batch 512, resnet18 with both stems; a run stops after
 # 30 timed seconds at most.
-step bench_epoch "${GPU_CHECK_T_BENCH:-120}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 30 \
+step bench_epoch "${GPU_CHECK_T_BENCH:-110}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 30 \
   --archs resnet18 \
   --json "$OUT/bench_epoch.json"
 # The same with fastai's own optimizer (performance.optimizer: fastai): before/after issue 23's
 # PyTorch multi-tensor optimizers, on the same machine in the same run.
-step bench_epoch_fastai_opt "${GPU_CHECK_T_BENCH_OPT:-80}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
+step bench_epoch_fastai_opt "${GPU_CHECK_T_BENCH_OPT:-70}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
   --archs resnet18 --skip-data --performance '{"optimizer": "fastai"}' \
   --json "$OUT/bench_epoch_fastai_opt.json"
 # Fixed costs per trial (Learner build, checkpoints, claim, tell) against training, on the full split.
@@ -93,21 +94,23 @@ STUDY_DATA=()
 [ -n "$DATA" ] && STUDY_DATA=(--data "$DATA")
 step bench_study "${GPU_CHECK_T_STUDY:-60}" "$PY" benchmarks/bench_study.py --device cuda ${STUDY_DATA[@]+"${STUDY_DATA[@]}"} \
   --bs 512 --epochs 2 --trials 3 --checkpoint-every-epoch --json "$OUT/bench_study.json"
-# The loop's own cost per batch (the CPU proxy), on this machine's CPU: the same figure as RESULTS.md's.
-step bench_loop "${GPU_CHECK_T_LOOP:-50}" "$PY" benchmarks/bench_loop.py --repeats 5 --json "$OUT/bench_loop.json"
+# And without torch.compile (on by default on CUDA): what compiling pays.
+step bench_epoch_no_compile "${GPU_CHECK_T_BENCH_NC:-60}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
+  --archs resnet18 --skip-data --performance '{"compile": false}' \
+  --json "$OUT/bench_epoch_no_compile.json"
 
 # Benchmarks owned by the worker/storage side, run when present (adjust their arguments here).
 # Each gets KMNIST_TUNE_DATA and BENCH_OUT (= RESULTS_DIR) in its environment.
 if [ -f benchmarks/bench_packing.py ]; then
   PACK_DATA=()
   [ -n "$DATA" ] && PACK_DATA=(--data-dir "$DATA")
-  step bench_packing "${GPU_CHECK_T_PACKING:-90}" "$PY" benchmarks/bench_packing.py ${PACK_DATA[@]+"${PACK_DATA[@]}"} \
-    --trials 8 --epochs 1 \
+  step bench_packing "${GPU_CHECK_T_PACKING:-60}" "$PY" benchmarks/bench_packing.py ${PACK_DATA[@]+"${PACK_DATA[@]}"} \
+    --trials 8 --epochs 1 --performance '{"compile": false}' \
     --json "$OUT/bench_packing.json"
 fi
 # Checkpoint cost per epoch at the quickstart's size into the folder store (no PostgreSQL there).
 if [ -f benchmarks/bench_checkpoint.py ]; then
-  step bench_checkpoint "${GPU_CHECK_T_CHECKPOINT:-50}" "$PY" benchmarks/bench_checkpoint.py --device cuda --no-postgres \
+  step bench_checkpoint "${GPU_CHECK_T_CHECKPOINT:-40}" "$PY" benchmarks/bench_checkpoint.py --device cuda --no-postgres \
     --epochs 4 --json "$OUT/bench_checkpoint.json"
 fi
 

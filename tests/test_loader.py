@@ -221,7 +221,7 @@ def one_line_error(data: dict[str, Any]) -> str:
 def test_spec_blocks_default_to_todays_behaviour() -> None:
     spec = parse_spec(base())
     assert spec.augment == AugmentSpec(enabled=False, max_shift=0.1, max_rotate=10.0, max_scale=0.1)
-    assert spec.performance == PerformanceSpec(precision="auto", channels_last="auto", cudnn_benchmark=True, compile=False)
+    assert spec.performance == PerformanceSpec(precision="auto", channels_last="auto", cudnn_benchmark=True, compile="auto")
     # auto on a CPU is plain fp32 in the default memory format, as before.
     assert resolve_performance(spec.performance, CPU) == Performance("fp32", False, False, False)
     again = parse_spec(spec_to_dict(spec))
@@ -254,10 +254,10 @@ def test_performance_resolves_per_device() -> None:
     assert resolve_performance(None, CPU) == Performance("fp32", False, False, False)
     assert resolve_performance({"precision": "bf16", "channels_last": True}, CPU) == Performance("bf16", True, False, False)
     on_cuda = resolve_performance(PerformanceSpec(), cuda)
-    assert on_cuda.channels_last and on_cuda.cudnn_benchmark
+    assert on_cuda.channels_last and on_cuda.cudnn_benchmark and on_cuda.compile  # compile: auto is on there
     if not torch.cuda.is_available():
         assert on_cuda.precision == "fp32"  # auto asks the device whether it has bf16
-    off = resolve_performance(PerformanceSpec(precision="fp32", channels_last=False, cudnn_benchmark=False), cuda)
+    off = resolve_performance(PerformanceSpec(precision="fp32", channels_last=False, cudnn_benchmark=False, compile=False), cuda)
     assert off == Performance("fp32", False, False, False)
 
 

@@ -26,6 +26,8 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
+# Compiling (the default on CUDA) takes most of a minute a model: the tests about something else opt out.
+NO_COMPILE = {"compile": False}
 # `splits`: the fixture's images as tiny_spec splits them, loaded once per run (shared_trained.py).
 
 
@@ -60,7 +62,7 @@ class BatchLayout(Callback):
 
 @pytest.mark.parametrize("stem", ["imagenet", "small"])
 def test_auto_performance_fits_in_bf16_channels_last(splits: Splits, stem: str) -> None:
-    learn, name = build_learner(splits, params(stem=stem), CUDA, "accuracy")
+    learn, name = build_learner(splits, params(stem=stem), CUDA, "accuracy", performance=NO_COMPILE)
     perf = learn.kt_performance
     assert perf.channels_last and perf.cudnn_benchmark
     assert perf.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
@@ -91,7 +93,11 @@ def test_auto_performance_fits_in_bf16_channels_last(splits: Splits, stem: str) 
 
 def test_fp32_when_asked(splits: Splits) -> None:
     learn, name = build_learner(
-        splits, params(), CUDA, "accuracy", performance={"precision": "fp32", "channels_last": False, "cudnn_benchmark": False}
+        splits,
+        params(),
+        CUDA,
+        "accuracy",
+        performance={"precision": "fp32", "channels_last": False, "cudnn_benchmark": False, **NO_COMPILE},
     )
     assert not any(isinstance(cb, Bf16Autocast) for cb in learn.cbs)
     assert not torch.backends.cudnn.benchmark
@@ -101,11 +107,11 @@ def test_fp32_when_asked(splits: Splits) -> None:
     finally:
         probe.remove()
     assert probe.dtypes and all(d == torch.float32 for d in probe.dtypes)
-    build_learner(splits, params(), CUDA, "accuracy")  # back to the default for the tests that follow
+    build_learner(splits, params(), CUDA, "accuracy", performance=NO_COMPILE)  # cuDNN's default back for the tests that follow
 
 
 def test_augmented_fit_on_cuda_completes(splits: Splits) -> None:
-    spec = parse_spec(tiny_spec(augment={"enabled": True}))
+    spec = parse_spec(tiny_spec(augment={"enabled": True}, performance=NO_COMPILE))
     learn, name = build_learner(splits, params(), CUDA, "accuracy", augment=spec.augment, performance=spec.performance)
     result = fit(learn, params(), EpochLog(name))
     assert len(result.epochs) == 1 and math.isfinite(result.epochs[0].train_loss)
@@ -129,12 +135,12 @@ def test_oom_mid_batch_does_not_leave_autocast_on(splits: Splits) -> None:
         def after_pred(self) -> None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    learn, _ = build_learner(splits, params(), CUDA, "accuracy")
+    learn, _ = build_learner(splits, params(), CUDA, "accuracy", performance=NO_COMPILE)
     if learn.kt_performance.precision != "bf16":
         pytest.skip("this GPU has no bf16")
     with pytest.raises(torch.cuda.OutOfMemoryError):
         learn.fit_one_cycle(1, 5e-3, cbs=[OOM()])
-    build_learner(splits, params(), CUDA, "accuracy")
+    build_learner(splits, params(), CUDA, "accuracy", performance=NO_COMPILE)
     assert not torch.is_autocast_enabled("cuda")
 
 
@@ -185,14 +191,16 @@ class SyncWatch(Callback):
 def test_training_batches_wait_for_nothing_after_warm_up(splits: Splits, metric: str) -> None:
     """Issue 23: after warm-up a training batch makes no host-device synchronisation at all: the guard
     reads its values a batch late from a non-blocking pinned copy, the smoothed loss and the metrics
-    are summed on the device, the optimizer is PyTorch's fused one."""
+    are summed on the device, the optimizer is PyTorch's fused one; the model compiled, as by default
+    (the accuracy run), and not."""
     from kmnist_tune.contract.spec import HalvingSpec
     from kmnist_tune.recipe.halving import DivergenceGuard
     from kmnist_tune.training.torch_optim import TorchOptimizer
     from kmnist_tune.training.train import ShareThreads, StopOnRequest
 
     p = params(epochs=2)
-    learn, name = build_learner(splits, p, CUDA, metric)
+    learn, name = build_learner(splits, p, CUDA, metric, performance=None if metric == "accuracy" else NO_COMPILE)
+    assert learn.kt_performance.compile == (metric == "accuracy")
     watch = SyncWatch()
     extra = [DivergenceGuard(HalvingSpec()), StopOnRequest(lambda: False), ShareThreads(torch.get_num_threads), watch]
     result = fit(learn, p, EpochLog(name), extra)

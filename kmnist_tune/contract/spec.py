@@ -364,7 +364,12 @@ class PerformanceSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", True, False] = "auto"
     cudnn_benchmark: bool = True
-    compile: bool = Field(default=False, description="wrap the model in torch.compile")
+    compile: Literal["auto", True, False] = Field(
+        default="auto", description="torch.compile the model: auto = on CUDA (compiled once per worker), off on a CPU"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile's mode (reduce-overhead: CUDA graphs)"
+    )
     optimizer: Literal["torch", "fastai"] = Field(
         default="torch",
         description="torch: PyTorch's fused (CUDA) or foreach (CPU) Adam/SGD behind fastai's OptimWrapper; fastai: its own",

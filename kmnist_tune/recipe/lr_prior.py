@@ -56,8 +56,10 @@ def compute_prior(spec: SweepSpec, splits: Splits, device: torch.device, events:
     if lr_spec is None:
         raise ValueError("the spec does not search lr with the LR finder")
     width, chosen, iterations = lr_spec.lr_finder_settings()
+    # Not compiled: a compile takes longer than the finder's hundred batches (the trials compile).
+    performance = spec.performance.model_copy(update={"compile": False})
     learn, _ = build_learner(
-        splits, prior_config(spec), device, spec.metric, seed=spec.seed, augment=spec.augment, performance=spec.performance
+        splits, prior_config(spec), device, spec.metric, seed=spec.seed, augment=spec.augment, performance=performance
     )
     key = study_key(spec)
     task = f"LR finder ({key})"

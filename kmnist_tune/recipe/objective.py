@@ -20,6 +20,7 @@ from ..errors import one_line
 from ..service.cpu_share import CpuShare
 from ..training.checkpoint import load_checkpoint
 from ..training.devices import device_name
+from ..training.precision import CompiledModels
 from ..training.splits import Splits
 from ..training.train import EpochLog, FitResult, ShareThreads, StopOnRequest, build_learner, fit
 from .checkpoints import Resume, TrialCheckpoints
@@ -48,6 +49,7 @@ class Objective:
         self.extra_cbs, self.stop_requested = extra_cbs, stop_requested
         self.cpu_share = cpu_share
         self._said_share = ""
+        self.compiled = CompiledModels()  # compiled once per worker, not per trial
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = self.spec
@@ -91,6 +93,7 @@ class Objective:
             events=self.events,
             checkpoints=checkpoints,
             callbacks=self._callbacks,
+            compiled=self.compiled,
         )
         first_bs = resume.batch_size if resume is not None else int(params["batch_size"])  # as halved before
         outcome = train_with_halving(attempt, first_bs, spec.halving, lambda e: self.events.halving(trial.number, e))
@@ -137,8 +140,10 @@ class Attempt:
         events: Listener,
         checkpoints: TrialCheckpoints,
         callbacks: Callable[[], list[Callback]] = list,
+        compiled: CompiledModels | None = None,
     ):
         self.trial, self.params, self.resume = trial, params, resume
+        self.compiled = compiled
         self.spec, self.splits, self.device, self.events = spec, splits, device, events
         self.checkpoints, self.callbacks = checkpoints, callbacks
         self.n_epochs = int(params["epochs"])
@@ -189,7 +194,14 @@ class Attempt:
     def _build(self, p: dict[str, Any], seed: int) -> tuple[Learner, str]:
         spec = self.spec
         return build_learner(
-            self.splits, p, self.device, spec.metric, seed=seed, augment=spec.augment, performance=spec.performance
+            self.splits,
+            p,
+            self.device,
+            spec.metric,
+            seed=seed,
+            augment=spec.augment,
+            performance=spec.performance,
+            compiled=self.compiled,
         )
 
     def on_epoch(self, rec: EpochRecord) -> bool:

@@ -1,7 +1,7 @@
 """How a trial uses its device: fp32 or bf16 autocast, channels-last, cuDNN's autotuner, torch.compile.
 
 `performance: auto` means the fast choice on CUDA and plain fp32 on a CPU (bf16 autocast on a CPU is
-slower than fp32).
+slower than fp32, and compiling there costs more than it saves on these small models).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class Performance:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     optimizer: str = "torch"  # "torch" (PyTorch's fused/foreach where it matches fastai's) | "fastai"
 
     def describe(self) -> str:
@@ -56,20 +57,56 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         precision=precision,
         channels_last=channels_last,
         cudnn_benchmark=cuda and bool(opt("cudnn_benchmark", True)),
-        compile=bool(opt("compile", False)),
+        compile=cuda if opt("compile", "auto") == "auto" else bool(opt("compile", "auto")),
+        compile_mode=str(opt("compile_mode", "default")),
         optimizer=optimizer,
     )
 
 
-def prepare_model(model: nn.Module, device: torch.device, perf: Performance) -> nn.Module:
-    """Move the model to its device in the memory format `perf` asks for; set cuDNN's autotuner; compile if asked."""
+class CompiledModels:
+    """A worker's compiled model, kept across its trials: compiling resnet18 takes most of a minute,
+    and a fresh module of the same architecture still recompiles (half of that, measured on a CPU;
+    benchmarks/RESULTS.md). A trial of the same architecture (same key) gets the compiled module
+    with its own fresh weights and buffers copied in, and no gradients left; another architecture
+    replaces it. One per Objective: its attempts run one at a time and drop their Learner before the
+    next is built, so nothing else holds the module (an evaluation or an ensemble builds its own)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._model: nn.Module | None = None
+
+    def get(self, key: tuple[Any, ...], fresh: nn.Module) -> nn.Module | None:
+        if self._model is None or key != self._key:
+            return None
+        self._model.load_state_dict(fresh.state_dict())  # copied into the same tensors: compiled code holds
+        for p in self._model.parameters():
+            p.grad = None  # an attempt that died mid-step may have left some
+            p.requires_grad_(True)
+        return self._model
+
+    def put(self, key: tuple[Any, ...], model: nn.Module) -> None:
+        self._key, self._model = key, model
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device, perf: Performance, cache: CompiledModels | None = None, key: tuple[Any, ...] = ()
+) -> nn.Module:
+    """Move the model to its device in the memory format `perf` asks for; set cuDNN's autotuner; compile
+    if asked (reusing `cache`'s module for the same `key`: the architecture's constructor arguments)."""
     model = model.to(device)
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     if perf.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
+        full_key = (*key, str(device), perf.channels_last, perf.compile_mode)
+        if cache is not None and (kept := cache.get(full_key, model)) is not None:
+            return kept
+        # nn.Module.compile compiles the module in place (torch.compile would wrap it, and its
+        # state_dict keys would change: checkpoints and exports read the module's own).
+        model.compile(mode=None if perf.compile_mode == "default" else perf.compile_mode)
+        if cache is not None:
+            cache.put(full_key, model)
     return model
 
 

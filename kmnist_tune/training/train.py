@@ -28,7 +28,7 @@ from .loader import TensorSplit, make_dls, make_split
 from .loop import DeviceAvgMetric, TrialCallback, TrialLearner, balanced_accuracy, use_trial_callbacks
 from .model import build_model
 from .optim import knob, loss_func, mixing_callbacks, moms, one_cycle_scheduler, opt_func
-from .precision import Bf16Autocast, close_leaked_autocast, prepare_model, resolve_performance
+from .precision import Bf16Autocast, CompiledModels, close_leaked_autocast, prepare_model, resolve_performance
 from .splits import Splits
 
 
@@ -113,6 +113,7 @@ def build_learner(
     *,
     augment: Any = None,
     performance: Any = None,
+    compiled: CompiledModels | None = None,
 ) -> tuple[Learner, str]:
     """A fastai Learner over device-resident loaders.
 
@@ -121,6 +122,8 @@ def build_learner(
     performance: a PerformanceSpec (or a dict with its keys); None = its defaults (`auto`: bf16 autocast,
     channels-last and cuDNN benchmark on CUDA; plain fp32 on a CPU). The resolved settings are left on
     the Learner as `learn.kt_performance`.
+    compiled: a worker's CompiledModels, when the model is compiled: the compiled module of its earlier
+    trials of the same architecture, with this attempt's fresh weights (precision.CompiledModels).
     """
     close_leaked_autocast()  # an earlier attempt that died mid-batch (out of memory) may have left one open
     perf = resolve_performance(performance, device)
@@ -132,7 +135,8 @@ def build_learner(
     dls = make_dls(train, val, int(params["batch_size"]), device, augment=aug, channels_last=perf.channels_last)
     torch.manual_seed(seed)
     model = build_model(params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
-    model = prepare_model(model, device, perf)
+    key = (params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
+    model = prepare_model(model, device, perf, compiled, key)
     m, name = metric_for(metric)
     # fastai writes temporary weights (lr_find) under path/model_dir: keep them out of the user's cwd.
     learn = TrialLearner(
