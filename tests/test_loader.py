@@ -327,3 +327,22 @@ def test_a_short_fit_with_augmentation_works(splits: Splits) -> None:
     rec = result.epochs[0]
     assert math.isfinite(rec.train_loss) and math.isfinite(rec.valid_loss) and 0.0 <= rec.metric <= 1.0
     assert rec.images_per_s > 0
+
+
+def test_the_device_copies_are_made_once_per_process() -> None:
+    """A worker's attempts share their splits' device copies (the `meta` device stands in for a GPU
+    here: it is a device other than the CPU, with no memory behind it); other arrays get their own,
+    and only the last few are kept."""
+    from kmnist_tune.training import loader
+
+    meta = torch.device("meta")
+    x, y = np.zeros((10, 28, 28), np.uint8), np.arange(10)
+    first, again = make_split(x, y, meta, 0.2, 0.3), make_split(x, y, meta, 0.2, 0.3, seed=5)
+    assert first.x.device.type == "meta" and first.x is again.x and first.y is again.y and again.seed == 5
+    other = make_split(x.copy(), y, meta, 0.2, 0.3)
+    assert other.x is not first.x
+    for _ in range(loader._KEEP):
+        make_split(np.zeros((2, 28, 28), np.uint8), np.arange(2), meta, 0.2, 0.3)
+    assert make_split(x, y, meta, 0.2, 0.3).x is not first.x  # pushed out by newer ones
+    on_cpu = make_split(x, y, CPU, 0.2, 0.3)
+    assert on_cpu.x.data_ptr() == x.__array_interface__["data"][0]  # the CPU shares the array itself

@@ -7,6 +7,7 @@ fit_one_cycle, lr_find, metrics and callbacks use it unchanged.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,9 +114,32 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def make_split(x: np.ndarray, y: np.ndarray, device: torch.device, mean: float, std: float, seed: int = 0) -> TensorSplit:
-    return TensorSplit(
-        torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y.astype(np.int64)).to(device), mean, std, seed
-    )
+    xt, yt = _on_device(x, y, torch.device(device))
+    return TensorSplit(xt, yt, mean, std, seed)
+
+
+# A worker's trials and attempts train on the same arrays (loaded once per process): on a GPU their
+# copies stay there, instead of going over again for every attempt. The arrays are kept with their
+# copies (an id is only unique while its object lives) and never change once loaded; the last few
+# are kept (a training and a validation split, and room for an evaluation's).
+_DEVICE_COPIES: OrderedDict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]] = OrderedDict()
+_KEEP = 4
+
+
+def _on_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cpu":  # from_numpy shares the array's memory: nothing to keep
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+    key = (id(x), id(y), str(device))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is not None and hit[0] is x and hit[1] is y:
+        _DEVICE_COPIES.move_to_end(key)
+        return hit[2], hit[3]
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    yt = torch.from_numpy(y.astype(np.int64)).to(device)
+    _DEVICE_COPIES[key] = (x, y, xt, yt)
+    while len(_DEVICE_COPIES) > _KEEP:
+        _DEVICE_COPIES.popitem(last=False)
+    return xt, yt
 
 
 def make_dls(
