@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 
 from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.observe.progress import Reporter
-from kmnist_tune.recipe.halving import train_with_halving
+from kmnist_tune.recipe.halving import train_with_halving, trend_detail
 from kmnist_tune.recipe.objective import Objective
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -162,9 +162,7 @@ def reference(losses: list[float], cfg, beta: float = 0.9):  # type: ignore[no-u
     if after_warmup is not None:
         drop = 1 - smooth / after_warmup
         if drop < cfg.trend_drop:
-            detail = f"first epoch lowered the smoothed loss by {drop:.1%} (< {cfg.trend_drop:.0%}) "
-            detail += f"from {after_warmup:.3g} to {smooth:.3g}"
-            return "no_trend", detail, len(losses) - 1
+            return "no_trend", trend_detail(drop, cfg.trend_drop, after_warmup, smooth), len(losses) - 1
     return None
 
 
@@ -258,3 +256,15 @@ def test_the_guard_decides_as_the_rule_at_every_batch(name: str, device_path: bo
         assert expected is not None and expected[2] == 10  # not at batch 9, the warm-up's last
     if name == "no blowup by a hair":
         assert reason != "blowup" or expected[2] != 25  # type: ignore[index]
+
+
+def test_the_no_trend_line_says_whether_the_loss_fell_or_rose() -> None:
+    """Issue 24: a loss that rose over the first epoch is not "lowered by -0.8%"."""
+    assert (
+        trend_detail(0.012, 0.05, 2.31, 2.28)
+        == "first epoch lowered the smoothed loss by 1.2% (a drop of 5% is needed) from 2.31 to 2.28"
+    )
+    assert (
+        trend_detail(-0.008, 0.05, 2.3, 2.32)
+        == "first epoch raised the smoothed loss by 0.8% (a drop of 5% is needed) from 2.3 to 2.32"
+    )

@@ -112,13 +112,13 @@ class DivergenceGuard(TrialCallback):
         last, after_warmup = float(self.last_smooth), float(self.after_warmup)  # once an epoch
         drop = 1 - last / after_warmup
         if drop < self.cfg.trend_drop:
-            raise Diverged(
-                "no_trend",
-                f"first epoch lowered the smoothed loss by {drop:.1%} (< {self.cfg.trend_drop:.0%}) "
-                f"from {after_warmup:.3g} to {last:.3g}",
-                self.epoch,
-                self.iter,
-            )
+            raise Diverged("no_trend", trend_detail(drop, self.cfg.trend_drop, after_warmup, last), self.epoch, self.iter)
+
+
+def trend_detail(drop: float, wanted: float, start: float, end: float) -> str:
+    """The no_trend line: the first epoch's change of the smoothed loss, in words that fit its sign."""
+    moved = f"lowered the smoothed loss by {drop:.1%}" if drop >= 0 else f"raised the smoothed loss by {-drop:.1%}"
+    return f"first epoch {moved} (a drop of {wanted:.0%} is needed) from {start:.3g} to {end:.3g}"
 
 
 # The dtype of the device-side sums: float64 (Python's floats), where the device has it.
