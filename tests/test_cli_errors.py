@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import optuna
+import torch
 from conftest import FIXTURE, cli_env, cli_here, command_paths, error_line, run_cli, tiny_spec, write_spec
 
 
@@ -98,13 +99,24 @@ def test_cli_usage_errors_and_guards(tmp_path: Path, sqlite_schema_url: str) -> 
     url = make_study(tmp_path, sqlite_schema_url)
     assert "--study" in error_line(cli_here("worker", "--storage", url, check=False))
     assert "no CUDA GPU" in error_line(cli_here("worker", "--study", "exists", "--storage", url, "--gpus", "all", check=False))
-    missing = cli_here("worker", "--study", "exists", "--storage", url, "--gpus", "3", check=False)
-    assert "GPU 3 does not exist" in error_line(missing)
+    missing = error_line(cli_here("worker", "--study", "exists", "--storage", url, "--gpus", "3", check=False))
+    assert "GPU 3 does not exist" in missing
+    if not torch.cuda.is_available():  # issue 24: not `--gpus all`, an error of its own on this machine
+        assert missing.endswith("(this machine has no GPU); use --gpus none") and "--gpus all" not in missing
     assert "not a GPU index" in error_line(cli_here("run", "x.yaml", "--gpus", "a,0", check=False))
     assert "--yes" in error_line(run_cli("study", "delete", "exists", "--storage", url, check=False))
     assert "exists" in cli_here("study", "list", "--storage", url).stdout
     cli_here("study", "delete", "exists", "--storage", url, "--yes")
     assert "no studies" in cli_here("study", "list", "--storage", url).stdout
+
+
+def test_top_without_warm_start_is_refused(tmp_path: Path, sqlite_schema_url: str) -> None:
+    """Issue 24: `--top K` means nothing without `--warm-start`; it was silently accepted."""
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec("topless"))
+    done = cli_here("study", "create", str(spec), "--storage", sqlite_schema_url, "--top", "3", check=False)
+    assert done.returncode != 0
+    assert error_line(done) == "error: --top 3 only applies with --warm-start STUDY; add --warm-start or leave --top out"
+    assert "topless" not in cli_here("study", "list", "--storage", sqlite_schema_url).stdout  # nothing stored
 
 
 def test_every_command_has_help() -> None:

@@ -33,11 +33,17 @@ def study_create(
             "--warm-start", metavar="STUDY", help="queue the best configurations of this earlier study (same storage) first"
         ),
     ] = None,
-    top: Annotated[int, typer.Option("--top", metavar="K", help="with --warm-start: how many of its best", min=1)] = 5,
+    top: Annotated[
+        int | None, typer.Option("--top", metavar="K", help="with --warm-start: how many of its best (default 5)", min=1)
+    ] = None,
 ) -> None:
     """Create a study from SPEC without running trials; attach workers with `kmnist-tune worker`."""
     from ..contract.load import load_spec
     from ..service.studies import create_warm
+
+    if top is not None and warm is None:
+        raise UserError(f"--top {top} only applies with --warm-start STUDY; add --warm-start or leave --top out")
+    top = 5 if top is None else top
 
     spec = load_spec(spec_path)
     for note in spec.notes:

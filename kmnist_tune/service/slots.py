@@ -45,9 +45,11 @@ def parse_gpus(text: str, n_gpus: int) -> list[int | None]:
             raise UserError(f"--gpus {text!r}: {part!r} is not a GPU index; use all, none, or a list like 0,2")
         gid = int(part)
         if gid >= n_gpus:
-            have = f"GPUs 0-{n_gpus - 1}" if n_gpus else "no GPU"
+            if not n_gpus:  # `all` is an error here too: only the CPU is left
+                raise UserError(f"--gpus {text!r}: GPU {gid} does not exist (this machine has no GPU); use --gpus none")
             raise UserError(
-                f"--gpus {text!r}: GPU {gid} does not exist (this machine has {have}); use --gpus all, none, or existing indices"
+                f"--gpus {text!r}: GPU {gid} does not exist (this machine has GPUs 0-{n_gpus - 1}); "
+                "use --gpus all, none, or existing indices"
             )
         if gid in ids:
             raise UserError(f"--gpus {text!r}: GPU {gid} is listed twice; use --per-gpu K for several trials per GPU")
