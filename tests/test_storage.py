@@ -341,6 +341,7 @@ def test_create_and_open_study_round_trip(storage: optuna.storages.RDBStorage) -
         create_study(changed, storage, resume=True)
     msg = one_line(info)
     assert "'carry'" in msg and "different spec" in msg
+    assert "parameters.lr.max: " in msg and "0.5 in yours" in msg  # issue 24: which field differs
 
     # create (no resume) over an existing study
     with pytest.raises(UserError) as info:

@@ -158,8 +158,8 @@ def _create_or_reopen(spec: SweepSpec, storage: BaseStorage, *, resume: bool, se
         old = stored_spec(spec.name, storage.get_study_user_attrs(storage.get_study_id_from_name(spec.name)))
         if spec_identity(old) != spec_identity(spec):
             raise UserError(
-                f"study {spec.name!r} already exists with a different spec; rename the study in your spec, "
-                f"or delete the old one (`kmnist-tune study delete {spec.name}`)"
+                f"study {spec.name!r} already exists with a different spec ({spec_differences(old, spec)}); "
+                f"rename the study in your spec, or delete the old one (`kmnist-tune study delete {spec.name}`)"
             )
         study = open_study(storage, spec.name, seed=seed)[0]
         raise_budget(study, spec, spec.budget.n_trials, spec.budget.timeout)  # a budget only ever grows here
@@ -241,6 +241,22 @@ def warm_start_plan(spec: SweepSpec, old: optuna.Study, top: int) -> tuple[list[
 def spec_identity(spec: SweepSpec) -> dict[str, Any]:
     """What makes two specs the same study: everything but the budget, which is study state."""
     return {k: v for k, v in spec_to_dict(spec).items() if k != "budget"}
+
+
+def spec_differences(stored: SweepSpec, given: SweepSpec, most: int = 3) -> str:
+    """Where two specs of one study name differ, as dotted paths with both values (the first `most`)."""
+    found: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(f"{path}.{k}" if path else str(k), a.get(k), b.get(k))
+        elif a != b:
+            found.append(f"{path}: {a!r} stored, {b!r} in yours")
+
+    walk("", spec_identity(stored), spec_identity(given))
+    more = f"; and {len(found) - most} more" if len(found) > most else ""
+    return "; ".join(found[:most]) + more
 
 
 def raise_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeout: float | None) -> Budget:
