@@ -206,6 +206,7 @@ def test_the_dashboard_on_a_port_in_use(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         proc = run_cli("dashboard", "--storage", url, "--port", str(port), check=False, timeout=120)
     assert f"port {port} on 127.0.0.1 is in use" in last_error(proc) and proc.returncode == 2
+    assert "optuna-dashboard for" not in proc.stderr  # issue 24: no "serving on ..." line before it
 
 
 def test_a_foreign_multi_objective_study_is_listed(tmp_path: Path) -> None:

@@ -55,11 +55,11 @@ def dashboard(
     st = open_storage(storage_url(storage))
     where = describe_store(st, artifacts)
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
-    say(
+    ready = (
         f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard (artifacts in {where}; Host {answers}); "
         "no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
     )
-    serve(st, host, port, artifacts, names)
+    serve(st, host, port, artifacts, names, on_ready=lambda: say(ready))
 
 
 @app.command()

@@ -179,9 +179,15 @@ class _ThreadingServer6(_ThreadingServer):
 
 
 def serve(
-    storage: BaseStorage, host: str, port: int, artifacts: str | Path | None = None, allow_hosts: Iterable[str] = ()
+    storage: BaseStorage,
+    host: str,
+    port: int,
+    artifacts: str | Path | None = None,
+    allow_hosts: Iterable[str] = (),
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until Ctrl-C; `allow_hosts` as HostPolicy.for_server takes them (checked before anything binds)."""
+    """Serve until Ctrl-C; `allow_hosts` as HostPolicy.for_server takes them (checked before anything binds).
+    `on_ready` runs once the port is bound (the startup line: not before a "port in use")."""
     policy = HostPolicy.for_server(host, port, allow_hosts)
     from optuna_dashboard import wsgi
 
@@ -197,6 +203,8 @@ def serve(
             raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}; check --host and --port") from None
     with server:
+        if on_ready is not None:
+            on_ready()
         try:
             server.serve_forever()
         except KeyboardInterrupt:
