@@ -131,10 +131,9 @@ def main() -> None:
         (worker_mod.Worker, "_tell", "tell"),
         (records.TrialRecord, "write", "records"),
     ]
-    if args.device == "cuda":
-        session_device = torch.device("cuda")
-        work_here = session.work_here
-        session.work_here = lambda *a, **k: work_here(*a, **{**k, "device": session_device})  # type: ignore[assignment]
+    work_here = session.work_here
+    if args.device == "cuda":  # run_sweep's one in-process slot trains on the CPU: this one on the GPU
+        session.work_here = lambda *a, **k: work_here(*a, **{**k, "device": torch.device("cuda")})  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
@@ -145,7 +144,7 @@ def main() -> None:
                 session.run_sweep(spec, f"sqlite:///{tmp}/study.db", [Slot(0, None)], session.DataOptions(args.data, None))
                 wall = time.perf_counter() - t0
         finally:
-            objective_mod.fit = fit  # type: ignore[assignment]
+            objective_mod.fit, session.work_here = fit, work_here  # type: ignore[assignment]
             os.chdir(cwd)
     n = args.trials
     per = {

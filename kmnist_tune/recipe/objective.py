@@ -17,6 +17,7 @@ from ..contract.records import EpochRecord, TrialRecord
 from ..contract.space import sample_params
 from ..contract.spec import SweepSpec
 from ..errors import one_line
+from ..masking import printable
 from ..service.cpu_share import CpuShare
 from ..training.checkpoint import load_checkpoint
 from ..training.devices import device_name
@@ -182,7 +183,8 @@ class Attempt:
         try:
             start = load_checkpoint(learn, r.weights, r.info)
         except Exception as e:  # corrupt, or of another model or library version
-            what = f"the checkpoint of trial {r.from_trial} does not load ({one_line(e, 160)})"
+            # printable: the reason may quote what another worker stored (the checkpoint's description)
+            what = f"the checkpoint of trial {r.from_trial} does not load ({printable(one_line(e, 160))})"
             self.events.line(f"trial {self.trial.number}: {what}; starting from scratch")
             seed = self.fresh_seed
             learn, metric_name = self._build(p, seed)  # nothing of a half-loaded model is kept

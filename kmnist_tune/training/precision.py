@@ -48,7 +48,7 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         precision = "bf16" if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
-    optimizer = opt("optimizer", "torch")
+    optimizer, compile_ = opt("optimizer", "torch"), opt("compile", "auto")
     if optimizer not in ("torch", "fastai"):
         raise ValueError(f"unknown optimizer implementation {optimizer!r}; use torch or fastai")
     channels_last = opt("channels_last", "auto")
@@ -57,7 +57,7 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         precision=precision,
         channels_last=channels_last,
         cudnn_benchmark=cuda and bool(opt("cudnn_benchmark", True)),
-        compile=cuda if opt("compile", "auto") == "auto" else bool(opt("compile", "auto")),
+        compile=cuda if compile_ == "auto" else bool(compile_),
         compile_mode=str(opt("compile_mode", "default")),
         optimizer=optimizer,
     )

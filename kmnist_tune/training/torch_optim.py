@@ -23,7 +23,6 @@ root of the bias correction where fastai takes the root of the corrected average
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,9 +108,6 @@ class TorchOptimizer(OptimWrapper):
             if self._hypers is not None:
                 self._hypers[i][k] = v_
 
-    def clear_state(self) -> None:
-        self.opt.state = defaultdict(dict)
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         # fastai's decoupled decay first (its `weight_decay` callback), on the parameters with a gradient.
@@ -122,12 +118,7 @@ class TorchOptimizer(OptimWrapper):
                     torch._foreach_mul_(ps, 1 - pg["lr"] * pg["kt_wd"])
         self.opt.step()
 
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.opt.state_dict()
-
+    # clear_state, zero_grad (set_to_none) and state_dict are OptimWrapper's own, forwarded to torch's.
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.opt.load_state_dict(sd)
         self._hypers = None
