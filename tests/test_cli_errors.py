@@ -95,6 +95,21 @@ def test_bad_spec_path_and_bad_spec(tmp_path: Path) -> None:
     assert not (tmp_path / "kmnist-tune.db").exists()  # a bad spec writes nothing
 
 
+SUMMARY_KEYS = (
+    "study",
+    "storage",
+    "metric",
+    "direction",
+    "states",
+    "budget",
+    "best",
+    "test_evaluation",
+    "stopped",
+    "workers",
+    "retried",
+)
+
+
 def test_cli_usage_errors_and_guards(tmp_path: Path, sqlite_schema_url: str) -> None:
     url = make_study(tmp_path, sqlite_schema_url)
     assert "--study" in error_line(cli_here("worker", "--storage", url, check=False))
@@ -169,7 +184,19 @@ def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path, sqlite_s
         cli = run_cli if cmd == ["best"] else cli_here
         line = error_line(cli(*cmd, "one", "--study", "other", "--storage", url, check=False))
         assert "two study names" in line, cmd
+    # The JSON shapes the README documents: fixed keys, zeros and nulls included, one name for one thing.
     listed = json.loads(cli_here("study", "list", "--storage", url, "--json").stdout)
-    assert listed == [{"study": "exists", "finished": 0, "total": 0, "best": None}]
+    no_trials = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    budget = {"n_trials": 2, "timeout": None, "until_stopped": False, "at": None, "by": None}
+    assert listed == [{"study": "exists", "finished": 0, "budget": budget, "states": no_trials, "best": None}]
+    shown = json.loads(cli_here("study", "show", "exists", "--storage", url, "--json").stdout)
+    assert set(shown) == {*SUMMARY_KEYS, "spec"} and shown["states"] == no_trials and shown["budget"] == budget
+    assert (shown["best"], shown["test_evaluation"], shown["stopped"]) == (None, None, None)
+    assert shown["workers"] == [] and shown["retried"] == []
+    best_text, best_json = cli_here("best", "exists", "--storage", url), cli_here("best", "exists", "--storage", url, "--json")
+    assert best_text.returncode == best_json.returncode == 0 and "no completed trial yet" in best_text.stdout
+    assert json.loads(best_json.stdout) == {
+        k: shown[k] for k in ("study", "storage", "metric", "direction", "best", "test_evaluation")
+    }
     info = json.loads(cli_here("data", "info", "--data-dir", str(FIXTURE), "--json").stdout)
     assert info["n_classes"] == 10 and {f["state"] for f in info["files"]} == {"ok"} and len(info["files"]) == 8

@@ -4,6 +4,7 @@ left RUNNING, and commands that only read never write."""
 from __future__ import annotations
 
 import io
+import re
 import signal
 import socket
 import sqlite3
@@ -214,7 +215,8 @@ def test_a_foreign_multi_objective_study_is_listed(tmp_path: Path) -> None:
     other = optuna.create_study(storage=url, study_name="pareto", directions=["minimize", "maximize"])
     other.tell(other.ask(), [1.0, 2.0])
     listed = run_cli("study", "list", "--storage", url).stdout
-    assert "pareto\t1/1 finished\tbest -" in listed and "ok\t0/0 finished" in listed
+    # finished against the budget; another tool's study has none to show
+    assert "pareto\t1 finished\tbest -" in listed and re.search(r"ok\t0/\d+ finished", listed), listed
     assert "was not created by kmnist-tune" in error_line(run_cli("study", "show", "pareto", "--storage", url, check=False))
 
 

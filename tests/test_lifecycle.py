@@ -196,3 +196,92 @@ def test_warm_start_refusals_leave_no_study_behind(tmp_path: Path) -> None:
     line = error_line(run_cli("study", "create", str(new), "--warm-start", "ghost", "--storage", url, check=False))
     assert "no study named 'ghost'" in line
     assert optuna.get_all_study_names(url) == ["fixed"]
+
+
+# -- W&B semantics: a sweep without run_cap runs until stopped; metric.target stops it ------------------
+OPEN_ENDED = """\
+# A W&B sweep file as its user wrote it, without run_cap (W&B runs it until stopped), with this
+# project's own data key so that a trial takes seconds here.
+program: train.py
+method: random
+metric:
+  name: Validation/Accuracy
+  goal: maximize
+parameters:
+  learning_rate:
+    distribution: log_uniform_values
+    min: 0.002
+    max: 0.01
+  epochs:
+    value: 1
+  batch_size:
+    value: 32
+  arch:
+    value: resnet18
+data:
+  train_size: 288
+  valid_size: 120
+  valid_fraction: 0.2
+"""
+
+
+def test_a_sweep_without_run_cap_runs_with_two_workers_until_study_stop(tmp_path: Path, watch) -> None:
+    from conftest import cli_env, spawn_cli
+
+    path = tmp_path / "open.yaml"
+    path.write_text(OPEN_ENDED)
+    url = f"sqlite:///{tmp_path / 'open.db'}"
+    env = cli_env(XDG_RUNTIME_DIR=str(tmp_path / "run"))  # the two processes share the cores (cpu_share)
+    first = spawn_cli("run", str(path), "--storage", url, "--threads", "1", env=env)
+    w = watch(url, "open")
+    wait_until(lambda: w.count(TrialState.RUNNING, *FINISHED) >= 1, 120, "the run's first trial")
+    second = spawn_cli("worker", "open", "--storage", url, "--threads", "1", env=env)
+    try:
+        # Both work it: past any budget a spec could have meant, until the user stops it.
+        wait_until(lambda: w.count(*FINISHED) >= 4 and len(workers_seen(w)) == 2, 300, "trials by both processes")
+        listed = run_cli("study", "list", "--storage", url).stdout
+        assert re.search(r"open\t\d+ finished \(until stopped\)", listed), listed
+        stopped = run_cli("study", "stop", "open", "--storage", url).stdout
+        assert "workers claim no more trials" in stopped
+        outs = [p.communicate(timeout=180) for p in (first, second)]
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+    assert (first.returncode, second.returncode) == (0, 0), outs
+    assert all("was stopped at" in err for _, err in outs), [err[-400:] for _, err in outs]
+    assert w.count(TrialState.RUNNING) == 0 and w.count(TrialState.FAIL) == 0  # the running trials finished
+    shown = run_cli("study", "show", "open", "--storage", url).stdout
+    assert "budget: until stopped" in shown and re.search(r"stopped at .+ by .+@.+: workers claim no more", shown)
+    # --n-trials bounds it, as run's help says: a new total, worked to the end.
+    done = w.count(*FINISHED)
+    run_cli("study", "resume", "open", "--storage", url)
+    out = run_cli("worker", "open", "--storage", url, "--threads", "1", "--n-trials", str(done + 1), env=env)
+    assert ran(out.stdout) == 1 and w.count(*FINISHED) == done + 1
+    assert f"budget: {done + 1} trials" in run_cli("study", "show", "open", "--storage", url).stdout
+
+
+def workers_seen(w) -> set[int]:  # type: ignore[no-untyped-def]
+    """The worker processes (pids) that have run a trial of the watched study."""
+    return {TrialRecord.of(t).worker.pid for t in w.trials() if TrialRecord.of(t).worker is not None}
+
+
+def test_metric_target_stops_the_study_as_study_stop_does(tmp_path: Path, capsys: pytest.CaptureFixture[str], watch) -> None:
+    path = tmp_path / "target.yaml"
+    # A target any trial reaches (chance is 0.1): the first to finish stops the open-ended study.
+    path.write_text(OPEN_ENDED.replace("  goal: maximize\n", "  goal: maximize\n  target: 0.01\n"))
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    w = watch(url, "target")
+    _, err = in_process_cli(capsys, "run", str(path), "--storage", url, "--threads", "1")
+    assert w.count(*FINISHED) == 1, err
+    first = w.trials()[0]
+    reason = f"trial 0 reached the target: accuracy {first.value:.6g}, target 0.01"
+    assert f"study target: {reason}; workers claim no more trials" in err
+    shown = run_cli("study", "show", "target", "--storage", url).stdout
+    assert f"({reason}): workers claim no more trials" in shown, shown
+    # The dashboard's study note says so too (read as optuna-dashboard reads it; it serves nothing else here).
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    storage = optuna.storages.RDBStorage(url)
+    note = get_note_from_system_attrs(storage.get_study_system_attrs(storage.get_study_id_from_name("target")), None)["body"]
+    assert "stopped" in note and reason in note, note

@@ -220,19 +220,20 @@ def test_the_one_cycle_phases_are_fastais_schedule() -> None:
 
 
 def test_the_validation_metrics_are_fastais_summed_where_the_batches_are() -> None:
-    """DeviceAvgLoss, DeviceAvgMetric(accuracy) and balanced_accuracy over the same batches as fastai's
-    AvgLoss, AvgMetric and BalancedAccuracy: the same values; their sums stay tensors on the batches'
-    device until the value is asked for (fastai's are on the host after every batch)."""
+    """DeviceAvgLoss, DeviceAccuracy and balanced_accuracy over the same batches as fastai's AvgLoss,
+    AvgMetric(accuracy) and BalancedAccuracy: the same values; their sums stay tensors on the batches'
+    device until the value is asked for (fastai's are on the host after every batch). The accuracy is
+    the exact fraction of right answers (fastai's is a float32 mean of batch means)."""
     from types import SimpleNamespace
 
     from fastai.learner import AvgLoss, AvgMetric
     from fastai.metrics import BalancedAccuracy, accuracy
 
-    from kmnist_tune.training.loop import DeviceAvgLoss, DeviceAvgMetric, balanced_accuracy
+    from kmnist_tune.training.loop import DeviceAccuracy, DeviceAvgLoss, balanced_accuracy
 
     pairs = [
         (DeviceAvgLoss(), AvgLoss()),
-        (DeviceAvgMetric(accuracy), AvgMetric(accuracy)),
+        (DeviceAccuracy(), AvgMetric(accuracy)),
         (balanced_accuracy(), BalancedAccuracy()),
     ]
     torch.manual_seed(0)
@@ -251,3 +252,5 @@ def test_the_validation_metrics_are_fastais_summed_where_the_batches_are() -> No
         assert ours.name == theirs.name
         assert float(ours.value) == pytest.approx(float(theirs.value), rel=1e-6), ours.name
     assert 0 < float(pairs[2][0].value) < 1
+    right = int(pairs[1][0].total)
+    assert type(pairs[1][0].value) is float and pairs[1][0].value == right / 81  # exactly right/total, no float32

@@ -93,3 +93,35 @@ def test_lr_find_needs_a_study_that_uses_it(tmp_path: Path, sqlite_schema_url: s
     assert "no stored LR-finder prior" in error_line(
         cli_here("lr-find", "--study", "fresh", "--storage", url, "--stored", check=False)
     )
+
+
+def test_lr_find_on_a_study_with_trials_needs_force(tmp_path: Path, sqlite_schema_url: str) -> None:
+    """Re-running the finder re-centres the lr range: on a study with trials that splits it into trials
+    drawn from two ranges, so it is refused without --force, and with it the change is said."""
+    url = sqlite_schema_url
+    cli_here("study", "create", str(write_spec(tmp_path / "f.yaml", lr_prior_spec("forced", 2))), "--storage", url)
+    first = cli_here("lr-find", "--study", "forced", "--storage", url, "--threads", "1", "--out", str(tmp_path / "a.png"))
+    assert "search range" in first.stdout and "re-centred" not in first.stderr
+    before = stored_prior(url, "forced")
+    again = cli_here("lr-find", "forced", "--storage", url, "--threads", "1", "--out", str(tmp_path / "a.png"))
+    assert "search range" in again.stdout  # only the queued suggestion so far: nothing was drawn from the range
+    before = stored_prior(url, "forced")
+    study = optuna.load_study(study_name="forced", storage=url)
+    study.tell(study.ask(), 0.5)  # the queued suggestion runs: one trial now came from the stored range
+    refused = cli_here("lr-find", "--study", "forced", "--storage", url, check=False)
+    assert refused.returncode == 2 and "--force" in error_line(refused)
+    assert f"1 trial(s) drawn from lr {before['low']:.3g} .. {before['high']:.3g}" in error_line(refused)
+    assert stored_prior(url, "forced") == before  # nothing changed
+    forced = cli_here("lr-find", "forced", "--storage", url, "--force", "--threads", "1", "--out", str(tmp_path / "b.png"))
+    after = stored_prior(url, "forced")
+    assert after["computed_at"] >= before["computed_at"] and "search range" in forced.stdout
+    if (after["low"], after["high"]) != (before["low"], before["high"]):
+        assert f"lr range re-centred: {before['low']:.4g} .. {before['high']:.4g} -> {after['low']:.4g}" in forced.stderr
+
+
+def stored_prior(url: str, name: str) -> dict:
+    storage = open_storage(url)
+    try:
+        return storage.get_study_user_attrs(storage.get_study_id_from_name(name))[PRIOR_ATTR]
+    finally:
+        release(storage)

@@ -128,8 +128,8 @@ def test_one_offline_wandb_run_per_trial_with_epochs_and_halving(watched: dict[s
             assert t.state == optuna.trial.TrialState.PRUNED
         else:
             epochs = [h for h in run["history"] if "valid_accuracy" in h]
-            assert [h["epoch"] for h in epochs] == [0, 1]
-            assert all({"train_loss", "valid_loss", "lr", "images_per_s"} <= h.keys() for h in epochs)
+            assert [h["epoch"] for h in epochs] == [1, 2]  # counted from 1, as the CLI counts them
+            assert all({"train_loss", "valid_loss", "scheduled_lr", "images_per_s"} <= h.keys() for h in epochs)
             assert epochs[-1]["valid_accuracy"] == pytest.approx(t.value)
             assert run["summary"]["halving_events"] == []
 
@@ -199,13 +199,14 @@ def test_json_summaries_agree_with_the_study(watched: dict[str, Any]) -> None:
     states: dict[str, int] = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    assert shown["states"] == states and shown["best"]["trial"] == study.best_trial.number
+    assert {k: v for k, v in shown["states"].items() if v} == states and shown["best"]["trial"] == study.best_trial.number
     assert shown["spec"]["name"] == "halve" and shown["workers"][0]["finished"] == len(study.trials)
     best = json.loads(run_cli("best", "--study", "halve", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
-    assert best["trial"] == study.best_trial.number and best["valid_value"] == study.best_value
-    assert best["config"]["lr"] == study.best_trial.params["lr"] and best["config"]["batch_size"] == 64
+    assert best["best"]["trial"] == study.best_trial.number and best["best"]["value"] == study.best_value
+    assert best["best"]["config"]["lr"] == study.best_trial.params["lr"] and best["best"]["config"]["batch_size"] == 64
+    assert best["best"] == shown["best"]  # one name for one thing
     listed = json.loads(run_cli("study", "list", "--json", "--storage", watched["url"], env=watched["env"]).stdout)
-    assert {s["study"]: s["total"] for s in listed} == {"prior": 1, "halve": 2}
+    assert {s["study"]: (s["finished"], s["budget"]["n_trials"]) for s in listed} == {"prior": (1, 1), "halve": (2, 2)}
 
 
 def test_the_dashboard_note_says_when_and_by_whom_a_study_was_stopped(dashboard: str, watched: dict[str, Any]) -> None:

@@ -87,7 +87,10 @@ def test_kill_9_mid_trial_is_retried_by_another_worker(killed_scenario: KilledSc
     assert retry.params == s.doomed.params and "lr" in retry.params and retry.state in FINISHED
     delay = retry.datetime_start.timestamp() - s.killed_at
     print(f"\nkilled trial {s.doomed.number} retried as trial {retry.number} {delay:.1f} s after the kill")
-    assert "retried: trial" in s.shown
+    # Both states, so that the line cannot be read as if the killed trial had completed.
+    said = f"retried: trial {retry.number} ({retry.state.name.lower()}) retries trial {s.doomed.number} (fail)"
+    assert said in s.shown, s.shown
+    assert re.search(r"^  \S+:\d+ \S+: running ", s.shown, re.M), s.shown  # one row per worker process, with its pid
 
 
 # -- SIGTERM (shared_studies.sigterm_scenario) ------------------------------------------------------

@@ -75,7 +75,16 @@ def study_list(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
     elif not studies:
         out(f"no studies in {url}")
     for s in [] if as_json else studies:
-        out(f"{s.study}\t{s.finished}/{s.total} finished\tbest {'-' if s.best is None else f'{s.best:.4f}'}")
+        out(f"{s.study}\t{listed_progress(s.finished, s.budget)}\tbest {'-' if s.best is None else f'{s.best:.4f}'}")
+
+
+def listed_progress(finished: int, budget: dict | None) -> str:
+    """`14/15 finished` against a trial budget; `14 finished (until stopped)` without one."""
+    if budget is None:
+        return f"{finished} finished"
+    if budget["n_trials"] is not None:
+        return f"{finished}/{budget['n_trials']} finished"
+    return f"{finished} finished ({'until stopped' if budget['until_stopped'] else 'no trial limit'})"
 
 
 @study_app.command("show")
@@ -98,19 +107,23 @@ def study_show(
         if as_json:
             out_json({"sweep": config, "not_in_wandb": notes})
             return
-        out(f"# W&B sweep file of kmnist-tune study {config['name']} (`kmnist-tune run` reads it back)")
+        out(f"# W&B sweep file of kmnist-tune study {config['name']}: `kmnist-tune run` reads back its search")
+        out("# (method, metric, parameters, early_terminate, run_cap, under the names the study was made with)")
         if notes:
-            out("# W&B's sweep config has no key for these settings of the study:")
+            out("# W&B's sweep config has no key for these settings of the study; reading this file back")
+            out("# gives each its default, so add them to the file (kmnist-tune's own keys) to keep them:")
             out_lines([f"#   {n}" for n in notes])
         out(yaml.safe_dump(config, sort_keys=False).rstrip())
         return
     summary, spec = read_summary(storage_url(storage), study_name(study_arg, study))
+    # The spec with the study's budget as it is now (`study extend` changes it; the stored spec keeps the first).
+    shown = {**spec_to_dict(spec), "budget": {k: summary.budget[k] for k in ("n_trials", "timeout") if summary.budget[k]}}
     if as_json:
-        out_json({**summary.as_json(), "spec": spec_to_dict(spec)})
+        out_json({**summary.as_json(), "spec": shown})
         return
     out_lines(show_lines(summary))
     out("spec:")
-    out(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip())
+    out(yaml.safe_dump(shown, sort_keys=False).rstrip())
 
 
 @study_app.command("delete")

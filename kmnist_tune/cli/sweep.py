@@ -81,8 +81,20 @@ def worker(
     n_trials: Annotated[
         int | None, typer.Option("--n-trials", metavar="N", help="raise the study's budget to N trials first", min=1)
     ] = None,
-    max_trials: Annotated[int | None, typer.Option(help="stop after this many trials in each process", min=1)] = None,
+    max_trials: Annotated[
+        int | None,
+        typer.Option("--max-trials", "--count", help="stop after this many trials in each process (W&B's agent: --count)", min=1),
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds (default: the spec's)", min=1)] = None,
+    max_failures: Annotated[
+        int | None,
+        typer.Option(
+            "--max-consecutive-failed-runs",
+            metavar="N",
+            help="stop after N failed trials in a row (default: the spec's workers.max_consecutive_failures, 3)",
+            min=1,
+        ),
+    ] = None,
     in_process: Annotated[bool, typer.Option("--in-process", hidden=True, help="be one slot (used by the supervisor)")] = False,
 ) -> None:
     """Attach to a study created elsewhere and work it until its budget is used.
@@ -106,6 +118,7 @@ def worker(
         n_trials=n_trials,
         max_trials=max_trials,
         timeout=timeout,
+        max_failures=max_failures,
     )
     if result is None:  # supervised slots: each reported itself
         return
@@ -226,6 +239,10 @@ def lr_find(
     data_dir: DataDirOpt = None,
     mirror: MirrorOpt = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="re-run it on a study that has trials (their lr range is re-centred after them)")
+    ] = False,
 ) -> None:
     """Run (or re-run) fastai's LR finder for a study, store the curve and suggestions, print them, plot a PNG.
 
@@ -242,7 +259,10 @@ def lr_find(
     else:
         from ..recipe.lr_prior import rerun_prior
 
-        prior = rerun_prior(url, name, data_dir=data_dir, mirror=mirror, device=device)
+        use_threads(threads)
+        prior, old = rerun_prior(url, name, data_dir=data_dir, mirror=mirror, device=device, force=force)
+        if old is not None and (old.low, old.high) != (prior.low, prior.high):
+            say(f"lr range re-centred: {old.low:.4g} .. {old.high:.4g} -> {prior.low:.4g} .. {prior.high:.4g} (later trials)")
     for suggestion, lr in prior.suggestions.items():
         out(f"{suggestion}: {lr:.4g}" + ("  <- centre" if suggestion == prior.suggestion else ""))
     out(f"search range: {prior.low:.4g} .. {prior.high:.4g} ({prior.width:g} decades), study key {prior.key}")

@@ -42,6 +42,7 @@ class TrialEnd:
     finished: int = 0  # finished (complete or pruned) trials in the study
     budget: int | None = None
     trial: Any = field(default=None, repr=False)  # the optuna.Trial, for listeners that write to the study
+    stopped_study: str | None = None  # why, when this trial stopped the study (it reached the spec's target)
 
 
 class Listener:

@@ -120,7 +120,14 @@ class Budget(StudyRecord):
         stored = cls.read(study_attrs)
         return stored if stored is not None else cls(spec.budget.n_trials, spec.budget.timeout)
 
+    @property
+    def until_stopped(self) -> bool:
+        """No trial limit and no timeout: workers claim until `study stop` (a W&B sweep without run_cap)."""
+        return self.n_trials is None and self.timeout is None
+
     def describe(self) -> str:
+        if self.until_stopped:
+            return "until stopped"
         parts = [f"{self.n_trials} trials" if self.n_trials is not None else "no trial limit"]
         if self.timeout is not None:
             parts.append(f"{self.timeout:g} s per worker")
@@ -135,9 +142,11 @@ class StudyStop(StudyRecord):
     at: str
     by: str
     now: bool = False
+    reason: str | None = None  # why, when no user asked (a trial reached the spec's target)
 
     def describe(self) -> str:
-        return f"stopped{' (now)' if self.now else ''} at {self.at} by {self.by}"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"stopped{' (now)' if self.now else ''} at {self.at} by {self.by}{why}"
 
 
 def who_and_when() -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -92,6 +93,8 @@ OPTION_RANGES: dict[str, tuple[int, int, str]] = {
     "max_resource": (1, MAX_OPTION_NUMBER, "epochs"),
     "bootstrap_count": (0, MAX_OPTION_NUMBER, "trials per rung"),
 }
+# A name a W&B run logs under: printable text without control characters, as W&B's own keys.
+WANDB_NAME = r"^[^\x00-\x1f\x7f]{1,128}$"
 MAX_OPTIONS = 32  # Optuna's samplers take at most 14 keyword options
 MAX_OPTION_ITEMS = 100  # a list or mapping value (CMA-ES's x0: one entry per parameter)
 MAX_OPTION_TEXT = 100  # a string value ("auto", a strategy name) or key
@@ -384,6 +387,9 @@ class WorkersSpec(_Strict):
         default=120, ge=1, description="silence after which a trial is failed (default 4 x heartbeat_interval)"
     )
     max_retry: int = Field(default=3, ge=0, description="times a trial of a dead or stopped worker is retried")
+    max_consecutive_failures: int = Field(
+        default=3, ge=1, le=1000, description="a worker stops after this many failed trials in a row (W&B's agent: 3)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -409,6 +415,20 @@ class WandbSpec(_Strict):
     project: str | None = None  # default: the study name
     entity: str | None = None
     dir: str | None = None  # where W&B writes (./wandb by default); offline runs wait there for `wandb sync`
+    # The sweep file's own names (contract/wandb.py keeps them): a trial's run logs the metric and its
+    # config under them, so the user's panels and filters find what the file named.
+    metric_name: str | None = Field(default=None, pattern=WANDB_NAME)
+    param_names: dict[str, str] | None = None  # this project's parameter -> the file's name for it
+
+    @field_validator("param_names")
+    @classmethod
+    def _known_params(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for ours, theirs in (v or {}).items():
+            if ours not in PARAMETERS:
+                raise ValueError(f"{ours!r} is not a parameter of this project")
+            if not isinstance(theirs, str) or not re.fullmatch(WANDB_NAME, theirs):
+                raise ValueError(f"{theirs!r} is not a usable W&B name (printable, at most 128 characters)")
+        return v
 
 
 class TrackingSpec(_Strict):
@@ -489,14 +509,10 @@ class PrunerSpec(_NamedChoice):
 
 
 class BudgetSpec(_Strict):
+    """n_trials and/or a timeout; neither (`budget: {}`, a W&B sweep without run_cap) runs until stopped."""
+
     n_trials: int | None = Field(default=None, gt=0)
     timeout: float | None = Field(default=None, gt=0, description="seconds, per `run`/`worker` process")
-
-    @model_validator(mode="after")
-    def _some_limit(self) -> BudgetSpec:
-        if self.n_trials is None and self.timeout is None:
-            raise ValueError("set `n_trials` and/or `timeout`")
-        return self
 
 
 class SweepSpec(_Strict):
@@ -516,7 +532,9 @@ class SweepSpec(_Strict):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     budget: BudgetSpec
-    seed: int = 0
+    # W&B's metric.target: the study stops (as `study stop` does) once a finished trial reaches it.
+    target: float | None = None
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # numpy's seed range (the sampler's and the splits')
     _notes: list[str] = PrivateAttr(default_factory=list)  # what reading a W&B sweep file left unused
 
     @property
@@ -581,6 +599,8 @@ class SweepSpec(_Strict):
         natural = natural_direction(self.metric)
         if self.direction != natural:
             raise ValueError(f"direction {self.direction} contradicts metric {self.metric} (which is to {natural})")
+        if self.target is not None and self.metric != "valid_loss" and not 0 < self.target <= 1:
+            raise ValueError(f"target: {self.target:g} is never reached by {self.metric} (0..1); give a fraction such as 0.99")
         for name, p in self.parameters.items():
             _check_parameter(name, p)
         for name, p in self.parameters.items():
@@ -615,6 +635,12 @@ class SweepSpec(_Strict):
             if not p.searched:
                 out[name] = p.value if p.kind() == "constant" else p.values[0]  # type: ignore[index]
         return out
+
+    def reaches_target(self, value: float | None) -> bool:
+        """Whether a finished trial's value reaches the spec's target (metric.target)."""
+        if self.target is None or value is None:
+            return False
+        return value >= self.target if self.direction == "maximize" else value <= self.target
 
     def searched_params(self) -> dict[str, ParamSpec]:
         return {k: p for k, p in self.parameters.items() if p.searched}

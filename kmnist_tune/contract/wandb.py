@@ -13,12 +13,20 @@ import re
 from typing import Any
 
 # One direction only: the spec's models know nothing of W&B's files (contract/load.py joins the two).
-from .spec import ALIASES, LR_FIND_ITERATIONS, BudgetSpec, SweepSpec, spec_to_dict
+from .spec import (
+    ALIASES,
+    LR_FIND_ITERATIONS,
+    BudgetSpec,
+    SweepSpec,
+    default_metric,
+    natural_direction,
+    spec_to_dict,
+)
 
 # W&B's search methods -> Optuna's samplers (TPE is Optuna's Bayesian optimisation).
 METHODS = {"grid": "grid", "random": "random", "bayes": "tpe"}
 # Keys only W&B's own agent uses: accepted, reported once, not used.
-AGENT_ONLY = ("program", "command", "entity", "controller", "job", "image_uri", "scheduler", "apiVersion", "kind")
+AGENT_ONLY = ("program", "command", "controller", "job", "image_uri", "scheduler", "apiVersion", "kind")
 # W&B metric names in common use -> this project's metrics.
 METRIC_NAMES: dict[str, str] = {
     **dict.fromkeys(
@@ -36,18 +44,23 @@ class TranslationError(ValueError):
 
 
 def looks_like_wandb(data: dict[str, Any]) -> bool:
-    return any(k in data for k in ("method", "early_terminate", "run_cap", *AGENT_ONLY, "project")) or isinstance(
+    return any(k in data for k in ("method", "early_terminate", "run_cap", *AGENT_ONLY, "project", "entity")) or isinstance(
         data.get("metric"), dict
     )
 
 
 def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """(the spec's keys, notes for the user: what was ignored). default_name: the study's name when
-    a W&B file gives none (the file's name)."""
+    """(the spec's keys, notes for the user: what was read how, and what was ignored). default_name: the
+    study's name when a W&B file gives none (the file's name)."""
     out = dict(data)
     notes: list[str] = []
     if isinstance(out.get("parameters"), dict):
-        out["parameters"] = _parameters(out["parameters"])
+        params = dict(out["parameters"])
+        if "seed" in params:
+            _seed(out, params.pop("seed"), notes)
+        out["parameters"], renamed = _parameters(params)
+        if renamed:
+            _set_wandb(out, "param_names", renamed)
     if not looks_like_wandb(data):
         return out, notes
     if "name" not in out and default_name:
@@ -56,7 +69,6 @@ def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[di
     if "metrics" in out:
         raise TranslationError("metrics: multi-objective sweeps (W&B's method: custom) are not supported; give one `metric`")
     ignored = [k for k in AGENT_ONLY if k in out]
-    unused_metric: list[str] = []
     for k in ignored:
         out.pop(k)
     if "method" in out:
@@ -66,34 +78,9 @@ def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[di
         if "sampler" in out:
             raise TranslationError("give either W&B's `method` or `sampler`, not both")
         out["sampler"] = {"name": METHODS[method]}
+    unused_metric: list[str] = []
     if isinstance(out.get("metric"), dict):
-        metric = dict(out.pop("metric"))
-        name = metric.pop("name", None)
-        goal = metric.pop("goal", None)
-        # target ends a W&B sweep early; impute* fill in W&B's bayes search for crashed runs (Optuna's
-        # samplers leave failed trials out instead).
-        for key in ("target", "impute", "impute_while_running"):
-            if key in metric:
-                metric.pop(key)
-                unused_metric.append(f"metric.{key}")
-        if metric:
-            raise TranslationError(
-                f"metric: unknown key {next(iter(metric))!r}; W&B's metric has name, goal, target, impute, impute_while_running"
-            )
-        if name is not None:
-            if name not in METRIC_NAMES:
-                known = ", ".join(sorted(METRIC_NAMES))
-                raise TranslationError(f"metric.name: {name!r} is not a metric this project records; use one of {known}")
-            out["metric"] = METRIC_NAMES[name]
-            if goal is None and METRIC_NAMES[name] != "valid_loss":
-                # W&B's default goal is minimize: it would minimise an accuracy. Say so rather than guess.
-                raise TranslationError(
-                    f"metric.goal: W&B's default goal is minimize, which would minimise {name}; add goal: maximize"
-                )
-        if goal is not None:
-            if goal not in GOALS:
-                raise TranslationError(f"metric.goal: {goal!r}; use maximize or minimize")
-            out["direction"] = GOALS[goal]
+        unused_metric = _metric(out, out.pop("metric"), notes)
     if "early_terminate" in out:
         if "pruner" in out:
             raise TranslationError("give either W&B's `early_terminate` or `pruner`, not both")
@@ -107,29 +94,123 @@ def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[di
             raise TranslationError(f"run_cap ({cap}) contradicts budget.n_trials ({budget['n_trials']}); give one")
         out["budget"] = {**budget, "n_trials": cap}
     if "budget" not in out and "method" in data:
-        out["budget"] = _grid_budget(out)
-    if "project" in out:
-        project = out.pop("project")
-        tracking = dict(out.get("tracking") or {})
-        wandb = dict(tracking.get("wandb") or {})
-        wandb.setdefault("project", project)
-        out["tracking"] = {**tracking, "wandb": wandb}
+        out["budget"] = _open_budget(out, notes)
+    for key in ("project", "entity"):  # where W&B puts the runs: the spec's tracking.wandb says the same
+        if key in out:
+            _set_wandb(out, key, out.pop(key), keep=True)
     if ignored:
         notes.append(f"ignored: {', '.join(ignored)} (used by W&B's own agent; kmnist-tune runs the trials itself)")
     if unused_metric:
         notes.append(
-            f"ignored: {', '.join(unused_metric)} (W&B's controller: target ends a sweep early, impute scores crashed "
-            "runs; the budget ends a study here, and Optuna's samplers leave failed trials out)"
+            f"ignored: {', '.join(unused_metric)} (W&B's bayes search scores crashed runs with it; "
+            "Optuna's samplers leave failed trials out)"
         )
     return out, notes
 
 
-def _grid_budget(spec: dict[str, Any]) -> dict[str, Any]:
-    """A W&B sweep without run_cap: a grid ends when it is used up; random and bayes never end."""
-    if (spec.get("sampler") or {}).get("name") != "grid":
+def _set_wandb(out: dict[str, Any], key: str, value: Any, keep: bool = False) -> None:
+    """Set tracking.wandb.KEY in the spec being built (keep: a value the spec gives already wins)."""
+    tracking = dict(out.get("tracking") or {}) if isinstance(out.get("tracking"), dict) else {}
+    wandb = dict(tracking.get("wandb") or {}) if isinstance(tracking.get("wandb"), dict) else {}
+    if not (keep and key in wandb):
+        wandb[key] = value
+    out["tracking"] = {**tracking, "wandb": wandb}
+
+
+def _seed(out: dict[str, Any], block: Any, notes: list[str]) -> None:
+    """`parameters.seed: {value: N}` (how W&B files pass a seed to the script) is the study's seed."""
+    if isinstance(block, dict):
+        if set(block) == {"value"}:
+            block = block["value"]
+        elif set(block) <= {"values", "distribution"} and isinstance(block.get("values"), list) and len(block["values"]) == 1:
+            block = block["values"][0]
+        else:
+            raise TranslationError(
+                "parameters.seed: a seed is not searched here; give one seed as `seed: N` at the top level "
+                "(or parameters.seed: {value: N}): the study's seed drives its sampler and training"
+            )
+    if "seed" in out and out["seed"] != block:
+        raise TranslationError(f"parameters.seed ({block!r}) contradicts seed ({out['seed']!r}); give one")
+    out["seed"] = block
+    notes.append(f"parameters.seed: read as the study's seed (seed: {block!r} at the top level)")
+
+
+def _metric(out: dict[str, Any], block: Any, notes: list[str]) -> list[str]:
+    """W&B's `metric: {name, goal, target}` -> the spec's metric, direction and target, with the file's own
+    metric name kept for its W&B runs. W&B never checks the name (the metric is whatever the program logs,
+    and here the program is ours): a name this project does not log is read by what it says. Returns the
+    metric keys that have no use here."""
+    metric = dict(block)
+    name, goal, target = metric.pop("name", None), metric.pop("goal", None), metric.pop("target", None)
+    # impute* fill in W&B's bayes search for crashed runs (Optuna's samplers leave failed trials out instead).
+    unused = [f"metric.{key}" for key in ("impute", "impute_while_running") if metric.pop(key, None) is not None]
+    if metric:
         raise TranslationError(
-            "run_cap: W&B runs a random or bayes sweep until you stop it; give run_cap: N (the number of trials)"
+            f"metric: unknown key {next(iter(metric))!r}; W&B's metric has name, goal, target, impute, impute_while_running"
         )
+    if goal is not None and goal not in GOALS:
+        raise TranslationError(f"metric.goal: {goal!r}; use maximize or minimize")
+    d = out.get("data")
+    dataset = d.get("dataset", "kmnist") if isinstance(d, dict) else "kmnist"
+    if name is None:
+        mapped, how = default_metric(dataset), ""
+    elif not isinstance(name, str) or not name.strip() or len(name) > 128:
+        raise TranslationError(f"metric.name: {name!r}; give the metric's name as text (at most 128 characters)")
+    else:
+        mapped, how = _read_metric_name(name, goal, dataset)
+    if name is not None and goal is None and mapped != "valid_loss":
+        # W&B's default goal is minimize: it would minimise an accuracy. Say so rather than guess.
+        raise TranslationError(f"metric.goal: W&B's default goal is minimize, which would minimise {name}; add goal: maximize")
+    natural = natural_direction(mapped)
+    if goal is not None and GOALS[goal] != natural:
+        what = "a loss" if mapped == "valid_loss" else "an accuracy"
+        raise TranslationError(f"metric.goal: {goal} would {goal[:-3]}ise {name or mapped}, {what} here; use goal: {natural}")
+    out["metric"], out["direction"] = mapped, natural
+    if how:
+        notes.append(f"metric.name: {name!r} {how}: the study {natural[:-3]}ises {mapped} (on the validation split)")
+    if name is not None:
+        _set_wandb(out, "metric_name", name)
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, int | float):
+            raise TranslationError(f"metric.target: {target!r} is not a number; give the value that ends the sweep")
+        if mapped != "valid_loss" and not 0 < target <= 1:
+            raise TranslationError(
+                f"metric.target: {target:g} is never reached by {name or mapped}, an accuracy from 0 to 1; "
+                "give a fraction such as 0.99"
+            )
+        out["target"] = target
+    return unused
+
+
+def _read_metric_name(name: str, goal: str | None, dataset: str) -> tuple[str, str]:
+    """(this project's metric for a W&B metric name, how it was read: '' for a name it records)."""
+    if name in METRIC_NAMES:
+        return METRIC_NAMES[name], ""
+    low = name.lower()
+    accuracy = default_metric(dataset)  # balanced accuracy on the imbalanced K49
+    if "loss" in low:  # before "acc": an `accumulated_loss` is a loss
+        return "valid_loss", "names a loss"
+    if "acc" in low:
+        return ("balanced_accuracy" if "balanced" in low else accuracy), "names an accuracy"
+    if goal == "maximize":
+        return accuracy, "is not a metric this project logs; with goal maximize"
+    said = "goal minimize" if goal else "no goal (W&B minimises by default)"
+    return "valid_loss", f"is not a metric this project logs; with {said}"
+
+
+def _open_budget(spec: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """A W&B sweep without run_cap: a grid ends when it is used up; random and bayes run until stopped."""
+    if (spec.get("sampler") or {}).get("name") == "grid":
+        return _grid_budget(spec)
+    notes.append(
+        "run_cap: none given, so the study runs until stopped, as a W&B sweep does: `kmnist-tune study stop NAME`, "
+        "or bound it with --n-trials N (run) or `study extend NAME --n-trials N`"
+    )
+    return {}
+
+
+def _grid_budget(spec: dict[str, Any]) -> dict[str, Any]:
+    """A grid without run_cap runs each point of its grid once."""
     size = 1
     for block in (spec.get("parameters") or {}).values():
         if isinstance(block, dict) and isinstance(block.get("values"), list):
@@ -137,7 +218,8 @@ def _grid_budget(spec: dict[str, Any]) -> dict[str, Any]:
     return {"n_trials": size}
 
 
-def _parameters(params: dict[str, Any]) -> dict[str, Any]:
+def _parameters(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the blocks under this project's parameter names, our name -> the file's name where they differ)."""
     out: dict[str, Any] = {}
     given: dict[str, str] = {}  # our name -> the name the file used
     for name, block in params.items():
@@ -153,7 +235,7 @@ def _parameters(params: dict[str, Any]) -> dict[str, Any]:
         if target in out:
             raise TranslationError(f"parameters: {given[target]} and {name} name the same parameter ({target}); give one")
         out[target], given[target] = block, name
-    return out
+    return out, {ours: theirs for ours, theirs in given.items() if ours != theirs}
 
 
 def _hyperband(block: Any) -> dict[str, Any]:
@@ -212,7 +294,11 @@ def to_wandb(
     out["method"] = SAMPLER_METHODS[spec.sampler.name]
     if spec.sampler.name == "cmaes" or spec.sampler.options:
         notes.append(f"sampler: {spec.sampler.name} {spec.sampler.options or ''}".rstrip() + f" (W&B: method {out['method']})")
-    out["metric"] = {"name": WANDB_METRICS[spec.metric], "goal": spec.direction}
+    wandb_spec = spec.tracking.wandb
+    # The file's own names, where the study was made from one: they read back as the same metric and parameters.
+    out["metric"] = {"name": wandb_spec.metric_name or WANDB_METRICS[spec.metric], "goal": spec.direction}
+    if spec.target is not None:
+        out["metric"]["target"] = spec.target
     pruner = spec.pruner
     if pruner.name == "hyperband":
         o = pruner.options
@@ -235,8 +321,10 @@ def to_wandb(
         out["run_cap"] = n_trials
     if timeout is not None:
         notes.append(f"budget.timeout: {timeout:g} s per worker (W&B has no time limit)")
-    if spec.tracking.wandb.project is not None:
-        out["project"] = spec.tracking.wandb.project
+    for key in ("project", "entity"):
+        if getattr(wandb_spec, key) is not None:
+            out[key] = getattr(wandb_spec, key)
+    names = wandb_spec.param_names or {}
     params: dict[str, Any] = {}
     for name, p in spec.parameters.items():
         block = p.model_dump(mode="json", exclude_none=True)
@@ -251,16 +339,24 @@ def to_wandb(
                 continue
             block = {"distribution": "log_uniform_values", "min": lr_range[0], "max": lr_range[1]}
             notes.append(f"parameters.{name}: lr_finder ({width:g} decades around the {suggestion}), written as its range")
-        params[name] = block
-    out["parameters"] = params
+        params[names.get(name, name)] = block
     defaults = spec_to_dict(SweepSpec(name=spec.name, budget=BudgetSpec(n_trials=1)))
     mine = spec_to_dict(spec)
+    if mine.get("seed") != defaults.get("seed"):
+        params["seed"] = {"value": spec.seed}  # how W&B files pass a seed; it reads back as the study's seed
+    out["parameters"] = params
     for section in OWN_SECTIONS:
         if mine.get(section) != defaults.get(section):
-            notes.append(f"{section}: {mine[section]}")
-    if mine.get("seed") != defaults.get("seed"):
-        notes.append(f"seed: {mine['seed']}")
-    wandb = {k: v for k, v in mine["tracking"]["wandb"].items() if k != "project"}
+            notes.append(f"{section}: {_flow(mine[section])}")
+    written = ("project", "entity", "metric_name", "param_names")  # in the file, under W&B's keys
+    wandb = {k: v for k, v in mine["tracking"]["wandb"].items() if k not in written}
     if wandb != defaults["tracking"]["wandb"]:
-        notes.append(f"tracking.wandb: {wandb}")
+        notes.append(f"tracking.wandb: {_flow(wandb)}")
     return out, notes
+
+
+def _flow(value: Any) -> str:
+    """A setting as the one-line YAML a spec would hold (`{train_size: 300}`), not a Python repr."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()

@@ -50,6 +50,8 @@ class NoteListener(Listener):
 
         if end.trial is not None:
             save_note(end.trial, trial_note(end.number, end.state, end.value, end.metric, end.record))
+            if end.stopped_study:  # the study's note says it stopped, and why
+                refresh_study_note(end.trial.study)
 
 
 def _decades(width: float) -> str:

@@ -33,7 +33,7 @@ class Reporter(Listener):
     Used when stderr is not a terminal (CI, logs, `nohup`), so the output stays greppable.
     """
 
-    def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = ""):
+    def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = "", done: int = 0):
         self.stream = stream or sys.stderr
         self.label = f"[{label}] " if label else ""
         # Under a supervisor, every line also carries this slot's state for its live row.
@@ -97,8 +97,8 @@ class LiveReporter(Reporter):
     """A live display for a terminal: the study's trial count and the running trial's batches (or
     the LR finder's iterations)."""
 
-    def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = ""):
-        super().__init__(stream, total_trials, label)
+    def __init__(self, stream: TextIO | None = None, total_trials: int | None = None, label: str = "", done: int = 0):
+        super().__init__(stream, total_trials, label, done)
         self.console = Console(file=self.stream)
         self.bars = Progress(
             TextColumn("{task.description}"),
@@ -108,7 +108,8 @@ class LiveReporter(Reporter):
             console=self.console,
             transient=False,
         )
-        self.trials_task = self.bars.add_task(f"{self.label}trials (best -)", total=total_trials)
+        # A resumed study's bar starts at what is done already.
+        self.trials_task = self.bars.add_task(f"{self.label}trials (best -)", total=total_trials, completed=done)
         self.batch_task = self.bars.add_task("waiting for a trial", total=None)
         self.tasks: dict[str, TaskID] = {}
 
@@ -134,13 +135,17 @@ class LiveReporter(Reporter):
 
     def trial_finished(self, end: TrialEnd) -> None:
         super().trial_finished(end)
-        self.bars.update(self.trials_task, completed=end.finished, description=f"{self.label}trials (best {_fmt(end.best)})")
+        # The total follows `study extend` (end.budget is the budget as this trial's end read it).
+        self.bars.update(
+            self.trials_task, completed=end.finished, total=end.budget, description=f"{self.label}trials (best {_fmt(end.best)})"
+        )
 
 
-def make_reporter(total_trials: int | None = None, label: str = "", stream: TextIO | None = None) -> Reporter:
+def make_reporter(total_trials: int | None = None, label: str = "", stream: TextIO | None = None, done: int = 0) -> Reporter:
+    """Live bars on a terminal, plain lines elsewhere; `done`: trials the study has finished already."""
     stream = stream or sys.stderr
     cls = LiveReporter if stream.isatty() else Reporter
-    return cls(stream, total_trials, label)
+    return cls(stream, total_trials, label, done)
 
 
 class SlotBoard:

@@ -11,7 +11,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ..contract.records import FINISHED_STATES, LRPrior, TrialRecord
+from ..contract.records import FINISHED_STATES, Budget, LRPrior, TrialRecord
+from ..contract.space import without_quantiles
 from ..contract.spec import SweepSpec
 from ..service.studies import summarize
 from .plots import finish, placeholder, plot_prior, pyplot, save_axes, writable_folder
@@ -44,6 +45,13 @@ def _ped_anova() -> Any:
     return PedAnovaImportanceEvaluator()
 
 
+def importance_params(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """The parameters to weigh, one per knob: a W&B distribution drawn through its quantile is stored
+    twice (NAME, the value training used, and NAME_quantile, what the sampler proposed), and the
+    importance of the pair is NAME's."""
+    return sorted(without_quantiles({k: None for t in trials for k in t.params}))
+
+
 def importance_plot(study: optuna.Study, path: Path) -> Path:
     from optuna.visualization.matplotlib import plot_param_importances
 
@@ -51,7 +59,7 @@ def importance_plot(study: optuna.Study, path: Path) -> Path:
     if len(complete) < 2 or not complete[0].params:
         return placeholder(path, "Parameter importances", "needs at least 2 completed trials with searched parameters")
     try:
-        return save_axes(plot_param_importances(study, evaluator=_ped_anova()), path)
+        return save_axes(plot_param_importances(study, evaluator=_ped_anova(), params=importance_params(complete)), path)
     except (RuntimeError, ValueError) as e:  # e.g. every trial has the same parameters
         return placeholder(path, "Parameter importances", f"not computable: {e}")
 
@@ -100,6 +108,11 @@ def halving_plot(study: optuna.Study, path: Path) -> Path:
     return finish(fig, ax, path, "trial", "batch size", title)
 
 
+def shown_params(params: dict[str, Any]) -> str:
+    """Parameters as `name=value, ...` (numbers to 4 significant digits), not a Python dict."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     """Writes the PNGs and index.html into `out`; returns the HTML page's path."""
     writable_folder(out, "--out")
@@ -120,7 +133,7 @@ def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     best, test = summary.best, summary.test_evaluation
     best_html = (
         f"<p>Best: trial {best.trial}, validation {html.escape(spec.metric)} "
-        f"<b>{best.value:.4f}</b>, parameters <code>{html.escape(str(best.params))}</code></p>"
+        f"<b>{best.value:.4f}</b>, parameters <code>{html.escape(shown_params(best.params))}</code></p>"
         if best
         else "<p>No completed trial yet.</p>"
     )
@@ -141,7 +154,7 @@ def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
 <style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}}figure{{margin:1.5em 0}}</style></head>
 <body><h1>Study {html.escape(study.study_name)}</h1>
 <p>{html.escape(spec.data.dataset)}, metric {html.escape(spec.metric)} ({spec.direction}); trials: {summary.states.describe()};
-budget {html.escape(str(summary.budget))}.</p>
+budget {html.escape(Budget(summary.budget["n_trials"], summary.budget["timeout"]).describe())}.</p>
 {best_html}{test_html}{prior_html}
 {figs}
 <p><small>Written {dt.datetime.now(dt.UTC).isoformat(timespec="seconds")} by kmnist-tune.</small></p>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..contract.records import Budget
 from ..service.studies import StudySummary
 
 
@@ -39,19 +40,17 @@ def summary_lines(s: StudySummary) -> list[str]:
 def show_lines(s: StudySummary) -> list[str]:
     """`study show`: the summary, then who runs what and which trials are retries."""
     lines = [f"study {s.study} in {s.storage}", *summary_lines(s)]
-    budget = s.budget
-    if budget:
-        lines.append(
-            f"budget: {budget.get('n_trials', 'no limit of')} trials"
-            + (f", {budget['timeout']:g} s per worker" if budget.get("timeout") else "")
-            + (f" (set at {budget['at']} by {budget['by']})" if budget.get("by") else "")
-        )
+    b = s.budget
+    said = Budget(b["n_trials"], b["timeout"]).describe()
+    lines.append(f"budget: {said}" + (f" (set at {b['at']} by {b['by']})" if b["by"] else ""))
     if s.stopped is not None:
         lines.append(f"{s.stopped.describe()}: workers claim no more trials (`kmnist-tune study resume {s.study}`)")
     if s.workers:
-        lines.append("workers (host gpu: running trials; finished, failed):")
+        lines.append("workers (host:pid gpu: running trials; finished, failed):")
         for w in s.workers:
             running = ", ".join(str(n) for n in w.running) or "-"
-            lines.append(f"  {w.host} {w.gpu}: running {running}; {w.finished} finished, {w.failed} failed")
-    lines += [f"retried: trial {r['trial']} is a retry of trial {r['retry_of']} ({r['state'].lower()})" for r in s.retried or []]
+            lines.append(f"  {w.host}:{w.pid} {w.gpu}: running {running}; {w.finished} finished, {w.failed} failed")
+    for r in s.retried or []:
+        was = (r["retry_of_state"] or "not found").lower()
+        lines.append(f"retried: trial {r['trial']} ({r['state'].lower()}) retries trial {r['retry_of']} ({was})")
     return lines

@@ -99,6 +99,15 @@ def wandb_target(cfg: WandbSpec, study: str, env: Mapping[str, str] | None = Non
     return WandbTarget(mode, folder, entity, project), notes
 
 
+# The one-cycle schedule's rate at the end of each epoch, in a run's history.
+SCHEDULED_LR = "scheduled_lr"
+
+
+def metric_key(metric: str) -> str:
+    """This project's name for the study's metric in a run's history: valid_accuracy, valid_loss."""
+    return metric if metric.startswith("valid_") else f"valid_{metric}"
+
+
 class WandbListener(Listener):
     """Starts a W&B run when a trial starts, logs its epochs and halvings, and finishes it with a
     summary (state, value, halving events, batch size used) when the trial ends."""
@@ -108,13 +117,14 @@ class WandbListener(Listener):
         self.target: WandbTarget | None = None  # decided at the first trial, when the study's name is known
         self.run: Any = None
         self.metric = "metric"
+        self.metric_name: str | None = None
 
     @property
     def mode(self) -> str:
         return self.target.mode if self.target is not None else resolve_mode("auto")
 
     def trial_started(self, start: TrialStart) -> None:
-        self.run, self.metric = None, start.metric
+        self.run, self.metric, self.metric_name = None, start.metric, self.cfg.metric_name
         if self.target is None:
             self.target, notes = wandb_target(self.cfg, start.study)
             for note in notes:
@@ -132,7 +142,7 @@ class WandbListener(Listener):
                 group=start.study,
                 job_type="trial",
                 name=f"{start.study}-trial-{start.number}",
-                config={**start.params, "trial": start.number, "device": start.device},
+                config={**self.named(start.params), "trial": start.number, "device": start.device},
                 mode=target.mode,
                 dir=str(target.dir),
                 reinit="finish_previous",
@@ -150,17 +160,25 @@ class WandbListener(Listener):
             self.say(f"W&B logging failed ({type(e).__name__}); training goes on")
             self.run = None
 
+    def named(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's parameters under the sweep file's names (`learning_rate`, not `lr`): the config the
+        user's panels and filters were written for. The config's lr is the trial's peak rate."""
+        names = self.cfg.param_names or {}
+        return {names.get(k, k): v for k, v in params.items()}
+
     def epoch(self, number: int, rec: EpochRecord) -> None:
         data = {
-            "epoch": rec.epoch,
+            "epoch": rec.epoch + 1,  # counted from 1, as every line of this project counts epochs
             "train_loss": rec.train_loss,
             "valid_loss": rec.valid_loss,
-            f"valid_{self.metric}": rec.metric,
+            metric_key(self.metric): rec.metric,
             "images_per_s": rec.images_per_s,
             "epoch_seconds": rec.seconds,
         }
+        if self.metric_name and self.metric_name not in data:
+            data[self.metric_name] = rec.metric  # the name the sweep file gave its metric
         if rec.lr is not None:
-            data["lr"] = rec.lr
+            data[SCHEDULED_LR] = rec.lr  # not `lr`: the config's lr is the peak, this is where the schedule is
         self._safe(lambda: self.run.log(data))
 
     def halving(self, number: int, event: HalvingEvent) -> None:

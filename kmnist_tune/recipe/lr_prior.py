@@ -16,13 +16,16 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 
 from ..contract.events import Listener
 from ..contract.records import LRPrior, TrialRecord
 from ..contract.space import default_within
 from ..contract.spec import SweepSpec
+from ..errors import UserError
 from ..observe.notes import attach_prior
 from ..observe.progress import make_reporter
+from ..service.cpu_share import CpuShare
 from ..service.lock import storage_lock
 from ..service.storage import open_storage
 from ..service.studies import open_study, require_lr_finder
@@ -142,13 +145,28 @@ def enqueue_suggestion(study: optuna.Study, spec: SweepSpec, prior: LRPrior) -> 
     )
 
 
-def rerun_prior(url: str, name: str, *, data_dir: Path | None, mirror: str | None, device: str) -> LRPrior:
-    """`lr-find`: run the finder again for a study and store the new curve (the first trial stays)."""
+def rerun_prior(
+    url: str, name: str, *, data_dir: Path | None, mirror: str | None, device: str, force: bool = False
+) -> tuple[LRPrior, LRPrior | None]:
+    """`lr-find`: run the finder again for a study and store the new curve (the first trial stays).
+    Returns (the new prior, the one it replaced). A study with trials already is refused unless `force`:
+    the new curve re-centres the lr range, so trials before and after it are drawn from different ranges.
+    The finder takes this process's share of the host's cores, as a worker's training does."""
     dev = resolve_device(device)
     storage = open_storage(url)
     study, spec = open_study(storage, name)
     require_lr_finder(name, spec)
+    old = LRPrior.read(study.user_attrs)
+    # Trials drawn from the range: a waiting one (the queued suggestion, a warm start) holds its own lr.
+    n_trials = len(study.get_trials(deepcopy=False, states=tuple(s for s in TrialState if s != TrialState.WAITING)))
+    if n_trials and not force:
+        searched = f"lr {old.low:.3g} .. {old.high:.3g}" if old is not None else "the stored lr range"
+        raise UserError(
+            f"study {name!r} has {n_trials} trial(s) drawn from {searched}; a new LR-finder curve re-centres that range, "
+            "so later trials would come from another one. Pass --force to re-run it anyway"
+        )
     splits = load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
-    with make_reporter(label="lr-find") as reporter:
+    with CpuShare() as cpu_share, make_reporter(label="lr-find") as reporter:
+        torch.set_num_threads(cpu_share.share().threads)
         prior, _ = ensure_prior(study, storage, spec, splits, dev, reporter, rerun=True)
-    return prior
+    return prior, old

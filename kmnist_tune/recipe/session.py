@@ -19,11 +19,11 @@ from ..masking import mask
 from ..observe.notes import NoteListener
 from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
-from ..optuna_internals import study_storage
+from ..optuna_internals import study_id, study_storage
 from ..service.cpu_share import CpuShare
 from ..service.schema import create_storage
 from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
-from ..service.storage import release
+from ..service.storage import count_states, release
 from ..service.studies import StudySummary, check_study, create_study, open_for_work, raise_budget, read_study, summarize
 from ..service.worker import StopFlag, Worker
 from ..training.data import resolve_data_dir
@@ -65,6 +65,7 @@ def work_here(
     timeout: float | None = None,
     splits: Splits | None = None,
     n_trials: int | None = None,
+    max_failures: int | None = None,
 ) -> WorkResult:
     """Work the study in this process until its budget is used, the time is up or a signal comes:
     the LR prior first (once per study), then the trial loop. `n_trials` raises the study's budget
@@ -78,7 +79,8 @@ def work_here(
     if n_trials is not None:
         raise_budget(study, spec, n_trials, None)
     splits = splits if splits is not None else load_data(spec, data)
-    with CpuShare() as cpu_share, make_reporter(Budget.of(study.user_attrs, spec).n_trials, label=label) as reporter:
+    total, done = Budget.of(study.user_attrs, spec).n_trials, count_states(storage, study_id(study)).finished
+    with CpuShare() as cpu_share, make_reporter(total, label=label, done=done) as reporter:
         events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
         torch.set_num_threads(cpu_share.share().threads)  # the LR finder too, if this worker runs it
         stop = StopFlag(log=reporter.line)
@@ -89,7 +91,8 @@ def work_here(
         )
         resolved = resolve_spec(study, storage, spec, splits, device, events)
         objective = Objective(resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share)
-        ran = Worker(study, storage, spec, objective, events, stop=stop).run(max_trials=max_trials, timeout=timeout)
+        worker = Worker(study, storage, spec, objective, events, stop=stop, max_consecutive_failures=max_failures)
+        ran = worker.run(max_trials=max_trials, timeout=timeout)
         if stop.requested:
             reporter.line(f"stopped by {stop.reason}")
     return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label, stop)
@@ -140,13 +143,23 @@ def attach_worker(
     n_trials: int | None = None,
     max_trials: int | None = None,
     timeout: float | None = None,
+    max_failures: int | None = None,
 ) -> WorkResult | None:
     """`kmnist-tune worker`: work a study created elsewhere, here (one CPU slot, or one slot of a
     supervisor) or with one pinned process per GPU slot (then None: each slot reports itself).
     `n_trials` raises the study's budget first (it never lowers it)."""
     if in_process or in_this_process(slots):
         label = WorkerInfo.here().label
-        return work_here(url, study_name, data, label=label, max_trials=max_trials, timeout=timeout, n_trials=n_trials)
+        return work_here(
+            url,
+            study_name,
+            data,
+            label=label,
+            max_trials=max_trials,
+            timeout=timeout,
+            n_trials=n_trials,
+            max_failures=max_failures,
+        )
     # Fail here, once, on an unknown study or a bad URL, before the slot processes start.
     if n_trials is not None:
         study, spec = read_study(url, study_name)
@@ -154,7 +167,14 @@ def attach_worker(
         release(study_storage(study))
     else:
         spec = check_study(url, study_name)
-    args = worker_args(study_name, data_dir=data.data_dir, mirror=data.mirror, max_trials=max_trials, timeout=timeout)
+    args = worker_args(
+        study_name,
+        data_dir=data.data_dir,
+        mirror=data.mirror,
+        max_trials=max_trials,
+        timeout=timeout,
+        max_consecutive_failed_runs=max_failures,
+    )
     # A worker asked to stop hands its trials back and exits 0 (containers are stopped that way).
     with contextlib.suppress(Stopped):
         run_slots(url, slots, args, _board(slots, spec))

@@ -449,7 +449,10 @@ class BestTrial:
 
 @dataclass
 class WorkerRow:
+    """One worker process: two on one host (one per GPU slot, or side by side on a CPU) are two rows."""
+
     host: str
+    pid: int
     gpu: str
     running: list[int] = field(default_factory=list)
     finished: int = 0
@@ -473,23 +476,14 @@ class StudySummary:
     retried: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None or k not in ("workers", "retried")}
-        out["states"] = self.states.nonzero()
-        return out
+        """`run`, `worker` and `study show --json`: every key always there (null where unset: no best yet,
+        no test score, not stopped, workers not asked for), every state counted (zeros too)."""
+        return {**asdict(self), "states": all_states(self.states)}
 
     def best_json(self) -> dict[str, Any]:
-        """`best --json`: the best trial, its configuration and (when there is one) its test score."""
-        if self.best is None:
-            raise no_completed_trial(self.study)
-        return {
-            "study": self.study,
-            "trial": self.best.trial,
-            "metric": self.metric,
-            "valid_value": self.best.value,
-            "params": self.best.params,
-            "config": self.best.config,
-            **({"test_evaluation": asdict(self.test_evaluation)} if self.test_evaluation else {}),
-        }
+        """`best --json`: the same names as `as_json` (best.value, test_evaluation), without the counts."""
+        full = self.as_json()
+        return {k: full[k] for k in ("study", "storage", "metric", "direction", "best", "test_evaluation")}
 
 
 def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True) -> StudySummary:
@@ -504,7 +498,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         metric=spec.metric,
         direction=spec.direction,
         states=count_states(storage, internals.study_id(study)),
-        budget={k: v for k, v in asdict(Budget.of(attrs, spec)).items() if v not in (None, "")},
+        budget=budget_json(Budget.of(attrs, spec)),
         best=None
         if best is None
         else BestTrial(best.number, best.value, without_quantiles(best.params), TrialRecord.of(best).config),
@@ -516,20 +510,36 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
     return summary
 
 
+def budget_json(budget: Budget) -> dict[str, Any]:
+    """The budget's fixed keys: n_trials and timeout (null: no limit; both null: until stopped), and
+    who set it when (null for a study's first budget from its spec)."""
+    return {
+        "n_trials": budget.n_trials,
+        "timeout": budget.timeout,
+        "until_stopped": budget.until_stopped,
+        "at": budget.at or None,
+        "by": budget.by or None,
+    }
+
+
 def read_summary(url: str, name: str, *, with_trials: bool = True) -> tuple[StudySummary, SweepSpec]:
     study, spec = read_study(url, name)
     return summarize(study, spec, with_trials=with_trials), spec
 
 
 def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[str, Any]]]:
-    """Trials grouped by the worker host and GPU that ran them, and the retried ones."""
-    groups: dict[tuple[str, str], WorkerRow] = {}
+    """Trials grouped by the worker process (host, pid, GPU) that ran them, and the retried ones with
+    both states: the retry's and its original's."""
+    groups: dict[tuple[str, int, str], WorkerRow] = {}
     retried = []
+    states = {t.number: t.state.name for t in trials}
     for t in trials:
         rec = TrialRecord.of(t)
         if rec.worker is None:
             continue
-        row = groups.setdefault((rec.worker.host, str(rec.worker.gpu)), WorkerRow(rec.worker.host, str(rec.worker.gpu)))
+        w = rec.worker
+        pid = w.pid if isinstance(w.pid, int) and not isinstance(w.pid, bool) else -1  # stored data: any type
+        row = groups.setdefault((str(w.host), pid, str(w.gpu)), WorkerRow(str(w.host), pid, str(w.gpu)))
         if t.state == TrialState.RUNNING:
             row.running.append(t.number)
         elif t.state.name in FINISHED_STATES:
@@ -537,15 +547,20 @@ def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[st
         elif t.state == TrialState.FAIL:
             row.failed += 1
         if rec.retry_of is not None:
-            retried.append({"trial": t.number, "retry_of": rec.retry_of, "state": t.state.name})
-    return sorted(groups.values(), key=lambda g: (g.host, g.gpu)), retried
+            original = states.get(rec.retry_of) if isinstance(rec.retry_of, int) else None
+            retried.append({"trial": t.number, "state": t.state.name, "retry_of": rec.retry_of, "retry_of_state": original})
+    return sorted(groups.values(), key=lambda g: (g.host, g.gpu, g.pid)), retried
 
 
 @dataclass
 class StudyListing:
+    """One row of `study list`: finished trials against the budget (what the budget counts), every
+    state's count, and the best value."""
+
     study: str
     finished: int
-    total: int
+    budget: dict[str, Any] | None  # budget_json; None: not a study of kmnist-tune's
+    states: dict[str, int]
     best: float | None
 
 
@@ -557,5 +572,14 @@ def list_studies(storage: BaseStorage) -> list[StudyListing]:
         if len(s.directions) == 1:  # another tool's multi-objective study has no single best
             with contextlib.suppress(ValueError):  # no completed trial yet
                 best = storage.get_best_trial(internals.study_id(s)).value
-        out.append(StudyListing(s.study_name, counts.finished, counts.total, best))
+        try:
+            budget: dict[str, Any] | None = budget_json(Budget.of(s.user_attrs, stored_spec(s.study_name, s.user_attrs)))
+        except UserError:  # another tool's study, or a spec that no longer reads: no budget to show
+            budget = None
+        out.append(StudyListing(s.study_name, counts.finished, budget, all_states(counts), best))
     return out
+
+
+def all_states(counts: StateCounts) -> dict[str, int]:
+    """Every Optuna trial state's count, zeros included (JSON keys that do not come and go)."""
+    return {state.name: counts[state.name] for state in TrialState}

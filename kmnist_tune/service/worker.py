@@ -24,7 +24,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..contract.events import Listener, TrialEnd
-from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
+from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo, who_and_when
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped, one_line
 from ..optuna_internals import study_id, trial_id
@@ -33,7 +33,6 @@ from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
 from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs
 
-MAX_FAILURES_IN_A_ROW = 3
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
 
@@ -134,8 +133,11 @@ class Worker:
         events: Listener,
         *,
         stop: StopFlag | None = None,
+        max_consecutive_failures: int | None = None,
     ):
         self.study, self.storage, self.spec = study, storage, spec
+        # W&B's agent flag (--max-consecutive-failed-runs) overrides the spec's workers.max_consecutive_failures.
+        self.max_failures = max_consecutive_failures or spec.workers.max_consecutive_failures
         self.objective, self.events = objective, events
         self.stop = stop or StopFlag()
         self.identity = WorkerInfo.here()
@@ -173,6 +175,18 @@ class Worker:
         if new:
             self._new_trials.add(trial_id(trial))
         return trial
+
+    def _stop_at_target(self, frozen: optuna.trial.FrozenTrial) -> str | None:
+        """W&B's metric.target: the study stops as `study stop` stops it (running trials finish, no
+        worker claims another), and the stop says why. The first trial to reach it writes the stop.
+        Returns the reason when this trial stopped the study."""
+        if not self.spec.reaches_target(frozen.value):
+            return None
+        at, by = who_and_when()
+        reason = f"trial {frozen.number} reached the target: {self.spec.metric} {frozen.value:.6g}, target {self.spec.target:g}"
+        StudyStop(at, by, reason=reason).store(self.study)
+        self.events.line(f"study {self.study.study_name}: {reason}; workers claim no more trials")
+        return reason
 
     def _look_for_stop_now(self) -> None:
         stopped = self.study_state()[1]
@@ -270,6 +284,9 @@ class Worker:
         else:
             # Its checkpoints and those of the trials it retries are not needed any more.
             self.remove_checkpoints(frozen)
+        # The budget as it is now (`study extend` may have changed it since the claim), and any stop.
+        self.budget, stop = self.study_state()
+        stopped = self._stop_at_target(frozen) if stop is None and frozen.state == TrialState.COMPLETE else None
         finished, best = finished_and_best(self.storage, self.study_id, self.spec.direction == "maximize")
         self.events.trial_finished(
             TrialEnd(
@@ -282,8 +299,9 @@ class Worker:
                 error=outcome.error,
                 best=best,
                 finished=finished,
-                budget=self.budget.n_trials,  # as read by this trial's claim
+                budget=self.budget.n_trials,
                 trial=trial,
+                stopped_study=stopped,
             )
         )
 
@@ -365,7 +383,7 @@ class Worker:
             ran += 1
             if frozen.state == TrialState.FAIL and not outcome.interrupted:
                 failures += 1
-                if failures >= MAX_FAILURES_IN_A_ROW:
+                if failures >= self.max_failures:
                     raise TrialsKeepFailing(
                         f"{failures} trials in a row failed (last: {outcome.error}); "
                         "check the spec's ranges and `kmnist-tune study show`"

@@ -18,14 +18,13 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, steep, valley
 from fastai.learner import Learner
-from fastai.metrics import accuracy
 
 from ..contract.records import EpochRecord
 from ..contract.spec import LR_FIND_ITERATIONS
 from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
-from .loop import DeviceAvgMetric, TrialCallback, TrialLearner, balanced_accuracy, use_trial_callbacks
+from .loop import DeviceAccuracy, TrialCallback, TrialLearner, balanced_accuracy, use_trial_callbacks
 from .model import build_model
 from .optim import knob, loss_func, mixing_callbacks, moms, one_cycle_scheduler, opt_func
 from .precision import Bf16Autocast, CompiledModels, close_leaked_autocast, prepare_model, resolve_performance
@@ -99,7 +98,7 @@ def metric_for(metric: str) -> tuple[Any | None, str]:
     if metric == "balanced_accuracy":
         return balanced_accuracy(), "balanced_accuracy_score"
     if metric == "accuracy":
-        return DeviceAvgMetric(accuracy), "accuracy"
+        return DeviceAccuracy(), "accuracy"
     return None, "valid_loss"
 
 
