@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def cli_here(
     loggers = [logging.getLogger(n) for n in ("", "optuna", "sqlalchemy")]
     kept = [(lg, list(lg.filters), [(h, list(h.filters)) for h in lg.handlers]) for lg in loggers]
     argv = sys.argv[:]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # `run`/`worker` set their own
     with contextlib.ExitStack() as stack:
         where = cwd or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kt-cli-")))
         stdout, stderr, _ = stack.enter_context(CliRunner().isolation(env=overrides))
@@ -164,9 +166,11 @@ def cli_here(
             sys.stdout.flush()
             sys.stderr.flush()
             sys.argv[:] = argv
-            for lg, filters, handlers in kept:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for lg, filters, log_handlers in kept:
                 lg.filters[:] = filters
-                for h, hf in handlers:
+                for h, hf in log_handlers:
                     h.filters[:] = hf
         out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
     proc = subprocess.CompletedProcess(["kmnist-tune", *args], rc, out, err)

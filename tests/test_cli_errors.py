@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from conftest import FIXTURE, cli_env, cli_here, command_paths, error_line, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, REPO, cli_env, cli_here, command_paths, error_line, run_cli, tiny_spec, write_spec
 
 
 def make_study(tmp_path: Path, url: str) -> str:
@@ -187,7 +187,13 @@ def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path, sqlite_s
     # The JSON shapes the README documents: fixed keys, zeros and nulls included, one name for one thing.
     listed = json.loads(cli_here("study", "list", "--storage", url, "--json").stdout)
     no_trials = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
-    budget = {"n_trials": 2, "timeout": None, "until_stopped": False, "at": None, "by": None}
+    budget = listed[0]["budget"]
+    assert {k: budget[k] for k in ("n_trials", "timeout", "until_stopped")} == {
+        "n_trials": 2,
+        "timeout": None,
+        "until_stopped": False,
+    }
+    assert set(budget) == {"n_trials", "timeout", "until_stopped", "at", "by"} and "@" in budget["by"]  # who set it, when
     assert listed == [{"study": "exists", "finished": 0, "budget": budget, "states": no_trials, "best": None}]
     shown = json.loads(cli_here("study", "show", "exists", "--storage", url, "--json").stdout)
     assert set(shown) == {*SUMMARY_KEYS, "spec"} and shown["states"] == no_trials and shown["budget"] == budget
@@ -200,3 +206,49 @@ def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path, sqlite_s
     }
     info = json.loads(cli_here("data", "info", "--data-dir", str(FIXTURE), "--json").stdout)
     assert info["n_classes"] == 10 and {f["state"] for f in info["files"]} == {"ok"} and len(info["files"]) == 8
+
+
+def readme_invocations() -> list[tuple[str, list[str]]]:
+    """Every place the README names a command with options: inline code and code-block lines that
+    start with a command (after `kmnist-tune ` where it is written), as (the text, its words)."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    found: list[tuple[str, list[str]]] = []
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        spans += [line.split(" #")[0] for line in block.splitlines() if "kmnist-tune " in line]
+    for span in spans:
+        words = span.split("kmnist-tune ", 1)[-1].replace("\\|", "|").split()
+        found.append((span, words))
+    return found
+
+
+def test_every_option_the_readme_names_exists() -> None:
+    """The README matches the CLI: each command it names has each option it names with it."""
+    import typer
+
+    from kmnist_tune.cli import app
+
+    root = typer.main.get_command(app)
+    checked = 0
+    wrong = []
+    for span, words in readme_invocations():
+        cmd = root
+        used = 0
+        for word in words:
+            if word in getattr(cmd, "commands", {}):  # a group (typer's own click, not always `click`)
+                cmd, used = cmd.commands[word], used + 1
+            else:
+                break
+        if not used:
+            continue  # not a command line (a key, a value, an option on its own)
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
+        for word in words[used:]:
+            option = word.strip("[](),.;").split("=")[0]
+            if option.startswith("--") and len(option) > 2:
+                checked += 1
+                if option not in known:
+                    wrong.append(f"{span!r}: {' '.join(words[:used])} has no {option}")
+    assert not wrong, wrong
+    assert checked > 60, checked  # the CLI reference table alone names more

@@ -140,6 +140,10 @@ def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], t
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture at all")
     assert "cannot be read as an image" in error_line(run_cli("predict", model, str(junk), check=False))
+    yaml_input = tmp_path / "some.yaml"
+    yaml_input.write_text("name: not images\n")  # the user's own file: never advised to delete it or fetch data
+    line = error_line(cli_here("predict", model, str(yaml_input), check=False))
+    assert "malformed" in line and "delete" not in line and "data fetch" not in line and ".npz (arr_0)" in line
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, np.zeros((3, 32, 32), np.uint8))
     assert "expected (N, 28, 28)" in error_line(cli_here("predict", model, str(wrong), check=False))
@@ -147,7 +151,7 @@ def test_bad_model_directories_and_inputs_are_one_line(winner: dict[str, Any], t
         cli_here("predict", model, str(TEST_IMAGES), "--out", str(tmp_path / "x.txt"), check=False)
     )
     line = error_line(run_cli("export", "--study", name, model, "--storage", winner["url"], check=False))
-    assert "not an empty folder" in line
+    assert "not an empty folder" in line and "--export" not in line and line.startswith("error: export folder ")
     # A second study in a copy of the storage (the shared one stays as it is).
     url = sqlite_copy(Path(winner["url"].removeprefix("sqlite:///")), tmp_path / "copy" / "kmnist-tune.db")
     cli_here("study", "create", str(write_spec(tmp_path / "o.yaml", tiny_spec("other"))), "--storage", url)

@@ -66,6 +66,29 @@ def test_an_objective_that_raises_anything_fails_its_trial_not_the_worker(error:
     assert TrialsKeepFailing.exit_code == 3
 
 
+def test_consecutive_failures_follow_the_spec_and_wandbs_flag(tmp_path: Path) -> None:
+    """workers.max_consecutive_failures (3 by default, as W&B's agent) is the study's; a worker's
+    --max-consecutive-failed-runs (W&B's flag) overrides it for that worker."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    spec = parse_spec(tiny_spec("fails", budget={"n_trials": 9}, workers={"max_consecutive_failures": 2}))
+    create_study(spec, create_storage(url), resume=False)
+    storage = open_worker_storage(url)
+    storage.use_heartbeat(30, 120, 0)
+    study, spec = open_study(storage, "fails")
+
+    def objective(trial: optuna.Trial) -> float:
+        raise RuntimeError("boom")
+
+    with pytest.raises(TrialsKeepFailing, match="2 trials in a row failed"):
+        Worker(study, storage, spec, objective, Reporter(io.StringIO())).run()
+    with pytest.raises(TrialsKeepFailing, match="4 trials in a row failed"):
+        Worker(study, storage, spec, objective, Reporter(io.StringIO()), max_consecutive_failures=4).run()
+    assert states(url, "fails") == {"FAIL": 6}
+    # The CLI takes W&B's name for it (and refuses a nonsense value in one line).
+    line = error_line(run_cli("worker", "fails", "--storage", url, "--max-consecutive-failed-runs", "0", check=False))
+    assert "--max-consecutive-failed-runs" in line
+
+
 def test_a_sampler_option_that_would_fail_when_sampling_is_refused_at_create(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     create(url, tiny_spec("other"))  # the storage holds a study already
@@ -271,3 +294,13 @@ def test_a_running_trial_that_never_beat_is_failed_and_retried(tmp_path: Path, w
     assert retry.state == TrialState.COMPLETE and retry.params["lr"] == orphan.params["lr"]
     assert worker.params[retry.number]["lr"] == orphan.params["lr"]  # what its objective was given
     assert states(url, "silent") == {"FAIL": 1, "COMPLETE": 2}
+
+
+def test_a_failed_trials_note_says_no_attempt_finished() -> None:
+    """Not "batch size: 32 → None used": a trial that failed before an attempt ended says so."""
+    from kmnist_tune.observe.notes import trial_note
+
+    failed = trial_note(3, "FAIL", None, "accuracy", TrialRecord(batch_size_initial=32, error="RuntimeError: boom"))
+    assert "- batch size: 32 at the start; no attempt finished" in failed and "None" not in failed
+    done = trial_note(4, "COMPLETE", 0.5, "accuracy", TrialRecord(batch_size_initial=32, batch_size_used=16, attempts=2))
+    assert "- batch size: 32 → 16 used (2 attempt(s))" in done

@@ -54,6 +54,7 @@ def test_a_running_worker_takes_up_an_extended_budget(
     assert worker.join() == 4 and w.count(*FINISHED) == 4
     shown = run_cli("study", "show", "grow", "--storage", url).stdout
     assert re.search(r"budget: 4 trials \(set at .+ by .+@.+\)", shown), shown
+    assert "n_trials: 4" in shown.split("spec:")[1] and "n_trials: 2" not in shown  # the spec shows today's budget
 
 
 def test_run_and_worker_raise_the_budget_and_never_shrink_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], watch) -> None:
@@ -71,6 +72,8 @@ def test_run_and_worker_raise_the_budget_and_never_shrink_it(tmp_path: Path, cap
     assert w.count(*FINISHED) == 3 and "3 complete" in again
     out, _ = in_process_cli(capsys, "worker", "--study", "raise", "--n-trials", "4", "--storage", url)
     assert ran(out) == 1 and w.count(*FINISHED) == 4
+    _, err = in_process_cli(capsys, "run", str(spec), "--storage", url)  # a finished study says why nothing ran
+    assert "study raise: its budget of 4 trials is used; raise it with --n-trials N" in err and w.count(*FINISHED) == 4
     line = error_line(run_cli("study", "extend", "raise", "--n-trials", "2", "--storage", url, check=False))
     assert "4 finished trials already" in line and "at least 4" in line
     assert "--n-trials" in error_line(run_cli("study", "extend", "raise", "--storage", url, check=False))
@@ -237,8 +240,8 @@ def test_a_sweep_without_run_cap_runs_with_two_workers_until_study_stop(tmp_path
     wait_until(lambda: w.count(TrialState.RUNNING, *FINISHED) >= 1, 120, "the run's first trial")
     second = spawn_cli("worker", "open", "--storage", url, "--threads", "1", env=env)
     try:
-        # Both work it: past any budget a spec could have meant, until the user stops it.
-        wait_until(lambda: w.count(*FINISHED) >= 4 and len(workers_seen(w)) == 2, 300, "trials by both processes")
+        # Both work it, with no budget, until the user stops it.
+        wait_until(lambda: w.count(*FINISHED) >= 2 and len(workers_seen(w)) == 2, 300, "trials by both processes")
         listed = run_cli("study", "list", "--storage", url).stdout
         assert re.search(r"open\t\d+ finished \(until stopped\)", listed), listed
         stopped = run_cli("study", "stop", "open", "--storage", url).stdout
@@ -253,12 +256,10 @@ def test_a_sweep_without_run_cap_runs_with_two_workers_until_study_stop(tmp_path
     assert w.count(TrialState.RUNNING) == 0 and w.count(TrialState.FAIL) == 0  # the running trials finished
     shown = run_cli("study", "show", "open", "--storage", url).stdout
     assert "budget: until stopped" in shown and re.search(r"stopped at .+ by .+@.+: workers claim no more", shown)
-    # --n-trials bounds it, as run's help says: a new total, worked to the end.
+    # `study extend` bounds it (as `run FILE --n-trials N` does: test_run_and_worker_raise_the_budget...).
     done = w.count(*FINISHED)
-    run_cli("study", "resume", "open", "--storage", url)
-    out = run_cli("worker", "open", "--storage", url, "--threads", "1", "--n-trials", str(done + 1), env=env)
-    assert ran(out.stdout) == 1 and w.count(*FINISHED) == done + 1
-    assert f"budget: {done + 1} trials" in run_cli("study", "show", "open", "--storage", url).stdout
+    run_cli("study", "extend", "open", "--n-trials", str(done + 1), "--storage", url)
+    assert f"open\t{done}/{done + 1} finished" in run_cli("study", "list", "--storage", url).stdout
 
 
 def workers_seen(w) -> set[int]:  # type: ignore[no-untyped-def]
@@ -285,3 +286,47 @@ def test_metric_target_stops_the_study_as_study_stop_does(tmp_path: Path, capsys
     storage = optuna.storages.RDBStorage(url)
     note = get_note_from_system_attrs(storage.get_study_system_attrs(storage.get_study_id_from_name("target")), None)["body"]
     assert "stopped" in note and reason in note, note
+
+
+def test_sigterm_after_the_final_summary_exits_0(tmp_path: Path) -> None:
+    """Once a worker has said what it ran, its work is stored: a SIGTERM in the teardown that follows
+    (W&B, connections, the interpreter) is no failure to a Kubernetes Job or compose's on-failure."""
+    import signal
+
+    from conftest import created_study, spawn_cli
+
+    url = created_study(tmp_path, "ended")
+    run_cli("study", "stop", "ended", "--storage", url)  # the workers claim nothing and end at once
+    # Two slot processes under a supervisor, as on a host with GPUs (the supervisor's own handlers are
+    # gone once its slots have ended).
+    proc = spawn_cli("worker", "ended", "--storage", url, "--gpus", "none", "--per-gpu", "2", "--threads", "1")
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
+        assert all(line.startswith("worker ran 0 trial(s)") for line in lines), lines
+        time.sleep(0.3)  # the slots have ended; the supervisor tears down
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (proc.returncode, err[-500:])
+
+
+def test_the_live_bar_starts_at_what_is_done_and_follows_extend() -> None:
+    """A resumed study's bar starts at its finished trials (not 0/4, then 4/4), and its total and the
+    "left" count follow `study extend` (the worker reads the budget again after each trial)."""
+    import io
+
+    from kmnist_tune.contract.events import TrialEnd
+    from kmnist_tune.observe.progress import LiveReporter, Reporter
+
+    live = LiveReporter(io.StringIO(), total_trials=4, done=4)
+    assert live.bars.tasks[live.trials_task].completed == 4 and live.bars.tasks[live.trials_task].total == 4
+    end = TrialEnd(
+        study="s", number=4, state="COMPLETE", value=0.5, metric="accuracy", record=TrialRecord(), finished=5, budget=6
+    )
+    live.trial_finished(end)
+    assert (live.bars.tasks[live.trials_task].completed, live.bars.tasks[live.trials_task].total) == (5, 6)
+    plain = io.StringIO()
+    Reporter(plain, total_trials=4).trial_finished(end)
+    assert "(5 finished, 1 left)" in plain.getvalue()

@@ -5,6 +5,8 @@ by the first two tests, and by test_artifacts.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -14,7 +16,9 @@ import pytest
 from conftest import cli_here, error_line, run_cli, spawn_cli, tiny_spec, write_spec
 from shared_trained import FINDER_STEPS, LrPriorStudy, lr_prior_spec
 
-from kmnist_tune.contract.records import PRIOR_ATTR, TrialRecord
+from kmnist_tune.contract.records import PRIOR_ATTR, LRPrior, TrialRecord
+from kmnist_tune.errors import UserError
+from kmnist_tune.service.lr_curve import with_curve
 from kmnist_tune.service.storage import open_storage, release
 
 
@@ -32,7 +36,21 @@ def test_prior_is_stored_read_by_another_process_and_tried_first(lr_prior_study:
     prior, trials = stored(lr_prior_study)
     assert prior["key"] == "kmnist/resnet18/imagenet/bs32"
     assert set(prior["suggestions"]) == {"minimum", "steep", "valley"}
-    lrs, losses = prior["lrs"], prior["losses"]
+    # The curve is an artifact of the study, not two hundred floats in its attributes.
+    assert "lrs" not in prior and "losses" not in prior and len(json.dumps(prior)) < 1500, len(json.dumps(prior))
+    storage = open_storage(lr_prior_study.url)
+    try:
+        kept = LRPrior.read({PRIOR_ATTR: prior})
+        curve = with_curve(storage, lr_prior_study.name, kept)
+        # What comes back is checked: another hash, another id form, and it is refused in one line.
+        for bad in ({**prior["curve"], "sha256": "0" * 64}, {**prior["curve"], "artifact": "../../etc/passwd"}):
+            with pytest.raises(UserError) as err:
+                with_curve(storage, lr_prior_study.name, dataclasses.replace(kept, curve=bad))
+            assert "\n" not in str(err.value)
+    finally:
+        release(storage)
+    lrs, losses = curve.lrs, curve.losses
+    assert prior["curve"]["points"] == len(lrs)
     assert len(lrs) == len(losses) >= FINDER_STEPS * 2 // 3 and lrs == sorted(lrs)  # it may stop once the loss diverges
     # fastai's `minimum` is the tutorial's rule: one decade below the lowest smoothed loss
     # (fastai skips the first 10% and the last 5 points of the curve).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -210,6 +211,8 @@ def test_the_wandb_file_runs_unchanged(tmp_path: Path) -> None:
         run = runs[f"wb-fastai-trial-{t.number}"]
         assert run["config"]["learning_rate"] == t.params["lr"] and "lr" not in run["config"]  # the peak rate
         assert run["config"]["num_epochs"] == 1 and run["config"]["batch_size"] == t.params["batch_size"]
+        n_valid = int(re.search(r"(\d+) valid", out.stderr).group(1))  # type: ignore[union-attr]
+        assert t.value * n_valid == round(t.value * n_valid) and t.value == round(t.value * n_valid) / n_valid  # exact
         epochs = [h for h in run["history"] if "val_accuracy" in h]
         assert [h["epoch"] for h in epochs] == [1]  # as the CLI says "epoch 1/1"
         assert epochs[0]["val_accuracy"] == epochs[0]["valid_accuracy"] == pytest.approx(t.value)
@@ -489,6 +492,10 @@ def test_as_wandb_says_what_wandb_has_no_key_for(tmp_path: Path) -> None:
     notes = "\n".join(got["not_in_wandb"])
     for said in ("pruner: median", "budget.timeout: 600", "parameters.lr: lr_finder (2 decades", "data: {"):
         assert said in notes, (said, notes)
+    assert "data: {dataset: kmnist" in notes and "{'" not in notes  # one-line YAML, not a Python dict
+    # The file says what reading it back loses, instead of promising a round trip.
+    text = run_cli("study", "show", "native", "--as-wandb", "--storage", url).stdout
+    assert "reads back its search" in text and "reading this file back" in text and "gives each its default" in text
 
 
 def test_as_wandb_turns_optunas_automatic_min_resource_into_a_valid_min_iter() -> None:

@@ -60,7 +60,10 @@ def test_four_workers_staggered_finish_exactly_the_budget(pg_workers_scenario: P
     assert sum(t.state in FINISHED for t in s.trials) == s.n_trials, states(s.trials)
     assert states(s.trials).get("RUNNING", 0) == 0
     assert sum(ran(out) for out, _ in s.outs) == len(s.trials) == s.n_trials
-    assert re.search(r"workers \(host gpu", s.shown) and " cpu: running -;" in s.shown
+    assert re.search(r"workers \(host:pid gpu", s.shown) and " cpu: running -;" in s.shown
+    # One row per worker process (four processes on this one host), each with its pid.
+    rows = re.findall(r"^  \S+:(\d+) cpu: running -; (\d+) finished", s.shown, re.M)
+    assert len({pid for pid, _ in rows}) == len(rows) == 4 and sum(int(n) for _, n in rows) == s.n_trials, s.shown
 
 
 @pytest.mark.postgres

@@ -92,6 +92,17 @@ def say(text: str) -> None:
     print(mask(text), file=sys.stderr, flush=True)
 
 
+def work_is_done() -> None:
+    """From here on a stop signal is ignored: the work is stored and the summary follows, so the second
+    or two of teardown after it (W&B, connections, the interpreter) ends with status 0, which is no failure
+    to a Kubernetes Job or compose's `on-failure`. Ignored, not handled: Python puts its own handlers back
+    to the default (exit 143) while the interpreter finalises, but leaves an ignored signal ignored."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def out_json(data: Any) -> None:
     out(json.dumps(data, indent=2, default=str))
 

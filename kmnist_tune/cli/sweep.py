@@ -28,6 +28,7 @@ from .options import (
     storage_url,
     study_name,
     use_threads,
+    work_is_done,
 )
 
 
@@ -62,6 +63,7 @@ def run(
     for note in spec.notes:
         say(note)
     summary = run_sweep(spec, storage_url(storage), slots, DataOptions(data_dir, mirror))
+    work_is_done()
     if as_json:
         out_json(summary.as_json())
     else:
@@ -120,6 +122,7 @@ def worker(
         timeout=timeout,
         max_failures=max_failures,
     )
+    work_is_done()
     if result is None:  # supervised slots: each reported itself
         return
     stalled = f"; waited {result.stalled_s:.1f} s for the storage" if result.stalled_s else ""

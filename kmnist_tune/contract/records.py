@@ -280,8 +280,6 @@ class LRPrior(StudyRecord):
 
     ATTR: ClassVar[str] = PRIOR_ATTR
     key: str
-    lrs: list[float]
-    losses: list[float]
     suggestions: dict[str, float]
     suggestion: str  # which one is the centre
     centre: float
@@ -291,6 +289,25 @@ class LRPrior(StudyRecord):
     computed_at: str
     seconds: float
     host: str
+    # The curve itself is an artifact of the study (service/lr_curve.py), named by `curve`: {artifact,
+    # sha256, points, signature}. lrs and losses are filled in memory (and stored by older versions).
+    curve: dict[str, Any] | None = None
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lrs, self.losses = list(self.lrs or []), list(self.losses or [])  # read(): None when not stored
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("lrs", "losses")}
+
+    @property
+    def points(self) -> int:
+        """The curve's length (the finder's iterations, fewer when it stopped on a diverging loss)."""
+        if self.lrs:
+            return len(self.lrs)
+        n = self.curve.get("points") if isinstance(self.curve, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
     def resolve(self, spec: SweepSpec) -> SweepSpec:
         """The spec with `lr: {distribution: lr_finder}` replaced by this prior's log-uniform range."""

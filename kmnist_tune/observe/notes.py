@@ -19,7 +19,10 @@ from ..errors import one_line
 def trial_note(number: int, state: str, value: float | None, metric: str, rec: TrialRecord) -> str:
     """The markdown note optuna-dashboard shows on a trial: the recipe's evidence at a glance."""
     lines = [f"### Trial {number}: {state.lower()}" + (f", {metric} {value:.4f}" if value is not None else "")]
-    lines.append(f"- batch size: {rec.batch_size_initial} → {rec.batch_size_used} used ({rec.attempts or 1} attempt(s))")
+    if rec.batch_size_used is not None:
+        lines.append(f"- batch size: {rec.batch_size_initial} → {rec.batch_size_used} used ({rec.attempts or 1} attempt(s))")
+    elif rec.batch_size_initial is not None:  # it ended (failed, handed back) before an attempt did
+        lines.append(f"- batch size: {rec.batch_size_initial} at the start; no attempt finished")
     if rec.halving_events:
         lines.append("- halvings:")
         for e in rec.halving_events:
@@ -61,7 +64,7 @@ def _decades(width: float) -> str:
 def prior_note(prior: LRPrior, study_name: str) -> str:
     rows = "\n".join(f"| {k} | {v:.3g}{' ← centre' if k == prior.suggestion else ''} |" for k, v in prior.suggestions.items())
     return (
-        f"## LR finder ({prior.key})\n\nfastai `lr_find`, {len(prior.lrs)} iterations on the training split, "
+        f"## LR finder ({prior.key})\n\nfastai `lr_find`, {prior.points} iterations on the training split, "
         f"{prior.seconds:.1f} s on {prior.host} at {prior.computed_at}.\n\n| suggestion | lr |\n|---|---|\n{rows}\n\n"
         f"The learning rate of study **{study_name}** is searched log-uniformly over "
         f"**{prior.low:.3g} … {prior.high:.3g}** ({_decades(prior.width)} around the {prior.suggestion} suggestion); "

@@ -14,6 +14,9 @@ from optuna.trial import TrialState
 from ..contract.records import FINISHED_STATES, Budget, LRPrior, TrialRecord
 from ..contract.space import without_quantiles
 from ..contract.spec import SweepSpec
+from ..errors import UserError
+from ..optuna_internals import study_storage
+from ..service.lr_curve import with_curve
 from ..service.studies import summarize
 from .plots import finish, placeholder, plot_prior, pyplot, save_axes, writable_folder
 
@@ -113,6 +116,16 @@ def shown_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def prior_plot(study: optuna.Study, prior: LRPrior | None, path: Path) -> Path:
+    """The LR finder's curve (an artifact of the study), or a placeholder that says why there is none."""
+    if prior is None:
+        return placeholder(path, "LR finder", "this study's lr is not searched with the LR finder")
+    try:
+        return plot_prior(with_curve(study_storage(study), study.study_name, prior), path)
+    except UserError as e:
+        return placeholder(path, "LR finder", str(e))
+
+
 def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     """Writes the PNGs and index.html into `out`; returns the HTML page's path."""
     writable_folder(out, "--out")
@@ -120,12 +133,7 @@ def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     figures = [
         ("Optimisation history", history_plot(study, out / "history.png")),
         ("Parameter importances", importance_plot(study, out / "importances.png")),
-        (
-            "LR finder",
-            plot_prior(prior, out / "lr-finder.png")
-            if prior
-            else placeholder(out / "lr-finder.png", "LR finder", "this study's lr is not searched with the LR finder"),
-        ),
+        ("LR finder", prior_plot(study, prior, out / "lr-finder.png")),
         ("Validation per epoch (top trials)", top_trials_plot(study, spec, out / "top-trials.png")),
         ("Batch halving", halving_plot(study, out / "halving.png")),
     ]

@@ -64,11 +64,12 @@ MODEL_FILES = (WEIGHTS, PROGRAM, FASTAI, CLASSES, CARD_JSON, CARD_MD)
 MAX_FILE_BYTES = 4 << 30  # resnet152's fastai export is under 300 MB
 
 
-def check_destination(dest: Path) -> None:
-    """A model directory goes to a new (or empty) folder in a folder that can be written."""
+def check_destination(dest: Path, named: str = "--export") -> None:
+    """A model directory goes to a new (or empty) folder in a folder that can be written. `named`: how
+    the command the user typed calls it (`best --export DIR`, `export DIR`)."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UserError(f"--export {dest}: it exists and is not an empty folder; give a new folder")
-    writable_folder(dest.resolve().parent, "--export")
+        raise UserError(f"{named} {dest}: it exists and is not an empty folder; give a new folder")
+    writable_folder(dest.resolve().parent, named)
 
 
 def _versions() -> dict[str, str]:
@@ -251,7 +252,7 @@ def evaluate_best(
 def fetch_model(url: str, name: str, dest: Path) -> Path:
     """`export --study NAME DIR`: the model directory kept on the study by `best --evaluate`, each
     file written under its fixed name in a private temporary folder and checked as it is copied."""
-    check_destination(dest)
+    check_destination(dest, "export folder")
     storage = open_storage(url)
     study, _ = open_study(storage, name)
     kept = KeptModel.read(study.user_attrs)

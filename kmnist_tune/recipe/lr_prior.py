@@ -22,11 +22,12 @@ from ..contract.events import Listener
 from ..contract.records import LRPrior, TrialRecord
 from ..contract.space import default_within
 from ..contract.spec import SweepSpec
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..observe.notes import attach_prior
 from ..observe.progress import make_reporter
 from ..service.cpu_share import CpuShare
 from ..service.lock import storage_lock
+from ..service.lr_curve import store_curve
 from ..service.storage import open_storage
 from ..service.studies import open_study, require_lr_finder
 from ..training.data import resolve_data_dir
@@ -117,6 +118,13 @@ def ensure_prior(
         prior.store(study)
         if first:
             enqueue_suggestion(study, spec, prior)
+    # The curve after the lock: its upload takes the artifacts lock, and a worker's storage has two
+    # connections. Evidence, not the prior: the search range is stored already.
+    try:
+        prior.curve = store_curve(storage, study, prior)
+        prior.store(study)
+    except Exception as e:
+        events.line(f"could not store the LR-finder curve on the study ({type(e).__name__}: {one_line(e, 120)})")
     attach_prior(study, storage, prior, events.line)
     return prior, True
 

@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..masking import mask
 from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .lock import storage_lock
+from .lr_curve import with_curve
 from .retry import RetryingRDBStorage, RetryingStorage, open_worker_storage
 from .schema import create_storage
 from .storage import (
@@ -426,7 +427,7 @@ def read_prior(url: str, name: str) -> LRPrior:
     prior = LRPrior.read(study.user_attrs)
     if prior is None:
         raise UserError(f"study {name!r} has no stored LR-finder prior yet; run `kmnist-tune lr-find --study {name}`")
-    return prior
+    return with_curve(internals.study_storage(study), name, prior)
 
 
 def require_lr_finder(name: str, spec: SweepSpec) -> None:

@@ -368,7 +368,13 @@ class Worker:
                 # Trials running elsewhere, or about to (claimed, not yet made), may still fail and come back.
                 running = self.counts().running + pending_claims(self.storage, self.study_id)
                 if running == 0 or not self.heartbeat_interval:
-                    break  # budget used, and no trial elsewhere that could still fail and come back
+                    # Budget used, and no trial elsewhere that could still fail and come back.
+                    n = self.budget.n_trials
+                    self.events.line(
+                        f"study {self.study.study_name}: its budget of {n} trial{'s' if n != 1 else ''} is used; "
+                        "raise it with --n-trials N or `kmnist-tune study extend`"
+                    )
+                    break
                 if not waiting_said:
                     self.events.line(f"budget claimed; waiting while {running} trial(s) run elsewhere")
                     waiting_said = True

@@ -481,9 +481,11 @@ def _read_verified(path: Path, md5: str, source: str, max_bytes: int) -> bytes:
 
 
 def _malformed(path: Path, why: str) -> DataError:
-    return DataError(
-        f"{path.name} in {path.parent} is malformed ({why}); replace it with the official file (delete it and run `{FETCH_HINT}`)"
-    )
+    if path.name in _OFFICIAL_MD5:
+        fix = f"replace it with the official file (delete it and run `{FETCH_HINT}`)"
+    else:  # a user's own input to predict: theirs to fix, never a file to delete or download
+        fix = "give pictures, or an .npz (arr_0) or idx file of 28x28 uint8 images (labels: whole numbers)"
+    return DataError(f"{path.name} in {path.parent} is malformed ({why}); {fix}")
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> tuple[np.ndarray, int]:
