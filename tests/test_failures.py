@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, error_line, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import cli_env, cli_here, error_line, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import wait_until
 from optuna.trial import TrialState
 from sim_worker import Simulated, create
@@ -85,7 +85,7 @@ def test_consecutive_failures_follow_the_spec_and_wandbs_flag(tmp_path: Path) ->
         Worker(study, storage, spec, objective, Reporter(io.StringIO()), max_consecutive_failures=4).run()
     assert states(url, "fails") == {"FAIL": 6}
     # The CLI takes W&B's name for it (and refuses a nonsense value in one line).
-    line = error_line(run_cli("worker", "fails", "--storage", url, "--max-consecutive-failed-runs", "0", check=False))
+    line = error_line(cli_here("worker", "fails", "--storage", url, "--max-consecutive-failed-runs", "0", check=False))
     assert "--max-consecutive-failed-runs" in line
 
 

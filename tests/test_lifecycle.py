@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import error_line, run_cli, tiny_spec, write_spec
+from conftest import cli_here, error_line, run_cli, tiny_spec, write_spec
 from helpers import wait_until
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -234,17 +234,18 @@ def test_a_sweep_without_run_cap_runs_with_two_workers_until_study_stop(tmp_path
     path = tmp_path / "open.yaml"
     path.write_text(OPEN_ENDED)
     url = f"sqlite:///{tmp_path / 'open.db'}"
-    env = cli_env(XDG_RUNTIME_DIR=str(tmp_path / "run"))  # the two processes share the cores (cpu_share)
+    env = cli_env(XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    cli_here("study", "create", str(path), "--storage", url)  # so that the worker can attach from the start
+    # `run` resumes the study the file names; the two processes take one core each.
     first = spawn_cli("run", str(path), "--storage", url, "--threads", "1", env=env)
-    w = watch(url, "open")
-    wait_until(lambda: w.count(TrialState.RUNNING, *FINISHED) >= 1, 120, "the run's first trial")
     second = spawn_cli("worker", "open", "--storage", url, "--threads", "1", env=env)
+    w = watch(url, "open")
     try:
         # Both work it, with no budget, until the user stops it.
         wait_until(lambda: w.count(*FINISHED) >= 2 and len(workers_seen(w)) == 2, 300, "trials by both processes")
-        listed = run_cli("study", "list", "--storage", url).stdout
+        listed = cli_here("study", "list", "--storage", url).stdout
         assert re.search(r"open\t\d+ finished \(until stopped\)", listed), listed
-        stopped = run_cli("study", "stop", "open", "--storage", url).stdout
+        stopped = cli_here("study", "stop", "open", "--storage", url).stdout
         assert "workers claim no more trials" in stopped
         outs = [p.communicate(timeout=180) for p in (first, second)]
     finally:
@@ -254,12 +255,12 @@ def test_a_sweep_without_run_cap_runs_with_two_workers_until_study_stop(tmp_path
     assert (first.returncode, second.returncode) == (0, 0), outs
     assert all("was stopped at" in err for _, err in outs), [err[-400:] for _, err in outs]
     assert w.count(TrialState.RUNNING) == 0 and w.count(TrialState.FAIL) == 0  # the running trials finished
-    shown = run_cli("study", "show", "open", "--storage", url).stdout
+    shown = cli_here("study", "show", "open", "--storage", url).stdout
     assert "budget: until stopped" in shown and re.search(r"stopped at .+ by .+@.+: workers claim no more", shown)
     # `study extend` bounds it (as `run FILE --n-trials N` does: test_run_and_worker_raise_the_budget...).
     done = w.count(*FINISHED)
-    run_cli("study", "extend", "open", "--n-trials", str(done + 1), "--storage", url)
-    assert f"open\t{done}/{done + 1} finished" in run_cli("study", "list", "--storage", url).stdout
+    cli_here("study", "extend", "open", "--n-trials", str(done + 1), "--storage", url)
+    assert f"open\t{done}/{done + 1} finished" in cli_here("study", "list", "--storage", url).stdout
 
 
 def workers_seen(w) -> set[int]:  # type: ignore[no-untyped-def]
@@ -278,7 +279,7 @@ def test_metric_target_stops_the_study_as_study_stop_does(tmp_path: Path, capsys
     first = w.trials()[0]
     reason = f"trial 0 reached the target: accuracy {first.value:.6g}, target 0.01"
     assert f"study target: {reason}; workers claim no more trials" in err
-    shown = run_cli("study", "show", "target", "--storage", url).stdout
+    shown = cli_here("study", "show", "target", "--storage", url).stdout
     assert f"({reason}): workers claim no more trials" in shown, shown
     # The dashboard's study note says so too (read as optuna-dashboard reads it; it serves nothing else here).
     from optuna_dashboard._note import get_note_from_system_attrs
@@ -293,10 +294,11 @@ def test_sigterm_after_the_final_summary_exits_0(tmp_path: Path) -> None:
     (W&B, connections, the interpreter) is no failure to a Kubernetes Job or compose's on-failure."""
     import signal
 
-    from conftest import created_study, spawn_cli
+    from conftest import spawn_cli, tiny_spec
 
-    url = created_study(tmp_path, "ended")
-    run_cli("study", "stop", "ended", "--storage", url)  # the workers claim nothing and end at once
+    url = f"sqlite:///{tmp_path / 'ended.db'}"
+    cli_here("study", "create", str(write_spec(tmp_path / "ended.yaml", tiny_spec("ended"))), "--storage", url)
+    cli_here("study", "stop", "ended", "--storage", url)  # the workers claim nothing and end at once
     # Two slot processes under a supervisor, as on a host with GPUs (the supervisor's own handlers are
     # gone once its slots have ended).
     proc = spawn_cli("worker", "ended", "--storage", url, "--gpus", "none", "--per-gpu", "2", "--threads", "1")

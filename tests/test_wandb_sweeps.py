@@ -509,3 +509,19 @@ def test_as_wandb_turns_optunas_automatic_min_resource_into_a_valid_min_iter() -
         assert not [e.message for e in wandb_validator().iter_errors(sweep)], sweep
         assert sweep["early_terminate"]["min_iter"] == 1
         assert any(n.startswith("pruner: hyperband") for n in notes) == ("min_resource" in options), notes
+
+
+def test_the_files_names_do_not_make_another_study(tmp_path: Path) -> None:
+    """The names W&B runs log under (learning_rate for lr, the metric's name) change no trial: a study
+    made from a file resumes from the same file written with this project's names, and vice versa."""
+    from kmnist_tune.service.schema import create_storage
+    from kmnist_tune.service.studies import create_study
+
+    storage = create_storage(f"sqlite:///{tmp_path / 'n.db'}")
+    first = load_spec(write(tmp_path, WANDB_FILE))
+    create_study(first, storage, resume=False)
+    renamed = WANDB_FILE.replace("learning_rate:", "lr:").replace("name: val_accuracy", "name: accuracy")
+    again = load_spec(write(tmp_path, renamed, "renamed.yaml"))
+    assert again.tracking.wandb.param_names != first.tracking.wandb.param_names
+    _, created = create_study(again, storage, resume=True)
+    assert not created

@@ -240,8 +240,16 @@ def warm_start_plan(spec: SweepSpec, old: optuna.Study, top: int) -> tuple[list[
 
 
 def spec_identity(spec: SweepSpec) -> dict[str, Any]:
-    """What makes two specs the same study: everything but the budget, which is study state."""
-    return {k: v for k, v in spec_to_dict(spec).items() if k != "budget"}
+    """What makes two specs the same study: everything but the budget, which is study state, and the
+    names W&B runs log under (a file's `learning_rate` for lr), which change no trial: a study made
+    from a W&B file before they were kept still resumes from the same file."""
+    out = {k: v for k, v in spec_to_dict(spec).items() if k != "budget"}
+    wandb = out.get("tracking", {}).get("wandb", {})
+    out["tracking"] = {**out.get("tracking", {}), "wandb": {k: v for k, v in wandb.items() if k not in WANDB_NAMES}}
+    return out
+
+
+WANDB_NAMES = ("metric_name", "param_names")  # tracking.wandb's names of the sweep file
 
 
 def spec_differences(stored: SweepSpec, given: SweepSpec, most: int = 3) -> str:
