@@ -109,9 +109,13 @@ def translate(data: dict[str, Any], default_name: str | None = None) -> tuple[di
 
 
 def _set_wandb(out: dict[str, Any], key: str, value: Any, keep: bool = False) -> None:
-    """Set tracking.wandb.KEY in the spec being built (keep: a value the spec gives already wins)."""
-    tracking = dict(out.get("tracking") or {}) if isinstance(out.get("tracking"), dict) else {}
-    wandb = dict(tracking.get("wandb") or {}) if isinstance(tracking.get("wandb"), dict) else {}
+    """Set tracking.wandb.KEY in the spec being built (keep: a value the spec gives already wins). A
+    `tracking` or `wandb` that is not a mapping is left as it is, for validation to name."""
+    tracking = out.get("tracking") or {}
+    wandb = tracking.get("wandb") or {} if isinstance(tracking, dict) else None
+    if not isinstance(wandb, dict):
+        return
+    tracking, wandb = dict(tracking), dict(wandb)
     if not (keep and key in wandb):
         wandb[key] = value
     out["tracking"] = {**tracking, "wandb": wandb}

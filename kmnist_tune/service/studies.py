@@ -581,10 +581,13 @@ def list_studies(storage: BaseStorage) -> list[StudyListing]:
         if len(s.directions) == 1:  # another tool's multi-objective study has no single best
             with contextlib.suppress(ValueError):  # no completed trial yet
                 best = storage.get_best_trial(internals.study_id(s)).value
-        try:
-            budget: dict[str, Any] | None = budget_json(Budget.of(s.user_attrs, stored_spec(s.study_name, s.user_attrs)))
-        except UserError:  # another tool's study, or a spec that no longer reads: no budget to show
-            budget = None
+        record = Budget.read(s.user_attrs)
+        if record is None:  # a study made before budgets were study state: its spec's
+            try:
+                record = Budget.of(s.user_attrs, stored_spec(s.study_name, s.user_attrs))
+            except UserError:  # another tool's study, or a spec that no longer reads: no budget to show
+                record = None
+        budget = None if record is None else budget_json(record)
         out.append(StudyListing(s.study_name, counts.finished, budget, all_states(counts), best))
     return out
 
