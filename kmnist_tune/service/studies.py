@@ -295,9 +295,10 @@ def set_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeo
     return budget
 
 
-def stop_study(study: optuna.Study, *, now: bool) -> StudyStop:
-    """Workers on every host stop claiming; with `now`, they hand their running trials back as well."""
-    stop = StudyStop(*who_and_when(), now=now)
+def stop_study(study: optuna.Study, *, now: bool, reason: str | None = None) -> StudyStop:
+    """Workers on every host stop claiming; with `now`, they hand their running trials back as well.
+    `reason`: why, when no user asked (a trial reached the spec's target)."""
+    stop = StudyStop(*who_and_when(), now=now, reason=reason)
     stop.store(study)
     return stop
 

@@ -24,7 +24,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from ..contract.events import Listener, TrialEnd
-from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo, who_and_when
+from ..contract.records import Budget, StudyStop, TrialRecord, WorkerInfo
 from ..contract.spec import SweepSpec
 from ..errors import Interrupted, WorkerStopped, one_line
 from ..optuna_internals import study_id, trial_id
@@ -32,6 +32,7 @@ from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_
 from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
 from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs
+from .studies import stop_study
 
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
@@ -182,9 +183,8 @@ class Worker:
         Returns the reason when this trial stopped the study."""
         if not self.spec.reaches_target(frozen.value):
             return None
-        at, by = who_and_when()
         reason = f"trial {frozen.number} reached the target: {self.spec.metric} {frozen.value:.6g}, target {self.spec.target:g}"
-        StudyStop(at, by, reason=reason).store(self.study)
+        stop_study(self.study, now=False, reason=reason)
         self.events.line(f"study {self.study.study_name}: {reason}; workers claim no more trials")
         return reason
 
