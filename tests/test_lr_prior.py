@@ -117,7 +117,9 @@ def test_lr_find_on_a_study_with_trials_needs_force(tmp_path: Path, sqlite_schem
     """Re-running the finder re-centres the lr range: on a study with trials that splits it into trials
     drawn from two ranges, so it is refused without --force, and with it the change is said."""
     url = sqlite_schema_url
-    cli_here("study", "create", str(write_spec(tmp_path / "f.yaml", lr_prior_spec("forced", 2))), "--storage", url)
+    spec = lr_prior_spec("forced", 2)
+    spec["parameters"]["lr"]["iterations"] = 10  # the fewest the spec allows: the finder runs twice here
+    cli_here("study", "create", str(write_spec(tmp_path / "f.yaml", spec)), "--storage", url)
     # A queued trial (a warm start) holds its own lr: it was drawn from no range, so it does not count.
     optuna.load_study(study_name="forced", storage=url).enqueue_trial({"lr": 1e-3, "weight_decay": 0.0})
     first = cli_here("lr-find", "--study", "forced", "--storage", url, "--threads", "1", "--out", str(tmp_path / "a.png"))
