@@ -195,7 +195,9 @@ def test_the_trial_callbacks_record_what_fastais_record(small_splits: Splits) ->
         learn.fit(2, float(params["lr"]), wd=float(params["weight_decay"]))
     r_ours, r_theirs = ours.recorder, theirs.recorder
     assert len(r_ours.losses) == 20
-    assert [float(x) for x in r_ours.losses] == pytest.approx([float(x) for x in r_theirs.losses], rel=1e-6)
+    # float32 rounding compounds over the smoothing's steps (1.003e-6 seen once): 1e-5 is still far
+    # below any real difference (a changed batch or weight moves it by percents).
+    assert [float(x) for x in r_ours.losses] == pytest.approx([float(x) for x in r_theirs.losses], rel=1e-5)
     assert r_ours.lrs == r_theirs.lrs and r_ours.iters == r_theirs.iters
     assert list(r_ours.metric_names) == list(r_theirs.metric_names)
     assert len(r_ours.values) == len(r_theirs.values) == 2
