@@ -4,8 +4,9 @@ starts warm from an earlier study.
 Where what is tested is the budget or a stop, the workers are simulated (sim_worker.py: the real
 worker loop on a thread, with an objective that samples the spec's parameters and waits at a gate
 instead of training). The commands that change the study (`study extend`, `study stop`, `study
-resume`, `study create --warm-start`) run as real processes; `run` and `worker --n-trials` run the
-real CLI, trials and all, in this process."""
+resume`, `study create --warm-start`) run through the CLI's own main in this process (cli_here): what
+they change reaches the workers through the storage only. `run` and `worker --n-trials` run the real
+CLI, trials and all, in this process; the open-ended W&B sweep runs real processes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_here, error_line, run_cli, tiny_spec, write_spec
+from conftest import cli_here, error_line, tiny_spec, write_spec
 from helpers import wait_until
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -48,12 +49,12 @@ def test_a_running_worker_takes_up_an_extended_budget(
     worker = Simulated(url, "grow", gate).start()
     w = watch(url, "grow")
     wait_until(lambda: w.count(TrialState.RUNNING) == 1, 60, "the first trial")
-    out = run_cli("study", "extend", "grow", "--n-trials", "4", "--storage", url).stdout
+    out = cli_here("study", "extend", "grow", "--n-trials", "4", "--storage", url).stdout
     assert "budget 4 trials" in out
     gate.open()
     # Its first claim read a budget of 2: it took up the new one before its next claim.
     assert worker.join() == 4 and w.count(*FINISHED) == 4
-    shown = run_cli("study", "show", "grow", "--storage", url).stdout
+    shown = cli_here("study", "show", "grow", "--storage", url).stdout
     assert re.search(r"budget: 4 trials \(set at .+ by .+@.+\)", shown), shown
     assert "n_trials: 4" in shown.split("spec:")[1] and "n_trials: 2" not in shown  # the spec shows today's budget
 
@@ -68,16 +69,16 @@ def test_run_and_worker_raise_the_budget_and_never_shrink_it(tmp_path: Path, cap
     in_process_cli(capsys, "run", str(spec), "--storage", url, "--n-trials", "2")
     assert w.count(*FINISHED) == 2
     # Extended past the spec file's 1: running the file again works the new trials, no fewer.
-    run_cli("study", "extend", "raise", "--n-trials", "3", "--storage", url)
+    cli_here("study", "extend", "raise", "--n-trials", "3", "--storage", url)
     again, _ = in_process_cli(capsys, "run", str(spec), "--storage", url)
     assert w.count(*FINISHED) == 3 and "3 complete" in again
     out, _ = in_process_cli(capsys, "worker", "--study", "raise", "--n-trials", "4", "--storage", url)
     assert ran(out) == 1 and w.count(*FINISHED) == 4
     _, err = in_process_cli(capsys, "run", str(spec), "--storage", url)  # a finished study says why nothing ran
     assert "study raise: its budget of 4 trials is used; raise it with --n-trials N" in err and w.count(*FINISHED) == 4
-    line = error_line(run_cli("study", "extend", "raise", "--n-trials", "2", "--storage", url, check=False))
+    line = error_line(cli_here("study", "extend", "raise", "--n-trials", "2", "--storage", url, check=False))
     assert "4 finished trials already" in line and "at least 4" in line
-    assert "--n-trials" in error_line(run_cli("study", "extend", "raise", "--storage", url, check=False))
+    assert "--n-trials" in error_line(cli_here("study", "extend", "raise", "--storage", url, check=False))
 
 
 @pytest.mark.postgres
@@ -87,7 +88,7 @@ def test_stop_and_resume_with_two_workers(pg_url: str, watch) -> None:
     workers = [Simulated(pg_url, "pause", gate).start() for _ in range(2)]
     w = watch(pg_url, "pause")
     wait_until(lambda: w.count(TrialState.RUNNING) == 2, 60, "two running trials")
-    stopped = run_cli("study", "stop", "pause", "--storage", pg_url).stdout
+    stopped = cli_here("study", "stop", "pause", "--storage", pg_url).stdout
     assert "stopped at" in stopped and "workers claim no more trials" in stopped
     running_at_stop = {t.number for t in w.trials(TrialState.RUNNING)}
     gate.open()
@@ -98,11 +99,11 @@ def test_stop_and_resume_with_two_workers(pg_url: str, watch) -> None:
     # The trials that ran at the stop finished and count; nothing new was claimed; nothing is RUNNING.
     assert len(running_at_stop) == 2 and {t.number for t in after} == running_at_stop
     assert all(t.state in FINISHED for t in after)
-    assert "stopped at" in run_cli("study", "show", "pause", "--storage", pg_url).stdout
-    assert "resumed" in run_cli("study", "resume", "pause", "--storage", pg_url).stdout
+    assert "stopped at" in cli_here("study", "show", "pause", "--storage", pg_url).stdout
+    assert "resumed" in cli_here("study", "resume", "pause", "--storage", pg_url).stdout
     assert Simulated(pg_url, "pause").run() == 4
     assert w.count(*FINISHED) == 6 and w.count(TrialState.RUNNING) == 0
-    assert "stopped" not in run_cli("study", "show", "pause", "--storage", pg_url).stdout.split("spec:")[0]
+    assert "stopped" not in cli_here("study", "show", "pause", "--storage", pg_url).stdout.split("spec:")[0]
 
 
 def test_stop_now_hands_the_running_trial_back(tmp_path: Path, watch) -> None:
@@ -111,7 +112,7 @@ def test_stop_now_hands_the_running_trial_back(tmp_path: Path, watch) -> None:
     worker = Simulated(url, "halt", Gate()).start()  # its trial runs until the worker is asked to stop
     w = watch(url, "halt")
     wait_until(lambda: w.count(TrialState.RUNNING) == 1, 60, "a running trial")
-    run_cli("study", "stop", "halt", "--now", "--storage", url)
+    cli_here("study", "stop", "halt", "--now", "--storage", url)
     t0 = time.monotonic()
     assert worker.join() == 1  # the heartbeat saw the stop, the trial stopped, the worker ended
     print(f"\nstop --now to worker exit: {time.monotonic() - t0:.1f} s")
@@ -154,7 +155,7 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
     # are; trial 2 is the third best, and --top 2 leaves it.
     old_study(url, [(8e-3, 0.0, 0.9), (4e-3, 0.01, 0.8), (2.5e-3, 0.01, 0.7)])
     stem = {"values": ["imagenet", "small"]}  # not in the old study: sampled
-    out = run_cli(
+    out = cli_here(
         "study", "create", str(new_spec(tmp_path, stem=stem)), "--warm-start", "old", "--top", "2", "--storage", url
     ).stdout
     assert re.findall(r"^queued trial (\d+) of old", out, re.M) == ["0", "1"], out  # best first, two of them
@@ -177,7 +178,7 @@ def test_warm_start_queues_the_best_configurations_of_an_earlier_study(tmp_path:
 def test_warm_start_skips_configurations_that_clipping_makes_one(tmp_path: Path, watch) -> None:
     url = f"sqlite:///{tmp_path / 'd.db'}"
     old_study(url, [(1e-2, 0.01, 0.9), (2e-2, 0.01, 0.8), (4e-3, 0.01, 0.7)])  # the second clips onto the first
-    out = run_cli("study", "create", str(new_spec(tmp_path)), "--warm-start", "old", "--top", "2", "--storage", url).stdout
+    out = cli_here("study", "create", str(new_spec(tmp_path)), "--warm-start", "old", "--top", "2", "--storage", url).stdout
     assert "trial 1: the same configuration as trial 0 once fitted; skipped" in out
     assert re.findall(r"^queued trial (\d+) of old", out, re.M) == ["0", "2"]
     waiting = watch(url, "new").trials()
@@ -195,9 +196,9 @@ def test_warm_start_refusals_leave_no_study_behind(tmp_path: Path) -> None:
     create(url, old)
     optuna.load_study(study_name="fixed", storage=url).add_trial(create_trial(params={}, distributions={}, value=0.5))
     new = write_spec(tmp_path / "new.yaml", tiny_spec("fresh"))
-    line = error_line(run_cli("study", "create", str(new), "--warm-start", "fixed", "--storage", url, check=False))
+    line = error_line(cli_here("study", "create", str(new), "--warm-start", "fixed", "--storage", url, check=False))
     assert "no parameter to carry over" in line
-    line = error_line(run_cli("study", "create", str(new), "--warm-start", "ghost", "--storage", url, check=False))
+    line = error_line(cli_here("study", "create", str(new), "--warm-start", "ghost", "--storage", url, check=False))
     assert "no study named 'ghost'" in line
     assert optuna.get_all_study_names(url) == ["fixed"]
 

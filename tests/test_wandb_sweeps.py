@@ -184,16 +184,21 @@ def test_wandb_log_uniform_family_is_sampled_in_value_space(tmp_path: Path) -> N
             assert abs(math.log(got / expected)) < 0.05 * (math.log(hi) - math.log(lo)), (k, q, got, expected)
 
 
-def test_the_wandb_file_runs_unchanged(tmp_path: Path) -> None:
+def test_the_wandb_file_runs_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """...and each trial's offline W&B run carries the file's names: its metric (val_accuracy, with this
-    project's valid_accuracy beside it), its parameters (learning_rate, num_epochs), epochs from 1."""
-    from conftest import cli_env
+    project's valid_accuracy beside it), its parameters (learning_rate, num_epochs), epochs from 1.
+    (In this process: test_lifecycle.py runs a W&B file in a real process, with two workers.)"""
+    from shared_studies import in_process_cli
     from wandb_records import read_run
 
     path = write(tmp_path, WANDB_FILE)
     url = f"sqlite:///{tmp_path / 'wb.db'}"
-    out = run_cli("run", str(path), "--storage", url, env=cli_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wb")))
-    assert "ignored: program, command (used by W&B's own agent" in out.stderr
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    _, stderr = in_process_cli(capsys, "run", str(path), "--storage", url)
+    assert "ignored: program, command (used by W&B's own agent" in stderr
     study = optuna.load_study(study_name="wb-fastai", storage=open_storage(url))
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 2 and all(t.state != optuna.trial.TrialState.FAIL for t in finished)
@@ -211,7 +216,7 @@ def test_the_wandb_file_runs_unchanged(tmp_path: Path) -> None:
         run = runs[f"wb-fastai-trial-{t.number}"]
         assert run["config"]["learning_rate"] == t.params["lr"] and "lr" not in run["config"]  # the peak rate
         assert run["config"]["num_epochs"] == 1 and run["config"]["batch_size"] == t.params["batch_size"]
-        n_valid = int(re.search(r"(\d+) valid", out.stderr).group(1))  # type: ignore[union-attr]
+        n_valid = int(re.search(r"(\d+) valid", stderr).group(1))  # type: ignore[union-attr]
         assert t.value * n_valid == round(t.value * n_valid) and t.value == round(t.value * n_valid) / n_valid  # exact
         epochs = [h for h in run["history"] if "val_accuracy" in h]
         assert [h["epoch"] for h in epochs] == [1]  # as the CLI says "epoch 1/1"
