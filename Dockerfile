@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for everything kmnist-tune runs in docker-compose.yml: the CLI, GPU workers, the
 # dashboard and the storage proxy. Build: `docker compose build` (or `docker build -t kmnist-tune .`).
 #
@@ -8,6 +7,13 @@
 # must lie in pyproject.toml's range (torch>=2.4,<=2.14.1; torchvision>=0.19,<=0.29.1).
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+
+# Where pip finds packages, for a build without PyPI (a mirror, or a folder of wheels served on the
+# build host): pip reads these as its settings; they are not kept in the image. No credentials here: a
+# build argument shows in `docker history`.
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -19,10 +25,18 @@ RUN mkdir -p /etc/kmnist-tune \
       > /etc/kmnist-tune/pip-constraints.txt \
  && cat /etc/kmnist-tune/pip-constraints.txt
 
-# The project (only what .dockerignore lets into the build context).
+# The project (only what .dockerignore lets into the build context): its dependencies first, from
+# pyproject.toml alone (a placeholder package and README), so that a change to the code or the README
+# reuses that layer; then the code itself. The `server` extra brings gunicorn, which the dashboard serves with.
+COPY pyproject.toml /tmp/kmnist-tune/
+RUN mkdir /tmp/kmnist-tune/kmnist_tune \
+ && touch /tmp/kmnist-tune/kmnist_tune/__init__.py /tmp/kmnist-tune/README.md \
+ && python -m pip install '/tmp/kmnist-tune[server]' \
+ && python -m pip uninstall -y kmnist-tune \
+ && rm -r /tmp/kmnist-tune
 COPY pyproject.toml README.md /tmp/kmnist-tune/
 COPY kmnist_tune /tmp/kmnist-tune/kmnist_tune
-RUN python -m pip install /tmp/kmnist-tune \
+RUN python -m pip install --no-deps /tmp/kmnist-tune \
  && rm -rf /tmp/kmnist-tune \
  && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
  && kmnist-tune --version
@@ -40,8 +54,11 @@ COPY sweeps /app/sweeps
 
 # Study artifacts (LR plots, checkpoints, kept models) live in the study's PostgreSQL database, which
 # every host reaches; /artifacts only holds this container's W&B offline runs.
+# MPLCONFIGDIR: matplotlib's cache in /tmp, so that the root filesystem may be read-only (compose's
+# read_only with a tmpfs at /tmp; Kubernetes' readOnlyRootFilesystem with an emptyDir there).
 ENV KMNIST_TUNE_DATA=/data \
-    WANDB_DIR=/artifacts
+    WANDB_DIR=/artifacts \
+    MPLCONFIGDIR=/tmp/matplotlib
 VOLUME ["/data", "/artifacts"]
 WORKDIR /app
 USER kmnist

@@ -302,6 +302,18 @@ def sqlite_copy(src: Path, dest: Path) -> str:
 
 
 @pytest.fixture
+def cluster() -> Iterator[Any]:
+    """Databases and roles on the machine's PostgreSQL, dropped after the test (pg_cluster.Cluster)."""
+    from pg_cluster import Cluster
+
+    c = Cluster(pg_admin())
+    try:
+        yield c
+    finally:
+        c.drop()
+
+
+@pytest.fixture
 def pooled_pg_url(pg_url: str) -> str:
     """The same fresh database, reached through PgBouncer (transaction pooling). Fails, never skips,
     when PgBouncer is not running: CI must not go green without it."""

@@ -34,7 +34,7 @@ import time
 import urllib.request
 import uuid
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,12 @@ import optuna
 import psycopg
 import pytest
 import yaml
-from conftest import FIXTURE, PG_ADMIN, REPO, cli_env, cli_here, error_line, pg_admin, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, REPO, cli_env, cli_here, error_line, run_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
 from pgbouncer_proc import PgBouncer, entrypoint, image_files, start_pgbouncer
 from pgbouncer_proc import dockerfile_instructions as read_dockerfile
 from sqlalchemy.engine import make_url
@@ -65,8 +66,6 @@ OUR_SERVICES = ("schema", "dashboard", "worker", "create", "storage-proxy")  # r
 KMNIST_COMMANDS = ("dashboard", "worker", "create", "storage-proxy")  # ... with its entry point, kmnist-tune
 POOLED = ("dashboard", "worker", "create", "storage-proxy")  # log in through PgBouncer (the dashboard with its own role)
 PASSWORDS = ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD")
-ADMIN = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
-PG_HOST, PG_PORT, PG_SUPERUSER = str(ADMIN.get("host", "127.0.0.1")), int(ADMIN.get("port", 5432)), str(ADMIN["user"])
 
 
 # -- reading the files as Docker and Compose do ----------------------------------------------------
@@ -456,11 +455,13 @@ def test_pgbouncer_image_is_debian_s_package_run_by_a_non_root_user_with_no_pass
     assert pgbouncer_uid() != 0
     assert [a for i, a in instrs if i == "STOPSIGNAL"] == ["SIGINT"]  # PgBouncer 1.18's safe shutdown
     # The image holds the pooling settings and the entry point, nothing secret: no password-named
-    # ARG or ENV, and the build context (this folder, no .dockerignore needed) holds only these.
+    # ARG or ENV, and the build context (this folder, no .dockerignore needed) holds only these, and
+    # the kustomization that makes pool.ini a ConfigMap for Kubernetes (nothing secret either).
     files = image_files()
     assert set(files.values()) == {STORAGE / "pgbouncer" / "pool.ini", entrypoint()}
     assert files[entrypoint_default("PGBOUNCER_POOL_INI")] == STORAGE / "pgbouncer" / "pool.ini"
-    assert {p.name for p in (STORAGE / "pgbouncer").iterdir()} == {"Dockerfile", "pool.ini", entrypoint().name}
+    folder = {p.name for p in (STORAGE / "pgbouncer").iterdir()}
+    assert folder == {"Dockerfile", "pool.ini", entrypoint().name, "kustomization.yaml"}
     for instr, a in instrs:
         if instr in ("ARG", "ENV"):
             assert not re.search(r"PASSWORD|SECRET|TOKEN", a), f"{instr} {a}"
@@ -661,73 +662,6 @@ def test_postgresql_conf_is_read_by_the_server() -> None:
         assert setting("statement_timeout") == "0"
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-class Cluster:
-    """Databases and roles made on the machine's PostgreSQL for one test, all dropped after it."""
-
-    def __init__(self, admin: psycopg.Connection[Any]):
-        self.admin = admin
-        self.databases: list[str] = []
-        self.roles: list[str] = []
-
-    def database(self) -> str:
-        name = f"kt_deploy_{uuid.uuid4().hex[:10]}"
-        self.databases.append(name)
-        self.admin.execute(f'CREATE DATABASE "{name}"')
-        return name
-
-    def role_name(self) -> str:
-        name = f"kt_worker_{uuid.uuid4().hex[:10]}"  # roles belong to the whole server: unique per run
-        self.roles.append(name)
-        return name
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    admin = pg_admin()
-    c = Cluster(admin)
-    try:
-        yield c
-    finally:
-        for db in c.databases:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        for role in c.roles:
-            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
-        admin.close()
-
-
-def run_init_scripts(initdb: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
-    """What the postgres image does with /docker-entrypoint-initdb.d on a first start: in name
-    order, execute an executable *.sh, source any other *.sh, feed *.sql to psql, ignore the rest."""
-    done = []
-    full_env = {**os.environ, **env, "PGHOST": PG_HOST, "PGPORT": str(PG_PORT)}
-    for f in sorted(initdb.iterdir()):
-        if f.suffix == ".sh":
-            argv = [str(f)] if os.access(f, os.X_OK) else ["bash", "-c", 'set -Eeo pipefail; source "$1"', "init", str(f)]
-        elif f.suffix == ".sql":
-            argv = [
-                "psql",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--username",
-                env["POSTGRES_USER"],
-                "--dbname",
-                env["POSTGRES_DB"],
-                "-f",
-                str(f),
-            ]
-        else:
-            continue
-        proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60)
-        done.append(proc)
-        if proc.returncode != 0:
-            break
-    return done
-
-
-def pg_url(user: str, password: str, db: str) -> str:
-    return f"postgresql+psycopg://{user}:{password}@{PG_HOST}:{PG_PORT}/{db}"
 
 
 def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_more(tmp_path: Path, cluster: Cluster) -> None:

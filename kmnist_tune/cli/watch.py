@@ -36,6 +36,17 @@ def dashboard(
             show_default=False,
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            envvar="KMNIST_TUNE_DASHBOARD_WORKERS",
+            help="gunicorn worker processes, a few threads each (env KMNIST_TUNE_DASHBOARD_WORKERS); "
+            "without gunicorn installed, Python's development server serves in this process",
+            min=1,
+            max=64,
+        ),
+    ] = 1,
 ) -> None:
     """Serve optuna-dashboard over the study storage (http://HOST:PORT/dashboard).
 
@@ -46,20 +57,31 @@ def dashboard(
     """
     import os
 
-    from ..observe.dashboard import ENV_ALLOW_HOSTS, hosts_line, serve
+    from ..observe.dashboard import ENV_ALLOW_HOSTS, gunicorn_serves, hosts_line, serve
     from ..service.artifacts import describe_store
     from ..service.storage import describe, open_storage
 
     names = [*(allow_host or []), *os.environ.get(ENV_ALLOW_HOSTS, "").split(",")]
     answers = hosts_line(host, port, names)  # a bad name stops it before the storage is opened
-    st = open_storage(storage_url(storage))
+    url = storage_url(storage)
+    st = open_storage(url)
     where = describe_store(st, artifacts)
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    if gunicorn_serves():
+        server = f"gunicorn, {workers} worker(s)"
+    else:
+        import importlib.util
+
+        server = "Python's development server"
+        if importlib.util.find_spec("gunicorn") is None:
+            server += " (pip install 'kmnist-tune[server]' for gunicorn)"
+        if workers > 1:
+            say(f"--workers {workers} needs gunicorn (installed, and serving from the main thread): serving in this one process")
     ready = (
-        f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard (artifacts in {where}; Host {answers}); "
-        "no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
+        f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard ({server}; artifacts in {where}; "
+        f"Host {answers}); no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
     )
-    serve(st, host, port, artifacts, names, on_ready=lambda: say(ready))
+    serve(st, host, port, artifacts, names, on_ready=lambda: say(ready), workers=workers, reopen=lambda: open_storage(url))
 
 
 @app.command()

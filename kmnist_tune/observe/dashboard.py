@@ -185,23 +185,37 @@ def serve(
     artifacts: str | Path | None = None,
     allow_hosts: Iterable[str] = (),
     on_ready: Callable[[], None] | None = None,
+    *,
+    workers: int = 1,
+    reopen: Callable[[], BaseStorage] | None = None,
 ) -> None:
-    """Serve until Ctrl-C; `allow_hosts` as HostPolicy.for_server takes them (checked before anything binds).
-    `on_ready` runs once the port is bound (the startup line: not before a "port in use")."""
+    """Serve until Ctrl-C or SIGTERM; `allow_hosts` as HostPolicy.for_server takes them (checked before
+    anything binds). `on_ready` runs once the port is bound (the startup line: not before a "port in use").
+
+    With gunicorn_serves() and `reopen` given, gunicorn serves it: `workers` processes (each opens its
+    own storage with `reopen`: database connections are not shared across a fork) of a few threads each.
+    Otherwise Python's development server, threaded, in this process."""
     policy = HostPolicy.for_server(host, port, allow_hosts)
     from optuna_dashboard import wsgi
 
-    app = guarded(wsgi(storage, artifact_store=artifact_store(storage, artifacts)), policy)
+    def app_for(st: BaseStorage) -> WSGIApp:
+        return guarded(wsgi(st, artifact_store=artifact_store(st, artifacts)), policy)
+
     try:
         ipv6 = ipaddress.ip_address(host).version == 6
     except ValueError:
         ipv6 = False
+    if reopen is not None and gunicorn_serves():
+        _check_free(host, port, ipv6)
+        from ..service.storage import release
+
+        release(storage)  # the forked workers open their own; none inherits this process's connections
+        _serve_gunicorn(lambda: app_for(reopen()), f"[{host}]:{port}" if ipv6 else f"{host}:{port}", workers, on_ready)
+        return
     try:
-        server = make_server(host, port, app, server_class=_ThreadingServer6 if ipv6 else _ThreadingServer)
+        server = make_server(host, port, app_for(storage), server_class=_ThreadingServer6 if ipv6 else _ThreadingServer)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
-        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}; check --host and --port") from None
+        raise _bind_error(e, host, port) from None
     with server:
         if on_ready is not None:
             on_ready()
@@ -209,6 +223,62 @@ def serve(
             server.serve_forever()
         except KeyboardInterrupt:
             sys.stderr.flush()
+
+
+def gunicorn_serves() -> bool:
+    """gunicorn serves when it is installed and this is the main thread (its master sets signal
+    handlers, which only the main thread may: an embedding that serves from a thread gets the
+    development server)."""
+    import importlib.util
+    import threading
+
+    return importlib.util.find_spec("gunicorn") is not None and threading.current_thread() is threading.main_thread()
+
+
+def _bind_error(e: OSError, host: str, port: int) -> UserError:
+    if e.errno == errno.EADDRINUSE:
+        return UserError(f"port {port} on {host} is in use; pick another with --port")
+    return UserError(f"cannot serve on {host}:{port}: {e.strerror or e}; check --host and --port")
+
+
+def _check_free(host: str, port: int, ipv6: bool) -> None:
+    """One clear line for a port in use, before gunicorn (which would retry for 5 s, then log its own
+    lines). As gunicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is free."""
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise _bind_error(e, host, port) from None
+
+
+# Threads per gunicorn worker: a browser loads a page's API calls in parallel.
+GUNICORN_THREADS = 4
+
+
+def _serve_gunicorn(make_app: Callable[[], WSGIApp], bind: str, workers: int, on_ready: Callable[[], None] | None) -> None:
+    """gunicorn, as optuna-dashboard's documentation runs it, configured here rather than by its command
+    line (the app is built in each worker, after the fork). Its own log says warnings and errors only."""
+    from gunicorn.app.base import BaseApplication
+
+    class DashboardServer(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            settings: dict[str, Any] = {
+                "bind": [bind],
+                "workers": workers,
+                "worker_class": "gthread",
+                "threads": GUNICORN_THREADS,
+                "loglevel": "warning",
+                "proc_name": "kmnist-tune-dashboard",
+                "when_ready": lambda _server: on_ready() if on_ready is not None else None,
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> WSGIApp:
+            return make_app()
+
+    DashboardServer().run()
 
 
 def hosts_line(host: str, port: int, allow_hosts: Iterable[str] = ()) -> str:

@@ -1,0 +1,288 @@
+"""The image built and its containers run, as docker-compose.yml runs them.
+
+scripts/build-image builds the images here, where no registry is reachable: a Debian base from
+debootstrap, torch and the project's packages from this machine's wheels; Docker's layer cache keeps
+them between runs. Each container's `docker run` is made from docker-compose.yml as a real Compose
+implementation resolves it (`docker-compose config` with a .env of this test's values): its image,
+command, environment, init, read-only root, tmpfs, user, capabilities, ulimits and volumes. What a
+host network changes is the only difference: dockerd runs here with --bridge=none, so containers use
+--network host, the service names (postgres, pgbouncer) become 127.0.0.1 and a free port, and nothing
+is published. What cannot run here is validated, not run (test_deploy.py): the GPU reservation (the
+worker trains on the CPU: KMNIST_TUNE_GPUS=none) and the official postgres image (this machine's
+PostgreSQL stands in, its roles made by storage/initdb as on that image's first start)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from conftest import FIXTURE, REPO, browse, pg_admin, tiny_spec
+from helpers import free_port, wait_until
+from optuna.trial import TrialState
+from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
+
+from kmnist_tune.contract.records import TrialRecord
+
+pytestmark = pytest.mark.postgres
+STUDY = "boxed"
+
+
+def docker(
+    *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and out.returncode != 0:
+        said = f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        raise AssertionError(f"docker {' '.join(args[:3])} ...: exit {out.returncode}\n{said}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def images() -> str:
+    """scripts/build-image's images (the project's, tagged as compose names it, and PgBouncer's): built
+    once per machine, then from Docker's cache. Fails, never skips, without a Docker engine."""
+    t0 = time.monotonic()
+    out = subprocess.run([str(REPO / "scripts" / "build-image")], capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, f"scripts/build-image failed:\n{out.stderr[-3000:]}"
+    print(f"\nscripts/build-image: {time.monotonic() - t0:.1f} s\n{out.stderr}{out.stdout}")
+    return "kmnist-tune:latest"
+
+
+@dataclass
+class Deployment:
+    """docker-compose.yml resolved with this test's .env, and what its containers need here."""
+
+    env_file: Path
+    project: str
+    services: dict[str, Any]
+    values: dict[str, str]
+    sweeps: Path  # the folder mounted where compose mounts ./sweeps
+    ports: dict[str, int]  # service -> the port it listens on here (pgbouncer, dashboard)
+    containers: list[str] = field(default_factory=list)
+
+    @property
+    def owner_url(self) -> str:
+        return pg_url(PG_SUPERUSER, self.values["POSTGRES_PASSWORD"], self.values["POSTGRES_DB"])
+
+    def host(self, value: str) -> str:
+        """A service's own name and port, as compose's network resolves them, as they are here."""
+        value = value.replace("@postgres:5432/", f"@{PG_HOST}:{PG_PORT}/")
+        return value.replace("@pgbouncer:6432/", f"@127.0.0.1:{self.ports['pgbouncer']}/")
+
+    def run_argv(self, service: str, *, detach: bool = False) -> tuple[list[str], dict[str, str]]:
+        """`docker run` of one service as compose would start it, and the environment its values come
+        from (`--env NAME` takes the value from the client's environment: no password in any argv)."""
+        svc = self.services[service]
+        name = f"{self.project}-{service}-{uuid.uuid4().hex[:4]}"
+        self.containers.append(name)
+        argv = ["run", "--name", name, "--network", "host", "--detach" if detach else "--rm"]
+        argv += ["--init"] if svc.get("init") else []
+        argv += ["--read-only"] if svc.get("read_only") else []
+        for mount in svc.get("tmpfs", []):
+            argv += ["--tmpfs", mount]
+        argv += ["--user", str(svc["user"])] if "user" in svc else []
+        for cap in svc.get("cap_drop", []):
+            argv += ["--cap-drop", cap]
+        for opt in svc.get("security_opt", []):
+            argv += ["--security-opt", opt]
+        for limit, value in svc.get("ulimits", {}).items():
+            argv += ["--ulimit", f"{limit}={value}" if isinstance(value, int) else f"{limit}={value['soft']}:{value['hard']}"]
+        argv += ["--shm-size", str(svc["shm_size"])] if "shm_size" in svc else []
+        argv += ["--stop-signal", svc["stop_signal"]] if "stop_signal" in svc else []
+        for volume in svc.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            if source == str(REPO / "sweeps"):
+                source = str(self.sweeps)  # this test's spec, where compose mounts the repository's sweeps/
+            elif not source.startswith("/"):
+                source = f"{self.project}_{source}"  # a named volume, named as compose names it
+            argv += ["--volume", ":".join([source, target, *mode])]
+        env = {k: self.host(str(v)) for k, v in (svc.get("environment") or {}).items()}
+        if service == "pgbouncer":
+            env |= {"KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
+            env |= {"PGBOUNCER_LISTEN_ADDR": "127.0.0.1", "PGBOUNCER_LISTEN_PORT": str(self.ports["pgbouncer"])}
+        for key in env:
+            argv += ["--env", key]
+        argv += [svc["image"], *(svc.get("command") or [])]
+        return argv, {**os.environ, **env}
+
+
+@pytest.fixture(scope="module")
+def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    cluster = Cluster(pg_admin())
+    project = f"kt{uuid.uuid4().hex[:8]}"
+    # Folders a container's user (10001) reads: not under pytest's tmp_path, which only root may enter.
+    shared = Path(tempfile.mkdtemp(prefix="kt-container-"))
+    shared.chmod(0o755)
+    sweeps = shared / "sweeps"
+    sweeps.mkdir(mode=0o755)
+    spec = tiny_spec(STUDY, budget={"n_trials": 2})
+    spec["parameters"]["epochs"] = {"value": 4}  # a trial lasts long enough to be stopped in its middle
+    spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
+    (sweeps / "boxed.yaml").write_text(yaml.safe_dump(spec))
+    (sweeps / "boxed.yaml").chmod(0o644)
+    values = {
+        "POSTGRES_USER": PG_SUPERUSER,  # this server's superuser is the owner, as POSTGRES_USER is in the image
+        "POSTGRES_PASSWORD": secrets.token_hex(12),
+        "POSTGRES_DB": cluster.database(),
+        "KMNIST_TUNE_WORKER_USER": cluster.role_name(),
+        "KMNIST_TUNE_WORKER_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_DASHBOARD_USER": cluster.role_name(),
+        "KMNIST_TUNE_DASHBOARD_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_SPEC": "boxed.yaml",
+        "KMNIST_TUNE_STUDY": STUDY,
+        "KMNIST_TUNE_GPUS": "none",  # no GPU here: the worker trains on the CPU
+        "KMNIST_TUNE_IMAGE": images,
+        "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",  # the data volume holds the fixture: nothing is downloaded
+        "KMNIST_TUNE_DASHBOARD_WORKERS": "2",
+    }
+    ports = {"pgbouncer": free_port(), "dashboard": free_port()}
+    values["KMNIST_TUNE_DASHBOARD_PORT"] = str(ports["dashboard"])
+    env_file = tmp_path_factory.mktemp("compose") / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    env_file.chmod(0o600)
+    d = None
+    try:
+        inits = run_init_scripts(REPO / "storage" / "initdb", values)  # the postgres image's first start
+        assert all(p.returncode == 0 for p in inits), [p.stderr for p in inits]
+        config = subprocess.run(
+            ["docker-compose", "--env-file", str(env_file), "-f", str(REPO / "docker-compose.yml"), "-p", project, "config"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        d = Deployment(env_file, project, yaml.safe_load(config.stdout)["services"], values, sweeps, ports)
+        # The data volume, holding the fixture's images as a volume that downloaded them would.
+        docker("volume", "create", f"{project}_data")
+        docker("volume", "create", f"{project}_artifacts")
+        volumes = ["-v", f"{project}_data:/data", "-v", f"{FIXTURE}:/fixture:ro"]
+        docker("run", "--rm", "--network", "none", "--entrypoint", "cp", *volumes, images, "-r", "/fixture/.", "/data/")
+        argv, env = d.run_argv("pgbouncer", detach=True)
+        docker(*argv, env=env)
+        wait_until(lambda: port_open(ports["pgbouncer"]), 30, "PgBouncer's container to listen")
+        # compose's one-shots: `schema` as the owner, straight to PostgreSQL; `create` as the worker role.
+        argv, env = d.run_argv("schema")
+        schema = docker(*argv, env=env, timeout=180)
+        assert schema.stdout.rstrip().endswith(": ready"), schema.stdout + schema.stderr
+        argv, env = d.run_argv("create")
+        created = docker(*argv, env=env, timeout=180)
+        assert STUDY in created.stdout, created.stdout + created.stderr
+        yield d
+    finally:
+        if d is not None:
+            for name in d.containers:
+                docker("rm", "-f", name, check=False)
+        docker("volume", "rm", "-f", f"{project}_data", f"{project}_artifacts", check=False)
+        cluster.drop()
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def trials(d: Deployment) -> list[optuna.trial.FrozenTrial]:
+    return sorted(optuna.load_study(study_name=STUDY, storage=d.owner_url).trials, key=lambda t: t.number)
+
+
+def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its_trial_on_sigterm(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    # The worker, detached, as `docker compose up -d worker` runs it; stopped in its first trial's middle.
+    argv, env = d.run_argv("worker", detach=True)
+    worker = docker(*argv, env=env).stdout.strip()
+    wait_until(
+        lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials(d)),
+        300,
+        "the worker container's first epoch",
+    )
+    grace = int(re.fullmatch(r"(\d+)m", d.services["worker"]["stop_grace_period"]).group(1)) * 60  # type: ignore[union-attr]
+    docker("stop", "--time", str(grace), worker, timeout=grace + 30)  # SIGTERM, as `docker compose stop` sends it
+    assert docker("inspect", "--format", "{{.State.ExitCode}}", worker).stdout.strip() == "0"
+    logs = docker("logs", worker).stderr
+    (stopped,) = [t for t in trials(d) if t.state == TrialState.FAIL]
+    assert TrialRecord.of(stopped).interrupted == "SIGTERM", logs[-2000:]
+    (queued,) = [t for t in trials(d) if t.state == TrialState.WAITING]
+    assert queued.params == stopped.params
+    # Another worker container finishes the study: the trial handed back, then the rest of the budget.
+    argv, env = d.run_argv("worker")
+    again = docker(*argv, env=env, timeout=600)
+    assert "worker ran 2 trial(s)" in again.stdout, again.stdout + again.stderr[-2000:]
+    after = trials(d)
+    finished = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2 and {t.state for t in after} <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+    assert any(t.user_attrs.get("retry_of") == stopped.number for t in finished)
+    # ... logged in through PgBouncer's container, as the worker role.
+    bouncer = next(c for c in d.containers if "-pgbouncer-" in c)
+    role, db = d.values["KMNIST_TUNE_WORKER_USER"], d.values["POSTGRES_DB"]
+    assert f"login attempt: db={db} user={role}" in docker("logs", bouncer).stderr
+    # The image's user, not root; compose's worker runs it read-only with a tmpfs /tmp.
+    assert docker("image", "inspect", "--format", "{{.Config.User}}", d.services["worker"]["image"]).stdout.strip() == "kmnist"
+    assert d.services["worker"]["read_only"] is True and d.services["worker"]["tmpfs"] == ["/tmp"]
+
+
+def test_the_dashboard_container_serves_the_study_with_gunicorn(deployment: Deployment, tmp_path: Path) -> None:
+    d = deployment
+    port = d.ports["dashboard"]
+    argv, env = d.run_argv("dashboard", detach=True)
+    # compose publishes the container's 8080 on 127.0.0.1: on the host's network it listens there itself.
+    i = argv.index("--host")
+    argv[i + 1] = "127.0.0.1"
+    argv[argv.index("--port", i) + 1] = str(port)
+    name = docker(*argv, env=env).stdout.strip()
+    base = f"http://127.0.0.1:{port}"
+
+    def listed() -> list[str]:
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as r:
+            return [s["study_name"] for s in yaml.safe_load(r.read())["study_summaries"]]
+
+    def answers() -> bool:
+        try:
+            return STUDY in listed()
+        except OSError:
+            return False
+
+    wait_until(answers, 90, "the dashboard container to list the study")
+    said = docker("logs", name).stderr
+    assert f"(gunicorn, {d.values['KMNIST_TUNE_DASHBOARD_WORKERS']} worker(s);" in said, said
+    # gunicorn's master and its workers (beside docker-init, compose's init: true).
+    top = docker("top", name, "-o", "pid,args").stdout
+    served = re.findall(r"python \S+kmnist-tune dashboard", top)
+    assert len(served) == 1 + int(d.values["KMNIST_TUNE_DASHBOARD_WORKERS"]), top
+    # The page, rendered in headless Chromium from the host.
+    sid = optuna.load_study(study_name=STUDY, storage=d.owner_url)._study_id
+    dom = browse(f"{base}/dashboard/studies/{sid}", tmp_path / "dashboard.png")
+    assert STUDY in dom and "History" in dom
+    assert (tmp_path / "dashboard.png").stat().st_size > 20_000
+
+
+def test_compose_file_is_read_by_a_real_compose_implementation(tmp_path: Path) -> None:
+    """Debian's docker-compose reads the file with the .env a user copies, and refuses it, naming the
+    fix, when a password is missing."""
+    example = (REPO / ".env.example").read_text()
+    filled = re.sub(r"^(\w+_PASSWORD)=.*$", lambda m: f"{m.group(1)}={secrets.token_hex(8)}", example, flags=re.M)
+    (tmp_path / ".env").write_text(filled)
+    argv = ["docker-compose", "--env-file", str(tmp_path / ".env"), "-f", str(REPO / "docker-compose.yml"), "config"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert {"postgres", "pgbouncer", "schema", "dashboard", "worker"} <= set(services)
+    (tmp_path / ".env").write_text(re.sub(r"^KMNIST_TUNE_WORKER_PASSWORD=.*\n", "", filled, flags=re.M))
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "set KMNIST_TUNE_WORKER_PASSWORD in .env" in out.stderr, out.stderr
