@@ -191,6 +191,13 @@ def test_the_dashboard_reads_as_its_own_role_and_answers_only_its_names(overlay:
     for dns in (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"):
         assert policy.allows(f"{dns}:{port['port']}"), dns
     assert not policy.allows("evil.example:8080") and not policy.allows(f"{name}:9999") and not policy.allows("10.1.2.3:8080")
+    # gunicorn (the image has it) with the settings' worker count, which `dashboard` reads from its
+    # environment; the pod's CPU limit holds that many processes.
+    settings = one(docs, "ConfigMap", "kmnist-tune-settings")["data"]
+    assert {"configMapRef": {"name": "kmnist-tune-settings"}} in c["envFrom"]
+    workers = int(settings["KMNIST_TUNE_DASHBOARD_WORKERS"])
+    assert 1 <= workers <= 2 * float(c["resources"]["limits"]["cpu"])
+    assert "--workers" not in args and "KMNIST_TUNE_DASHBOARD_WORKERS" in cli_here("dashboard", "--help").stdout
 
 
 def storage_hosts(docs: list[dict[str, Any]]) -> dict[str, str]:
