@@ -1,5 +1,6 @@
 # One image for everything kmnist-tune runs in docker-compose.yml: the CLI, GPU workers, the
-# dashboard and the storage proxy. Build: `docker compose build` (or `docker build -t kmnist-tune .`).
+# dashboard and the storage proxy. Build: `docker compose build` (or `docker build -t kmnist-tune .`);
+# where no registry is reachable, scripts/build-image builds it on a local Debian base.
 #
 # The CUDA PyTorch base brings torch and torchvision. pip installs the rest of the project around
 # them and may not replace them: a constraints file pins the base's own builds, so a dependency
