@@ -76,7 +76,7 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 def created_study(tmp_path: Path, name: str) -> str:
     """A study made by `kmnist-tune study create` in tmp_path/ok.db (no trial yet); its storage URL."""
     url = f"sqlite:///{tmp_path / 'ok.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / f"{name}.yaml", tiny_spec(name))), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / f"{name}.yaml", tiny_spec(name))), "--storage", url)
     return url
 
 

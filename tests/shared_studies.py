@@ -362,7 +362,7 @@ def pg_workers_scenario(
     name, n = "shared-pg", 6
     spec = conftest.tiny_spec(name, budget={"n_trials": n}, data=conftest.WHOLE_FIXTURE)  # test_sweep: its trials learn
     spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
-    created = conftest.run_cli("study", "create", str(conftest.write_spec(folder / "s.yaml", spec)), "--storage", db.direct)
+    created = conftest.cli_here("study", "create", str(conftest.write_spec(folder / "s.yaml", spec)), "--storage", db.direct)
     sampler = ConnectionSampler(db.name)
     sampler.start()
     # Four training processes on two cores: one thread each keeps them from thrashing.

@@ -70,7 +70,7 @@ def lr_prior_study(pg_schema_template: str, tmp_path_factory: pytest.TempPathFac
     host.mkdir()
     with conftest.copy_database(pg_schema_template) as url:
         spec = conftest.write_spec(tmp / "p.yaml", lr_prior_spec("prior-pg", 2))
-        conftest.run_cli("study", "create", str(spec), "--storage", url)
+        conftest.cli_here("study", "create", str(spec), "--storage", url)
         workers = [conftest.spawn_cli("worker", "--study", "prior-pg", "--storage", url, cwd=host) for _ in range(3)]
         errs = []
         try:

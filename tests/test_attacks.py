@@ -807,7 +807,7 @@ def test_dotenv_is_read_never_over_the_environment_and_warned_about_when_readabl
     dotenv.chmod(0o600)
     # The real environment wins over the file.
     local = f"sqlite:///{tmp_path / 'local.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "l.yaml", tiny_spec("local-only"))), "--storage", local)
+    cli_here("study", "create", str(write_spec(tmp_path / "l.yaml", tiny_spec("local-only"))), "--storage", local)
     proc = run_cli("study", "list", cwd=work, env=cli_env(KMNIST_TUNE_STORAGE=local))
     assert "local-only" in proc.stdout and "from-dotenv" not in proc.stdout
 

@@ -82,7 +82,7 @@ def test_a_worker_that_joins_takes_its_share_and_records_it(
     url = sqlite_schema_url  # the tables made once per run (conftest)
     spec = tiny_spec("shared", budget={"n_trials": 2})
     spec["parameters"]["epochs"] = {"value": 3}  # the first worker trains for several seconds
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url)
     registry = str(tmp_path / "run")  # this test's own registry of trainers
     env = cli_env(XDG_RUNTIME_DIR=registry)
     first = spawn_cli("worker", "--study", "shared", "--storage", url, "--gpus", "none", "--max-trials", "1", env=env)
@@ -111,7 +111,8 @@ def test_a_worker_that_joins_takes_its_share_and_records_it(
 
 def test_threads_option_fixes_the_count_and_bad_values_are_one_line(tmp_path: Path, sqlite_schema_url: str) -> None:
     url = sqlite_schema_url
-    run_cli("study", "create", str(write_spec(tmp_path / "t.yaml", tiny_spec("fixed", budget={"n_trials": 1}))), "--storage", url)
+    spec = write_spec(tmp_path / "t.yaml", tiny_spec("fixed", budget={"n_trials": 1}))
+    cli_here("study", "create", str(spec), "--storage", url)
     out = run_cli("worker", "--study", "fixed", "--storage", url, "--gpus", "none", "--threads", "1")
     assert "trial 0: 1 CPU thread (--threads 1)" in out.stderr
     assert TrialRecord.of(trials(url, "fixed")[0]).threads == 1

@@ -724,7 +724,7 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     # ... and the worker role, whose rights on the tables made after the init step are the default
     # privileges that step set up, stores a study in them (`create`) and works it (the README test).
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("grants"))
-    run_cli("study", "create", str(spec), "--storage", worker_url, timeout=120)
+    cli_here("study", "create", str(spec), "--storage", worker_url)
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=role, dbname=db, autocommit=True) as w:
         assert w.execute("SELECT count(*) FROM studies").fetchone() == (1,)
         (sid,) = w.execute("INSERT INTO studies (study_name) VALUES ('by-the-worker') RETURNING study_id").fetchone()

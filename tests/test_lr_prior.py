@@ -90,7 +90,7 @@ def test_many_workers_on_a_fresh_study_run_the_finder_once(lr_prior_study: LrPri
 
 def test_sqlite_lock_serialises_two_workers(tmp_path: Path, sqlite_schema_url: str) -> None:
     url = sqlite_schema_url  # the tables made once per run (conftest)
-    run_cli("study", "create", str(write_spec(tmp_path / "p.yaml", lr_prior_spec("prior-sq", 1))), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / "p.yaml", lr_prior_spec("prior-sq", 1))), "--storage", url)
     workers = [spawn_cli("worker", "--study", "prior-sq", "--storage", url, cwd=tmp_path) for _ in range(2)]
     errs = [w.communicate(timeout=900)[1] for w in workers]
     assert all(w.returncode == 0 for w in workers), errs
@@ -104,7 +104,7 @@ def test_sqlite_lock_serialises_two_workers(tmp_path: Path, sqlite_schema_url: s
 
 def test_lr_find_needs_a_study_that_uses_it(tmp_path: Path, sqlite_schema_url: str) -> None:
     url = sqlite_schema_url
-    run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("plain"))), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / "s.yaml", tiny_spec("plain"))), "--storage", url)
     # A real process for the first refusal (the entry point's one line and exit status), then in this one.
     assert "lr_finder" in error_line(run_cli("lr-find", "--study", "plain", "--storage", url, check=False))
     cli_here("study", "create", str(write_spec(tmp_path / "p.yaml", lr_prior_spec("fresh", 1))), "--storage", url)

@@ -487,7 +487,7 @@ def test_as_wandb_says_what_wandb_has_no_key_for(tmp_path: Path) -> None:
     native["parameters"]["lr"] = {"distribution": "lr_finder", "width": 2}
     native["parameters"]["dropout"] = {"values": [0.1, 0.5], "probabilities": [0.5, 0.5]}
     url = f"sqlite:///{tmp_path / 'n.db'}"
-    run_cli("study", "create", str(write_spec(tmp_path / "n.yaml", native)), "--storage", url)
+    cli_here("study", "create", str(write_spec(tmp_path / "n.yaml", native)), "--storage", url)
     out = run_cli("study", "show", "native", "--as-wandb", "--json", "--storage", url).stdout
     got = json.loads(out)
     assert not [e.message for e in wandb_validator().iter_errors(got["sweep"])]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import WHOLE_FIXTURE, cli_env, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import WHOLE_FIXTURE, cli_env, cli_here, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from shared_studies import FINISHED, KilledScenario, PgWorkersScenario, SigtermScenario, finish, ran
@@ -164,7 +164,7 @@ def test_workers_survive_a_database_restart(tmp_path: Path, own_cluster, watch) 
     url, restart = own_cluster
     n = 4
     spec = write_spec(tmp_path / "s.yaml", fast_spec("restart", n, epochs=2, heartbeat=2))
-    run_cli("study", "create", str(spec), "--storage", url)
+    cli_here("study", "create", str(spec), "--storage", url)
     env = worker_env()
     procs = [spawn_cli("worker", "--study", "restart", "--storage", url, "--gpus", "none", env=env) for _ in range(2)]
     w = watch(url, "restart")
@@ -195,7 +195,7 @@ def test_a_study_worked_through_the_grpc_proxy_completes(tmp_path: Path, pg_url:
     try:
         grpc_url = f"grpc://127.0.0.1:{port}"
         wait_until(lambda: listening(port), 60, "the proxy to listen", procs=[proxy])
-        run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", fast_spec("proxied", 2))), "--storage", grpc_url)
+        cli_here("study", "create", str(write_spec(tmp_path / "s.yaml", fast_spec("proxied", 2))), "--storage", grpc_url)
         out, _ = finish(spawn_cli("worker", "--study", "proxied", "--storage", grpc_url, "--gpus", "none"))
         assert "worker ran 2 trial(s)" in out
     finally:
@@ -219,7 +219,7 @@ def test_a_worker_cut_off_past_the_grace_period_drops_its_stale_trial_and_goes_o
     # seeing it start and cutting the proxy, or A would finish its trial before it is cut off.
     spec_dict["data"].update(WHOLE_FIXTURE)
     spec = write_spec(tmp_path / "s.yaml", spec_dict)
-    run_cli("study", "create", str(spec), "--storage", pg_url)
+    cli_here("study", "create", str(spec), "--storage", pg_url)
     w = watch(pg_url, "partition")
     proxy = TcpProxy(5432)
     try:
