@@ -6,6 +6,7 @@ kill through PgBouncer) are built once per run in shared_studies.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -13,19 +14,27 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import psycopg
 import pytest
 from conftest import WHOLE_FIXTURE, cli_env, cli_here, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 from shared_studies import FINISHED, KilledScenario, PgWorkersScenario, SigtermScenario, finish, ran
 from tcp_proxy import TcpProxy
 
 from kmnist_tune.contract.records import TrialRecord
+from kmnist_tune.optuna_internals import trial_id
+from kmnist_tune.service.artifacts import CHUNK, artifact_store, checkpoint_base, remove_checkpoints
+from kmnist_tune.service.retry import open_worker_storage
 
 
 def states(trials: list) -> dict[str, int]:  # type: ignore[type-arg]
@@ -126,10 +135,28 @@ def test_a_trial_handed_back_is_retried_by_the_next_worker(sigterm_scenario: Sig
 # -- a database restart, on a throwaway cluster this test owns -------------------------------
 
 
+@dataclass
+class OwnCluster:
+    url: str
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+    def restart(self) -> None:
+        self.stop()
+        time.sleep(3)  # not a wait for anything: the outage itself, the database really gone for a while
+        self.start()
+
+    def down_for(self, seconds: float) -> threading.Timer:
+        """Stop the server now and start it again `seconds` later, in the background."""
+        self.stop()
+        timer = threading.Timer(seconds, self.start)
+        timer.start()
+        return timer
+
+
 @pytest.fixture
-def own_cluster() -> Iterator[tuple[str, Callable[[], None]]]:
-    """initdb + pg_ctl in a temp dir on its own port (never the machine's shared server).
-    Yields (url, restart)."""
+def own_cluster() -> Iterator[OwnCluster]:
+    """initdb + pg_ctl in a temp dir on its own port (never the machine's shared server)."""
     bindir = Path("/usr/lib/postgresql") / sorted(os.listdir("/usr/lib/postgresql"))[-1] / "bin"
     root = Path(tempfile.mkdtemp(prefix="kt-pg-", dir="/tmp"))
     shutil.chown(root, "postgres", "postgres")
@@ -140,17 +167,18 @@ def own_cluster() -> Iterator[tuple[str, Callable[[], None]]]:
 
     as_pg(str(bindir / "initdb"), "-D", str(root / "data"), "--auth=trust", "-U", "postgres")
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    as_pg(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-o", opts, "-l", str(root / "log"), "-w", "start")
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as c:
-        c.execute("CREATE DATABASE kt")
 
-    def restart() -> None:
-        as_pg(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "stop")
-        time.sleep(3)  # not a wait for anything: the outage itself, the database really gone for a while
+    def start() -> None:
         as_pg(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-o", opts, "-l", str(root / "log"), "-w", "start")
 
+    def stop() -> None:
+        as_pg(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "stop")
+
+    start()
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as c:
+        c.execute("CREATE DATABASE kt")
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/kt", restart
+        yield OwnCluster(f"postgresql+psycopg://postgres@127.0.0.1:{port}/kt", stop, start)
     finally:
         subprocess.run(
             ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
@@ -160,8 +188,8 @@ def own_cluster() -> Iterator[tuple[str, Callable[[], None]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_workers_survive_a_database_restart(tmp_path: Path, own_cluster, watch) -> None:
-    url, restart = own_cluster
+def test_workers_survive_a_database_restart(tmp_path: Path, own_cluster: OwnCluster, watch) -> None:
+    url = own_cluster.url
     n = 4
     spec = write_spec(tmp_path / "s.yaml", fast_spec("restart", n, epochs=2, heartbeat=2))
     cli_here("study", "create", str(spec), "--storage", url)
@@ -170,7 +198,7 @@ def test_workers_survive_a_database_restart(tmp_path: Path, own_cluster, watch) 
     w = watch(url, "restart")
     wait_until(lambda: w.count(TrialState.COMPLETE) >= 1, 300, "a first finished trial", procs=procs)
     t0 = time.monotonic()
-    restart()
+    own_cluster.restart()
     print(f"\ndatabase down for {time.monotonic() - t0:.1f} s")
     outs = [finish(p, timeout=900) for p in procs]
     after = w.trials()  # its pooled connection is checked before use: a new one after the restart
@@ -179,6 +207,37 @@ def test_workers_survive_a_database_restart(tmp_path: Path, own_cluster, watch) 
     stalls = [float(m.group(1)) for out, _ in outs for m in [re.search(r"waited ([\d.]+) s for the storage", out)] if m]
     print(f"workers stalled by the restart: {stalls} s")
     assert stalls, "no worker noticed the restart: " + " | ".join(e[-300:] for _, e in outs)
+
+
+def test_a_workers_artifacts_wait_out_a_database_restart(own_cluster: OwnCluster) -> None:
+    """Checkpoints are written, read and removed in the artifact table straight through the worker's
+    engine, not through Optuna's storage calls: each must ride out a restart as those do. (A CI run
+    once lost a worker that removed its finished trial's checkpoints while the database restarted.)"""
+    url = own_cluster.url
+    cli_here("schema", "--storage", url)
+    said: list[str] = []
+    storage = open_worker_storage(url, patience=60, log=said.append)
+    study = optuna.create_study(storage=storage, study_name="artifacts")
+    kept, gone = (checkpoint_base(trial_id(study.ask()), 0) for _ in range(2))  # a checkpoint's trial must exist
+    store = artifact_store(storage)
+    body = os.urandom(CHUNK + 100)  # two chunks: the reader's second query comes after an outage
+    name = str(uuid.uuid4())
+    own_cluster.down_for(0.3)
+    store.write(name, io.BytesIO(body))
+    reader = store.open_reader(name)
+    first = reader.read(10)
+    own_cluster.down_for(0.3)
+    assert first + reader.read() == body
+    for base in (kept, gone):
+        store.write(f"{base}.json", io.BytesIO(b"{}"))
+    own_cluster.down_for(0.3)
+    remove_checkpoints(store, [int(gone.rsplit("-", 2)[1])], n_epochs=1)
+    with pytest.raises(ArtifactNotFound):
+        store.open_reader(f"{gone}.json")
+    own_cluster.down_for(0.3)
+    store.remove(f"{kept}.json")
+    retries = [line for line in said if line.startswith("storage unreachable")]
+    assert len(retries) == 4, said
 
 
 # -- the gRPC storage proxy -------------------------------------------------------------------

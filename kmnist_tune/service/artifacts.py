@@ -16,10 +16,12 @@ wrapped in `CheckedArtifactStore`, which accepts only the two forms of id this p
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,7 +34,7 @@ from ..errors import UserError
 from ..masking import printable
 from ..optuna_internals import ALL_TRIAL_IDS, LOCK_STUDY_OF_TRIAL, RECORDED_ARTIFACT_KEYS
 from .lock import storage_lock
-from .storage import backend, engine, sqlite_file
+from .storage import backend, engine, retried, sqlite_file
 from .tables import ARTIFACTS
 from .tables import ARTIFACTS_TABLE as TABLE
 
@@ -76,7 +78,7 @@ def _raw_store(storage: BaseStorage, override: str | Path | None) -> Any:
         return _s3_store(chosen)
     folder = artifact_dir(storage, override)
     if folder is None:
-        return PostgresArtifactStore(engine(storage))
+        return PostgresArtifactStore(engine(storage), functools.partial(retried, storage))
     from optuna.artifacts import FileSystemArtifactStore
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,8 +175,11 @@ class PostgresArtifactStore:
     (uuid ids) are kept orphan-free by `upload_file`'s lock instead: Optuna's `upload_artifact` records
     an upload on its study before the write in some releases and after it in others (5.1)."""
 
-    def __init__(self, engine: sqlalchemy.Engine):
+    def __init__(self, engine: sqlalchemy.Engine, retry: Callable[[Callable[[], Any]], Any] | None = None):
         self.engine = engine
+        # A worker's store rides out a database restart as its storage does (retry.py): a checkpoint
+        # removed after a trial must not kill the worker. Each try is its own transaction.
+        self.retry = retry or (lambda fn: fn())
 
     def _missing(self, artifact_id: str) -> Exception:
         from optuna.artifacts.exceptions import ArtifactNotFound
@@ -183,31 +188,48 @@ class PostgresArtifactStore:
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         name = parse_artifact_id(artifact_id)
-        with self.engine.begin() as conn:
-            _lock_owner(conn, name)
-            conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id))
-            n = 0
-            while True:
-                data = content_body.read(CHUNK)
-                if not data and n:
-                    break
-                conn.execute(ARTIFACTS.insert().values(artifact_id=artifact_id, chunk=n, data=bytes(data)))
-                n += 1
-                if not data:  # an empty artifact is one empty row
-                    break
+        start = content_body.tell() if content_body.seekable() else None
+
+        def attempt() -> None:
+            if start is not None:
+                content_body.seek(start)  # a retry writes the whole body again
+            with self.engine.begin() as conn:
+                _lock_owner(conn, name)
+                conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id))
+                n = 0
+                while True:
+                    data = content_body.read(CHUNK)
+                    if not data and n:
+                        break
+                    conn.execute(ARTIFACTS.insert().values(artifact_id=artifact_id, chunk=n, data=bytes(data)))
+                    n += 1
+                    if not data:  # an empty artifact is one empty row
+                        break
+
+        if start is None:
+            attempt()  # a body that cannot be rewound is written once: a retry would store its tail only
+        else:
+            self.retry(attempt)
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
-        with self.engine.connect() as conn:
-            count = conn.execute(
-                sqlalchemy.select(sqlalchemy.func.count()).where(ARTIFACTS.c.artifact_id == artifact_id)
-            ).scalar_one()
-        if not count:
+        def count() -> int:
+            with self.engine.connect() as conn:
+                return conn.execute(
+                    sqlalchemy.select(sqlalchemy.func.count()).where(ARTIFACTS.c.artifact_id == artifact_id)
+                ).scalar_one()
+
+        chunks = self.retry(count)
+        if not chunks:
             raise self._missing(artifact_id)
-        return io.BufferedReader(_ChunkReader(self.engine, artifact_id, count), buffer_size=CHUNK)  # type: ignore[return-value]
+        reader = _ChunkReader(self.engine, artifact_id, chunks, self.retry)
+        return io.BufferedReader(reader, buffer_size=CHUNK)  # type: ignore[return-value]
 
     def remove(self, artifact_id: str) -> None:
-        with self.engine.begin() as conn:
-            gone = conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id)).rowcount
+        def delete() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id == artifact_id)).rowcount
+
+        gone = self.retry(delete)
         if not gone:
             raise self._missing(artifact_id)
 
@@ -225,12 +247,20 @@ def _lock_owner(conn: Any, name: ArtifactName) -> None:
 class _ChunkReader(io.RawIOBase):
     """Reads an artifact's rows one at a time, in order."""
 
-    def __init__(self, engine: sqlalchemy.Engine, artifact_id: str, chunks: int):
-        self.engine, self.artifact_id, self.chunks = engine, artifact_id, chunks
+    def __init__(self, engine: sqlalchemy.Engine, artifact_id: str, chunks: int, retry: Callable[[Callable[[], Any]], Any]):
+        self.engine, self.artifact_id, self.chunks, self.retry = engine, artifact_id, chunks, retry
         self.next_chunk, self.buffer = 0, memoryview(b"")
 
     def readable(self) -> bool:
         return True
+
+    def _chunk(self) -> bytes:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sqlalchemy.select(ARTIFACTS.c.data).where(
+                    ARTIFACTS.c.artifact_id == self.artifact_id, ARTIFACTS.c.chunk == self.next_chunk
+                )
+            ).scalar_one()
 
     def readinto(self, b: Any) -> int:
         if not self.buffer:
@@ -238,12 +268,7 @@ class _ChunkReader(io.RawIOBase):
                 return 0
             # A pooled connection per chunk, handed back at once: no transaction stays open (and holds
             # one of PgBouncer's server connections) while whoever reads the stream works on a chunk.
-            with self.engine.connect() as conn:
-                data = conn.execute(
-                    sqlalchemy.select(ARTIFACTS.c.data).where(
-                        ARTIFACTS.c.artifact_id == self.artifact_id, ARTIFACTS.c.chunk == self.next_chunk
-                    )
-                ).scalar_one()
+            data = self.retry(self._chunk)
             self.buffer, self.next_chunk = memoryview(bytes(data)), self.next_chunk + 1
         n = min(len(b), len(self.buffer))
         b[:n] = self.buffer[:n]
@@ -271,11 +296,16 @@ def remove_checkpoints(store: CheckedArtifactStore, trial_ids: list[int], n_epoc
     trial's record of it leaves one that no record names."""
     if not trial_ids:
         return
-    if isinstance(store.inner, PostgresArtifactStore):
-        with store.inner.engine.begin() as conn:
-            for trial_id in sorted(set(trial_ids)):
-                prefix = f"{CHECKPOINT_PREFIX}{trial_id}-"
-                conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.startswith(prefix, autoescape=True)))
+    inner = store.inner
+    if isinstance(inner, PostgresArtifactStore):
+
+        def delete() -> None:
+            with inner.engine.begin() as conn:
+                for trial_id in sorted(set(trial_ids)):
+                    prefix = f"{CHECKPOINT_PREFIX}{trial_id}-"
+                    conn.execute(ARTIFACTS.delete().where(ARTIFACTS.c.artifact_id.startswith(prefix, autoescape=True)))
+
+        inner.retry(delete)
         return
     # Optuna's folder and S3 stores have no listing in their protocol: try every name there can be.
     names = [checkpoint_base(t, e) for t in sorted(set(trial_ids)) for e in range(n_epochs)]
