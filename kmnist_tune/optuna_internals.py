@@ -67,10 +67,15 @@ def study_storage(study: optuna.Study) -> BaseStorage:
     return study._storage
 
 
-def new_trial(study: optuna.Study) -> optuna.Trial:
+def new_trial(study: optuna.Study, before_sampling: Callable[[int], None] | None = None) -> optuna.Trial:
     """A new RUNNING trial, made the way `Study.ask` makes one when no trial waits: through the study's
-    own cached storage (so its cache knows the trial), without ask's look for a WAITING trial."""
-    return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+    own cached storage (so its cache knows the trial), without ask's look for a WAITING trial.
+    `before_sampling(number)` runs once the trial's number is known, before the sampler's first call
+    (its relative sampling, in the Trial's constructor)."""
+    tid = study._storage.create_new_trial(study._study_id)
+    if before_sampling is not None:
+        before_sampling(study._storage.get_trial_number_from_id(tid))
+    return optuna.Trial(study, tid)
 
 
 def rdb(storage: BaseStorage) -> RDBStorage | None:

@@ -153,6 +153,8 @@ def cli_here(
     kept = [(lg, list(lg.filters), [(h, list(h.filters)) for h in lg.handlers]) for lg in loggers]
     argv = sys.argv[:]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # `run`/`worker` set their own
+    torch = sys.modules.get("torch")  # `run`/`worker` set the thread count to their share
+    threads = torch.get_num_threads() if torch is not None else None
     with contextlib.ExitStack() as stack:
         where = cwd or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kt-cli-")))
         stdout, stderr, _ = stack.enter_context(CliRunner().isolation(env=overrides))
@@ -168,6 +170,8 @@ def cli_here(
             sys.argv[:] = argv
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            if threads is not None:
+                torch.set_num_threads(threads)  # type: ignore[union-attr]
             for lg, filters, log_handlers in kept:
                 lg.filters[:] = filters
                 for h, hf in log_handlers:

@@ -156,13 +156,14 @@ def test_make_trial_pops_a_waiting_trial_first_and_otherwise_makes_one_the_cache
     study = optuna.load_study(study_name="make", storage=storage)
     study_id = storage.get_study_id_from_name("make")
     study.enqueue_trial({"lr": 0.01})
+    numbers: list[int] = []  # what the worker seeds each trial's sampler with (studies.seed_sampler)
     try:
-        popped, new = make_trial(study, storage, study_id)
-        assert popped.number == 0 and not new
+        popped, new = make_trial(study, storage, study_id, numbers.append)
+        assert popped.number == 0 and not new and numbers == [0]
         assert popped.suggest_float("lr", 1e-4, 1e-1, log=True) == 0.01  # the enqueued parameters
         assert storage.get_trial(trial_id(popped)).state == optuna.trial.TrialState.RUNNING
-        made, new = make_trial(study, storage, study_id)  # nothing waits now: a new trial
-        assert made.number == 1 and new
+        made, new = make_trial(study, storage, study_id, numbers.append)  # nothing waits now: a new trial
+        assert made.number == 1 and new and numbers == [0, 1]
         assert storage.get_trial_system_attrs(trial_id(made)) == {}
         lr = made.suggest_float("lr", 1e-4, 1e-1, log=True)  # the study's cache knows the new trial
         study.tell(made, lr)

@@ -367,6 +367,11 @@ class PerformanceSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", True, False] = "auto"
     cudnn_benchmark: bool = True
+    deterministic: bool = Field(
+        default=False,
+        description="CUDA: PyTorch's deterministic algorithms (no cuDNN autotuner), so a seeded study repeats "
+        "on the GPU too, at a cost in speed; a CPU's arithmetic is repeatable without it",
+    )
     compile: Literal["auto", True, False] = Field(
         default="auto", description="torch.compile the model: auto = on CUDA (compiled once per worker), off on a CPU"
     )

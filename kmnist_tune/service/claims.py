@@ -18,7 +18,7 @@ on the backend:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import optuna
@@ -108,7 +108,9 @@ def pending_claims(storage: BaseStorage, study_id: int) -> int:
     return int(autocommitted(storage, query, {"sid": study_id, "ttl": TICKET_TTL_S})[0][0])
 
 
-def make_trial(study: optuna.Study, storage: BaseStorage, study_id: int) -> tuple[optuna.Trial, bool]:
+def make_trial(
+    study: optuna.Study, storage: BaseStorage, study_id: int, before_sampling: Callable[[int], None]
+) -> tuple[optuna.Trial, bool]:
     """What `study.ask()` does, without its read of the whole study when no trial waits.
 
     Optuna's ask first brings its per-process cache of the study up to date, to look for a WAITING
@@ -120,10 +122,15 @@ def make_trial(study: optuna.Study, storage: BaseStorage, study_id: int) -> tupl
     the cache up to date, in the trial's first suggest, as it did inside ask. A trial that turns
     WAITING between the query and the create is popped by the next claim, as with ask itself.
 
+    `before_sampling(number)` seeds the sampler for the trial (studies.seed_sampler). A popped trial has
+    its parameters already (a retry's, an enqueued one's): only those it lacks are sampled, after.
+
     Returns the trial, and whether it was made just now (so it has no attributes yet: it is no retry)."""
     if storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        return study.ask(), False
-    return new_trial(study), True
+        trial = study.ask()
+        before_sampling(trial.number)
+        return trial, False
+    return new_trial(study, before_sampling), True
 
 
 @contextmanager

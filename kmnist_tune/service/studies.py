@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import get_all_artifact_meta
 from optuna.storages import BaseStorage
@@ -28,6 +29,7 @@ from ..contract.records import (
     FINISHED_STATES,
     SPEC_ATTR,
     Budget,
+    EnsembleEvaluation,
     LRPrior,
     StudyStop,
     TestEvaluation,
@@ -105,6 +107,19 @@ def make_sampler(spec: SweepSpec, seed: int | None) -> optuna.samplers.BaseSampl
         return cls(grid_space(spec), **opts) if name == "grid" else cls(**opts)
     except (TypeError, ValueError) as e:  # a constructor's own range check is a ValueError, like the pruners'
         raise SpecError(f"sampler.options: {e}; see Optuna's {name} sampler for its options") from None
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial `number` of a study seeded `seed`. A trial's random draws depend on
+    these two alone, not on which worker samples it or how many trials that worker sampled before: a
+    seeded study run again by one worker repeats, and several workers never share a random stream."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def seed_sampler(study: optuna.Study, spec: SweepSpec, number: int) -> None:
+    """Give the study, for the trial about to be sampled, its own seeded sampler (trial_seed). Samplers
+    keep nothing between trials but their random state (CMA-ES keeps its in the storage)."""
+    study.sampler = make_sampler(spec, trial_seed(spec.seed, number))
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -327,8 +342,8 @@ def open_for_work(
     url: str, name: str, *, log: Callable[[str], None] | None = None
 ) -> tuple[RetryingRDBStorage | RetryingStorage, optuna.Study, SweepSpec]:
     """The worker's one storage (retried calls; heartbeats and stale-trial retries as its spec sets
-    them) and the study with its spec. Workers must not all sample the same points: each process
-    seeds its sampler differently (seed None)."""
+    them) and the study with its spec. The worker seeds the sampler afresh for each trial it makes
+    (seed_sampler): workers never share a random stream, and a seeded study repeats."""
     storage = open_worker_storage(url, log=log)
     try:
         study, spec = open_study(storage, name)
@@ -481,6 +496,7 @@ class StudySummary:
     budget: dict[str, Any]
     best: BestTrial | None
     test_evaluation: TestEvaluation | None
+    ensemble_evaluation: EnsembleEvaluation | None = None
     stopped: StudyStop | None = None
     workers: list[WorkerRow] | None = None  # None: not asked for (summarize(with_trials=False))
     retried: list[dict[str, Any]] | None = None
@@ -491,9 +507,11 @@ class StudySummary:
         return {**asdict(self), "states": all_states(self.states)}
 
     def best_json(self) -> dict[str, Any]:
-        """`best --json`: the same names as `as_json` (best.value, test_evaluation), without the counts."""
+        """`best --json`: the same names as `as_json` (best.value, test_evaluation, ensemble_evaluation),
+        without the counts."""
         full = self.as_json()
-        return {k: full[k] for k in ("study", "storage", "metric", "direction", "best", "test_evaluation")}
+        keys = ("study", "storage", "metric", "direction", "best", "test_evaluation", "ensemble_evaluation")
+        return {k: full[k] for k in keys}
 
 
 def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True) -> StudySummary:
@@ -513,6 +531,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         if best is None
         else BestTrial(best.number, best.value, without_quantiles(best.params), TrialRecord.of(best).config),
         test_evaluation=TestEvaluation.read(attrs),
+        ensemble_evaluation=EnsembleEvaluation.read(attrs),
         stopped=StudyStop.read(attrs),
     )
     if with_trials:

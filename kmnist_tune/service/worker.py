@@ -32,7 +32,7 @@ from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_
 from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
 from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs
-from .studies import stop_study
+from .studies import seed_sampler, stop_study
 
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
@@ -172,7 +172,7 @@ class Worker:
             return self.make_trial() if granted else None
 
     def make_trial(self) -> optuna.Trial:
-        trial, new = make_trial(self.study, self.storage, self.study_id)
+        trial, new = make_trial(self.study, self.storage, self.study_id, lambda n: seed_sampler(self.study, self.spec, n))
         if new:
             self._new_trials.add(trial_id(trial))
         return trial

@@ -6,6 +6,7 @@ slower than fp32, and compiling there costs more than it saves on these small mo
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,14 @@ class Performance:
     precision: str = "fp32"  # "fp32" | "bf16"
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    deterministic: bool = False  # CUDA: deterministic algorithms (a CPU's are already, at a fixed thread count)
     compile: bool = False
     compile_mode: str = "default"
     optimizer: str = "torch"  # "torch" (PyTorch's fused/foreach where it matches fastai's) | "fastai"
 
     def describe(self) -> str:
-        flags = [self.precision] + [n for n in ("channels_last", "cudnn_benchmark", "compile") if getattr(self, n)]
+        named = ("channels_last", "cudnn_benchmark", "deterministic", "compile")
+        flags = [self.precision] + [n for n in named if getattr(self, n)]
         return "+".join(flags + (["fastai_optimizer"] if self.optimizer == "fastai" else []))
 
 
@@ -53,10 +56,12 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         raise ValueError(f"unknown optimizer implementation {optimizer!r}; use torch or fastai")
     channels_last = opt("channels_last", "auto")
     channels_last = cuda if channels_last == "auto" else bool(channels_last)
+    deterministic = cuda and bool(opt("deterministic", False))
     return Performance(
         precision=precision,
         channels_last=channels_last,
-        cudnn_benchmark=cuda and bool(opt("cudnn_benchmark", True)),
+        cudnn_benchmark=cuda and not deterministic and bool(opt("cudnn_benchmark", True)),
+        deterministic=deterministic,
         compile=cuda if compile_ == "auto" else bool(compile_),
         compile_mode=str(opt("compile_mode", "default")),
         optimizer=optimizer,
@@ -98,6 +103,7 @@ def prepare_model(
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+        use_deterministic(perf.deterministic)
     if perf.compile:
         full_key = (*key, str(device), perf.channels_last, perf.compile_mode)
         if cache is not None and (kept := cache.get(full_key, model)) is not None:
@@ -108,6 +114,17 @@ def prepare_model(
         if cache is not None:
             cache.put(full_key, model)
     return model
+
+
+def use_deterministic(on: bool) -> None:
+    """PyTorch's deterministic algorithms on CUDA (its reproducibility notes): cuDNN's deterministic
+    kernels, and cuBLAS with a fixed workspace (read when its first handle is made, so set before the
+    first matmul of the process; a worker's first trial comes before any other CUDA work). An op with
+    no deterministic kernel warns rather than failing the trial."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on, warn_only=True)
 
 
 class Bf16Autocast(MixedPrecision):
