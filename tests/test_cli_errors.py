@@ -104,6 +104,7 @@ SUMMARY_KEYS = (
     "budget",
     "best",
     "test_evaluation",
+    "ensemble_evaluation",
     "stopped",
     "workers",
     "retried",
@@ -197,12 +198,12 @@ def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path, sqlite_s
     assert listed == [{"study": "exists", "finished": 0, "budget": budget, "states": no_trials, "best": None}]
     shown = json.loads(cli_here("study", "show", "exists", "--storage", url, "--json").stdout)
     assert set(shown) == {*SUMMARY_KEYS, "spec"} and shown["states"] == no_trials and shown["budget"] == budget
-    assert (shown["best"], shown["test_evaluation"], shown["stopped"]) == (None, None, None)
+    assert (shown["best"], shown["test_evaluation"], shown["ensemble_evaluation"], shown["stopped"]) == (None,) * 4
     assert shown["workers"] == [] and shown["retried"] == []
     best_text, best_json = cli_here("best", "exists", "--storage", url), cli_here("best", "exists", "--storage", url, "--json")
     assert best_text.returncode == best_json.returncode == 0 and "no completed trial yet" in best_text.stdout
     assert json.loads(best_json.stdout) == {
-        k: shown[k] for k in ("study", "storage", "metric", "direction", "best", "test_evaluation")
+        k: shown[k] for k in ("study", "storage", "metric", "direction", "best", "test_evaluation", "ensemble_evaluation")
     }
     info = json.loads(cli_here("data", "info", "--data-dir", str(FIXTURE), "--json").stdout)
     assert info["n_classes"] == 10 and {f["state"] for f in info["files"]} == {"ok"} and len(info["files"]) == 8

@@ -154,6 +154,22 @@ def best(
         Path | None,
         typer.Option("--export", metavar="DIR", help="with --evaluate: write the retrained model to this new folder"),
     ] = None,
+    ensemble: Annotated[
+        int | None,
+        typer.Option(
+            "--ensemble",
+            metavar="K",
+            min=1,
+            max=32,
+            help="with --evaluate: retrain the top K trials and average their softmax outputs (each member's score too)",
+        ),
+    ] = None,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta", help="with --ensemble: also score each image shifted by one pixel each way (reported separately; exported)"
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the best trial's parameters and validation score; --evaluate scores it on the test split."""
@@ -165,10 +181,24 @@ def best(
             f"--export needs --evaluate (the model is the one retrained for the test score); or fetch a kept one "
             f"with `kmnist-tune export --study {name} {export}`"
         )
+    if ensemble is not None and not evaluate:
+        raise UserError("--ensemble needs --evaluate (its members are retrained and scored): add --evaluate")
+    if tta and ensemble is None:
+        raise UserError("--tta scores an ensemble's shifted copies: add --ensemble K (--ensemble 1 for the best trial alone)")
     if evaluate:
         from ..recipe.export import evaluate_best
 
-        summary = evaluate_best(url, name, data_dir=data_dir, mirror=mirror, device=device, train_size=train_size, export=export)
+        summary = evaluate_best(
+            url,
+            name,
+            data_dir=data_dir,
+            mirror=mirror,
+            device=device,
+            train_size=train_size,
+            export=export,
+            ensemble=ensemble,
+            tta=tta,
+        )
     else:
         from ..service.studies import read_summary
 

@@ -22,6 +22,7 @@ SPEC_ATTR = "kmnist_tune.spec"
 CREATED_ATTR = "kmnist_tune.created"
 PRIOR_ATTR = "kmnist_tune.lr_prior"
 TEST_ATTR = "kmnist_tune.test_evaluation"
+ENSEMBLE_ATTR = "kmnist_tune.ensemble_evaluation"
 BUDGET_ATTR = "kmnist_tune.budget"
 MODEL_ATTR = "kmnist_tune.model"
 STOP_ATTR = "kmnist_tune.stopped"
@@ -172,6 +173,7 @@ class KeptModel(StudyRecord):
     artifacts: dict[str, str]  # file name in the model directory -> artifact id
     sha256: dict[str, str]
     signatures: dict[str, str] | None = None  # file name -> HMAC, with KMNIST_TUNE_SIGNING_KEY (signing.py)
+    members: list[int] | None = None  # an ensemble's trials (`best --evaluate --ensemble K`), best first
 
 
 @dataclass
@@ -187,6 +189,23 @@ class TestEvaluation(StudyRecord):
     n_test: int
     params: dict[str, Any]
     device: str
+    at: str
+
+
+@dataclass
+class EnsembleEvaluation(StudyRecord):
+    """The official test score of the top trials, each retrained, their softmax outputs averaged
+    (`best --evaluate --ensemble K`), beside each member's own score; stored on the study."""
+
+    ATTR: ClassVar[str] = ENSEMBLE_ATTR
+    metric: str
+    test_value: float  # the averaged members, on the images as they are
+    members: list[dict[str, Any]]  # best first: {"trial", "valid_value", "test_value", "params"}
+    tta: dict[str, Any] | None  # with --tta: {"shifts", "test_value", "members": [each member's]}
+    n_train: int
+    n_test: int
+    device: str
+    seconds: float
     at: str
 
 

@@ -30,6 +30,30 @@ def best_lines(s: StudySummary) -> list[str]:
             f"test {ev.metric} of trial {ev.trial} (official test split, {ev.n_test} images; retrained on "
             f"{ev.n_train} train images): {ev.test_value:.4f}"
         )
+    return lines + ensemble_lines(s)
+
+
+def ensemble_lines(s: StudySummary) -> list[str]:
+    """The ensemble's test score (`best --evaluate --ensemble K`), then each member's beside it."""
+    ens = s.ensemble_evaluation
+    if ens is None or not isinstance(ens.members, list):
+        return []
+    trials = ", ".join(str(m.get("trial")) for m in ens.members if isinstance(m, dict))
+    lines = [
+        f"test {ens.metric} of the ensemble of trials {trials} (official test split, {ens.n_test} images; each "
+        f"retrained on {ens.n_train} train images): {_value(ens.test_value)}"
+    ]
+    tta = ens.tta if isinstance(ens.tta, dict) else None
+    if tta is not None:
+        lines.append(
+            f"  with test-time augmentation ({len(tta.get('shifts') or [])} shifted copies): {_value(tta.get('test_value'))}"
+        )
+    tta_members = tta.get("members") if tta is not None and isinstance(tta.get("members"), list) else []
+    for i, m in enumerate(ens.members):
+        if isinstance(m, dict):
+            shifted = f"; with shifted copies {_value(tta_members[i])}" if i < len(tta_members) else ""
+            test, valid = _value(m.get("test_value")), _value(m.get("valid_value"))
+            lines.append(f"  trial {m.get('trial')}: test {test}, validation {valid}{shifted}")
     return lines
 
 

@@ -52,11 +52,15 @@ from ..training.inference import (
     PROGRAM,
     WEIGHTS,
     card_signature,
+    export_network,
     export_program,
+    save_network,
     save_weights,
     sha256,
 )
-from .evaluate import Retrained, evaluate_on_test
+from ..training.splits import Splits
+from .ensemble import Ensemble, evaluate_ensemble
+from .evaluate import Retrained, evaluate_on_test, top_trials
 
 CARD_MD, FASTAI = "model-card.md", "fastai-learner.pkl"
 # Every file of a model directory, by its fixed name; `export` writes these and nothing else.
@@ -82,16 +86,59 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
-    mean, std = r.splits.mean_std
-    save_weights(r.learn.model, mean, std, folder / WEIGHTS)
-    export_program(r.learn.model, mean, std, folder / PROGRAM)
-    r.learn.export(folder.resolve() / FASTAI)
+def _write_classes(spec: SweepSpec, folder: Path) -> list[dict[str, Any]]:
     classes = class_map(spec.data.dataset)
     with open(folder / CLASSES, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["index", "codepoint", "char"])
         writer.writeheader()
         writer.writerows(classes)
+    return classes
+
+
+def _data_block(spec: SweepSpec, data_dir: Path, splits: Splits) -> dict[str, Any]:
+    """The model card's `data`: the data set's files and checksums, the split and its sizes."""
+    assert splits.y_test is not None
+    return {
+        "dataset": spec.data.dataset,
+        "files": [{"name": s.path.name, "md5": s.expected_md5} for s in verify(spec.data.dataset, data_dir) if s.state == "ok"],
+        "split_seed": spec.data.split_seed,
+        "valid_fraction": spec.data.valid_fraction,
+        "n_train": int(len(splits.y_train)),
+        "n_valid": int(len(splits.y_valid)),
+        "n_test": int(len(splits.y_test)),
+    }
+
+
+def _network(r: Retrained, n_classes: int) -> dict[str, Any]:
+    """What `predict` builds a retrained network from: its constructor's arguments and normalisation."""
+    mean, std = r.splits.mean_std
+    return {
+        "constructor": {
+            "arch": r.params["arch"],
+            "stem": r.params["stem"],
+            "n_classes": n_classes,
+            "dropout": r.params["dropout"],
+        },
+        "normalisation": {"mean": mean, "std": std},
+    }
+
+
+def _seal(card: dict[str, Any], folder: Path, files: tuple[str, ...], markdown: str) -> None:
+    """The card with every file's sha256 (and its signature, with a signing key), as JSON and for people."""
+    card["files"] = {name: sha256(folder / name) for name in files}
+    signature = card_signature(card)
+    if signature is not None:
+        card["signature"] = signature
+    (folder / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / CARD_MD).write_text(markdown, encoding="utf-8")
+
+
+def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
+    mean, std = r.splits.mean_std
+    save_weights(r.learn.model, mean, std, folder / WEIGHTS)
+    export_program(r.learn.model, mean, std, folder / PROGRAM)
+    r.learn.export(folder.resolve() / FASTAI)
+    classes = _write_classes(spec, folder)
     record = TrialRecord.of(r.trial)
     ev = r.evaluation
     card: dict[str, Any] = {
@@ -102,25 +149,9 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
             "fastai_export": FASTAI,
             "input": "uint8 pixel values (N, 1, 28, 28), white ink on black as in KMNIST; the program normalises",
             "output": f"logits (N, {len(classes)}); softmax for probabilities",
-            "constructor": {
-                "arch": r.params["arch"],
-                "stem": r.params["stem"],
-                "n_classes": len(classes),
-                "dropout": r.params["dropout"],
-            },
-            "normalisation": {"mean": mean, "std": std},
+            **_network(r, len(classes)),
         },
-        "data": {
-            "dataset": spec.data.dataset,
-            "files": [
-                {"name": s.path.name, "md5": s.expected_md5} for s in verify(spec.data.dataset, data_dir) if s.state == "ok"
-            ],
-            "split_seed": spec.data.split_seed,
-            "valid_fraction": spec.data.valid_fraction,
-            "n_train": ev.n_train,
-            "n_valid": int(len(r.splits.y_valid)),
-            "n_test": ev.n_test,
-        },
+        "data": _data_block(spec, data_dir, r.splits),
         "hyperparameters": r.params,
         "batch_size_used": r.params["batch_size"],
         "halving_events": [e.as_dict() for e in record.halving_events],
@@ -142,12 +173,119 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
         "versions": _versions(),
         "source": {"study": study_name, "trial": r.trial.number, "storage": storage_kind, "exported": who_and_when()[0]},
     }
-    card["files"] = {name: sha256(folder / name) for name in (WEIGHTS, PROGRAM, FASTAI, CLASSES)}
-    signature = card_signature(card)
-    if signature is not None:
-        card["signature"] = signature
-    (folder / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / CARD_MD).write_text(model_card(card, classes), encoding="utf-8")
+    _seal(card, folder, (WEIGHTS, PROGRAM, FASTAI, CLASSES), model_card(card, classes))
+
+
+def write_ensemble_dir(e: Ensemble, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
+    """An ensemble's model directory: one network (weights and program) that averages the members, the
+    classes, and a card listing each member's parameters and scores. No fastai export: a Learner
+    holds one model."""
+    save_network(e.net, folder / WEIGHTS)
+    export_network(e.net, folder / PROGRAM)
+    classes = _write_classes(spec, folder)
+    ev, first = e.evaluation, e.members[0]
+    shifts = [list(s) for s in e.net.shifts]
+    members = []
+    for r, scored in zip(e.members, ev.members, strict=True):
+        tta_value = ev.tta["members"][len(members)] if ev.tta is not None else None
+        members.append(
+            {
+                "trial": r.trial.number,
+                "hyperparameters": r.params,
+                "batch_size_used": r.params["batch_size"],
+                "validation": r.trial.value,
+                "test": scored["test_value"],
+                "test_tta": tta_value,
+                "seconds": round(r.seconds, 2),
+                "epochs": [{"epoch": x.epoch, "train_loss": x.train_loss, "seconds": round(x.seconds, 2)} for x in r.epochs],
+            }
+        )
+    card: dict[str, Any] = {
+        "format": FORMAT,
+        "model": {
+            "weights": WEIGHTS,
+            "program": PROGRAM,
+            "input": "uint8 pixel values (N, 1, 28, 28), white ink on black as in KMNIST; the program normalises",
+            "output": f"log of the members' averaged softmax (N, {len(classes)}); softmax for probabilities",
+            "ensemble": {
+                "members": [{"trial": r.trial.number, **_network(r, len(classes))} for r in e.members],
+                "shifts": shifts,
+            },
+        },
+        "data": _data_block(spec, data_dir, first.splits),
+        "members": members,
+        "metrics": {
+            "metric": ev.metric,
+            "test": {
+                "value": e.exported_value,
+                "n_images": ev.n_test,
+                "split": "the official test split",
+                "tta": ev.tta is not None,
+            },
+            "ensemble_without_tta": ev.test_value,
+            "ensemble_with_tta": ev.tta["test_value"] if ev.tta is not None else None,
+        },
+        "training": {"seconds": ev.seconds, "device": ev.device, "at": ev.at},
+        "versions": _versions(),
+        "source": {
+            "study": study_name,
+            "trials": [r.trial.number for r in e.members],
+            "storage": storage_kind,
+            "exported": who_and_when()[0],
+        },
+    }
+    _seal(card, folder, (WEIGHTS, PROGRAM, CLASSES), ensemble_card(card, classes))
+
+
+def ensemble_card(card: dict[str, Any], classes: list[dict[str, Any]]) -> str:
+    d, met, src = card["data"], card["metrics"], card["source"]
+    n = len(card["members"])
+    shifts = card["model"]["ensemble"]["shifts"]
+    tta = (
+        f"with test-time augmentation: each image also shifted by one pixel each way ({len(shifts)} copies, no flips)"
+        if met["test"]["tta"]
+        else "without test-time augmentation"
+    )
+    rows = "\n".join(
+        f"| {m['trial']} | {m['hyperparameters']['arch']} / {m['hyperparameters']['stem']} | "
+        f"{_score(m['validation'])} | {_score(m['test'])} | {_score(m['test_tta'])} | "
+        + ", ".join(f"{k}={v}" for k, v in m["hyperparameters"].items() if k not in ("arch", "stem"))
+        + " |"
+        for m in card["members"]
+    )
+    files = "\n".join(f"- {f['name']} (md5 {f['md5']})" for f in d["files"])
+    versions = ", ".join(f"{k} {v}" for k, v in card["versions"].items())
+    with_tta = met["ensemble_with_tta"]
+    return f"""# Model card: {d["dataset"]} ensemble of {n} (study {src["study"]}, trials {", ".join(map(str, src["trials"]))})
+
+The top {n} trials of the study, each retrained on {d["n_train"]} images of the official train split, their
+softmax outputs averaged, {tta}. Classes ({len(classes)}): {" ".join(c["char"] for c in classes)}
+
+## Scores (test {met["metric"]}, official test split, {met["test"]["n_images"]} images)
+- this model: **{met["test"]["value"]:.4f}**
+- the ensemble without test-time augmentation: {met["ensemble_without_tta"]:.4f}
+- with test-time augmentation: {"not measured (--tta)" if with_tta is None else f"{with_tta:.4f}"}
+
+| trial | network | validation | test | test, shifted copies | hyperparameters |
+| --- | --- | --- | --- | --- | --- |
+{rows}
+
+## Data files
+{files}
+
+## Use
+- `kmnist-tune predict DIR IMAGES...`: it builds each member from this card and loads `{WEIGHTS}`
+  (safetensors: tensors only); nothing is unpickled.
+- PyTorch alone: `torch.export.load("{PROGRAM}").module()(x)` with `x` a float tensor of pixel values
+  0..255, shape (N, 1, 28, 28), white ink on black; its output is the log of the averaged softmax.
+  PyTorch's loader unpickles parts of a `.pt2` archive: load it only from someone you trust.
+
+Versions: {versions}.
+"""
+
+
+def _score(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
 
 
 def model_card(card: dict[str, Any], classes: list[dict[str, Any]]) -> str:
@@ -199,7 +337,7 @@ Source: study {src["study"]}, trial {src["trial"]} ({src["storage"]} storage).
 
 
 def keep_model(
-    r: Retrained,
+    r: Retrained | Ensemble,
     study: optuna.Study,
     storage: BaseStorage,
     spec: SweepSpec,
@@ -207,18 +345,25 @@ def keep_model(
     export: Path | None,
     say: Callable[[str], None],
 ) -> None:
-    """Write the model directory, store it on the study as artifacts, and move it to `export`."""
+    """Write the model directory (one retrained trial's, or an ensemble's), store it on the study as
+    artifacts, and move it to `export`."""
     parent = export.resolve().parent if export is not None else None
+    members = [m.trial.number for m in r.members] if isinstance(r, Ensemble) else None
+    trial = members[0] if members is not None else r.trial.number  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory(prefix=".kmnist-tune-export-", dir=parent) as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        write_model_dir(r, spec, study.study_name, backend(storage), data_dir, folder)
+        if isinstance(r, Ensemble):
+            write_ensemble_dir(r, spec, study.study_name, backend(storage), data_dir, folder)
+        else:
+            write_model_dir(r, spec, study.study_name, backend(storage), data_dir, folder)
         ids = {f.name: upload_file(storage, study, f) for f in sorted(folder.iterdir())}
         digests = {f.name: sha256(f) for f in folder.iterdir()}
         sign = signer()
         signatures = {name: sign.sign("model-file", name, ids[name], d) for name, d in digests.items()}
-        KeptModel(r.trial.number, who_and_when()[0], ids, digests, signatures if sign.on else None).store(study)
-        say(f"kept the retrained model of trial {r.trial.number} on the study ({len(ids)} files)")
+        KeptModel(trial, who_and_when()[0], ids, digests, signatures if sign.on else None, members).store(study)
+        what = f"the ensemble of trials {', '.join(map(str, members))}" if members else f"the retrained model of trial {trial}"
+        say(f"kept {what} on the study ({len(ids)} files)")
         if export is not None:
             if export.exists():
                 export.rmdir()  # empty, checked before training
@@ -234,18 +379,29 @@ def evaluate_best(
     device: str,
     train_size: int | None,
     export: Path | None = None,
+    ensemble: int | None = None,
+    tta: bool = False,
 ) -> StudySummary:
-    """`best --evaluate [--export DIR]`: score the study's best trial on the official test split, keep
-    the retrained model on the study (and in DIR); the study's summary after."""
+    """`best --evaluate [--ensemble K [--tta]] [--export DIR]`: score the study's best trial (or its
+    top K, averaged) on the official test split, keep the retrained model on the study (and in DIR);
+    the study's summary after."""
     dev = resolve_device(device)
     if export is not None:
         check_destination(export)  # before minutes of training, not after
     storage = open_storage(url)
     study, spec = open_study(storage, name)
     folder = resolve_data_dir(data_dir)
+    if ensemble is not None:
+        top_trials(study, spec, ensemble)  # too few trials is one line before any data is read
     with make_reporter(label="evaluate") as reporter:
-        retrained = evaluate_on_test(study, spec, folder, dev, reporter, mirror=mirror, train_size=train_size)
-        keep_model(retrained, study, storage, spec, folder, export, say=reporter.line)
+        model: Retrained | Ensemble
+        if ensemble is not None:
+            model = evaluate_ensemble(
+                study, spec, folder, dev, reporter, k=ensemble, tta=tta, mirror=mirror, train_size=train_size
+            )
+        else:
+            model = evaluate_on_test(study, spec, folder, dev, reporter, mirror=mirror, train_size=train_size)
+        keep_model(model, study, storage, spec, folder, export, say=reporter.line)
     return summarize(study, spec, with_trials=False)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..contract.spec import ARCHS, STEMS
@@ -48,10 +49,46 @@ class Classifier(nn.Module):
         return self.model((x - self.shift) * self.scale)
 
 
+# Test-time augmentation: the image itself and copies shifted by one pixel each way. Never flips or
+# rotations: a mirrored character is another character, or none.
+TTA_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+MAX_MEMBERS, MAX_SHIFT = 32, 3
+
+
+def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """The batch (N, C, H, W) with its content moved dx pixels right and dy down; what comes in at
+    the edge is background (0), never the other edge's pixels (as torch.roll would bring)."""
+    if dx == 0 and dy == 0:
+        return x
+    h, w = x.shape[-2], x.shape[-1]
+    p = F.pad(x, (MAX_SHIFT, MAX_SHIFT, MAX_SHIFT, MAX_SHIFT))
+    return p[..., MAX_SHIFT - dy : MAX_SHIFT - dy + h, MAX_SHIFT - dx : MAX_SHIFT - dx + w]
+
+
+class Averaged(nn.Module):
+    """Several classifiers, and shifted copies of the input (test-time augmentation), as one network:
+    pixel values in, the log of their averaged softmax out. A softmax of the output is that average, so
+    `predict`, `probabilities` and the exported program treat an ensemble as any one network."""
+
+    def __init__(self, members: list[nn.Module], shifts: tuple[tuple[int, int], ...] = ((0, 0),)):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.shifts = tuple((int(dx), int(dy)) for dx, dy in shifts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logs = [torch.log_softmax(m(shifted(x, dx, dy)).float(), dim=1) for dx, dy in self.shifts for m in self.members]
+        return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+
+
 def export_program(model: nn.Module, mean: float, std: float, path: Path) -> Path:
     """Write `model` (in eval mode, on the CPU, fp32, any batch size) as an exported program."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: export the module itself
-    net = Classifier(model, mean, std).to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
+    return export_network(Classifier(model, mean, std), path)
+
+
+def export_network(net: nn.Module, path: Path) -> Path:
+    """Write a network that takes pixel values (a Classifier, an Averaged) as an exported program."""
+    net = net.to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval()
     batch = torch.export.Dim("batch", min=1)
     example = torch.zeros(2, 1, 28, 28)
     with torch.no_grad():
@@ -62,10 +99,15 @@ def export_program(model: nn.Module, mean: float, std: float, path: Path) -> Pat
 
 def save_weights(model: nn.Module, mean: float, std: float, path: Path) -> Path:
     """The network's weights (with its normalisation) as safetensors: what `predict` loads."""
+    model = getattr(model, "_orig_mod", model)
+    return save_network(Classifier(model, mean, std), path)
+
+
+def save_network(net: nn.Module, path: Path) -> Path:
+    """A Classifier's or an Averaged's weights and buffers as safetensors."""
     from safetensors.torch import save_file
 
-    model = getattr(model, "_orig_mod", model)
-    net = Classifier(model, mean, std).to("cpu", torch.float32)
+    net = net.to("cpu", torch.float32)
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
 
@@ -82,15 +124,21 @@ def _canonical(card: dict[str, Any]) -> str:
 
 def _constructor(card: dict[str, Any], where: Path) -> tuple[str, str, int, float, float, float]:
     """(arch, stem, n_classes, dropout, mean, std) from the card, each checked: the card is data."""
-    bad = UserError(f"{where}: {CARD_JSON} does not describe a network kmnist-tune builds; export it again")
     model = card.get("model")
-    if (
-        not isinstance(model, dict)
-        or not isinstance(model.get("constructor"), dict)
-        or not isinstance(model.get("normalisation"), dict)
-    ):
+    if not isinstance(model, dict):
+        raise _bad_card(where)
+    return _checked(model.get("constructor"), model.get("normalisation"), where)
+
+
+def _bad_card(where: Path) -> UserError:
+    return UserError(f"{where}: {CARD_JSON} does not describe a network kmnist-tune builds; export it again")
+
+
+def _checked(c: Any, norm: Any, where: Path) -> tuple[str, str, int, float, float, float]:
+    """One network's constructor and normalisation from a card, each value checked."""
+    bad = _bad_card(where)
+    if not isinstance(c, dict) or not isinstance(norm, dict):
         raise bad
-    c, norm = model["constructor"], model["normalisation"]
     arch, stem, n, dropout, mean, std = (
         c.get("arch"),
         c.get("stem"),
@@ -109,6 +157,38 @@ def _constructor(card: dict[str, Any], where: Path) -> tuple[str, str, int, floa
     return arch, stem, n, float(dropout), float(mean), float(std)
 
 
+Built = tuple[str, str, int, float, float, float]  # arch, stem, n_classes, dropout, mean, std
+
+
+def _int_pair(d: Any) -> bool:
+    return isinstance(d, list) and len(d) == 2 and all(type(v) is int and abs(v) <= MAX_SHIFT for v in d)
+
+
+def _ensemble(card: dict[str, Any], where: Path) -> tuple[list[Built], tuple[tuple[int, int], ...]]:
+    """An ensemble card's members (each checked as one network's) and its test-time shifts."""
+    bad = _bad_card(where)
+    ens = card["model"].get("ensemble")
+    if not isinstance(ens, dict) or not isinstance(ens.get("members"), list) or not isinstance(ens.get("shifts"), list):
+        raise bad
+    members, shifts = ens["members"], ens["shifts"]
+    if not 1 <= len(members) <= MAX_MEMBERS or not 1 <= len(shifts) <= (2 * MAX_SHIFT + 1) ** 2:
+        raise bad
+    if not all(isinstance(m, dict) for m in members) or not all(_int_pair(d) for d in shifts):
+        raise bad
+    built = [_checked(m.get("constructor"), m.get("normalisation"), where) for m in members]
+    if len({b[2] for b in built}) != 1:  # every member classifies the same classes
+        raise bad
+    return built, tuple((d[0], d[1]) for d in shifts)
+
+
+def n_classes_of(card: dict[str, Any]) -> int:
+    """The class count of a checked card (load_network checked it)."""
+    model = card["model"]
+    if "ensemble" in model:
+        return int(model["ensemble"]["members"][0]["constructor"]["n_classes"])
+    return int(model["constructor"]["n_classes"])
+
+
 def load_network(card: dict[str, Any], weights: Path, device: torch.device, where: Path) -> nn.Module:
     """The card's network, built by this package, with the directory's safetensors weights."""
     from safetensors import SafetensorError
@@ -116,8 +196,13 @@ def load_network(card: dict[str, Any], weights: Path, device: torch.device, wher
 
     from .model import build_model
 
-    arch, stem, n_classes, dropout, mean, std = _constructor(card, where)
-    net = Classifier(build_model(arch, n_classes, stem, dropout), mean, std)
+    net: nn.Module
+    if isinstance(card.get("model"), dict) and "ensemble" in card["model"]:
+        members, shifts = _ensemble(card, where)
+        net = Averaged([Classifier(build_model(a, n, s, d), m, sd) for a, s, n, d, m, sd in members], shifts)
+    else:
+        arch, stem, n_classes, dropout, mean, std = _constructor(card, where)
+        net = Classifier(build_model(arch, n_classes, stem, dropout), mean, std)
     try:
         net.load_state_dict(load_file(str(weights)), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
@@ -184,7 +269,7 @@ def load_model_dir(folder: Path, device: torch.device) -> Model:
         if sha256(path) != files.get(name):
             raise UserError(f"{folder}: {name} does not match its checksum in {CARD_JSON}; the directory is damaged")
     net = load_network(card, folder / WEIGHTS, device, folder)
-    classes = _read_classes(folder / CLASSES, int(card["model"]["constructor"]["n_classes"]), folder)
+    classes = _read_classes(folder / CLASSES, n_classes_of(card), folder)
     return Model(net, classes, card, device)
 
 
@@ -242,13 +327,18 @@ def run_predict(
         if len(truth) != len(data.names):
             raise UserError(f"--labels {labels}: {len(truth)} labels for {len(data.names)} images; give the matching file")
         guessed = np.array([p.top[0][0] for p in result.predictions])
-        result.metric = str(model.card.get("metrics", {}).get("metric", "accuracy"))
-        if result.metric == "balanced_accuracy":
-            per_class = [float(np.mean(guessed[truth == c] == c)) for c in np.unique(truth)]
-            result.value = float(np.mean(per_class))
-        else:
-            result.metric, result.value = "accuracy", float(np.mean(guessed == truth))
+        metrics = model.card.get("metrics")
+        named = metrics.get("metric") if isinstance(metrics, dict) else None
+        result.metric = "balanced_accuracy" if named == "balanced_accuracy" else "accuracy"
+        result.value = score(result.metric, guessed, truth)
     return result
+
+
+def score(metric: str, guessed: np.ndarray, truth: np.ndarray) -> float:
+    """Accuracy, or balanced accuracy (the mean of per-class recalls, over the classes present)."""
+    if metric == "balanced_accuracy":
+        return float(np.mean([np.mean(guessed[truth == c] == c) for c in np.unique(truth)]))
+    return float(np.mean(guessed == truth))
 
 
 def write_predictions(predictions: list[Prediction], path: Path) -> None:
