@@ -10,20 +10,12 @@
 #
 # Time limits (seconds) can be changed with environment variables:
 #   GPU_CHECK_T_PYTEST (150)  GPU_CHECK_T_BENCH (110)  GPU_CHECK_T_BENCH_OPT (70)  GPU_CHECK_T_BENCH_NC (60)
-#   GPU_CHECK_T_STUDY (60)  GPU_CHECK_T_PACKING (60)  GPU_CHECK_T_CHECKPOINT (40)
+#   GPU_CHECK_T_STUDY (60)  GPU_CHECK_T_PACKING (60)  GPU_CHECK_T_CHECKPOINT (40)  GPU_CHECK_T_DETERMINISTIC (0: skipped)
 # (together under 10 minutes: the device tool's limit for one command)
 set -u -o pipefail
 
-if [ $# -lt 1 ]; then
-  echo "usage: $0 RESULTS_DIR" >&2
-  exit 2
-fi
-OUT="$1"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$REPO"
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/gpu_common.sh
+source "$(dirname "$0")/gpu_common.sh"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
@@ -63,13 +55,7 @@ export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS=ignore WANDB_MODE=disabled
 "$PY" -c 'import fastai, optuna, pydantic; print("fastai", fastai.__version__, "optuna", optuna.__version__)' >>"$OUT/env.txt" 2>&1
 
-# Official KMNIST files for the benchmarks: KMNIST_TUNE_DATA, else shared/data/kmnist beside or inside the repo.
-DATA="${KMNIST_TUNE_DATA:-}"
-if [ -z "$DATA" ]; then
-  for cand in "$REPO/../shared/data/kmnist" "$REPO/shared/data/kmnist"; do
-    if [ -d "$cand" ]; then DATA="$(cd "$cand" && pwd)"; break; fi
-  done
-fi
+# Official KMNIST files for the benchmarks ($DATA: gpu_common.sh).
 echo "data: ${DATA:-none found (the benchmarks will fail)}" >>"$OUT/env.txt"
 [ -n "$DATA" ] && export KMNIST_TUNE_DATA="$DATA"
 export BENCH_OUT="$OUT"  # for benchmarks that write several files
@@ -98,6 +84,14 @@ step bench_study "${GPU_CHECK_T_STUDY:-60}" "$PY" benchmarks/bench_study.py --de
 step bench_epoch_no_compile "${GPU_CHECK_T_BENCH_NC:-60}" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
   --archs resnet18 --skip-data --performance '{"compile": false}' \
   --json "$OUT/bench_epoch_no_compile.json"
+
+# What performance.deterministic costs (issue 26): off by default, since the steps above fill the
+# 10 minutes; GPU_CHECK_T_DETERMINISTIC=50 runs it (lower another step's limit to make room).
+if [ "${GPU_CHECK_T_DETERMINISTIC:-0}" -gt 0 ]; then
+  step bench_epoch_deterministic "$GPU_CHECK_T_DETERMINISTIC" "$PY" benchmarks/bench_epoch.py --device cuda --bs 512 --max-seconds 20 \
+    --archs resnet18 --skip-data --performance '{"deterministic": true}' \
+    --json "$OUT/bench_epoch_deterministic.json"
+fi
 
 # Benchmarks owned by the worker/storage side, run when present (adjust their arguments here).
 # Each gets KMNIST_TUNE_DATA and BENCH_OUT (= RESULTS_DIR) in its environment.

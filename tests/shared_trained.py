@@ -116,7 +116,7 @@ class EvaluatedStudy:
     name: str  # the study
     model: Path  # the model directory `best --evaluate --export` wrote
     first: subprocess.CompletedProcess[str]  # the first `run`
-    again: subprocess.CompletedProcess[str]  # the second `run` of the same spec
+    again: subprocess.CompletedProcess[str]  # the second `run` of the same spec (in this process)
     evaluation: dict[str, Any]  # `best --evaluate --export DIR --json`
     shown: str  # `best` afterwards (stdout)
 
@@ -130,7 +130,7 @@ def evaluated_study(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedStudy:
     spec = conftest.write_spec(home / "tiny.yaml", conftest.tiny_spec(name, data=conftest.WHOLE_FIXTURE))  # its trials learn
     # No --storage and no env: the SQLite file in the working directory is the default.
     first = conftest.run_cli("run", str(spec), cwd=home)
-    again = conftest.run_cli("run", str(spec), cwd=home)
+    again = conftest.cli_here("run", str(spec), cwd=home)  # resumes, nothing runs: the process is not what is tested
     model = home / "winner"
     evaluated = conftest.run_cli("best", "--study", name, "--evaluate", "--export", str(model), "--json", cwd=home)
     shown = conftest.cli_here("best", "--study", name, cwd=home).stdout  # reads only: in this process

@@ -151,7 +151,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         s = Shared(db, str(ADMIN.username), roles, init_env, {})
         init = s.init()
         assert init.returncode == 0, init.stderr
-        made = run_cli("schema", "--storage", s.url("owner"))  # the owner's tables, as compose's `schema` service makes them
+        made = cli_here("schema", "--storage", s.url("owner"))  # the owner's tables, as compose's `schema` service makes them
         assert "ready" in made.stdout
         # A study the worker role made, one finished trial and one artifact of it: what the dashboard shows.
         storage = open_storage(s.url("worker"))
@@ -306,7 +306,7 @@ def test_with_a_signing_key_an_unsigned_kept_model_is_refused(shared: Shared, tm
     study.set_user_attr(MODEL_ATTR, record)
     env = cli_env(KMNIST_TUNE_SIGNING_KEY=KEY)
     args = ("export", "--study", "unsigned", str(tmp_path / "u"), "--storage", shared.worker_url)
-    assert "unsigned or not signed" in error_line(run_cli(*args, env=env, check=False))
+    assert "unsigned or not signed" in error_line(cli_here(*args, env=env, check=False))
     # Signed with another key: refused too.
     from kmnist_tune.signing import Signer
 
@@ -475,7 +475,7 @@ def test_predict_runs_no_code_from_a_model_directory_and_prints_no_escapes(tmp_p
 def test_with_a_signing_key_predict_refuses_an_unsigned_model_directory(tmp_path: Path) -> None:
     folder = crafted_model_dir(tmp_path / "m", tmp_path / "pwned", classes=[str(i) for i in range(10)])
     args = ("predict", str(folder), str(FIXTURE / "kmnist-test-imgs.npz"))
-    assert "unsigned or not signed" in error_line(run_cli(*args, env=cli_env(KMNIST_TUNE_SIGNING_KEY=KEY), check=False))
+    assert "unsigned or not signed" in error_line(cli_here(*args, env=cli_env(KMNIST_TUNE_SIGNING_KEY=KEY), check=False))
     from kmnist_tune.signing import Signer
 
     card = json.loads((folder / "model.json").read_text())
@@ -684,7 +684,7 @@ def test_the_dashboard_answers_only_its_own_host_names_and_sends_no_cors_header(
         assert r.status == 403 and b"origin" in r.body, origin
     # A bad --allow-host: one line, before anything is opened or bound.
     line = error_line(
-        run_cli("dashboard", "--allow-host", "http://evil.example/", "--storage", shared.url("dashboard"), check=False)
+        cli_here("dashboard", "--allow-host", "http://evil.example/", "--storage", shared.url("dashboard"), check=False)
     )
     assert "--allow-host 'http://evil.example/' is not a host name" in line
 
@@ -699,7 +699,7 @@ def test_text_from_the_database_is_printed_without_control_characters(shared: Sh
     trial.set_user_attr("error", "\x1b[8mhidden\x1b[0m")
     study.tell(trial, state=TrialState.FAIL)
     for args in (("study", "show", "escapes"), ("study", "list")):
-        proc = run_cli(*args, "--storage", shared.worker_url)
+        proc = cli_here(*args, "--storage", shared.worker_url)
         printed = proc.stdout + proc.stderr
         assert "stopped" in printed or "escapes" in printed
         assert not any(c in printed for c in "\x1b\x07\r\x9b"), repr(printed[:400])
@@ -781,7 +781,7 @@ def test_schema_prune_removes_rows_no_study_owns(shared: Shared, tmp_path: Path)
     for artifact_id in junk:
         shared.plant(artifact_id, b"orphan")
     before = shared.rows()  # other tests of the module planted orphans too
-    out = run_cli("schema", "--prune", "--storage", shared.worker_url).stdout
+    out = cli_here("schema", "--prune", "--storage", shared.worker_url).stdout
     rows = shared.rows()
     assert f"pruned {len(before) - len(rows)} artifact(s)" in out and len(before) - len(rows) >= 3
     assert kept in rows and not rows & set(junk)
@@ -798,17 +798,17 @@ def test_dotenv_is_read_never_over_the_environment_and_warned_about_when_readabl
     dotenv = work / ".env"
     dotenv.write_text(f"KMNIST_TUNE_STORAGE={shared.worker_url}\n")
     dotenv.chmod(0o600)
-    proc = run_cli("study", "list", cwd=work)
+    proc = cli_here("study", "list", cwd=work)
     assert "from-dotenv" in proc.stdout and not proc.stderr.strip()  # the shared study, not a SQLite default
     assert not (work / "kmnist-tune.db").exists()
     dotenv.chmod(0o644)
-    proc = run_cli("study", "list", cwd=work)
+    proc = cli_here("study", "list", cwd=work)
     assert "can be read by other users" in proc.stderr and "from-dotenv" in proc.stdout
     dotenv.chmod(0o600)
     # The real environment wins over the file.
     local = f"sqlite:///{tmp_path / 'local.db'}"
     cli_here("study", "create", str(write_spec(tmp_path / "l.yaml", tiny_spec("local-only"))), "--storage", local)
-    proc = run_cli("study", "list", cwd=work, env=cli_env(KMNIST_TUNE_STORAGE=local))
+    proc = cli_here("study", "list", cwd=work, env=cli_env(KMNIST_TUNE_STORAGE=local))
     assert "local-only" in proc.stdout and "from-dotenv" not in proc.stdout
 
 
@@ -1007,7 +1007,7 @@ def test_a_data_set_file_that_verifies_but_claims_too_many_images_is_refused(tmp
 def test_study_create_refuses_a_huge_n_ei_candidates(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'o.db'}"
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("bomb", sampler={"name": "tpe", "options": {"n_ei_candidates": 2000000000}}))
-    proc = run_cli("study", "create", str(spec), "--storage", url, check=False)
+    proc = cli_here("study", "create", str(spec), "--storage", url, check=False)
     line = error_line(proc)
     assert proc.returncode == 2 and "sampler.options: n_ei_candidates: 2000000000" in line and "1..10000" in line
     assert not (tmp_path / "o.db").exists() or "bomb" not in optuna.get_all_study_names(url)
@@ -1124,5 +1124,5 @@ def test_a_wandb_sweep_file_cannot_ask_for_an_unbounded_bracket_count(tmp_path: 
         "early_terminate": {"type": "hyperband", "max_iter": 27, "s": 10**9, "eta": 3},
     }
     path = write_spec(tmp_path / "sweep.yaml", sweep)
-    proc = run_cli("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 's.db'}", check=False)
+    proc = cli_here("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 's.db'}", check=False)
     assert proc.returncode == 2 and "early_terminate.s" in error_line(proc)

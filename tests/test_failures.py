@@ -93,7 +93,7 @@ def test_a_sampler_option_that_would_fail_when_sampling_is_refused_at_create(tmp
     url = f"sqlite:///{tmp_path / 's.db'}"
     create(url, tiny_spec("other"))  # the storage holds a study already
     spec = tiny_spec("gamma", sampler={"name": "tpe", "options": {"gamma": 5}})
-    line = error_line(run_cli("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, check=False))
+    line = error_line(cli_here("study", "create", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, check=False))
     assert "sampler.options.gamma" in line and "callable" in line
     assert optuna.get_all_study_names(url) == ["other"]  # nothing of 'gamma' was written
 
@@ -105,7 +105,7 @@ def test_a_sampler_option_that_would_fail_when_sampling_is_refused_at_create(tmp
 def test_concurrent_creates_of_one_new_study(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     if backend == "sqlite":
-        run_cli("study", "list", "--storage", url)  # nothing there yet, and nothing made
+        cli_here("study", "list", "--storage", url)  # nothing there yet, and nothing made
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("race"))
     procs = [spawn_cli("study", "create", str(spec), "--storage", url) for _ in range(4)]
     results = [(p.wait(120), *p.communicate()) for p in procs]
@@ -128,7 +128,7 @@ def test_a_database_another_process_is_still_making_is_waited_for_not_stamped_tw
     storage.engine.dispose()  # type: ignore[attr-defined]
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM alembic_version")  # the first creator has not stamped it yet
-    assert run_cli("study", "list", "--storage", url).stdout.startswith("no studies in")
+    assert cli_here("study", "list", "--storage", url).stdout.startswith("no studies in")
     assert stamps(db) == 0  # the reader wrote nothing
 
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("half"))
@@ -178,9 +178,9 @@ def test_read_only_commands_leave_an_empty_file_and_a_foreign_database_alone(tmp
     before = foreign.read_bytes()
     for db in (empty, foreign):
         url = f"sqlite:///{db}"
-        assert run_cli("study", "list", "--storage", url).stdout.startswith("no studies in")
+        assert cli_here("study", "list", "--storage", url).stdout.startswith("no studies in")
         for args in (["study", "show", "x"], ["best", "--study", "x"], ["report", "--study", "x", "--out", str(tmp_path / "r")]):
-            assert "no studies in" in error_line(run_cli(*args, "--storage", url, check=False))
+            assert "no studies in" in error_line(cli_here(*args, "--storage", url, check=False))
     assert empty.stat().st_size == 0
     assert foreign.read_bytes() == before
 
@@ -198,13 +198,13 @@ def made_study(tmp_path: Path) -> str:
 def test_storages_that_cannot_be_written(tmp_path: Path) -> None:
     url = made_study(tmp_path)
     read_only = f"sqlite:///file:{tmp_path / 'ok.db'}?mode=ro&uri=true"
-    assert "ok" in run_cli("study", "list", "--storage", read_only).stdout  # reading works
+    assert "ok" in cli_here("study", "list", "--storage", read_only).stdout  # reading works
     spec = write_spec(tmp_path / "t.yaml", tiny_spec("another"))
-    line = error_line(run_cli("study", "create", str(spec), "--storage", read_only, check=False))
+    line = error_line(cli_here("study", "create", str(spec), "--storage", read_only, check=False))
     assert "readonly" in line.replace("-", "") and "may be written" in line
-    line = error_line(run_cli("study", "create", str(spec), "--storage", "sqlite:////proc/kmnist-tune/x.db", check=False))
+    line = error_line(cli_here("study", "create", str(spec), "--storage", "sqlite:////proc/kmnist-tune/x.db", check=False))
     assert "cannot open SQLite storage" in line and "folder /proc/kmnist-tune does not exist" in line
-    line = error_line(run_cli("study", "list", "--storage", "sqlite://", check=False))
+    line = error_line(cli_here("study", "list", "--storage", "sqlite://", check=False))
     assert "in-memory" in line and "sqlite:///path" in line
     assert optuna.get_all_study_names(url) == ["ok"]
 
@@ -213,12 +213,12 @@ def test_outputs_that_cannot_be_written(tmp_path: Path) -> None:
     url = made_study(tmp_path)
     a_file = tmp_path / "taken"
     a_file.write_text("mine")
-    line = error_line(run_cli("report", "--study", "ok", "--out", str(a_file), "--storage", url, check=False))
+    line = error_line(cli_here("report", "--study", "ok", "--out", str(a_file), "--storage", url, check=False))
     assert "a file is there" in line and a_file.read_text() == "mine"
-    line = error_line(run_cli("report", "--study", "ok", "--out", "/proc/kmnist-report", "--storage", url, check=False))
+    line = error_line(cli_here("report", "--study", "ok", "--out", "/proc/kmnist-report", "--storage", url, check=False))
     assert "cannot write there" in line
     for out, expected in ((tmp_path / "curve.xyz", "end the name in .png"), (tmp_path, "a folder")):
-        line = error_line(run_cli("lr-find", "--study", "ok", "--stored", "--out", str(out), "--storage", url, check=False))
+        line = error_line(cli_here("lr-find", "--study", "ok", "--stored", "--out", str(out), "--storage", url, check=False))
         assert expected in line
 
 
@@ -237,10 +237,10 @@ def test_a_foreign_multi_objective_study_is_listed(tmp_path: Path) -> None:
     url = made_study(tmp_path)
     other = optuna.create_study(storage=url, study_name="pareto", directions=["minimize", "maximize"])
     other.tell(other.ask(), [1.0, 2.0])
-    listed = run_cli("study", "list", "--storage", url).stdout
+    listed = cli_here("study", "list", "--storage", url).stdout
     # finished against the budget; another tool's study has none to show
     assert "pareto\t1 finished\tbest -" in listed and re.search(r"ok\t0/\d+ finished", listed), listed
-    assert "was not created by kmnist-tune" in error_line(run_cli("study", "show", "pareto", "--storage", url, check=False))
+    assert "was not created by kmnist-tune" in error_line(cli_here("study", "show", "pareto", "--storage", url, check=False))
 
 
 # -- workers that meet a deleted study, a signal, a trial nobody works on -----------------------------
@@ -260,7 +260,7 @@ def test_a_study_deleted_under_a_running_worker(tmp_path: Path, watch) -> None:
     w = watch(url, "doomed")
     wait_until(lambda: w.count(TrialState.RUNNING), 120, "a running trial of doomed", procs=[worker])
     w.close()  # nothing of this test holds the study while it is deleted
-    run_cli("study", "delete", "doomed", "--yes", "--storage", url)
+    cli_here("study", "delete", "doomed", "--yes", "--storage", url)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 3, err
     assert "study 'doomed' was deleted while this worker ran" in last_error(err)

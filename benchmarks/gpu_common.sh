@@ -1,0 +1,20 @@
+# Sourced by gpu_check.sh and gpu_best.sh (not run on its own): the results folder given as the first
+# argument ($OUT, absolute), the repository ($REPO, the working directory after this), the Python to
+# run ($PY: $PYTHON or python3), and the official KMNIST files ($DATA: KMNIST_TUNE_DATA, else
+# shared/data/kmnist beside or inside the repository; empty when none is found).
+if [ $# -lt 1 ]; then
+  echo "usage: $0 RESULTS_DIR" >&2
+  exit 2
+fi
+OUT="$1"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PY="${PYTHON:-python3}"
+DATA="${KMNIST_TUNE_DATA:-}"
+if [ -z "$DATA" ]; then
+  for cand in "$REPO/../shared/data/kmnist" "$REPO/shared/data/kmnist"; do
+    if [ -d "$cand" ]; then DATA="$(cd "$cand" && pwd)"; break; fi
+  done
+fi
