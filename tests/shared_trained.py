@@ -10,6 +10,8 @@
   resumes, nothing runs), `best --evaluate --export` (the winner retrained on the whole official
   train split, scored on the test split, exported and kept on the study), then `best`. A test that
   changes the study works on a copy (`conftest.sqlite_copy`).
+- `ensembled_study` (test_ensemble.py, test_export.py): a copy of `evaluated_study`, then
+  `best --evaluate --ensemble 2 --tta --export` on it (the two trials retrained on 480 images, averaged).
 - `splits` (test_halving.py, test_loader.py, test_perf_gpu.py): all of the fixture's images, split
   as `tiny_spec` splits them, loaded once; `small_splits` (test_training_knobs.py, test_halving.py):
   320 of its training images, for tests that check what fastai trains with, not how well.
@@ -33,8 +35,10 @@ FINDER_STEPS = 30
 
 __all__ = [
     "FINDER_STEPS",
+    "EnsembledStudy",
     "EvaluatedStudy",
     "LrPriorStudy",
+    "ensembled_study",
     "evaluated_study",
     "lr_prior_spec",
     "lr_prior_study",
@@ -136,3 +140,25 @@ def evaluated_study(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedStudy:
     shown = conftest.cli_here("best", "--study", name, cwd=home).stdout  # reads only: in this process
     url = f"sqlite:///{home / 'kmnist-tune.db'}"
     return EvaluatedStudy(home, url, name, model, first, again, json.loads(evaluated.stdout), shown)
+
+
+@dataclass(frozen=True)
+class EnsembledStudy:
+    url: str  # a copy of evaluated_study's storage
+    name: str
+    model: Path  # the ensemble's model directory
+    printed: dict[str, Any]  # `best --evaluate --ensemble 2 --tta --export DIR --json`
+
+
+@pytest.fixture(scope="session")
+def ensembled_study(evaluated_study: EvaluatedStudy, tmp_path_factory: pytest.TempPathFactory) -> EnsembledStudy:
+    import conftest
+
+    home = tmp_path_factory.mktemp("ensemble")
+    url = conftest.sqlite_copy(evaluated_study.home / "kmnist-tune.db", home / "kmnist-tune.db")
+    folder = home / "ensemble"
+    args = ("best", "--study", evaluated_study.name, "--storage", url, "--evaluate", "--ensemble", "2", "--tta")
+    # 480 of the fixture's training images: what is checked is that the scores are kept, printed and
+    # reproduced, not how good they are.
+    printed = conftest.cli_here(*args, "--train-size", "480", "--export", str(folder), "--json").stdout
+    return EnsembledStudy(url, evaluated_study.name, folder, json.loads(printed))

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from conftest import FIXTURE, cli_here, error_line, run_cli, sqlite_copy, tiny_spec, write_spec
 from PIL import Image
-from shared_trained import EvaluatedStudy
+from shared_trained import EnsembledStudy, EvaluatedStudy
 
 from kmnist_tune.recipe.export import MODEL_FILES
 from kmnist_tune.training.inputs import image_to_28
@@ -54,21 +54,31 @@ def test_predict_reproduces_the_stored_test_score(winner: dict[str, Any]) -> Non
     assert f"accuracy on 300 labelled images: {winner['test']['test_value']:.4f}" in out
 
 
-def test_the_exported_program_loads_with_pytorch_alone(winner: dict[str, Any]) -> None:
+def test_the_exported_programs_load_with_pytorch_alone(winner: dict[str, Any], ensembled_study: EnsembledStudy) -> None:
+    """The winner's program and an ensemble's (test_ensemble.py), each on the test split, in one fresh
+    interpreter that imports neither fastai nor kmnist-tune: a softmax of the ensemble's output sums to 1."""
+    programs = {"single": str(winner["dir"] / "model.pt2"), "ensemble": str(ensembled_study.model / "model.pt2")}
     code = f"""
 import json, sys
 import numpy as np, torch
-net = torch.export.load({str(winner["dir"] / "model.pt2")!r}).module()
 x = torch.from_numpy(np.load({str(TEST_IMAGES)!r}, allow_pickle=False)["arr_0"]).unsqueeze(1).float()
 y = np.load({str(TEST_LABELS)!r}, allow_pickle=False)["arr_0"]
-acc = float((net(x).argmax(1).numpy() == y).mean())
-print(json.dumps({{"acc": acc, "loaded": sorted(m for m in ("fastai", "kmnist_tune", "optuna") if m in sys.modules)}}))
+out = {{}}
+for name, path in {programs!r}.items():
+    with torch.no_grad():
+        p = torch.softmax(torch.export.load(path).module()(x), 1)
+    out[name] = {{"acc": float((p.argmax(1).numpy() == y).mean()), "sums": float((p.sum(1) - 1).abs().max())}}
+out["loaded"] = sorted(m for m in ("fastai", "kmnist_tune", "optuna") if m in sys.modules)
+print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["loaded"] == []
-    assert result["acc"] == pytest.approx(winner["test"]["test_value"], abs=5e-5)
+    assert result["single"]["acc"] == pytest.approx(winner["test"]["test_value"], abs=5e-5)
+    ensemble = ensembled_study.printed["ensemble_evaluation"]
+    assert result["ensemble"]["acc"] == pytest.approx(ensemble["tta"]["test_value"], abs=5e-5)  # the exported one has the shifts
+    assert result["ensemble"]["sums"] < 1e-5  # a softmax of its output is the averaged probabilities
 
 
 def test_predict_on_pictures_of_any_size_and_polarity(winner: dict[str, Any], tmp_path: Path) -> None:

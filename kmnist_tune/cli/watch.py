@@ -57,7 +57,7 @@ def dashboard(
     """
     import os
 
-    from ..observe.dashboard import ENV_ALLOW_HOSTS, gunicorn_serves, hosts_line, serve
+    from ..observe.dashboard import ENV_ALLOW_HOSTS, hosts_line, serve, server_choice
     from ..service.artifacts import describe_store
     from ..service.storage import describe, open_storage
 
@@ -67,18 +67,11 @@ def dashboard(
     st = open_storage(url)
     where = describe_store(st, artifacts)
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
-    if gunicorn_serves():
-        server = f"gunicorn, {workers} worker(s)"
-    else:
-        import importlib.util
-
-        server = "Python's development server"
-        if importlib.util.find_spec("gunicorn") is None:
-            server += " (pip install 'kmnist-tune[server]' for gunicorn)"
-        if workers > 1:
-            say(f"--workers {workers} needs gunicorn (installed, and serving from the main thread): serving in this one process")
+    chosen = server_choice(workers)
+    if chosen.note is not None:
+        say(chosen.note)
     ready = (
-        f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard ({server}; artifacts in {where}; "
+        f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard ({chosen.label}; artifacts in {where}; "
         f"Host {answers}); no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
     )
     serve(st, host, port, artifacts, names, on_ready=lambda: say(ready), workers=workers, reopen=lambda: open_storage(url))

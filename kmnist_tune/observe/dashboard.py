@@ -192,9 +192,9 @@ def serve(
     """Serve until Ctrl-C or SIGTERM; `allow_hosts` as HostPolicy.for_server takes them (checked before
     anything binds). `on_ready` runs once the port is bound (the startup line: not before a "port in use").
 
-    With gunicorn_serves() and `reopen` given, gunicorn serves it: `workers` processes (each opens its
-    own storage with `reopen`: database connections are not shared across a fork) of a few threads each.
-    Otherwise Python's development server, threaded, in this process."""
+    With `reopen` given and gunicorn chosen (server_choice), gunicorn serves it: `workers` processes
+    (each opens its own storage with `reopen`: database connections are not shared across a fork) of a
+    few threads each. Otherwise Python's development server, threaded, in this process."""
     policy = HostPolicy.for_server(host, port, allow_hosts)
     from optuna_dashboard import wsgi
 
@@ -205,7 +205,7 @@ def serve(
         ipv6 = ipaddress.ip_address(host).version == 6
     except ValueError:
         ipv6 = False
-    if reopen is not None and gunicorn_serves():
+    if reopen is not None and server_choice(workers).gunicorn:
         _check_free(host, port, ipv6)
         from ..service.storage import release
 
@@ -225,14 +225,30 @@ def serve(
             sys.stderr.flush()
 
 
-def gunicorn_serves() -> bool:
-    """gunicorn serves when it is installed and this is the main thread (its master sets signal
-    handlers, which only the main thread may: an embedding that serves from a thread gets the
-    development server)."""
+@dataclass(frozen=True)
+class ServerChoice:
+    """Which server `serve` runs, decided in one place: the startup line names it."""
+
+    gunicorn: bool
+    label: str  # for the startup line
+    note: str | None = None  # a line to say first: --workers asked for more than one process can give
+
+
+def server_choice(workers: int) -> ServerChoice:
+    """gunicorn when it is installed and this is the main thread (its master sets signal handlers,
+    which only the main thread may: an embedding that serves from a thread gets the development
+    server); else Python's development server, in this one process."""
     import importlib.util
     import threading
 
-    return importlib.util.find_spec("gunicorn") is not None and threading.current_thread() is threading.main_thread()
+    installed = importlib.util.find_spec("gunicorn") is not None
+    if installed and threading.current_thread() is threading.main_thread():
+        return ServerChoice(True, f"gunicorn, {workers} worker(s)")
+    label = "Python's development server" + ("" if installed else " (pip install 'kmnist-tune[server]' for gunicorn)")
+    note = None
+    if workers > 1:
+        note = f"--workers {workers} needs gunicorn (installed, and serving from the main thread): serving in this one process"
+    return ServerChoice(False, label, note)
 
 
 def _bind_error(e: OSError, host: str, port: int) -> UserError:
