@@ -206,11 +206,11 @@ def serve(
     except ValueError:
         ipv6 = False
     if reopen is not None and server_choice(workers).gunicorn:
-        _check_free(host, port, ipv6)
+        listener = _listen(host, port, ipv6)
         from ..service.storage import release
 
         release(storage)  # the forked workers open their own; none inherits this process's connections
-        _serve_gunicorn(lambda: app_for(reopen()), f"[{host}]:{port}" if ipv6 else f"{host}:{port}", workers, on_ready)
+        _serve_gunicorn(lambda: app_for(reopen()), listener, workers, on_ready)
         return
     try:
         server = make_server(host, port, app_for(storage), server_class=_ThreadingServer6 if ipv6 else _ThreadingServer)
@@ -257,22 +257,26 @@ def _bind_error(e: OSError, host: str, port: int) -> UserError:
     return UserError(f"cannot serve on {host}:{port}: {e.strerror or e}; check --host and --port")
 
 
-def _check_free(host: str, port: int, ipv6: bool) -> None:
-    """One clear line for a port in use, before gunicorn (which would retry for 5 s, then log its own
-    lines). As gunicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is free."""
-    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise _bind_error(e, host, port) from None
+def _listen(host: str, port: int, ipv6: bool) -> int:
+    """The dashboard's socket, bound here and handed to gunicorn by its descriptor (`fd://N`): a port in
+    use is one clear line, not gunicorn's 5 s of retries and its own log lines, and nothing can take
+    the port between a check and gunicorn's bind. SO_REUSEADDR as gunicorn binds: a port in TIME_WAIT
+    is free. gunicorn listens on it and closes this descriptor once it has its own copy."""
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise _bind_error(e, host, port) from None
+    return sock.detach()  # gunicorn owns it now: a socket object here would close it a second time
 
 
 # Threads per gunicorn worker: a browser loads a page's API calls in parallel.
 GUNICORN_THREADS = 4
 
 
-def _serve_gunicorn(make_app: Callable[[], WSGIApp], bind: str, workers: int, on_ready: Callable[[], None] | None) -> None:
+def _serve_gunicorn(make_app: Callable[[], WSGIApp], listener: int, workers: int, on_ready: Callable[[], None] | None) -> None:
     """gunicorn, as optuna-dashboard's documentation runs it, configured here rather than by its command
     line (the app is built in each worker, after the fork). Its own log says warnings and errors only."""
     from gunicorn.app.base import BaseApplication
@@ -280,7 +284,7 @@ def _serve_gunicorn(make_app: Callable[[], WSGIApp], bind: str, workers: int, on
     class DashboardServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             settings: dict[str, Any] = {
-                "bind": [bind],
+                "bind": [f"fd://{listener}"],
                 "workers": workers,
                 "worker_class": "gthread",
                 "threads": GUNICORN_THREADS,
