@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ from kmnist_tune.contract.spec import ParamSpec  # noqa: E402
 from kmnist_tune.observe.progress import make_reporter  # noqa: E402
 from kmnist_tune.recipe.lr_prior import compute_prior  # noqa: E402
 from kmnist_tune.training.devices import resolve_device  # noqa: E402
-from kmnist_tune.training.inference import Classifier, probabilities, score  # noqa: E402
+from kmnist_tune.training.inference import Classifier, network_score  # noqa: E402
 from kmnist_tune.training.splits import load_splits  # noqa: E402
 from kmnist_tune.training.train import EpochLog, build_learner, fit  # noqa: E402
 
@@ -133,8 +132,7 @@ def main() -> int:
     train_s = time.perf_counter() - t0
     mean, std = splits.mean_std
     net = Classifier(getattr(learn.model, "_orig_mod", learn.model), mean, std).to(device).eval()
-    guessed = np.argmax(probabilities(net, splits.x_test, device), axis=1)
-    test = score(spec.metric, guessed, splits.y_test)
+    test = network_score(net, splits.x_test, splits.y_test, spec.metric, device)
     wall = time.perf_counter() - t_start
     out = {
         "spec": str(args.spec.relative_to(REPO) if args.spec.is_relative_to(REPO) else args.spec),

@@ -16,7 +16,7 @@ import torch
 from conftest import FIXTURE, cli_here, error_line
 from shared_trained import EnsembledStudy
 
-from kmnist_tune.training.inference import TTA_SHIFTS, Averaged, shifted
+from kmnist_tune.training.inference import TTA_SHIFTS, Averaged, averaged_log_probs, shifted, shifted_log_probs
 
 TEST_IMAGES = FIXTURE / "kmnist-test-imgs.npz"
 TEST_LABELS = FIXTURE / "kmnist-test-labels.npz"
@@ -120,3 +120,9 @@ def test_averaging_and_shifts() -> None:
     copies = [torch.softmax(n(shifted(batch, dx, dy)), 1) for dx, dy in TTA_SHIFTS for n in nets]
     assert torch.allclose(torch.softmax(Averaged(nets, TTA_SHIFTS)(batch), 1), torch.stack(copies).mean(0), atol=1e-6)
     assert np.isclose(float(torch.softmax(Averaged(nets[:1])(batch), 1)[0].sum()), 1.0)
+    # The evaluation runs each member once per shift and averages those outputs: bit for bit what the
+    # exported network gives on the same batches (so predict, batch by batch as the evaluation, gives the stored score back).
+    images = (torch.rand(7, 28, 28) * 255).to(torch.uint8).numpy()
+    outputs = [shifted_log_probs(n, images, torch.device("cpu"), TTA_SHIFTS, batch_size=7) for n in nets]
+    whole = Averaged(nets, TTA_SHIFTS)(torch.from_numpy(images).unsqueeze(1).float())
+    assert torch.equal(averaged_log_probs([o[s] for s in range(len(TTA_SHIFTS)) for o in outputs]), whole)

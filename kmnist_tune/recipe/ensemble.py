@@ -15,14 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 
 from ..contract.events import Listener
 from ..contract.records import EnsembleEvaluation
 from ..contract.spec import SweepSpec
-from ..training.inference import TTA_SHIFTS, Averaged, Classifier, probabilities, score
+from ..training.inference import TTA_SHIFTS, Averaged, Classifier, averaged_log_probs, scored, shifted_log_probs
 from .evaluate import Retrained, official_splits, retrain, top_trials
 
 
@@ -59,38 +58,35 @@ def evaluate_ensemble(
     mean, std = splits.mean_std
     nets = [Classifier(getattr(r.learn.model, "_orig_mod", r.learn.model), mean, std).to(device).eval() for r in members]
     x, truth = splits.x_test, splits.y_test
+    # Each member runs once per shift; every figure below averages those outputs as Averaged does, so
+    # the exported network, run by `predict` on this device, gives its score back.
+    shifts = TTA_SHIFTS if tta else ((0, 0),)
+    outputs = [shifted_log_probs(net, x, device, shifts) for net in nets]  # [member][shift]
 
-    def value(net: torch.nn.Module) -> float:
-        # The same path `predict` takes: probabilities, then the top class, then the card's metric.
-        return score(spec.metric, np.argmax(probabilities(net, x, device), axis=1), truth)
+    def value(logs: list[torch.Tensor]) -> float:
+        return scored(spec.metric, averaged_log_probs(logs), truth)
 
-    plain = Averaged(nets)
+    tta_record = None
+    if tta:
+        tta_record = {
+            "shifts": [list(s) for s in TTA_SHIFTS],
+            "test_value": value([o[s] for s in range(len(shifts)) for o in outputs]),  # Averaged's order
+            "members": [value(o) for o in outputs],
+        }
     evaluation = EnsembleEvaluation(
         metric=spec.metric,
-        test_value=value(plain),
+        test_value=value([o[0] for o in outputs]),
         members=[
-            {
-                "trial": r.trial.number,
-                "valid_value": r.trial.value,
-                "test_value": value(Averaged([net])),
-                "params": r.params,
-            }
-            for r, net in zip(members, nets, strict=True)
+            {"trial": r.trial.number, "valid_value": r.trial.value, "test_value": value([o[0]]), "params": r.params}
+            for r, o in zip(members, outputs, strict=True)
         ],
-        tta=None,
+        tta=tta_record,
         n_train=int(len(splits.y_train)),
         n_test=int(len(truth)),
         device=str(device),
         seconds=round(time.perf_counter() - t0, 2),
         at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    net = plain
-    if tta:
-        net = Averaged(nets, TTA_SHIFTS)
-        evaluation.tta = {
-            "shifts": [list(s) for s in TTA_SHIFTS],
-            "test_value": value(net),
-            "members": [value(Averaged([m], TTA_SHIFTS)) for m in nets],
-        }
+    net = Averaged(nets, shifts)
     evaluation.store(study)
     return Ensemble(members, net, evaluation)

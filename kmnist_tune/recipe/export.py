@@ -166,7 +166,7 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
         },
         "training": {
             "seconds": round(r.seconds, 2),
-            "epochs": [{"epoch": e.epoch, "train_loss": e.train_loss, "seconds": round(e.seconds, 2)} for e in r.epochs],
+            "epochs": _epochs(r),
             "device": ev.device,
             "at": ev.at,
         },
@@ -174,6 +174,11 @@ def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind
         "source": {"study": study_name, "trial": r.trial.number, "storage": storage_kind, "exported": who_and_when()[0]},
     }
     _seal(card, folder, (WEIGHTS, PROGRAM, FASTAI, CLASSES), model_card(card, classes))
+
+
+def _epochs(r: Retrained) -> list[dict[str, Any]]:
+    """A retrained network's epochs, as its card lists them."""
+    return [{"epoch": e.epoch, "train_loss": e.train_loss, "seconds": round(e.seconds, 2)} for e in r.epochs]
 
 
 def write_ensemble_dir(e: Ensemble, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
@@ -197,7 +202,7 @@ def write_ensemble_dir(e: Ensemble, spec: SweepSpec, study_name: str, storage_ki
                 "test": scored["test_value"],
                 "test_tta": tta_value,
                 "seconds": round(r.seconds, 2),
-                "epochs": [{"epoch": x.epoch, "train_loss": x.train_loss, "seconds": round(x.seconds, 2)} for x in r.epochs],
+                "epochs": _epochs(r),
             }
         )
     card: dict[str, Any] = {

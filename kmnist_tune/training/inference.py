@@ -76,8 +76,17 @@ class Averaged(nn.Module):
         self.shifts = tuple((int(dx), int(dy)) for dx, dy in shifts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logs = [torch.log_softmax(m(shifted(x, dx, dy)).float(), dim=1) for dx, dy in self.shifts for m in self.members]
-        return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+        return averaged_log_probs([log_probs(m, shifted(x, dx, dy)) for dx, dy in self.shifts for m in self.members])
+
+
+def log_probs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One classifier's log-softmax, in float32: what Averaged averages."""
+    return torch.log_softmax(net(x).float(), dim=1)
+
+
+def averaged_log_probs(logs: list[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean of several softmax outputs, given their logs (Averaged's output)."""
+    return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
 
 
 def export_program(model: nn.Module, mean: float, std: float, path: Path) -> Path:
@@ -219,6 +228,33 @@ def probabilities(net: nn.Module, images: np.ndarray, device: torch.device, batc
         x = torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
         out.append(torch.softmax(net(x).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
+def shifted_log_probs(
+    net: nn.Module, images: np.ndarray, device: torch.device, shifts: tuple[tuple[int, int], ...], batch_size: int = 1024
+) -> list[torch.Tensor]:
+    """`net`'s log-softmax (N, C), on `device`, for uint8 images (N, 28, 28) shifted by each of `shifts`,
+    batch by batch as `probabilities` runs a network: averaged_log_probs of several members' outputs
+    gives what their Averaged network gives, without running any member twice."""
+    out: list[list[torch.Tensor]] = [[] for _ in shifts]
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
+        for i, (dx, dy) in enumerate(shifts):
+            out[i].append(log_probs(net, shifted(x, dx, dy)))
+    return [torch.cat(parts) for parts in out]
+
+
+def scored(metric: str, outputs: torch.Tensor, truth: np.ndarray) -> float:
+    """Outputs (N, C) of a network (logits or log-probabilities) scored on their labels by the path
+    `probabilities` and `predict` take: the softmax, its top class, the metric."""
+    probs = torch.softmax(outputs.float(), dim=1).cpu().numpy()
+    return score(metric, np.argmax(probs, axis=1), truth)
+
+
+def network_score(net: nn.Module, images: np.ndarray, truth: np.ndarray, metric: str, device: torch.device) -> float:
+    """A network scored on labelled images as `predict --labels` scores a model directory."""
+    return score(metric, np.argmax(probabilities(net, images, device), axis=1), truth)
 
 
 def sha256(path: Path) -> str:
