@@ -265,6 +265,11 @@ def test_the_dashboard_container_serves_the_study_with_gunicorn(deployment: Depl
     top = docker("top", name, "-o", "pid,args").stdout
     served = re.findall(r"python \S+kmnist-tune dashboard", top)
     assert len(served) == 1 + int(d.values["KMNIST_TUNE_DASHBOARD_WORKERS"]), top
+    # As the image's user, on a read-only root with a writable tmpfs /tmp (compose's read_only, tmpfs).
+    assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
+    wrote = docker("exec", name, "touch", "/app/x", check=False)
+    assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr, wrote
+    assert docker("exec", name, "touch", "/tmp/x", check=False).returncode == 0
     # The page, rendered in headless Chromium from the host.
     sid = optuna.load_study(study_name=STUDY, storage=d.owner_url)._study_id
     dom = browse(f"{base}/dashboard/studies/{sid}", tmp_path / "dashboard.png")
