@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,14 @@ def load_network(card: dict[str, Any], weights: Path, device: torch.device, wher
 @torch.no_grad()
 def probabilities(net: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities (N, C) for uint8 images (N, 28, 28)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
-        out.append(torch.softmax(net(x).float(), dim=1).cpu().numpy())
+    out = [torch.softmax(net(x).float(), dim=1).cpu().numpy() for x in _pixel_batches(images, device, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _pixel_batches(images: np.ndarray, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 images (N, 28, 28) as float pixel batches (B, 1, 28, 28) on `device`, as a network takes them."""
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
 
 
 @torch.no_grad()
@@ -238,8 +242,7 @@ def shifted_log_probs(
     batch by batch as `probabilities` runs a network: averaged_log_probs of several members' outputs
     gives what their Averaged network gives, without running any member twice."""
     out: list[list[torch.Tensor]] = [[] for _ in shifts]
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device).unsqueeze(1).float()
+    for x in _pixel_batches(images, device, batch_size):
         for i, (dx, dy) in enumerate(shifts):
             out[i].append(log_probs(net, shifted(x, dx, dy)))
     return [torch.cat(parts) for parts in out]
