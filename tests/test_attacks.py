@@ -1126,3 +1126,78 @@ def test_a_wandb_sweep_file_cannot_ask_for_an_unbounded_bracket_count(tmp_path: 
     path = write_spec(tmp_path / "sweep.yaml", sweep)
     proc = cli_here("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 's.db'}", check=False)
     assert proc.returncode == 2 and "early_terminate.s" in error_line(proc)
+
+
+# -- issue 34: a pickle in the study database ---------------------------------------------------------
+
+
+def _planted_cmaes_study(shared: Shared, tmp: Path, name: str, marker: Path) -> optuna.Study:
+    """A study whose stored spec an attacker switched to CMA-ES, with one finished trial carrying CMA-ES's
+    optimizer state: a pickle that touches `marker` when it is loaded (what Optuna's CmaEsSampler does with
+    `cma:optimizer:*` on its next ask). Two searched floats, so that CMA-ES samples (it skips one)."""
+    params = {
+        "lr": {"distribution": "log_uniform_values", "min": 2e-3, "max": 1e-2},
+        "weight_decay": {"distribution": "uniform", "min": 0.0, "max": 0.1},
+    }
+    study = shared.create(tmp, name, budget={"n_trials": 2}, parameters={**tiny_spec()["parameters"], **params})
+    spec = study.user_attrs[SPEC_ATTR]
+    spec["sampler"] = {"name": "cmaes", "options": {}}
+    study.set_user_attr(SPEC_ATTR, spec)
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(2e-3, 1e-2, log=True),
+        "weight_decay": optuna.distributions.FloatDistribution(0.0, 0.1),
+    }
+    study.add_trial(
+        create_trial(
+            state=TrialState.COMPLETE,
+            value=0.5,
+            params={"lr": 5e-3, "weight_decay": 0.05},
+            distributions=dists,
+            system_attrs={"cma:optimizer:0": pickle.dumps(_Payload(marker)).hex(), "cma:generation": 0},
+        )
+    )
+    return study
+
+
+def test_a_pickle_planted_for_cmaes_never_runs_and_the_study_stays_readable(shared: Shared, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _planted_cmaes_study(shared, tmp_path, "pickled", marker)
+    env = cli_env(WANDB_MODE="disabled")
+    worker = cli_here("worker", "--study", "pickled", "--storage", shared.worker_url, "--gpus", "none", env=env, check=False)
+    line = error_line(worker)
+    assert "sampler 'cmaes' is refused" in line and "pickle" in line and "use tpe" in line, line
+    assert not marker.exists()
+    # Nothing was claimed, and reading the study (its spec names the refused sampler) still works.
+    trials = optuna.load_study(study_name="pickled", storage=shared.storage()).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE]
+    for command in (("study", "show", "pickled"), ("best", "--study", "pickled")):
+        assert cli_here(*command, "--storage", shared.worker_url, env=env).returncode == 0
+    assert not marker.exists()
+
+
+def test_study_create_refuses_cmaes_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec("cma", sampler={"name": "cmaes", "options": {}}))
+    line = error_line(cli_here("study", "create", str(spec), "--storage", url, check=False))
+    assert "sampler.name: sampler 'cmaes' is refused" in line and "use tpe (the default), random or grid" in line
+    assert not (tmp_path / "o.db").exists() or "cma" not in optuna.get_all_study_names(url)
+
+
+def test_no_sampler_pruner_or_storage_a_worker_uses_unpickles() -> None:
+    """Where Optuna unpickles, read from its installed source: only CMA-ES (refused) and the journal
+    storage's snapshots (kmnist-tune never opens a journal storage). An Optuna upgrade that starts
+    unpickling in a sampler, pruner or storage we use fails here."""
+    from kmnist_tune.service.studies import PRUNER_CLASSES, SAMPLER_CLASSES, UNSAFE_SAMPLERS
+
+    root = Path(optuna.__file__).parent
+    unpickling = {
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if any(call in p.read_text(encoding="utf-8") for call in ("pickle.load", "cloudpickle", "dill."))
+        and p.relative_to(root).parts[0] != "testing"
+    }
+    assert unpickling == {"samplers/_cmaes.py", "storages/journal/_storage.py"}, unpickling
+    assert set(UNSAFE_SAMPLERS) == {"cmaes"} and "cmaes" not in SAMPLER_CLASSES
+    used = [*SAMPLER_CLASSES.values(), *PRUNER_CLASSES.values(), optuna.storages.RDBStorage, optuna.storages.GrpcStorageProxy]
+    for cls in used:
+        assert sys.modules[cls.__module__].__file__ not in {str(root / u) for u in unpickling}, cls

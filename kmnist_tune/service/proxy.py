@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -16,12 +17,26 @@ from .schema import create_storage
 from .storage import is_grpc
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def serve_proxy(url: str, host: str, port: int, announce: Callable[[str], None]) -> None:
     """Optuna's gRPC storage proxy in front of a database, until interrupted."""
     if is_grpc(url):
         raise UserError("--storage for the proxy must be a database URL, not grpc://")
     storage = create_storage(url)
     announce(f"storage proxy for {mask(url)} on grpc://{host}:{port} (Ctrl-C to stop)")
+    if not is_loopback(host):
+        # Optuna's proxy has no authentication or encryption: whoever reaches the port reads and writes
+        # every study with this process's database login (README, "The storage proxy").
+        announce(
+            f"warning: the storage proxy has no login: anyone who can reach {host}:{port} may read and write "
+            "every study in this database; publish it only on a private network you trust"
+        )
     got: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:

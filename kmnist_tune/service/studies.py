@@ -64,8 +64,17 @@ from .storage import (
 SAMPLER_CLASSES: dict[str, type] = {
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
-    "cmaes": optuna.samplers.CmaEsSampler,
     "grid": optuna.samplers.GridSampler,
+}
+# Samplers that keep their state in the study's trials as a pickle and unpickle it on the next ask
+# (Optuna's CmaEsSampler: `cma:optimizer:*` system attributes, optuna/samplers/_cmaes.py). Everyone who
+# can write the study database (any user of a shared one, whoever handed over a SQLite file, anyone who
+# reaches a storage proxy) could plant one and run code on every worker of the study, with its
+# secrets. Never built; a study that names one can still be read. (Every other sampler and pruner
+# offered here keeps plain JSON: tests/test_attacks.py plants a pickle for each.)
+UNSAFE_SAMPLERS: dict[str, str] = {
+    "cmaes": "Optuna's CMA-ES sampler keeps its state as a pickle in the study database, and anyone who can "
+    "write that database could make every worker run code by unpickling it",
 }
 PRUNER_CLASSES: dict[str, type] = {
     "median": optuna.pruners.MedianPruner,
@@ -98,7 +107,28 @@ def check_options(cls: type, options: dict[str, Any], where: str) -> None:
             raise SpecError(f"{where}.{key}: {value!r} does not fit {cls.__name__}'s {key} ({wanted}): {problem}") from None
 
 
+def refuse_unsafe_sampler(spec: SweepSpec, where: str) -> None:
+    """A SpecError for a sampler this project never builds (UNSAFE_SAMPLERS), naming the safe ones."""
+    why = UNSAFE_SAMPLERS.get(spec.sampler.name)
+    if why is not None:
+        raise SpecError(f"{where}: sampler {spec.sampler.name!r} is refused: {why}; use tpe (the default), random or grid")
+
+
+class RefusedSampler(optuna.samplers.RandomSampler):
+    """Stands in for a refused sampler (UNSAFE_SAMPLERS) in a study opened to be read: `best`, `study
+    show` and the report work, and anything that would sample fails with the reason instead."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        refuse_unsafe_sampler(self.spec, f"study {self.spec.name!r}")
+        return {}
+
+
 def make_sampler(spec: SweepSpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    refuse_unsafe_sampler(spec, "sampler.name")
     opts: dict[str, Any] = {"seed": seed, **spec.sampler.options}
     name = spec.sampler.name
     cls = SAMPLER_CLASSES[name]
@@ -118,7 +148,7 @@ def trial_seed(seed: int, number: int) -> int:
 
 def seed_sampler(study: optuna.Study, spec: SweepSpec, number: int) -> None:
     """Give the study, for the trial about to be sampled, its own seeded sampler (trial_seed). Samplers
-    keep nothing between trials but their random state (CMA-ES keeps its in the storage)."""
+    keep nothing between trials but their random state."""
     study.sampler = make_sampler(spec, trial_seed(spec.seed, number))
 
 
@@ -334,7 +364,8 @@ def open_study(storage: BaseStorage, name: str, *, seed: int | None = None) -> t
         raise unknown_study(describe(storage), name, study_names(storage)) from None
     spec = stored_spec(name, storage.get_study_user_attrs(internals.study_id(study)))
     # Public attributes that every later ask reads: built from the spec, which is read after the study.
-    study.sampler, study.pruner = make_sampler(spec, seed), make_pruner(spec)
+    sampler = RefusedSampler(spec) if spec.sampler.name in UNSAFE_SAMPLERS else make_sampler(spec, seed)
+    study.sampler, study.pruner = sampler, make_pruner(spec)
     return study, spec
 
 
@@ -352,6 +383,9 @@ def open_for_work(
         with storage_lock(storage, f"kmnist-tune/create/{name}"):
             pass
         study, spec = open_study(storage, name)
+    # Before the first claim: a worker never works a study whose stored spec names a refused sampler
+    # (anyone sharing the database can write that spec).
+    refuse_unsafe_sampler(spec, f"the spec stored in study {name!r}")
     storage.use_heartbeat(spec.workers.heartbeat_interval, spec.workers.grace_period, spec.workers.max_retry)
     return storage, study, spec
 
