@@ -55,6 +55,7 @@ from sqlalchemy.engine import make_url
 
 from kmnist_tune.contract.records import MODEL_ATTR, SPEC_ATTR, STOP_ATTR, TrialRecord
 from kmnist_tune.errors import UserError
+from kmnist_tune.masking import mask
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
 from kmnist_tune.service.storage import open_storage
 from kmnist_tune.training import data as data_files
@@ -799,7 +800,9 @@ def test_dotenv_is_read_never_over_the_environment_and_warned_about_when_readabl
     dotenv.write_text(f"KMNIST_TUNE_STORAGE={shared.worker_url}\n")
     dotenv.chmod(0o600)
     proc = cli_here("study", "list", cwd=work)
-    assert "from-dotenv" in proc.stdout and not proc.stderr.strip()  # the shared study, not a SQLite default
+    assert "from-dotenv" in proc.stdout  # the shared study, not a SQLite default
+    # Found in the working directory, where the storage is is said (masked); nothing else is.
+    assert proc.stderr.strip() == f"note: from {dotenv}: KMNIST_TUNE_STORAGE={mask(shared.worker_url)}"
     assert not (work / "kmnist-tune.db").exists()
     dotenv.chmod(0o644)
     proc = cli_here("study", "list", cwd=work)
@@ -1201,3 +1204,101 @@ def test_no_sampler_pruner_or_storage_a_worker_uses_unpickles() -> None:
     used = [*SAMPLER_CLASSES.values(), *PRUNER_CLASSES.values(), optuna.storages.RDBStorage, optuna.storages.GrpcStorageProxy]
     for cls in used:
         assert sys.modules[cls.__module__].__file__ not in {str(root / u) for u in unpickling}, cls
+
+
+# -- issue 34: worker processes run only the package's code ------------------------------------------
+
+
+def test_slot_processes_import_nothing_from_the_folder_and_take_no_loader_settings_from_its_dotenv(tmp_path: Path) -> None:
+    """`worker --per-gpu 2` from a cloned sweep repository holding a `typer.py` (a module every slot
+    imports) and a `.env` that points Python's and the loader's settings at the attacker's files."""
+    url = created_study(tmp_path, "slots")
+    cli_here("study", "stop", "slots", "--storage", url)  # the slots start, import everything, and leave
+    marker, repo, evil = tmp_path / "pwned", tmp_path / "cloned-sweeps", tmp_path / "evil"
+    for folder in (repo, evil):
+        folder.mkdir()
+        for module in ("typer", "optuna", "sitecustomize", "usercustomize"):
+            (folder / f"{module}.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
+    (repo / ".env").write_text(
+        f"PYTHONPATH={evil}\nLD_PRELOAD={tmp_path / 'no-such.so'}\nPYTHONSTARTUP={evil / 'typer.py'}\n"
+        f"WANDB_BASE_URL=http://127.0.0.1:9/steal\n"
+    )
+    (repo / ".env").chmod(0o600)
+    console = Path(sys.executable).with_name("kmnist-tune")  # how a user starts it (not `python -m`)
+    proc = subprocess.run(
+        [str(console), "worker", "--study", "slots", "--storage", url, "--gpus", "none", "--per-gpu", "2"],
+        cwd=repo,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("claims no more trials") == 2, proc.stderr  # both slots ran, as our code
+    assert not marker.exists()
+    assert "cannot be preloaded" not in proc.stderr  # ld.so never saw the file's LD_PRELOAD
+    ignored = next(line for line in proc.stderr.splitlines() if "ignored" in line and ".env" in line)
+    assert all(key in ignored for key in ("LD_PRELOAD", "PYTHONSTARTUP", "WANDB_BASE_URL")), ignored
+    assert proc.stderr.count(ignored) == 1  # said once, by the supervisor; the slots read no .env
+
+
+# -- issue 34: a .env is the user's, not the folder's -------------------------------------------------
+
+
+@pytest.fixture
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """os.environ as it is now, put back after the test (read_env_file writes into it)."""
+    for key in ("WANDB_BASE_URL", "KMNIST_TUNE_ARTIFACTS", "PYTHONSTARTUP", "HTTPS_PROXY", "LD_PRELOAD", "KT_PLAIN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("KMNIST_TUNE_ENV_FILE", raising=False)
+    saved = dict(os.environ)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_dotenv_in_the_folder_cannot_set_endpoints_or_import_settings(tmp_path: Path, clean_environ: Any) -> None:
+    from kmnist_tune.cli.env_file import read_env_file
+
+    clean_environ.chdir(tmp_path)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "WANDB_BASE_URL=http://127.0.0.1:9/steal\nHTTPS_PROXY=http://127.0.0.1:9\nPYTHONSTARTUP=/tmp/x.py\n"
+        f"LD_PRELOAD=/tmp/x.so\nKMNIST_TUNE_ARTIFACTS={tmp_path / 'art'}\nKT_PLAIN=1\n"
+    )
+    dotenv.chmod(0o600)
+    result = read_env_file()
+    for key in ("WANDB_BASE_URL", "HTTPS_PROXY", "PYTHONSTARTUP", "LD_PRELOAD"):
+        assert key not in os.environ
+    assert os.environ["KT_PLAIN"] == "1" and os.environ["KMNIST_TUNE_ARTIFACTS"] == str(tmp_path / "art")
+    warning, note = result.lines
+    assert warning.startswith("warning: HTTPS_PROXY, LD_PRELOAD, PYTHONSTARTUP, WANDB_BASE_URL from ") and "--env-file" in warning
+    assert note == f"note: from {dotenv}: KMNIST_TUNE_ARTIFACTS={tmp_path / 'art'}"
+
+
+def test_a_dotenv_others_may_write_or_own_is_not_read_and_a_named_one_is(tmp_path: Path, clean_environ: Any) -> None:
+    from kmnist_tune.cli.env_file import read_env_file
+
+    clean_environ.chdir(tmp_path)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("KT_PLAIN=1\nWANDB_BASE_URL=https://wandb.example.org\n")
+    dotenv.chmod(0o620)  # group-writable
+    (line,) = read_env_file().lines
+    assert "is not read: other users may write it (mode 620)" in line and "KT_PLAIN" not in os.environ
+    dotenv.chmod(0o600)
+    os.chown(dotenv, 65534, 65534)  # another user's (the suite runs as root, which may give files away)
+    (line,) = read_env_file().lines
+    assert "is not read: it belongs to user id 65534, not you" in line and "KT_PLAIN" not in os.environ
+    os.chown(dotenv, os.getuid(), os.getgid())
+    # Named by the user: taken whole, and the endpoint it sets is said.
+    clean_environ.setenv("KMNIST_TUNE_ENV_FILE", str(dotenv))
+    (line,) = read_env_file().lines
+    assert line == f"note: {dotenv.resolve()} sets WANDB_BASE_URL"
+    assert os.environ["WANDB_BASE_URL"] == "https://wandb.example.org" and os.environ["KT_PLAIN"] == "1"
+    # Set and empty: no file at all. A named file that is not there: one line from the CLI.
+    for key in ("KT_PLAIN", "WANDB_BASE_URL"):
+        del os.environ[key]
+    clean_environ.setenv("KMNIST_TUNE_ENV_FILE", "")
+    assert read_env_file().path is None and "KT_PLAIN" not in os.environ
+    proc = cli_here("--env-file", str(tmp_path / "missing.env"), "study", "list", cwd=tmp_path, check=False)
+    assert "env file" in error_line(proc) and proc.returncode == 2

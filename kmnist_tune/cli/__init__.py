@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import sys
 import warnings
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +17,7 @@ from ..errors import UserError, one_line
 from ..masking import install_log_masking, mask
 from . import data, study, sweep, watch  # noqa: F401  (each adds its commands to the apps)
 from .apps import app
+from .env_file import ENV_FILE_VAR, read_env_file
 from .options import out
 
 
@@ -26,7 +25,18 @@ from .options import out
 def _root(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+    env_file: Annotated[
+        str | None,
+        typer.Option(
+            "--env-file",
+            metavar="FILE",
+            help=f"read settings and secrets from FILE instead of ./.env (also ${ENV_FILE_VAR}; set it empty to read none)",
+        ),
+    ] = None,
 ) -> None:
+    # Before any command runs: the passwords, the storage URL and the signing key may come from it.
+    for line in read_env_file(env_file).lines:
+        print(mask(line), file=sys.stderr)
     if version:
         out(f"kmnist-tune {__version__}")
         raise typer.Exit()
@@ -49,29 +59,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"kmnist_tune(\.|$)")
 
 
-def _read_dotenv() -> None:
-    """Settings and secrets from `.env` in the working directory (python-dotenv), as the README and
-    compose promise; the real environment always wins. A `.env` that other users can read holds
-    passwords they can read too: said, not refused (the user may share the machine with no one)."""
-    path = Path(".env")
-    try:
-        if not path.is_file():
-            return
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o044:
-            print(f"warning: {path.resolve()} can be read by other users (mode {mode:o}); `chmod 600 .env`", file=sys.stderr)
-        from dotenv import load_dotenv
-
-        load_dotenv(path, override=False)
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"warning: {path.resolve()} is not read ({type(e).__name__}); check its permissions and encoding", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: every expected failure is one line on stderr and a non-zero exit."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    _read_dotenv()
     args = sys.argv[1:] if argv is None else list(argv)
     # The arguments are parsed as given; everything else that reads sys.argv (W&B records it in every
     # run's metadata) sees a `--storage` password masked.

@@ -106,6 +106,7 @@ def slot_env(slot: Slot, base: dict[str, str] | None = None) -> dict[str, str]:
     # Pinning by environment: the child sees exactly one GPU (as cuda:0), or none.
     env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
     env["KMNIST_TUNE_SLOT"] = str(slot.index)
+    env["KMNIST_TUNE_ENV_FILE"] = ""  # the supervisor read it; set and empty: the slot reads none
     if slot.gpu is not None:
         # K processes share one GPU: let each grow its memory as needed instead of
         # fragmenting it, so that K small ResNets fit side by side.
@@ -145,7 +146,11 @@ def supervise(child_args: list[str], slots: list[Slot], env: dict[str, str], log
     pumps = []
     board.__enter__()
     for slot in slots:
-        cmd = [sys.executable, "-m", "kmnist_tune", *child_args]
+        # -P (safe path): `python -m` would put the working directory first on sys.path, and a `typer.py`
+        # (or any module we import) in the folder the command runs in would run in every slot, with its
+        # secrets. The environment is the supervisor's: a `.env` cannot add Python's or the loader's
+        # settings to it (cli/env_file.py), and the slot reads no `.env` of its own.
+        cmd = [sys.executable, "-P", "-m", "kmnist_tune", *child_args]
         proc = subprocess.Popen(cmd, env={**slot_env(slot, env), **board.child_env}, stderr=subprocess.PIPE, text=True, bufsize=1)
         procs.append((slot, proc))
         pumps.append(board.follow(slot.label, proc.stderr))  # type: ignore[arg-type]
