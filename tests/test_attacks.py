@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import uuid
 import zipfile
@@ -1302,3 +1303,64 @@ def test_a_dotenv_others_may_write_or_own_is_not_read_and_a_named_one_is(tmp_pat
     assert read_env_file().path is None and "KT_PLAIN" not in os.environ
     proc = cli_here("--env-file", str(tmp_path / "missing.env"), "study", "list", cwd=tmp_path, check=False)
     assert "env file" in error_line(proc) and proc.returncode == 2
+
+
+# -- issue 34: one statement wedges everyone ----------------------------------------------------------
+
+
+def test_a_table_lock_held_by_one_user_ends_each_command_in_one_line_and_workers_carry_on(shared: Shared, tmp_path: Path) -> None:
+    """`BEGIN; LOCK TABLE studies IN ACCESS EXCLUSIVE MODE` as the worker role (it may UPDATE, so it may
+    LOCK): every client of every study would wait for it forever. Each command waits its lock_timeout
+    (2 s here) and ends in one line; a worker retries and finishes its trial once the lock is gone."""
+    shared.create(tmp_path, "wedged", budget={"n_trials": 1})
+    env = cli_env(KMNIST_TUNE_DB_LOCK_TIMEOUT="2")
+    attacker = psycopg.connect(
+        host=ADMIN.host, port=ADMIN.port, user=shared.roles["worker"][0], password=shared.roles["worker"][1], dbname=shared.db
+    )
+    try:
+        attacker.execute("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")  # psycopg began a transaction: held
+        for command in (("study", "list"), ("study", "show", "wedged")):
+            proc = run_cli(*command, "--storage", shared.worker_url, env=env, check=False, timeout=120)
+            line = error_line(proc)
+            assert "the storage is busy" in line and "lock timeout" in line and "pg_locks" in line, line
+        worker = spawn_cli("worker", "--study", "wedged", "--storage", shared.worker_url, "--gpus", "none", env=env)
+        wait_until(lambda: _waits_for_lock(shared), 120, "the worker waits for the table lock", procs=[worker])
+        time.sleep(3)  # past its lock_timeout: the statement is cut short and retried
+    finally:
+        attacker.rollback()  # the lock is gone
+        attacker.close()
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    assert "retrying" in err and "lock timeout" in err and "storage is back" in err, err
+    states = [t.state for t in optuna.load_study(study_name="wedged", storage=shared.storage()).trials]
+    assert states == [TrialState.COMPLETE]
+
+
+def _waits_for_lock(shared: Shared) -> bool:
+    """A kmnist-tune session of the study database is waiting for a lock now."""
+    rows = shared.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        " AND application_name LIKE 'kmnist-tune %%'"
+    )
+    return bool(rows[0][0])
+
+
+def test_every_session_bounds_its_waits_directly_and_through_the_database_defaults(shared: Shared) -> None:
+    from kmnist_tune.service.storage import Timeouts, engine
+
+    storage = open_storage(shared.worker_url)
+    with engine(storage).connect() as conn:  # our own session: its startup options
+        assert [conn.exec_driver_sql(f"SHOW {s}").scalar() for s in ("lock_timeout", "statement_timeout")] == ["30s", "2min"]
+    dash = open_storage(shared.url("dashboard"), timeouts=Timeouts.from_env(idle_in_transaction_s=60))
+    with engine(dash).connect() as conn:
+        assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
+    # A session that sets nothing (a client behind PgBouncer, which drops startup options): storage/initdb's
+    # database defaults.
+    for who in ("worker", "dashboard"):
+        with shared.connect(who) as conn:
+            got = [conn.execute(f"SHOW {s}").fetchone()[0] for s in ("lock_timeout", "statement_timeout")]  # type: ignore[index]
+            assert got == ["30s", "2min"], (who, got)
+    with shared.connect("dashboard") as conn:
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"  # type: ignore[index]
+    bad = cli_here("study", "list", "--storage", shared.worker_url, env=cli_env(KMNIST_TUNE_DB_LOCK_TIMEOUT="soon"), check=False)
+    assert "KMNIST_TUNE_DB_LOCK_TIMEOUT='soon' is not a number of seconds" in error_line(bad)

@@ -103,12 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+# PostgreSQL's bounds on a wait (service/storage.py, Timeouts), by SQLSTATE: what to do about each.
+_BUSY = {
+    "55P03": "another session holds a lock on the study tables; try again, or ask the database owner "
+    "(pg_locks shows who holds it)",
+    "57014": "a statement ran past its time limit (KMNIST_TUNE_DB_STATEMENT_TIMEOUT, seconds); try again",
+    "25P03": "a transaction stayed idle past its time limit; try again",
+}
+
+
 def _unexpected(e: Exception) -> int:
     chain, cur = [], e  # Optuna wraps a database's error in its own (StorageInternalError)
     while cur is not None and cur not in chain:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     db = next((c for c in reversed(chain) if type(c).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg")), None)
+    busy = next((c for c in chain if getattr(c, "sqlstate", None) in _BUSY), None)
+    if busy is not None:
+        print(f"error: the storage is busy: {_line(busy)}; {_BUSY[busy.sqlstate]}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 2
     if db is not None:
         text = _line(db)
         hint = "; check that the storage and its folder may be written" if "readonly" in text.replace("-", "") else ""

@@ -59,12 +59,15 @@ def dashboard(
 
     from ..observe.dashboard import ENV_ALLOW_HOSTS, hosts_line, serve, server_choice
     from ..service.artifacts import describe_store
-    from ..service.storage import describe, open_storage
+    from ..service.storage import Timeouts, describe, open_storage
 
     names = [*(allow_host or []), *os.environ.get(ENV_ALLOW_HOSTS, "").split(",")]
     answers = hosts_line(host, port, names)  # a bad name stops it before the storage is opened
     url = storage_url(storage)
-    st = open_storage(url)
+    # The dashboard never holds a transaction open on purpose: one left idle in it (a client gone
+    # mid-request) is ended by the server after a minute, with the locks it held.
+    timeouts = Timeouts.from_env(idle_in_transaction_s=60)
+    st = open_storage(url, timeouts=timeouts)
     where = describe_store(st, artifacts)
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
     chosen = server_choice(workers)
@@ -74,7 +77,8 @@ def dashboard(
         f"optuna-dashboard for {describe(st)} on http://{shown}:{port}/dashboard ({chosen.label}; artifacts in {where}; "
         f"Host {answers}); no login: behind an authenticating proxy if others can reach it; Ctrl-C to stop"
     )
-    serve(st, host, port, artifacts, names, on_ready=lambda: say(ready), workers=workers, reopen=lambda: open_storage(url))
+    reopen = lambda: open_storage(url, timeouts=timeouts)  # noqa: E731  (each gunicorn worker's own)
+    serve(st, host, port, artifacts, names, on_ready=lambda: say(ready), workers=workers, reopen=reopen)
 
 
 @app.command()

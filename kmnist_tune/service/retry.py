@@ -31,6 +31,27 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+# A wait on a lock or a statement cut short by its bound (storage.Timeouts): another session holds a
+# lock, not a database that is down; retried all the same.
+BOUNDED_WAITS = ("55P03", "57014")
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The database driver's own error inside what Optuna and SQLAlchemy wrapped it in (their messages
+    say "an exception is raised during the commit"), else `e`."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    found = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__module__.split(".")[0] == "psycopg":
+            return cur
+        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.orig is not None:
+            found = cur.orig
+        cur = cur.__cause__ or cur.__context__
+    return found
+
+
 class _Retrying:
     """Retries a call that failed on a lost connection, with backoff (0.5 s doubling to 10 s, for up
     to `patience` seconds), instead of letting a database restart kill the worker.
@@ -58,7 +79,9 @@ class _Retrying:
                 if not is_transient(e) or waited >= self.patience:
                     raise
                 if not waited:
-                    self.log(f"storage unreachable ({first_line(e)[:120]}); retrying for up to {self.patience:.0f} s")
+                    cause = root_cause(e)
+                    state = "busy" if getattr(cause, "sqlstate", None) in BOUNDED_WAITS else "unreachable"
+                    self.log(f"storage {state} ({first_line(cause)[:120]}); retrying for up to {self.patience:.0f} s")
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 10.0)

@@ -15,6 +15,7 @@ from ..masking import mask
 from ..optuna_internals import VERSION_TABLES, schema_made
 from .lock import schema_lock
 from .storage import (
+    Timeouts,
     backend,
     engine_kwargs,
     first_line,
@@ -28,6 +29,8 @@ from .storage import (
     user_errors,
 )
 from .tables import ARTIFACTS, CLAIMS
+
+MIGRATION_S = 3600.0  # statement_timeout of `kmnist-tune schema`: Optuna's migrations alter whole tables
 
 
 def create_storage(url: str, *, storage_cls: type[RDBStorage] = RDBStorage, **rdb_kwargs: Any) -> BaseStorage:
@@ -88,7 +91,8 @@ def init_schema(url: str) -> str:
     """`kmnist-tune schema`: Optuna's tables at the head version and the artifact table; what is there."""
     if is_grpc(url):
         raise UserError("schema needs a database URL, not the storage proxy's grpc://")
-    storage = _create_rdb(url, skip_compatibility_check=True)
+    # A migration of a large database may run long: bounded, but by an hour (lock waits as everywhere).
+    storage = _create_rdb(url, skip_compatibility_check=True, timeouts=Timeouts.from_env(statement_s=MIGRATION_S))
     try:
         if storage.get_current_version() != storage.get_head_version():
             storage.upgrade()

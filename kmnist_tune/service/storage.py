@@ -129,10 +129,87 @@ def describe(storage: BaseStorage) -> str:
     return mask(inner.url) if inner is not None else f"grpc://{internals.grpc_address(storage)}"
 
 
-def engine_kwargs(url: str) -> dict[str, Any]:
+# -- bounded waits ---------------------------------------------------------------------------------
+# Everyone who shares a study database can take a lock on its tables (`LOCK TABLE studies` needs only
+# UPDATE), and without a bound every other client would wait for it forever. Each of our PostgreSQL
+# sessions bounds its waits: a lock is waited for at most lock_timeout, a statement runs at most
+# statement_timeout. Ours take milliseconds, the longest legitimate ones seconds (a study's DELETE
+# with its trials; a 1 MiB artifact chunk; `study delete` waiting for an upload in flight), so the
+# bounds are far above them. A worker's storage retries a statement cut short (retry.py: both are
+# OperationalErrors), so workers carry on once the lock is gone; a command ends in one line.
+ENV_LOCK_TIMEOUT = "KMNIST_TUNE_DB_LOCK_TIMEOUT"
+ENV_STATEMENT_TIMEOUT = "KMNIST_TUNE_DB_STATEMENT_TIMEOUT"
+LOCK_TIMEOUT_S = 30.0
+STATEMENT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """PostgreSQL's per-session bounds (seconds; None: the server's default). idle_in_transaction is for
+    clients that never hold a transaction open on purpose (the dashboard): a worker does, holding the
+    LR finder's advisory lock (lock.py)."""
+
+    lock_s: float | None = LOCK_TIMEOUT_S
+    statement_s: float | None = STATEMENT_TIMEOUT_S
+    idle_in_transaction_s: float | None = None
+
+    @classmethod
+    def from_env(cls, **over: float | None) -> Timeouts:
+        """The defaults, or $KMNIST_TUNE_DB_LOCK_TIMEOUT / $KMNIST_TUNE_DB_STATEMENT_TIMEOUT (seconds)."""
+        found: dict[str, float | None] = {}
+        for var, name in ((ENV_LOCK_TIMEOUT, "lock_s"), (ENV_STATEMENT_TIMEOUT, "statement_s")):
+            text = os.environ.get(var, "").strip()
+            if not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not 0 < value <= 86_400:
+                raise UserError(f"{var}={text!r} is not a number of seconds between 0 and 86400; fix or unset it")
+            found[name] = value
+        return cls(**{**found, **over})
+
+    def options(self) -> str:
+        """libpq's `options`: the bounds set as the session starts, in milliseconds."""
+        settings = {
+            "lock_timeout": self.lock_s,
+            "statement_timeout": self.statement_s,
+            "idle_in_transaction_session_timeout": self.idle_in_transaction_s,
+        }
+        return " ".join(f"-c {k}={round(v * 1000)}" for k, v in settings.items() if v is not None)
+
+
+# PgBouncer (1.18) refuses a startup packet with `options` unless its ignore_startup_parameters lists it
+# (ours does: storage/pgbouncer/pool.ini); then it drops it, and the database's own defaults hold, which
+# storage/initdb sets to the same bounds. Refused: connect again without it, once per server address.
+_NO_OPTIONS: set[tuple[str, str]] = set()
+
+
+def _connect_with_fallback(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    where = (str(cparams.get("host")), str(cparams.get("port")))
+    if "options" not in cparams or dialect.name != "postgresql":
+        return None  # SQLAlchemy connects as usual
+    if where in _NO_OPTIONS:
+        return dialect.connect(*cargs, **{k: v for k, v in cparams.items() if k != "options"})
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except Exception as e:
+        if "unsupported startup parameter" not in str(e):
+            raise
+        _NO_OPTIONS.add(where)
+        return dialect.connect(*cargs, **{k: v for k, v in cparams.items() if k != "options"})
+
+
+# On every engine of this process (Optuna's RDBStorage makes and connects its own in its constructor).
+sqlalchemy.event.listen(sqlalchemy.Engine, "do_connect", _connect_with_fallback)
+
+
+def engine_kwargs(url: str, timeouts: Timeouts | None = None) -> dict[str, Any]:
     if is_sqlite(url):
         # Several local processes share one file: wait for the write lock instead of failing at once.
         return {"connect_args": {"timeout": 60}}
+    timeouts = timeouts or Timeouts.from_env()
     # At most 2 per process: the main thread's and one for the heartbeat thread or a held lock.
     # Both stay pooled (an overflow connection would be re-opened, with its TCP and auth
     # round-trips, on every claim).
@@ -148,17 +225,24 @@ def engine_kwargs(url: str) -> dict[str, Any]:
             # No server-side prepared statements: through PgBouncer's transaction pooling (1.18 in
             # Debian 12 cannot carry them) the next statement may reach a server that lacks them.
             "prepare_threshold": None,
+            "options": timeouts.options(),
         },
     }
 
 
 def open_storage(
-    url: str, *, storage_cls: type[RDBStorage] = RDBStorage, tables_checked: bool = False, **rdb_kwargs: Any
+    url: str,
+    *,
+    storage_cls: type[RDBStorage] = RDBStorage,
+    tables_checked: bool = False,
+    timeouts: Timeouts | None = None,
+    **rdb_kwargs: Any,
 ) -> BaseStorage:
     """Open an existing study database (or the storage proxy); failures become one-line UserErrors.
     Nothing is created: a database without Optuna's tables is refused (service/schema.py creates them).
 
-    `tables_checked`: the caller has just looked (schema.py, which made them if missing).
+    `tables_checked`: the caller has just looked (schema.py, which made them if missing). `timeouts`:
+    the session's bounds on PostgreSQL (Timeouts.from_env() when None).
     Returns an RDBStorage (or `storage_cls`), or for grpc:// a GrpcStorageProxy."""
     quiet_optuna()
     if is_grpc(url):
@@ -170,7 +254,8 @@ def open_storage(
         # one again, a reflection query per table, for every worker that starts.
         rdb_kwargs.setdefault("skip_table_creation", True)
         check = not rdb_kwargs.pop("skip_compatibility_check", False)
-        storage = storage_cls(url, engine_kwargs=engine_kwargs(url), skip_compatibility_check=True, **rdb_kwargs)
+        kwargs = engine_kwargs(url, timeouts)
+        storage = storage_cls(url, engine_kwargs=kwargs, skip_compatibility_check=True, **rdb_kwargs)
         if check:
             require_current_schema(storage)
         return storage
@@ -236,10 +321,11 @@ def require_schema(url: str) -> None:
 
 
 @contextmanager
-def short_engine(url: str) -> Iterator[sqlalchemy.Engine]:
+def short_engine(url: str, timeouts: Timeouts | None = None) -> Iterator[sqlalchemy.Engine]:
     """An engine whose one connection closes on return (NullPool): the bound on a process's
     connections holds while it checks, locks or looks something up before its storage is open."""
-    engine = sqlalchemy.create_engine(url, connect_args=engine_kwargs(url)["connect_args"], poolclass=sqlalchemy.pool.NullPool)
+    connect_args = engine_kwargs(url, timeouts)["connect_args"]
+    engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     try:
         yield engine
     finally:
