@@ -1364,3 +1364,46 @@ def test_every_session_bounds_its_waits_directly_and_through_the_database_defaul
         assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"  # type: ignore[index]
     bad = cli_here("study", "list", "--storage", shared.worker_url, env=cli_env(KMNIST_TUNE_DB_LOCK_TIMEOUT="soon"), check=False)
     assert "KMNIST_TUNE_DB_LOCK_TIMEOUT='soon' is not a number of seconds" in error_line(bad)
+
+
+# -- issue 34: claim tickets dated in the future ------------------------------------------------------
+
+
+def test_claim_tickets_from_the_future_are_ignored_and_pruned(shared: Shared, tmp_path: Path) -> None:
+    """Tickets dated a century ahead, for this study and for the next study ids to come, would count
+    against every budget forever (workers wait with 0 trials): they count for nothing, and go."""
+    shared.create(tmp_path, "future", budget={"n_trials": 1})
+    sid = shared.storage().get_study_id_from_name("future")
+    for study_id in range(sid, sid + 20):
+        shared.sql("INSERT INTO kmnist_tune_claims (study_id, claimed_at) VALUES (%s, now() + interval '100 years')", (study_id,))
+    proc = run_cli("worker", "--study", "future", "--storage", shared.worker_url, "--gpus", "none", timeout=180)
+    assert "worker ran 1 trial(s)" in proc.stdout, proc.stdout + proc.stderr
+    left = shared.sql("SELECT count(*) FROM kmnist_tune_claims WHERE claimed_at > now()")[0][0]
+    assert left == 19  # the claim dropped this study's; the others wait for the prune
+    out = cli_here("schema", "--prune", "--storage", shared.worker_url).stdout
+    assert "and 19 claim ticket(s) no worker holds" in out, out
+    assert shared.sql("SELECT count(*) FROM kmnist_tune_claims")[0][0] == 0
+
+
+# -- issue 34: a download's cap caps its memory --------------------------------------------------------
+
+
+def test_a_huge_artifact_row_is_read_in_pieces_and_refused_at_the_cap(shared: Shared, tmp_path: Path) -> None:
+    """One 32 MiB row planted for an artifact that may be 1 MiB: refused once 1 MiB has arrived, with
+    a few MiB held at most (the row was read whole before its bytes were counted)."""
+    from kmnist_tune.service.artifacts import BadDownload, download_checked
+
+    artifact_id = str(uuid.uuid4())
+    shared.sql(f"INSERT INTO {TABLE} (artifact_id, chunk, data) VALUES (%s, 0, convert_to(repeat('x', 32 << 20), 'UTF8'))", (artifact_id,))
+    store = artifact_store(open_storage(shared.worker_url))
+    target = tmp_path / "download.bin"
+    raised, peak = peak_of(lambda: download_checked(store, artifact_id, target, "0" * 64, 1 << 20))
+    assert isinstance(raised, BadDownload) and "larger than 1 MiB" in str(raised)
+    assert peak < 6 << 20, f"{peak:,} bytes held"
+    assert not target.exists()
+    # What we write still reads back whole: rows of exactly CHUNK bytes, and a last short one.
+    data = secrets.token_bytes((2 << 20) + 123)
+    store.write(artifact_id, io.BytesIO(data))
+    download_checked(store, artifact_id, target, sha(data), 8 << 20)
+    assert target.read_bytes() == data
+    store.remove(artifact_id)

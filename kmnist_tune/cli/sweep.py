@@ -307,16 +307,21 @@ def schema(
     storage: StorageOpt = None,
     prune: Annotated[
         bool,
-        typer.Option("--prune", help="instead: remove the artifact table's rows that no study owns (PostgreSQL)"),
+        typer.Option(
+            "--prune", help="instead: remove the artifact rows no study owns and the claim tickets no worker holds (PostgreSQL)"
+        ),
     ] = False,
 ) -> None:
     """Create the storage's tables (Optuna's and the artifact table), or migrate them after an Optuna
     upgrade. Run it once as the database owner (compose's `schema` service does)."""
     if prune:
         from ..service.artifacts import prune_artifacts
+        from ..service.claims import prune_tickets
         from ..service.storage import open_storage
 
-        out(f"pruned {prune_artifacts(open_storage(storage_url(storage)))} artifact(s) that no study owns")
+        opened = open_storage(storage_url(storage))
+        artifacts = prune_artifacts(opened)  # refuses a SQLite storage in one line, before anything else
+        out(f"pruned {artifacts} artifact(s) that no study owns and {prune_tickets(opened)} claim ticket(s) no worker holds")
         return
     from ..service.schema import init_schema
 

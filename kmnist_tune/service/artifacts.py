@@ -245,31 +245,39 @@ def _lock_owner(conn: Any, name: ArtifactName) -> None:
 
 
 class _ChunkReader(io.RawIOBase):
-    """Reads an artifact's rows one at a time, in order."""
+    """Reads an artifact's rows in order, at most CHUNK bytes per query. We write rows of CHUNK bytes,
+    but anyone sharing the database can write one of any size, and a row fetched whole would be held
+    whole in memory before a download's size cap could count it."""
 
     def __init__(self, engine: sqlalchemy.Engine, artifact_id: str, chunks: int, retry: Callable[[Callable[[], Any]], Any]):
         self.engine, self.artifact_id, self.chunks, self.retry = engine, artifact_id, chunks, retry
-        self.next_chunk, self.buffer = 0, memoryview(b"")
+        self.next_chunk, self.offset, self.buffer = 0, 0, memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
-    def _chunk(self) -> bytes:
+    def _piece(self) -> tuple[bytes, int]:
+        """The next piece of the current row, and the row's length."""
         with self.engine.connect() as conn:
-            return conn.execute(
-                sqlalchemy.select(ARTIFACTS.c.data).where(
-                    ARTIFACTS.c.artifact_id == self.artifact_id, ARTIFACTS.c.chunk == self.next_chunk
-                )
-            ).scalar_one()
+            row = conn.execute(
+                sqlalchemy.select(
+                    sqlalchemy.func.substring(ARTIFACTS.c.data, self.offset + 1, CHUNK),
+                    sqlalchemy.func.octet_length(ARTIFACTS.c.data),
+                ).where(ARTIFACTS.c.artifact_id == self.artifact_id, ARTIFACTS.c.chunk == self.next_chunk)
+            ).one()
+        return bytes(row[0]), int(row[1])
 
     def readinto(self, b: Any) -> int:
-        if not self.buffer:
+        while not self.buffer:
             if self.next_chunk >= self.chunks:
                 return 0
-            # A pooled connection per chunk, handed back at once: no transaction stays open (and holds
-            # one of PgBouncer's server connections) while whoever reads the stream works on a chunk.
-            data = self.retry(self._chunk)
-            self.buffer, self.next_chunk = memoryview(bytes(data)), self.next_chunk + 1
+            # A pooled connection per piece, handed back at once: no transaction stays open (and holds
+            # one of PgBouncer's server connections) while whoever reads the stream works on a piece.
+            data, length = self.retry(self._piece)
+            self.offset += len(data)
+            if self.offset >= length or not data:
+                self.next_chunk, self.offset = self.next_chunk + 1, 0
+            self.buffer = memoryview(data)
         n = min(len(b), len(self.buffer))
         b[:n] = self.buffer[:n]
         self.buffer = self.buffer[n:]

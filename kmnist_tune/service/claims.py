@@ -39,6 +39,13 @@ from .tables import CLAIMS_TABLE as TABLE
 TICKET_TTL_S = 120
 # Trial states the budget counts: what finished for good, and what is running now.
 COUNTED = (*FINISHED_STATES, "RUNNING")
+# A live ticket was stamped by this server (claimed_at defaults to now()) within the last TICKET_TTL_S.
+# Anyone sharing the database can insert one dated a century ahead, which would count against the
+# budget forever: one dated after the server's clock (clock_timestamp(), not the transaction's start,
+# which a ticket committed while this claim waited for the lock may follow) is no ticket of ours, and
+# is dropped with the expired ones. The 5 s let the server's clock step back a little (NTP).
+LIVE = "claimed_at >= now() - make_interval(secs => {ttl}) AND claimed_at <= clock_timestamp() + interval '5 seconds'"
+DEAD = "(claimed_at < now() - make_interval(secs => {ttl}) OR claimed_at > clock_timestamp() + interval '5 seconds')"
 
 
 def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
@@ -47,16 +54,17 @@ def _claim_sql(study_id: int, study_name: str, n_trials: int) -> str:
     The lock is a statement of its own so that the count, a later statement, sees every ticket
     committed while this one waited. The expired tickets of workers that died between claim and
     ask are dropped in the same statement as the count (a data-modifying CTE shares its snapshot,
-    so the count also skips them by age). Only integers are formatted in, each through int()."""
+    so the count also skips them by age), and so are tickets dated in the future (LIVE). Only
+    integers are formatted in, each through int()."""
     sid, budget, ttl = int(study_id), int(n_trials), int(TICKET_TTL_S)
     return f"""
     BEGIN;
     SELECT pg_advisory_xact_lock({int(lock_key(f"kmnist-tune/budget/{study_name}"))});
     WITH expired AS (
-        DELETE FROM {TABLE} WHERE study_id = {sid} AND claimed_at < now() - make_interval(secs => {ttl})
+        DELETE FROM {TABLE} WHERE study_id = {sid} AND {DEAD.format(ttl=ttl)}
     ), counted AS (
         SELECT {counted_trials_sql(sid, COUNTED)}
-             + (SELECT count(*) FROM {TABLE} WHERE study_id = {sid} AND claimed_at >= now() - make_interval(secs => {ttl})) AS n
+             + (SELECT count(*) FROM {TABLE} WHERE study_id = {sid} AND {LIVE.format(ttl=ttl)}) AS n
     )
     INSERT INTO {TABLE} (study_id) SELECT {sid} FROM counted WHERE counted.n < {budget}
     RETURNING claim_id;
@@ -102,10 +110,18 @@ def pending_claims(storage: BaseStorage, study_id: int) -> int:
     """Claims granted whose trial Optuna is still making (PostgreSQL; 0 elsewhere)."""
     if backend(storage) != "postgresql":
         return 0
+    query = sqlalchemy.text(f"SELECT count(*) FROM {TABLE} WHERE study_id = :sid AND {LIVE.format(ttl=int(TICKET_TTL_S))}")
+    return int(autocommitted(storage, query, {"sid": study_id})[0][0])
+
+
+def prune_tickets(storage: BaseStorage) -> int:
+    """`kmnist-tune schema --prune`: drop the tickets no claim holds (expired, or dated in the future),
+    of every study and of studies that are gone. Returns how many went."""
     query = sqlalchemy.text(
-        f"SELECT count(*) FROM {TABLE} WHERE study_id = :sid AND claimed_at >= now() - make_interval(secs => :ttl)"
+        f"WITH gone AS (DELETE FROM {TABLE} WHERE {DEAD.format(ttl=int(TICKET_TTL_S))}"
+        f" OR study_id NOT IN (SELECT study_id FROM studies) RETURNING 1) SELECT count(*) FROM gone"
     )
-    return int(autocommitted(storage, query, {"sid": study_id, "ttl": TICKET_TTL_S})[0][0])
+    return int(autocommitted(storage, query, {})[0][0])
 
 
 def make_trial(
