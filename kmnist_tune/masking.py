@@ -3,7 +3,10 @@
 
 Linear in the length of the text: a URL is found by its `://`, its authority scanned once up to
 the first character that ends one, and the password is what lies between the first `:` and the
-last `@` of the authority (an unescaped `@` in a password is masked with the rest of it).
+last `@` of the authority (an unescaped `@` in a password is masked with the rest of it). A password
+may hold spaces or quotes (a URL typed into a shell within quotes), so where the authority as URLs
+end it holds no `@`, the password may run on up to the last `@` before the URL's path or the end of
+its line: text that only looks so (`host:8080 ... me@example.org`) is masked too, never shown.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import re
 
 # What ends a URL's authority: a path, query or fragment, white space, or quoting around the URL.
 _AUTHORITY = re.compile(r"[^/?#\s'\"<>]*")
-# `password=...` in a libpq DSN or a query string: one character class, no backtracking.
-_SECRET_PARAM = re.compile(r"(\bpassword=)[^&\s'\"]+", re.IGNORECASE)
+# How far a password with spaces or quotes in it may run: up to the path, query, fragment or line's end.
+_USERINFO = re.compile(r"[^/?#\n]*")
+# `password=...` in a libpq DSN or a query string, bare or quoted ('it''s' or 'it\'s' as libpq writes
+# quotes inside): alternatives that cannot overlap, so no backtracking.
+_SECRET_PARAM = re.compile(r"""(\bpassword\s*=\s*)('(?:[^'\\]|\\.|'')*'?|"(?:[^"\\]|\\.)*"?|[^&\s'"]+)""", re.IGNORECASE)
 
 
 def mask(text: str) -> str:
@@ -26,6 +32,10 @@ def mask(text: str) -> str:
         host = i + 3
         end = _AUTHORITY.match(text, host).end()  # type: ignore[union-attr]
         at = text.rfind("@", host, end)
+        if at == -1 and text.find(":", host, end) != -1:  # `user:pass word@host`: a password with spaces
+            wide = _USERINFO.match(text, host).end()  # type: ignore[union-attr]
+            at = text.rfind("@", host, wide)
+            end = max(end, at + 1)
         colon = text.find(":", host, at) if at != -1 else -1
         if colon != -1:
             out.append(text[start : colon + 1])

@@ -1394,7 +1394,8 @@ def test_a_huge_artifact_row_is_read_in_pieces_and_refused_at_the_cap(shared: Sh
     from kmnist_tune.service.artifacts import BadDownload, download_checked
 
     artifact_id = str(uuid.uuid4())
-    shared.sql(f"INSERT INTO {TABLE} (artifact_id, chunk, data) VALUES (%s, 0, convert_to(repeat('x', 32 << 20), 'UTF8'))", (artifact_id,))
+    planted = f"INSERT INTO {TABLE} (artifact_id, chunk, data) VALUES (%s, 0, convert_to(repeat('x', 32 << 20), 'UTF8'))"
+    shared.sql(planted, (artifact_id,))
     store = artifact_store(open_storage(shared.worker_url))
     target = tmp_path / "download.bin"
     raised, peak = peak_of(lambda: download_checked(store, artifact_id, target, "0" * 64, 1 << 20))

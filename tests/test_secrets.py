@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from urllib.parse import quote
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,16 @@ from conftest import cli_env, cli_here, error_line, run_cli, tiny_spec, write_sp
 from kmnist_tune.masking import mask
 
 PASSWORD = "Hunter2-s3cr3t"  # trust authentication here: PostgreSQL ignores it, so the URL still works
+# Typed into a shell within quotes, a password may hold spaces (masked up to the URL's last @).
+SPACED = "Hunter2 s3cr3t"
 
 
-def everything_written(root: Path) -> list[Path]:
-    """Files under root that hold the password (any encoding W&B or SQLite might use: plain bytes)."""
+def everything_written(root: Path, password: str = PASSWORD) -> list[Path]:
+    """Files under root that hold the password (as typed, or %-encoded as a URL renders it)."""
+    forms = {password.encode(), quote(password).encode(), password.replace(" ", "+").encode()}
     hits = []
     for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink() and PASSWORD.encode() in path.read_bytes():
+        if path.is_file() and not path.is_symlink() and any(form in path.read_bytes() for form in forms):
             hits.append(path)
     return hits
 
@@ -27,7 +31,8 @@ def everything_written(root: Path) -> list[Path]:
 @pytest.mark.postgres
 @pytest.mark.parametrize("how", ["command line", "environment"])
 def test_a_storage_password_reaches_no_file_record_or_line(how: str, tmp_path: Path, pg_url: str) -> None:
-    url = pg_url.replace("://postgres@", f"://postgres:{PASSWORD}@")
+    password = SPACED if how == "command line" else PASSWORD
+    url = pg_url.replace("://postgres@", f"://postgres:{password}@")
     home = tmp_path / "home"
     home.mkdir()
     # W&B offline, with its own files, caches and settings under tmp_path (HOME, TMPDIR) to be searched.
@@ -57,17 +62,17 @@ def test_a_storage_password_reaches_no_file_record_or_line(how: str, tmp_path: P
         proc = cli_here(*args, cwd=tmp_path, env=env)
         printed.append(proc.stdout + proc.stderr)
     assert "secret" in printed[2] and (tmp_path / "report").is_dir() and (tmp_path / "lr.png").is_file()  # they ran
-    assert PASSWORD not in "".join(printed)
+    assert not any(form in "".join(printed) for form in (password, password.split()[-1], quote(password)))
     assert "***" in printed[0]  # the URL was shown, masked
     runs = list((tmp_path / "wb").rglob("*.wandb"))
     assert runs, "W&B wrote no offline run"
-    assert everything_written(tmp_path) == []
+    assert everything_written(tmp_path, password) == []
     # Nor anything stored in the database: spec, attributes, notes, the artifact table.
     dump = subprocess.run(
         ["pg_dump", "--data-only", pg_url.replace("postgresql+psycopg", "postgresql")], capture_output=True, timeout=120
     )
     assert dump.returncode == 0 and b"secret" in dump.stdout  # the study is there...
-    assert PASSWORD.encode() not in dump.stdout  # ...without the password
+    assert password.encode() not in dump.stdout and quote(password).encode() not in dump.stdout  # ...without the password
 
 
 def test_the_attach_hint_keeps_the_password_out_of_the_command_line(tmp_path: Path) -> None:
@@ -92,6 +97,15 @@ def test_grpc_urls_with_credentials_are_refused_without_showing_them() -> None:
         ("grpc://u:pw@host:13000", "grpc://u:***@host:13000"),
         ("no secret here: http://host/path?x=1", "no secret here: http://host/path?x=1"),
         ("dsn host=h password=pw user=u", "dsn host=h password=*** user=u"),
+        # A password with spaces or quotes (typed within quotes), and libpq's quoted values.
+        ("storage 'postgresql://u:pa ss@h/db' is down", "storage 'postgresql://u:***@h/db' is down"),
+        ("postgresql://u:it's \"x\" y@h:5432/d", "postgresql://u:***@h:5432/d"),
+        ("dsn host=h password='pa ss' user=u", "dsn host=h password=*** user=u"),
+        ("dsn password = 'it''s' user=u", "dsn password = *** user=u"),
+        ('dsn password="a \\" b" user=u', "dsn password=*** user=u"),
+        # What only looks like a spaced password is masked too: never shown, at worst over-masked.
+        ("grpc://host:13000 ask root@example.org", "grpc://host:***@example.org"),
+        ("on http://127.0.0.1:8080/dashboard, by root@host", "on http://127.0.0.1:8080/dashboard, by root@host"),
     ],
 )
 def test_mask_cases(text: str, expected: str) -> None:
