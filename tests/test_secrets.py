@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-from urllib.parse import quote
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from conftest import cli_env, cli_here, error_line, run_cli, tiny_spec, write_spec
@@ -99,7 +99,7 @@ def test_grpc_urls_with_credentials_are_refused_without_showing_them() -> None:
         ("dsn host=h password=pw user=u", "dsn host=h password=*** user=u"),
         # A password with spaces or quotes (typed within quotes), and libpq's quoted values.
         ("storage 'postgresql://u:pa ss@h/db' is down", "storage 'postgresql://u:***@h/db' is down"),
-        ("postgresql://u:it's \"x\" y@h:5432/d", "postgresql://u:***@h:5432/d"),
+        ('postgresql://u:it\'s "x" y@h:5432/d', "postgresql://u:***@h:5432/d"),
         ("dsn host=h password='pa ss' user=u", "dsn host=h password=*** user=u"),
         ("dsn password = 'it''s' user=u", "dsn password = *** user=u"),
         ('dsn password="a \\" b" user=u', "dsn password=*** user=u"),
