@@ -1150,6 +1150,18 @@ def keyed(**extra: str) -> dict[str, str]:
     return cli_env(KMNIST_TUNE_SIGNING_KEY=KEY, **extra)
 
 
+def new_study(shared: Shared, spec: dict[str, Any]) -> optuna.Study:
+    """A study as `study create` stores it (its direction and spec), made with Optuna's API: `study
+    create` reads every study's attributes first, and a test above leaves one (abyss) that no decoder reads."""
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.contract.spec import spec_to_dict
+
+    parsed = parse_spec(spec)
+    study = optuna.create_study(study_name=parsed.name, storage=shared.storage(), direction=parsed.direction)
+    study.set_user_attr(SPEC_ATTR, spec_to_dict(parsed))
+    return study
+
+
 def restore(shared: Shared, url: str, name: str, as_name: str, artifact_ids: list[str]) -> optuna.Study:
     """Study `name` of the storage at `url` copied into the shared database as `as_name` (same name: a
     study restored into another database), with the artifacts named."""
@@ -1179,7 +1191,7 @@ def test_with_a_signing_key_a_kept_model_moved_to_another_study_is_refused(
     name, url = restored.study_name, shared.worker_url
     cli_here("export", "--study", name, str(tmp_path / "restored"), "--storage", url, env=keyed())  # its own: fetched
     assert json.loads((tmp_path / "restored" / "model.json").read_text())["source"]["study"] == name
-    thief = shared.create(tmp_path, "thief")
+    thief = new_study(shared, tiny_spec("thief"))
     thief.set_user_attr(MODEL_ATTR, restored.user_attrs[MODEL_ATTR])  # its artifacts are in the same table
     moved = tmp_path / "moved"
     line = error_line(cli_here("export", "--study", "thief", str(moved), "--storage", url, env=keyed(), check=False))
@@ -1208,7 +1220,7 @@ def test_with_a_signing_key_an_edited_or_moved_evaluation_is_withheld(shared: Sh
         shown = json.loads(cli_here("best", "--study", name, "--json", "--storage", url, env=keyed()).stdout)
         assert shown["test_evaluation"] is None and shown["ensemble_evaluation"] is None and shown["best"] == signed["best"]
         # Copied, unchanged, to another study: not signed for that one.
-        moved = shared.create(Path(tempfile.mkdtemp()), "scored-elsewhere")
+        moved = new_study(shared, tiny_spec("scored-elsewhere"))
         moved.set_user_attr(TEST_ATTR, scores[TEST_ATTR])
         proc = cli_here("study", "show", "scored-elsewhere", "--storage", url, env=keyed())
         assert "test evaluation stored on study 'scored-elsewhere' is unsigned" in proc.stderr
@@ -1261,7 +1273,7 @@ def test_with_a_signing_key_a_checkpoint_moved_to_another_study_is_refused(
     shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
-    home, away = shared.create(tmp_path, "ckpt-home"), shared.create(tmp_path, "ckpt-away")
+    home, _ = new_study(shared, tiny_spec("ckpt-home")), new_study(shared, tiny_spec("ckpt-away"))
     trial = home.ask()
     _checkpoint(home, trial, {**CONFIG, "lr": 0.005})
     failed = home.tell(trial, state=TrialState.FAIL)
@@ -1287,7 +1299,7 @@ def test_with_a_signing_key_a_checkpoint_goes_to_no_other_trial(
     """Trial 1's retry, its retry bookkeeping rewritten (trial system attributes, which the worker
     role can UPDATE) to name trial 0, whose checkpoint trained other parameters: not resumed."""
     monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
-    study = shared.create(tmp_path, "ckpt-swap")
+    study = new_study(shared, tiny_spec("ckpt-swap"))
     first, second = study.ask(), study.ask()
     _checkpoint(study, first, {**CONFIG, "lr": 0.002})
     study.tell(first, state=TrialState.FAIL)
@@ -1321,9 +1333,7 @@ def test_with_a_signing_key_an_lr_prior_moved_or_edited_is_refused(
     assert "search" in cli_here("lr-find", "--study", name, "--stored", "--storage", url, env=keyed()).stdout
     prior = prior_copy.user_attrs[PRIOR_ATTR]
     # Copied, curve entry and all, to a study of the same spec: not signed for that one.
-    spec = write_spec(tmp_path / "p.yaml", lr_prior_spec("prior-thief", 2))
-    cli_here("study", "create", str(spec), "--storage", url)
-    optuna.load_study(study_name="prior-thief", storage=shared.storage()).set_user_attr(PRIOR_ATTR, prior)
+    new_study(shared, lr_prior_spec("prior-thief", 2)).set_user_attr(PRIOR_ATTR, prior)
     line = error_line(cli_here("lr-find", "--study", "prior-thief", "--stored", "--storage", url, env=keyed(), check=False))
     assert "LR-finder prior of study 'prior-thief' is unsigned or not signed" in line
     # Its range edited where it was made: `lr-find --stored` and a worker refuse it in one line (two
@@ -1359,7 +1369,7 @@ def test_with_a_signing_key_a_worker_runs_the_finder_again_over_an_unsigned_prio
 
     monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
     spec = lr_prior_spec("prior-fresh", 2)
-    cli_here("study", "create", str(write_spec(tmp_path / "p.yaml", spec)), "--storage", shared.worker_url)
+    new_study(shared, spec)
     storage = shared.storage()
     study = optuna.load_study(study_name="prior-fresh", storage=storage)
     copied = {**prior_copy.user_attrs[PRIOR_ATTR], "low": 1.0, "high": 10.0}  # from another study, its range edited
@@ -1459,7 +1469,8 @@ def test_a_card_of_32_resnet50s_beside_a_resnet18s_weights_is_refused_before_any
         )
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test process's
         proc.returncode = os.waitstatus_to_exitcode(status)
-    peak_mib = usage.ru_maxrss / 1024  # Linux: kB
-    assert peak_mib < 1500, f"predict peaked at {peak_mib:.0f} MiB before refusing"
+    # Linux: kB. Importing torch and fastai takes 1.1-1.6 GiB here; 32 resnet50s 3.3 GB more (4.2 GiB in all).
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 2560, f"predict peaked at {peak_mib:.0f} MiB before refusing"
     line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text()))
     assert "weights.safetensors does not hold the weights of its card's network" in line and "32 resnet50 members" in line
