@@ -1420,6 +1420,22 @@ def test_with_a_signing_key_predict_refuses_a_swapped_or_an_extra_file(tmp_path:
     assert not marker.exists()
 
 
+def test_with_a_signing_key_a_version_1_signature_is_refused_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card signed before signatures named their study (version 1: HMAC over the domain, the kind and
+    the card, joined by NULs) is refused in one line that says so; the user exports it again."""
+    import hmac
+
+    from kmnist_tune.training.inference import _canonical
+
+    folder = _signed_model_dir(tmp_path / "old", tmp_path / "pwned", monkeypatch)
+    card = json.loads((folder / "model.json").read_text())
+    message = "\0".join(("kmnist-tune-signature-v1", "model-card", _canonical(card))).encode()
+    card["signature"] = hmac.new(KEY.encode(), message, hashlib.sha256).hexdigest()
+    (folder / "model.json").write_text(json.dumps(card))
+    line = error_line(cli_here("predict", str(folder), str(FIXTURE / "kmnist-test-imgs.npz"), env=keyed(), check=False))
+    assert "unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY" in line and "before signatures named their study" in line
+
+
 def test_predict_writes_csv_cells_a_spreadsheet_reads_as_text(tmp_path: Path) -> None:
     """Class names (a model directory's) and input names (whoever named the files) that start like a
     formula get a leading single quote in a CSV (OWASP's CSV-injection advice); JSON keeps them as they are."""

@@ -510,7 +510,8 @@ def csv_cell(value: Any) -> Any:
 
 
 def write_predictions(predictions: list[Prediction], path: Path) -> None:
-    """`--out`: a CSV (one row per input and rank) or a JSON list, chosen by the suffix."""
+    """`--out`: a CSV (one row per input and rank; cells that would start a formula quoted: csv_cell) or
+    a JSON list, chosen by the suffix."""
     rows = [
         {"input": p.name, "rank": rank, "index": i, "char": c, "probability": round(prob, 6)}
         for p in predictions
