@@ -3,15 +3,18 @@
 - `lr_prior_study` (test_lr_prior.py, test_artifacts.py): a PostgreSQL study whose spec searches the
   LR with the LR finder's prior; three worker processes started together from one working directory
   ("host A") work its two trials, so one of them runs the finder and uploads its plot into the
-  database, and the other two read the prior back. Tests only read it; one that changes it works on
+  database, and the other two read the prior back. The workers hold `SIGNING_KEY`: what they store
+  is signed (test_attacks.py moves and edits copies of it). Tests only read it; one that changes it works on
   a copy (`conftest.copy_database`, after every client of it has closed).
 - `evaluated_study` (test_export.py, test_sweep.py): `run` of a
   two-trial tiny spec in a folder with no storage given (the SQLite default there), `run` again (it
   resumes, nothing runs), `best --evaluate --export` (the winner retrained on the whole official
-  train split, scored on the test split, exported and kept on the study), then `best`. A test that
-  changes the study works on a copy (`conftest.sqlite_copy`).
+  train split, scored on the test split, exported and kept on the study), then `best`, each with
+  `SIGNING_KEY` (test_attacks.py moves and edits copies of what it signs). A test that changes the
+  study works on a copy (`conftest.sqlite_copy`).
 - `ensembled_study` (test_ensemble.py, test_export.py): a copy of `evaluated_study`, then
-  `best --evaluate --ensemble 2 --tta --export` on it (the two trials retrained on 480 images, averaged).
+  `best --evaluate --ensemble 2 --tta --export` on it (the two trials retrained on 480 images, averaged),
+  with `SIGNING_KEY`.
 - `splits` (test_halving.py, test_loader.py, test_perf_gpu.py): all of the fixture's images, split
   as `tiny_spec` splits them, loaded once; `small_splits` (test_training_knobs.py, test_halving.py):
   320 of its training images, for tests that check what fastai trains with, not how well.
@@ -32,9 +35,12 @@ import pytest
 
 # The LR finder's steps in tests: a curve with a minimum on the fixture's images, in a third of fastai's 100.
 FINDER_STEPS = 30
+# The KMNIST_TUNE_SIGNING_KEY the trained setups are signed with (without it, loading checks nothing).
+SIGNING_KEY = "k" * 32
 
 __all__ = [
     "FINDER_STEPS",
+    "SIGNING_KEY",
     "EnsembledStudy",
     "EvaluatedStudy",
     "LrPriorStudy",
@@ -75,7 +81,8 @@ def lr_prior_study(pg_schema_template: str, tmp_path_factory: pytest.TempPathFac
     with conftest.copy_database(pg_schema_template) as url:
         spec = conftest.write_spec(tmp / "p.yaml", lr_prior_spec("prior-pg", 2))
         conftest.cli_here("study", "create", str(spec), "--storage", url)
-        workers = [conftest.spawn_cli("worker", "--study", "prior-pg", "--storage", url, cwd=host) for _ in range(3)]
+        keyed = conftest.cli_env(KMNIST_TUNE_SIGNING_KEY=SIGNING_KEY)
+        workers = [conftest.spawn_cli("worker", "--study", "prior-pg", "--storage", url, cwd=host, env=keyed) for _ in range(3)]
         errs = []
         try:
             for w in workers:
@@ -132,12 +139,13 @@ def evaluated_study(tmp_path_factory: pytest.TempPathFactory) -> EvaluatedStudy:
     home = tmp_path_factory.mktemp("evaluated")
     name = "tiny-sqlite"
     spec = conftest.write_spec(home / "tiny.yaml", conftest.tiny_spec(name, data=conftest.WHOLE_FIXTURE))  # its trials learn
-    # No --storage and no env: the SQLite file in the working directory is the default.
-    first = conftest.run_cli("run", str(spec), cwd=home)
-    again = conftest.cli_here("run", str(spec), cwd=home)  # resumes, nothing runs: the process is not what is tested
+    keyed = conftest.cli_env(KMNIST_TUNE_SIGNING_KEY=SIGNING_KEY)
+    # No --storage and no storage in the env: the SQLite file in the working directory is the default.
+    first = conftest.run_cli("run", str(spec), cwd=home, env=keyed)
+    again = conftest.cli_here("run", str(spec), cwd=home, env=keyed)  # resumes, nothing runs: the process is not what is tested
     model = home / "winner"
-    evaluated = conftest.run_cli("best", "--study", name, "--evaluate", "--export", str(model), "--json", cwd=home)
-    shown = conftest.cli_here("best", "--study", name, cwd=home).stdout  # reads only: in this process
+    evaluated = conftest.run_cli("best", "--study", name, "--evaluate", "--export", str(model), "--json", cwd=home, env=keyed)
+    shown = conftest.cli_here("best", "--study", name, cwd=home, env=keyed).stdout  # reads only: in this process
     url = f"sqlite:///{home / 'kmnist-tune.db'}"
     return EvaluatedStudy(home, url, name, model, first, again, json.loads(evaluated.stdout), shown)
 
@@ -160,5 +168,6 @@ def ensembled_study(evaluated_study: EvaluatedStudy, tmp_path_factory: pytest.Te
     args = ("best", "--study", evaluated_study.name, "--storage", url, "--evaluate", "--ensemble", "2", "--tta")
     # 480 of the fixture's training images: what is checked is that the scores are kept, printed and
     # reproduced, not how good they are.
-    printed = conftest.cli_here(*args, "--train-size", "480", "--export", str(folder), "--json").stdout
+    keyed = conftest.cli_env(KMNIST_TUNE_SIGNING_KEY=SIGNING_KEY)
+    printed = conftest.cli_here(*args, "--train-size", "480", "--export", str(folder), "--json", env=keyed).stdout
     return EnsembledStudy(url, evaluated_study.name, folder, json.loads(printed))

@@ -7,6 +7,7 @@ the project's own folders, no code runs, no worker stops, and each command ends 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import http.client
@@ -19,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -50,11 +52,20 @@ from conftest import (
 )
 from helpers import free_port, wait_until
 from numpy.lib import format as npy
-from optuna.trial import TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from PIL import Image
+from shared_trained import EnsembledStudy, EvaluatedStudy, LrPriorStudy, lr_prior_spec
 from sqlalchemy.engine import make_url
 
-from kmnist_tune.contract.records import MODEL_ATTR, SPEC_ATTR, STOP_ATTR, TrialRecord
+from kmnist_tune.contract.records import (
+    ENSEMBLE_ATTR,
+    MODEL_ATTR,
+    PRIOR_ATTR,
+    SPEC_ATTR,
+    STOP_ATTR,
+    TEST_ATTR,
+    TrialRecord,
+)
 from kmnist_tune.errors import UserError
 from kmnist_tune.masking import mask
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
@@ -299,8 +310,16 @@ def test_a_checkpoint_that_fails_its_check_is_deleted(shared: Shared, tmp_path: 
 
 
 def test_with_a_signing_key_an_unsigned_kept_model_is_refused(shared: Shared, tmp_path: Path) -> None:
+    from kmnist_tune.signing import Signer
+    from kmnist_tune.training.inference import _canonical
+
     study = shared.create(tmp_path, "unsigned")
-    good = {"weights.safetensors": b"w", "classes.csv": b"c", "model.json": b"{}"}
+    folder = crafted_model_dir(tmp_path / "kept", tmp_path / "pwned", classes=[str(i) for i in range(10)])
+    card = json.loads((folder / "model.json").read_text())
+    card["source"] = {"study": "unsigned", "trial": 0}
+    card["signature"] = Signer(KEY).sign("model-card", _canonical(card))
+    (folder / "model.json").write_text(json.dumps(card))
+    good = {p.name: p.read_bytes() for p in folder.iterdir()}
     ids = {name: str(uuid.uuid4()) for name in good}
     for name, data in good.items():
         shared.plant(ids[name], data)
@@ -310,18 +329,12 @@ def test_with_a_signing_key_an_unsigned_kept_model_is_refused(shared: Shared, tm
     args = ("export", "--study", "unsigned", str(tmp_path / "u"), "--storage", shared.worker_url)
     assert "unsigned or not signed" in error_line(cli_here(*args, env=env, check=False))
     # Signed with another key: refused too.
-    from kmnist_tune.signing import Signer
-
-    other = Signer("o" * 32)
-    record["signatures"] = {n: other.sign("model-file", n, ids[n], sha(d)) for n, d in good.items()}
-    study.set_user_attr(MODEL_ATTR, record)
+    study.set_user_attr(MODEL_ATTR, {**record, "signature": Signer("o" * 32).sign_record(MODEL_ATTR, "unsigned", record)})
     assert "unsigned or not signed" in error_line(cli_here(*args, env=env, check=False))
-    # Signed with the team's key: fetched. Without the key, today's behaviour (the checksum alone).
-    mine = Signer(KEY)
-    record["signatures"] = {n: mine.sign("model-file", n, ids[n], sha(d)) for n, d in good.items()}
-    study.set_user_attr(MODEL_ATTR, record)
+    # Signed with the team's key: fetched. Without the key, today's behaviour (the checksums alone).
+    study.set_user_attr(MODEL_ATTR, {**record, "signature": Signer(KEY).sign_record(MODEL_ATTR, "unsigned", record)})
     cli_here(*args, env=env)
-    assert (tmp_path / "u" / "classes.csv").read_bytes() == b"c"
+    assert (tmp_path / "u" / "classes.csv").read_bytes() == good["classes.csv"]
     cli_here("export", "--study", "unsigned", str(tmp_path / "plain"), "--storage", shared.worker_url)
 
 
@@ -1408,3 +1421,354 @@ def test_a_huge_artifact_row_is_read_in_pieces_and_refused_at_the_cap(shared: Sh
     download_checked(store, artifact_id, target, sha(data), 8 << 20)
     assert target.read_bytes() == data
     store.remove(artifact_id)
+
+
+# -- issue 34: signatures bound to their study ---------------------------------------------------------
+# The trained setups of shared_trained.py are signed with KEY; each attack moves or edits a copy of
+# what they signed in the shared PostgreSQL database, as the worker role.
+
+
+def keyed(**extra: str) -> dict[str, str]:
+    return cli_env(KMNIST_TUNE_SIGNING_KEY=KEY, **extra)
+
+
+def new_study(shared: Shared, spec: dict[str, Any]) -> optuna.Study:
+    """A study as `study create` stores it (its direction and spec), made with Optuna's API: `study
+    create` reads every study's attributes first, and a test above leaves one (abyss) that no decoder reads."""
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.contract.spec import spec_to_dict
+
+    parsed = parse_spec(spec)
+    study = optuna.create_study(study_name=parsed.name, storage=shared.storage(), direction=parsed.direction)
+    study.set_user_attr(SPEC_ATTR, spec_to_dict(parsed))
+    return study
+
+
+def restore(shared: Shared, url: str, name: str, as_name: str, artifact_ids: list[str]) -> optuna.Study:
+    """Study `name` of the storage at `url` copied into the shared database as `as_name` (same name: a
+    study restored into another database), with the artifacts named."""
+    optuna.copy_study(from_study_name=name, from_storage=url, to_storage=shared.storage(), to_study_name=as_name)
+    src, dst = artifact_store(open_storage(url)), artifact_store(shared.storage())
+    for artifact_id in artifact_ids:
+        with src.open_reader(artifact_id) as fh:
+            dst.write(artifact_id, io.BytesIO(fh.read()))
+    return optuna.load_study(study_name=as_name, storage=shared.storage())
+
+
+@pytest.fixture(scope="module")
+def restored(shared: Shared, evaluated_study: EvaluatedStudy, ensembled_study: EnsembledStudy) -> optuna.Study:
+    """The evaluated study (its test evaluation and kept model signed with KEY) restored into the shared
+    database under its own name, with the ensemble evaluation that its copy signed for the same name."""
+    s = evaluated_study
+    kept = optuna.load_study(study_name=s.name, storage=s.url).user_attrs[MODEL_ATTR]
+    study = restore(shared, s.url, s.name, s.name, list(kept["artifacts"].values()))
+    ensembled = optuna.load_study(study_name=ensembled_study.name, storage=ensembled_study.url)
+    study.set_user_attr(ENSEMBLE_ATTR, ensembled.user_attrs[ENSEMBLE_ATTR])
+    return study
+
+
+def test_with_a_signing_key_a_kept_model_moved_to_another_study_is_refused(
+    shared: Shared, restored: optuna.Study, tmp_path: Path
+) -> None:
+    name, url = restored.study_name, shared.worker_url
+    cli_here("export", "--study", name, str(tmp_path / "restored"), "--storage", url, env=keyed())  # its own: fetched
+    assert json.loads((tmp_path / "restored" / "model.json").read_text())["source"]["study"] == name
+    thief = new_study(shared, tiny_spec("thief"))
+    thief.set_user_attr(MODEL_ATTR, restored.user_attrs[MODEL_ATTR])  # its artifacts are in the same table
+    moved = tmp_path / "moved"
+    line = error_line(cli_here("export", "--study", "thief", str(moved), "--storage", url, env=keyed(), check=False))
+    assert "kept on study 'thief' is unsigned or not signed for it" in line and "signed for another study" in line, line
+    # Without the key the card still names its study: refused too, and nothing written either way.
+    line = error_line(cli_here("export", "--study", "thief", str(moved), "--storage", url, check=False))
+    assert f"has the model card of study {name!r}" in line and not moved.exists()
+
+
+def test_with_a_signing_key_an_edited_or_moved_evaluation_is_withheld(shared: Shared, restored: optuna.Study) -> None:
+    """`best` withholds a test score not signed for its study (one line on stderr; null in --json) and
+    still shows the best trial: choosing to refuse the whole command would let anyone with the worker
+    role take `best` away from everyone."""
+    name, url = restored.study_name, shared.worker_url
+    signed = json.loads(cli_here("best", "--study", name, "--json", "--storage", url, env=keyed()).stdout)
+    assert signed["test_evaluation"] is not None and signed["ensemble_evaluation"] is not None
+    scores = {a: restored.user_attrs[a] for a in (TEST_ATTR, ENSEMBLE_ATTR)}
+    try:
+        restored.set_user_attr(TEST_ATTR, {**scores[TEST_ATTR], "test_value": 0.9999})
+        restored.set_user_attr(ENSEMBLE_ATTR, {**scores[ENSEMBLE_ATTR], "n_test": 10_000})
+        for args in (("--json",), ()):
+            proc = cli_here("best", "--study", name, *args, "--storage", url, env=keyed())
+            said = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            assert len(said) == 2 and all("not shown" in ln and "not signed with your" in ln for ln in said), said
+            assert "0.9999" not in proc.stdout and "10000" not in proc.stdout
+        shown = json.loads(cli_here("best", "--study", name, "--json", "--storage", url, env=keyed()).stdout)
+        assert shown["test_evaluation"] is None and shown["ensemble_evaluation"] is None and shown["best"] == signed["best"]
+        # Copied, unchanged, to another study: not signed for that one.
+        moved = new_study(shared, tiny_spec("scored-elsewhere"))
+        moved.set_user_attr(TEST_ATTR, scores[TEST_ATTR])
+        proc = cli_here("study", "show", "scored-elsewhere", "--storage", url, env=keyed())
+        assert "test evaluation stored on study 'scored-elsewhere' is unsigned" in proc.stderr
+        assert "test accuracy of trial" not in proc.stdout
+    finally:
+        for attr, value in scores.items():
+            restored.set_user_attr(attr, value)
+
+
+def _checkpoint(study: optuna.Study, trial: optuna.Trial, config: dict[str, Any]) -> None:
+    """A checkpoint of `trial`, uploaded and signed as the worker's TrialCheckpoints does it."""
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.recipe.checkpoints import TrialCheckpoints
+
+    info = {"format": 1, "epoch": 0, "n_epochs": 1, "batch_size": 32, "loader_epoch": 1, "rng": {}, "seed": 0}
+    info.update(arch="resnet18", stem="imagenet", config=config)
+    ck = TrialCheckpoints(trial, parse_spec(tiny_spec(study.study_name)), lambda m: None)
+    staging = tempfile.TemporaryDirectory()
+    weights, meta = Path(staging.name) / "w.pth", Path(staging.name) / "m.json"
+    weights.write_bytes(b"weights")
+    meta.write_text(json.dumps(info))
+    ck._upload(staging, weights, meta, 0, 32)
+    ck.close()
+
+
+def _resume(study: optuna.Study, failed: FrozenTrial, params: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The retry Optuna makes of `failed`, asked and given its checkpoint: (what it resumes, its lines)."""
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, failed)
+    return _resume_waiting(study, params)
+
+
+def _resume_waiting(study: optuna.Study, params: dict[str, Any]) -> tuple[Any, list[str]]:
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.recipe.checkpoints import TrialCheckpoints
+
+    retry = study.ask()
+    lines: list[str] = []
+    ck = TrialCheckpoints(retry, parse_spec(tiny_spec(study.study_name)), lines.append)
+    try:
+        return ck.resume_point(params), lines
+    finally:
+        ck.close()
+        study.tell(retry, state=TrialState.FAIL)
+
+
+CONFIG = {"arch": "resnet18", "stem": "imagenet", "epochs": 1}
+
+
+def test_with_a_signing_key_a_checkpoint_moved_to_another_study_is_refused(
+    shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
+    home, _ = new_study(shared, tiny_spec("ckpt-home")), new_study(shared, tiny_spec("ckpt-away"))
+    trial = home.ask()
+    _checkpoint(home, trial, {**CONFIG, "lr": 0.005})
+    failed = home.tell(trial, state=TrialState.FAIL)
+    resume, lines = _resume(home, failed, {**CONFIG, "lr": 0.005, "batch_size": 32})
+    assert resume is not None and not lines  # its own study's retry resumes it
+    # The failed trial, checkpoint record and all, moved into the other study (the worker role may
+    # UPDATE Optuna's tables), where Optuna's retry of it finds the checkpoint under the right names.
+    shared.sql(
+        "UPDATE trials SET study_id = (SELECT study_id FROM studies WHERE study_name = 'ckpt-away'), number = 0 "
+        "WHERE trial_id = %s",
+        (trial._trial_id,),
+    )
+    away = optuna.load_study(study_name="ckpt-away", storage=shared.storage())
+    resume, lines = _resume(away, away.trials[0], {**CONFIG, "lr": 0.005, "batch_size": 32})
+    assert resume is None and len(lines) == 1, lines
+    assert "not signed with this worker's KMNIST_TUNE_SIGNING_KEY" in lines[0] and "'ckpt-away'" in lines[0]
+    assert "starting from scratch" in lines[0]
+
+
+def test_with_a_signing_key_a_checkpoint_goes_to_no_other_trial(
+    shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial 1's retry, its retry bookkeeping rewritten (trial system attributes, which the worker
+    role can UPDATE) to name trial 0, whose checkpoint trained other parameters: not resumed."""
+    monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
+    study = new_study(shared, tiny_spec("ckpt-swap"))
+    first, second = study.ask(), study.ask()
+    _checkpoint(study, first, {**CONFIG, "lr": 0.002})
+    study.tell(first, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.tell(second, state=TrialState.FAIL))
+    retry_id = shared.sql(
+        "SELECT trial_id FROM trials WHERE study_id = (SELECT study_id FROM studies WHERE study_name = 'ckpt-swap') "
+        "AND state = 'WAITING'"
+    )[0][0]
+    for key, value in (("failed_trial", first.number), ("retry_history", [first.number])):
+        shared.sql(
+            "UPDATE trial_system_attributes SET value_json = %s WHERE trial_id = %s AND key = %s",
+            (json.dumps(value), retry_id, key),
+        )
+    resume, lines = _resume_waiting(study, {**CONFIG, "lr": 0.009, "batch_size": 32})
+    assert resume is None and len(lines) == 1 and "another configuration (parameters)" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def prior_copy(shared: Shared, lr_prior_study: LrPriorStudy) -> optuna.Study:
+    """The LR-prior study (its prior and curve signed with KEY, two trials drawn from its range)
+    restored into the shared database under its own name."""
+    s = lr_prior_study
+    curve = optuna.load_study(study_name=s.name, storage=s.url).user_attrs[PRIOR_ATTR]["curve"]
+    return restore(shared, s.url, s.name, s.name, [curve["artifact"]])
+
+
+def test_with_a_signing_key_an_lr_prior_moved_or_edited_is_refused(
+    shared: Shared, prior_copy: optuna.Study, tmp_path: Path
+) -> None:
+    name, url = prior_copy.study_name, shared.worker_url
+    assert "search" in cli_here("lr-find", "--study", name, "--stored", "--storage", url, env=keyed()).stdout
+    prior = prior_copy.user_attrs[PRIOR_ATTR]
+    # Copied, curve entry and all, to a study of the same spec: not signed for that one.
+    new_study(shared, lr_prior_spec("prior-thief", 2)).set_user_attr(PRIOR_ATTR, prior)
+    line = error_line(cli_here("lr-find", "--study", "prior-thief", "--stored", "--storage", url, env=keyed(), check=False))
+    assert "LR-finder prior of study 'prior-thief' is unsigned or not signed" in line
+    # Its range edited where it was made: `lr-find --stored` and a worker refuse it in one line (two
+    # trials were drawn from it: a new range would split the study; the user re-runs lr-find --force).
+    try:
+        prior_copy.set_user_attr(PRIOR_ATTR, {**prior, "low": 1.0, "high": 10.0})
+        line = error_line(cli_here("lr-find", "--study", name, "--stored", "--storage", url, env=keyed(), check=False))
+        assert "signed for another study or trial, changed since" in line
+        worker = cli_here(
+            "worker", "--study", name, "--storage", url, "--gpus", "none", "--n-trials", "3", env=keyed(), check=False
+        )
+        errors = [ln for ln in worker.stderr.splitlines() if ln.startswith("error:")]  # after its progress lines
+        assert worker.returncode == 2 and "Traceback" not in worker.stderr and len(errors) == 1, worker.stderr
+        line = errors[0]
+        assert "2 trial(s) were drawn from its range" in line and f"lr-find --study {name} --force" in line
+        assert len(optuna.load_study(study_name=name, storage=shared.storage()).trials) == 2  # nothing ran
+    finally:
+        prior_copy.set_user_attr(PRIOR_ATTR, prior)
+
+
+def test_with_a_signing_key_a_worker_runs_the_finder_again_over_an_unsigned_prior_no_trial_used(
+    shared: Shared, prior_copy: optuna.Study, small_splits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study with no trial yet and a prior copied from another (its range edited): the worker says so
+    in one line and computes its own (signed, its suggestion queued first), as the first worker of a
+    study would."""
+    import torch
+
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.contract.records import LRPrior
+    from kmnist_tune.observe.progress import make_reporter
+    from kmnist_tune.recipe.lr_prior import ensure_prior
+
+    monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
+    spec = lr_prior_spec("prior-fresh", 2)
+    new_study(shared, spec)
+    storage = shared.storage()
+    study = optuna.load_study(study_name="prior-fresh", storage=storage)
+    copied = {**prior_copy.user_attrs[PRIOR_ATTR], "low": 1.0, "high": 10.0}  # from another study, its range edited
+    study.set_user_attr(PRIOR_ATTR, copied)
+    said = io.StringIO()
+    with make_reporter(stream=said) as events:
+        prior, computed = ensure_prior(study, storage, parse_spec(spec), small_splits, torch.device("cpu"), events)
+    lines = said.getvalue()
+    assert computed and "prior of study 'prior-fresh' is unsigned or not signed" in lines and "runs the LR finder again" in lines
+    assert prior.high < 1.0 and prior.low < prior.centre < prior.high
+    from kmnist_tune.signing import record_refusal
+
+    assert record_refusal(LRPrior, "prior-fresh", study.user_attrs) is None  # its own, signed for it
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"]["lr"] == pytest.approx(prior.centre)  # Optuna keeps a queued one there
+
+
+def _signed_model_dir(folder: Path, marker: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """crafted_model_dir with its card signed with KEY (by the package's own card signature)."""
+    from kmnist_tune.training.inference import card_signature
+
+    crafted_model_dir(folder, marker, classes=[str(i) for i in range(10)])
+    card = json.loads((folder / "model.json").read_text())
+    monkeypatch.setenv("KMNIST_TUNE_SIGNING_KEY", KEY)
+    card["signature"] = card_signature(card)
+    monkeypatch.delenv("KMNIST_TUNE_SIGNING_KEY")
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_with_a_signing_key_predict_refuses_a_swapped_or_an_extra_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file the signed card lists is checked, not only the two predict reads (someone trusting
+    the signed directory may open model.pt2 in PyTorch), and no file it does not list may be there."""
+    marker = tmp_path / "pwned"
+    folder = _signed_model_dir(tmp_path / "signed", marker, monkeypatch)
+    images = str(FIXTURE / "kmnist-test-imgs.npz")
+    assert len(cli_here("predict", str(folder), images, env=keyed()).stdout.splitlines()) == 300  # as signed: used
+    swapped = tmp_path / "swapped"
+    shutil.copytree(folder, swapped)
+    _pickled_pt2(swapped / "model.pt2", tmp_path / "other-marker")  # another payload: another sha256
+    line = error_line(cli_here("predict", str(swapped), images, env=keyed(), check=False))
+    assert "model.pt2 does not match its checksum in model.json" in line
+    extra = tmp_path / "extra"
+    shutil.copytree(folder, extra)
+    (extra / "fastai-learner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    line = error_line(cli_here("predict", str(extra), images, env=keyed(), check=False))
+    assert "'fastai-learner.pkl', which its model card does not list" in line
+    assert not marker.exists()
+
+
+def test_with_a_signing_key_a_version_1_signature_is_refused_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card signed before signatures named their study (version 1: HMAC over the domain, the kind and
+    the card, joined by NULs) is refused in one line that says so; the user exports it again."""
+    import hmac
+
+    from kmnist_tune.training.inference import _canonical
+
+    folder = _signed_model_dir(tmp_path / "old", tmp_path / "pwned", monkeypatch)
+    card = json.loads((folder / "model.json").read_text())
+    message = "\0".join(("kmnist-tune-signature-v1", "model-card", _canonical(card))).encode()
+    card["signature"] = hmac.new(KEY.encode(), message, hashlib.sha256).hexdigest()
+    (folder / "model.json").write_text(json.dumps(card))
+    line = error_line(cli_here("predict", str(folder), str(FIXTURE / "kmnist-test-imgs.npz"), env=keyed(), check=False))
+    assert "unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY" in line and "before signatures named their study" in line
+
+
+def test_predict_writes_csv_cells_a_spreadsheet_reads_as_text(tmp_path: Path) -> None:
+    """Class names (a model directory's) and input names (whoever named the files) that start like a
+    formula get a leading single quote in a CSV (OWASP's CSV-injection advice); JSON keeps them as they are."""
+    starts = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "plain", "ok=1", "1", "-"]
+    folder = crafted_model_dir(tmp_path / "m", tmp_path / "pwned", classes=[str(i) for i in range(10)])
+    with open(folder / "classes.csv", "w", newline="", encoding="utf-8") as fh:  # quoted as export writes it
+        csv.writer(fh).writerows([["index", "codepoint", "char"], *([i, "U+0000", c] for i, c in enumerate(starts))])
+    card = json.loads((folder / "model.json").read_text())
+    card["files"]["classes.csv"] = sha((folder / "classes.csv").read_bytes())
+    (folder / "model.json").write_text(json.dumps(card))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = np.load(FIXTURE / "kmnist-test-imgs.npz", allow_pickle=False)["arr_0"]
+    Image.fromarray(images[0]).save(inputs / "=cmd.png")
+    Image.fromarray(images[1]).save(inputs / "a.png")
+    out = tmp_path / "p.csv"
+    cli_here("predict", str(folder), str(inputs), "--top", "10", "--out", str(out))
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    chars = {r["char"] for r in rows}
+    assert chars == {"'" + c if c[0] in "=+-@\t\r" else c for c in starts}, chars
+    assert {Path(r["input"]).name for r in rows} == {"=cmd.png", "a.png"}  # a path starts with /: unchanged
+    cli_here("predict", str(folder), str(inputs), "--top", "10", "--out", str(tmp_path / "p.json"))
+    assert {r["char"] for r in json.loads((tmp_path / "p.json").read_text())} == set(starts)
+
+
+def test_a_card_of_32_resnet50s_beside_a_resnet18s_weights_is_refused_before_any_network_is_built(tmp_path: Path) -> None:
+    """A 5 kB card asks for 32 resnet50 members; the weights are one resnet18's. The weights file's
+    header is compared with the card's networks first: refused in one line, the process's peak memory
+    that of an import of torch, not the 3.3 GB of 32 resnet50s (measured with wait4's ru_maxrss)."""
+    folder = crafted_model_dir(tmp_path / "m", tmp_path / "pwned", classes=[str(i) for i in range(10)])
+    card = json.loads((folder / "model.json").read_text())
+    member = {
+        "constructor": {"arch": "resnet50", "stem": "imagenet", "n_classes": 10, "dropout": 0.5},
+        "normalisation": {"mean": 0.19, "std": 0.35},
+    }
+    card["model"]["ensemble"] = {"members": [member] * 32, "shifts": [[0, 0]]}
+    (folder / "model.json").write_text(json.dumps(card))
+    assert (folder / "model.json").stat().st_size < 6000
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kmnist_tune", "predict", str(folder), str(FIXTURE / "kmnist-test-imgs.npz")],
+            env=cli_env(),
+            stdout=o,
+            stderr=e,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the test process's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    # Linux: kB. Importing torch and fastai takes 1.1-1.6 GiB here; 32 resnet50s 3.3 GB more (4.2 GiB in all).
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 2560, f"predict peaked at {peak_mib:.0f} MiB before refusing"
+    line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text()))
+    assert "weights.safetensors does not hold the weights of its card's network" in line and "32 resnet50 members" in line

@@ -116,6 +116,8 @@ def study_show(
         out(yaml.safe_dump(config, sort_keys=False).rstrip())
         return
     summary, spec = read_summary(storage_url(storage), study_name(study_arg, study))
+    for line in summary.withheld:  # on stderr: the JSON on stdout stays one document
+        say(line)
     # The spec with the study's budget as it is now (`study extend` changes it; the stored spec keeps the first).
     shown = {**spec_to_dict(spec), "budget": {k: summary.budget[k] for k in ("n_trials", "timeout") if summary.budget[k]}}
     if as_json:

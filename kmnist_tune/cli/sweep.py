@@ -203,6 +203,8 @@ def best(
         from ..service.studies import read_summary
 
         summary, _ = read_summary(url, name, with_trials=False)
+    for line in summary.withheld:  # on stderr: the JSON on stdout stays one document
+        say(line)
     if as_json:
         out_json(summary.best_json())
         return

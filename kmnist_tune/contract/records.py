@@ -165,20 +165,22 @@ def who_and_when() -> tuple[str, str]:
 @dataclass
 class KeptModel(StudyRecord):
     """The retrained winner kept on the study: its model directory, file by file, in the study's
-    artifact store (`best --evaluate` writes it, `export` fetches it)."""
+    artifact store (`best --evaluate` writes it, `export` fetches it). With KMNIST_TUNE_SIGNING_KEY the
+    stored record carries a signature for its study (signing.store_signed), which covers every file's
+    sha256, the model card's included."""
 
     ATTR: ClassVar[str] = MODEL_ATTR
     trial: int
     at: str
     artifacts: dict[str, str]  # file name in the model directory -> artifact id
     sha256: dict[str, str]
-    signatures: dict[str, str] | None = None  # file name -> HMAC, with KMNIST_TUNE_SIGNING_KEY (signing.py)
     members: list[int] | None = None  # an ensemble's trials (`best --evaluate --ensemble K`), best first
 
 
 @dataclass
 class TestEvaluation(StudyRecord):
-    """The official test score of a retrained trial (`best --evaluate`), stored on the study."""
+    """The official test score of a retrained trial (`best --evaluate`), stored on the study (signed for
+    it with KMNIST_TUNE_SIGNING_KEY: signing.store_signed)."""
 
     ATTR: ClassVar[str] = TEST_ATTR
     trial: int
@@ -195,7 +197,8 @@ class TestEvaluation(StudyRecord):
 @dataclass
 class EnsembleEvaluation(StudyRecord):
     """The official test score of the top trials, each retrained, their softmax outputs averaged
-    (`best --evaluate --ensemble K`), beside each member's own score; stored on the study."""
+    (`best --evaluate --ensemble K`), beside each member's own score; stored on the study (signed as
+    the test evaluation is)."""
 
     ATTR: ClassVar[str] = ENSEMBLE_ATTR
     metric: str
@@ -311,6 +314,9 @@ class LRPrior(StudyRecord):
     # The curve itself is an artifact of the study (service/lr_curve.py), named by `curve`: {artifact,
     # sha256, points, signature}. lrs and losses are filled in memory (and stored by older versions).
     curve: dict[str, Any] | None = None
+    # With KMNIST_TUNE_SIGNING_KEY: the whole record's, range and curve included, for its study
+    # (signing.store_signed). Workers sample from a range only when it is signed (recipe/lr_prior.py).
+    signature: str | None = None
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 

@@ -10,8 +10,12 @@ What a retry resumes from is read as data from a database others can write, so:
   dashboard cannot set), not from user attributes that any client can set;
 - the checkpoint is the one recorded on that trial (finished, so its record no longer changes), and
   its artifact ids must be checkpoint names of a trial in the retry chain;
+- with KMNIST_TUNE_SIGNING_KEY, its record's signature names the study, the trial that saved it and
+  that trial's retry chain (so a record moved to another study, or to a trial that does not retry the
+  one that saved it, is refused), its epoch and batch size, and each file's id and sha256; the
+  description names the configuration it trained, which must be this trial's (signing.py);
 - it is downloaded to fixed names in this process's own private folder (mode 0700), hashed as it is
-  copied, bounded in size, and deleted when it fails its checksum or signature (signing.py);
+  copied, bounded in size, and deleted when it fails its checksum or signature;
 - the weights load with `weights_only` (fastai's load), the description is JSON.
 """
 
@@ -35,7 +39,7 @@ from ..errors import UserError, one_line
 from ..masking import printable
 from ..optuna_internals import study_id, trial_id
 from ..service.artifacts import artifact_store, checkpoint_base, checkpoint_ids, download_checked, remove_artifacts
-from ..signing import signer
+from ..signing import ENV_KEY, json_value, signer
 from ..training.checkpoint import EpochCheckpoints, read_meta, save_checkpoint
 from ..training.inference import sha256
 
@@ -45,6 +49,7 @@ MAX_WEIGHTS_BYTES = 4 << 30
 MAX_META_BYTES = 1 << 20
 RESUME_FILES = {"model": ("resume.pth", MAX_WEIGHTS_BYTES), "meta": ("resume.json", MAX_META_BYTES)}
 MAX_RETRY_CHAIN = 1000  # a retry history longer than any max_retry is not Optuna's
+_SIGNED_AS = "checkpoint"
 
 
 class BadCheckpoint(UserError):
@@ -69,6 +74,7 @@ class TrialCheckpoints:
         self.store = artifact_store(trial.storage)
         self.signer = signer()
         self.trial_id = trial_id(trial)
+        self.study_name = trial.study.study_name
         # The trials this one retries, oldest first (Optuna's retry bookkeeping), and the checkpoint
         # recorded on the newest of them.
         self.retried = _retry_chain(trial)
@@ -103,6 +109,7 @@ class TrialCheckpoints:
         the upload is complete, so a retry never finds a half-written checkpoint."""
         self.wait()  # at most one upload in flight: two checkpoints never race for the record
         meta = {"trial": self.trial.number, "arch": params["arch"], "stem": params["stem"], "seed": seed}
+        meta["config"] = _config(params)  # what it trains: a retry with another configuration does not resume it
         staging = tempfile.TemporaryDirectory(prefix="kmnist-tune-save-")
         try:
             weights, info = save_checkpoint(learn, Path(staging.name), epoch, meta)
@@ -129,10 +136,17 @@ class TrialCheckpoints:
         ids = (f"{base}.pth", f"{base}.json")
         try:
             digests = {ids[0]: sha256(weights), ids[1]: sha256(info)}
-            record: dict[str, Any] = {"epoch": epoch, "batch_size": bs, "model": ids[0], "meta": ids[1], "sha256": digests}
-            signatures = {i: self.signer.sign("checkpoint", i, d) for i, d in digests.items()}
-            if self.signer.on:
-                record["signatures"] = signatures
+            record: dict[str, Any] = {
+                "trial": self.trial.number,  # which trial saved it: a retry may resume its parent's inherited one
+                "epoch": epoch,
+                "batch_size": bs,
+                "model": ids[0],
+                "meta": ids[1],
+                "sha256": digests,
+            }
+            signature = self.signer.sign_record(_SIGNED_AS, self.study_name, {**record, "retries": self._numbers()})
+            if signature is not None:
+                record["signature"] = signature
             for path, artifact_id in zip((weights, info), ids, strict=True):
                 with open(path, "rb") as fh:
                     self.store.write(artifact_id, fh)
@@ -153,6 +167,10 @@ class TrialCheckpoints:
             in_use = {r[k] for r in self.saved for k in ("model", "meta")}
             remove_artifacts(self.store, [i for i in checkpoint_ids(old, mine) if i not in in_use])
 
+    def _numbers(self) -> list[int]:
+        """The numbers of the trials this one retries, oldest first."""
+        return [n for n, _ in self.retried]
+
     # -- resuming --------------------------------------------------------------------------------
     def resume_point(self, params: dict[str, Any]) -> Resume | None:
         """The checkpoint of the trial this one retries, fetched and checked; None to start afresh
@@ -168,6 +186,10 @@ class TrialCheckpoints:
             if missing:
                 raise BadCheckpoint(f"its description lacks {', '.join(sorted(missing))}")
             mismatch = [k for k in ("arch", "stem") if info.get(k) != params[k]]
+            # The whole configuration, where the description names it (this version's do, and what is
+            # signed with the key is of this version): a checkpoint of another trial's is no resume.
+            if "config" in info and info["config"] != json_value(_config(params)):
+                mismatch.append("parameters")
             if mismatch or info.get("n_epochs") != int(params["epochs"]):
                 raise BadCheckpoint(f"it is of another configuration ({', '.join(mismatch) or 'epochs'})")
             if info.get("epoch") != ckpt["epoch"] or info.get("batch_size") != ckpt.get("batch_size"):
@@ -190,7 +212,15 @@ class TrialCheckpoints:
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise BadCheckpoint("its record names no epoch")
         digests = ckpt.get("sha256") if isinstance(ckpt.get("sha256"), dict) else {}
-        signatures = ckpt.get("signatures") if isinstance(ckpt.get("signatures"), dict) else {}
+        # Signed by the trial that saved it, with its own retry chain: the numbers before it in ours.
+        saver, numbers = ckpt.get("trial"), self._numbers()
+        retries = numbers[: numbers.index(saver)] if type(saver) is int and saver in numbers else None
+        why = self.signer.record_refusal(_SIGNED_AS, self.study_name, {**ckpt, "retries": retries})
+        if why is not None:
+            raise BadCheckpoint(
+                f"its record is unsigned or not signed with this worker's {ENV_KEY} for a trial it retries "
+                f"in study {self.study_name!r} ({why})"
+            )
         out = {}
         for key, (local, limit) in RESUME_FILES.items():
             artifact_id = ckpt.get(key)
@@ -200,8 +230,6 @@ class TrialCheckpoints:
                     f"its record names {printable(repr(artifact_id))[:80]}, not a checkpoint of the trials it retries"
                 )
             digest = digests.get(artifact_id)
-            if not self.signer.check(signatures.get(artifact_id), "checkpoint", artifact_id, str(digest)):
-                raise BadCheckpoint(f"{artifact_id} is unsigned or not signed with this worker's KMNIST_TUNE_SIGNING_KEY")
             target = folder / local
             download_checked(self.store, artifact_id, target, digest, limit)  # hashed as it is copied
             out[key] = target
@@ -226,6 +254,12 @@ def _retry_chain(trial: optuna.Trial) -> list[tuple[int, int]]:
         except KeyError:
             continue
     return chain
+
+
+def _config(params: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint trained, as its description names it: every parameter but the batch size
+    (halving changes it within a trial; the record has its own)."""
+    return {k: v for k, v in params.items() if k != "batch_size"}
 
 
 def _checkpoint_of(user_attrs: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import torch
 from ..contract.events import Listener
 from ..contract.records import EnsembleEvaluation
 from ..contract.spec import SweepSpec
+from ..signing import store_signed
 from ..training.inference import TTA_SHIFTS, Averaged, Classifier, averaged_log_probs, scored, shifted_log_probs
 from .evaluate import Retrained, official_splits, retrain, top_trials
 
@@ -88,5 +89,5 @@ def evaluate_ensemble(
         at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     net = Averaged(nets, shifts)
-    evaluation.store(study)
+    store_signed(evaluation, study)  # with the key, signed for this study
     return Ensemble(members, net, evaluation)

@@ -19,6 +19,7 @@ from ..contract.records import EpochRecord, TestEvaluation, TrialRecord
 from ..contract.spec import SweepSpec
 from ..errors import UserError
 from ..service.studies import no_completed_trial, require_best
+from ..signing import store_signed
 from ..training.splits import Splits, load_splits
 from ..training.train import EpochLog, build_learner, fit
 
@@ -116,5 +117,5 @@ def evaluate_on_test(
     images) and score the official test split; the score is stored on the study."""
     best = require_best(study)
     retrained = retrain(study, spec, best, official_splits(spec, data_dir, mirror, train_size), device, events)
-    retrained.evaluation.store(study)
+    store_signed(retrained.evaluation, study)  # with the key, signed for this study
     return retrained

@@ -12,9 +12,12 @@ it, `fetch_model` (`export`) brings a kept one back.
     model-card.md        the same for people
 
 The directory is written under a temporary name and renamed when complete, so a failure leaves
-nothing half-written behind. The copy kept on the study is fetched back file by file under the fixed
-names above (never a name read from the study), each checked against its sha256 and, with
-KMNIST_TUNE_SIGNING_KEY set, its signature.
+nothing half-written behind. The card lists every other file with its sha256 and, with
+KMNIST_TUNE_SIGNING_KEY set, is signed; the record kept on the study (every file's artifact id and
+sha256, the card's included) is signed for the study. `export` fetches the kept copy back file by
+file under the fixed names above (never a name read from the study), each checked against the record,
+then checks the directory as `predict` does (training/inference.check_model_dir) and that its card is
+of this study's kept model.
 """
 
 from __future__ import annotations
@@ -42,16 +45,19 @@ from ..observe.progress import make_reporter
 from ..service.artifacts import BadDownload, CheckedArtifactStore, artifact_store, download_checked, upload_file
 from ..service.storage import backend, open_storage
 from ..service.studies import StudySummary, open_study, summarize
-from ..signing import signer
+from ..signing import ENV_KEY, record_refusal, store_signed
 from ..training.data import class_map, resolve_data_dir, verify
 from ..training.devices import resolve_device
 from ..training.inference import (
     CARD_JSON,
+    CARD_MD,
     CLASSES,
+    FASTAI,
     FORMAT,
     PROGRAM,
     WEIGHTS,
     card_signature,
+    check_model_dir,
     export_network,
     export_program,
     save_network,
@@ -62,7 +68,6 @@ from ..training.splits import Splits
 from .ensemble import Ensemble, evaluate_ensemble
 from .evaluate import Retrained, evaluate_on_test, top_trials
 
-CARD_MD, FASTAI = "model-card.md", "fastai-learner.pkl"
 # Every file of a model directory, by its fixed name; `export` writes these and nothing else.
 MODEL_FILES = (WEIGHTS, PROGRAM, FASTAI, CLASSES, CARD_JSON, CARD_MD)
 MAX_FILE_BYTES = 4 << 30  # resnet152's fastai export is under 300 MB
@@ -124,13 +129,14 @@ def _network(r: Retrained, n_classes: int) -> dict[str, Any]:
 
 
 def _seal(card: dict[str, Any], folder: Path, files: tuple[str, ...], markdown: str) -> None:
-    """The card with every file's sha256 (and its signature, with a signing key), as JSON and for people."""
-    card["files"] = {name: sha256(folder / name) for name in files}
+    """The card for people, then the card as JSON with every other file's sha256 (the one for people
+    included) and, with a signing key, its signature."""
+    (folder / CARD_MD).write_text(markdown, encoding="utf-8")
+    card["files"] = {name: sha256(folder / name) for name in (*files, CARD_MD)}
     signature = card_signature(card)
     if signature is not None:
         card["signature"] = signature
     (folder / CARD_JSON).write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / CARD_MD).write_text(markdown, encoding="utf-8")
 
 
 def write_model_dir(r: Retrained, spec: SweepSpec, study_name: str, storage_kind: str, data_dir: Path, folder: Path) -> None:
@@ -364,9 +370,8 @@ def keep_model(
             write_model_dir(r, spec, study.study_name, backend(storage), data_dir, folder)
         ids = {f.name: upload_file(storage, study, f) for f in sorted(folder.iterdir())}
         digests = {f.name: sha256(f) for f in folder.iterdir()}
-        sign = signer()
-        signatures = {name: sign.sign("model-file", name, ids[name], d) for name, d in digests.items()}
-        KeptModel(trial, who_and_when()[0], ids, digests, signatures if sign.on else None, members).store(study)
+        # Signed for this study with the key: every file's id and sha256, so the card's hash too.
+        store_signed(KeptModel(trial, who_and_when()[0], ids, digests, members), study)
         what = f"the ensemble of trials {', '.join(map(str, members))}" if members else f"the retrained model of trial {trial}"
         say(f"kept {what} on the study ({len(ids)} files)")
         if export is not None:
@@ -412,35 +417,45 @@ def evaluate_best(
 
 def fetch_model(url: str, name: str, dest: Path) -> Path:
     """`export --study NAME DIR`: the model directory kept on the study by `best --evaluate`, each
-    file written under its fixed name in a private temporary folder and checked as it is copied."""
+    file written under its fixed name in a private temporary folder and checked as it is copied, then
+    the directory checked as a whole before it is moved to DIR."""
     check_destination(dest, "export folder")
     storage = open_storage(url)
     study, _ = open_study(storage, name)
-    kept = KeptModel.read(study.user_attrs)
+    attrs = study.user_attrs
+    kept = KeptModel.read(attrs)
+    again = f"run `kmnist-tune best --study {name} --evaluate` again"
     if kept is None:
         raise UserError(f"study {name!r} keeps no model yet; run `kmnist-tune best --study {name} --evaluate` first")
     artifacts = kept.artifacts if isinstance(kept.artifacts, dict) else {}
     digests = kept.sha256 if isinstance(kept.sha256, dict) else {}
-    signatures = kept.signatures if isinstance(kept.signatures, dict) else {}
     unknown = sorted(printable(repr(k))[:40] for k in artifacts if k not in MODEL_FILES)
     if unknown or not all(f in artifacts for f in (WEIGHTS, CLASSES, CARD_JSON)):
         what = f"names files {', '.join(unknown)} a model directory does not have" if unknown else "lacks files"
-        raise UserError(f"the model kept on study {name!r} {what}; run `kmnist-tune best --study {name} --evaluate` again")
-    sign = signer()
+        raise UserError(f"the model kept on study {name!r} {what}; {again}")
+    why = record_refusal(KeptModel, name, attrs)
+    if why is not None:
+        raise UserError(
+            f"the model kept on study {name!r} is unsigned or not signed for it with your {ENV_KEY} ({why}); "
+            f"refused: {again} with the key"
+        )
     store = artifact_store(storage)
     # mkdtemp: mode 0700, in the destination's folder so that the rename below stays on one filesystem.
     with tempfile.TemporaryDirectory(prefix=".kmnist-tune-export-", dir=dest.resolve().parent) as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
         for file_name in MODEL_FILES:  # our names, not the record's
-            if file_name not in artifacts:
-                continue
-            artifact_id, digest = artifacts[file_name], digests.get(file_name)
-            if not sign.check(signatures.get(file_name), "model-file", file_name, str(artifact_id), str(digest)):
-                raise UserError(
-                    f"{file_name} of study {name!r} is unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY; refused"
-                )
-            _download(store, artifact_id, folder / file_name, digest, f"{file_name} of study {name!r}")
+            if file_name in artifacts:
+                what = f"{file_name} of study {name!r}"
+                _download(store, artifacts[file_name], folder / file_name, digests.get(file_name), what)
+        # The directory as predict checks it (the card's signature, every file against the card, no
+        # other file), and the card of this study's kept model, not one copied from another.
+        card = check_model_dir(folder, f"the model kept on study {name!r}", again)
+        source = card.get("source") if isinstance(card.get("source"), dict) else {}
+        of = ("trials", kept.members) if kept.members is not None else ("trial", kept.trial)
+        if source.get("study") != name or source.get(of[0]) != of[1]:
+            said = f"{printable(repr(source.get('study')))[:60]} ({of[0]} {printable(repr(source.get(of[0])))[:60]})"
+            raise UserError(f"the model kept on study {name!r} has the model card of study {said}; {again}")
         if dest.exists():
             dest.rmdir()
         os.replace(folder, dest)

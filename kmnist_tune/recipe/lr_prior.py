@@ -27,9 +27,10 @@ from ..observe.notes import attach_prior
 from ..observe.progress import make_reporter
 from ..service.cpu_share import CpuShare
 from ..service.lock import storage_lock
-from ..service.lr_curve import store_curve
+from ..service.lr_curve import prior_refusal, store_curve, untrusted_prior
 from ..service.storage import open_storage
 from ..service.studies import open_study, require_lr_finder
+from ..signing import store_signed
 from ..training.data import resolve_data_dir
 from ..training.devices import resolve_device
 from ..training.splits import Splits, load_splits
@@ -102,31 +103,62 @@ def ensure_prior(
     """The study's prior, computed at most once however many workers start together.
 
     Returns (prior, computed_here). The first computation also enqueues the suggestion as a trial,
-    and every computation leaves its evidence (curve, note) on the study for the dashboard.
-    """
-    prior = LRPrior.read(study.user_attrs)
-    if prior is not None and not rerun:
+    and every computation leaves its evidence (curve, note) on the study for the dashboard. With
+    KMNIST_TUNE_SIGNING_KEY, a stored prior that is not signed for this study (its range edited, copied
+    from another study, or stored without the key) is computed again while no trial was drawn from
+    it, and refused in one line after (a new range would split the study's trials between two)."""
+    prior, why = _stored_prior(study)
+    if prior is not None and why is None and not rerun:
         return prior, False
     with storage_lock(storage, f"kmnist-tune/lr-find/{study.study_name}"):
         # Re-read under the lock (user_attrs asks the storage): another worker may have finished
         # while this one waited.
-        prior = LRPrior.read(study.user_attrs)
-        if prior is not None and not rerun:
+        prior, why = _stored_prior(study)
+        if prior is not None and why is None and not rerun:
             return prior, False
         first = prior is None
+        if why is not None and not rerun:
+            _replace_untrusted(study, why, events)
+            first = True  # no trial was drawn from the one it replaces: its suggestion comes first
         prior = compute_prior(spec, splits, device, events)
-        prior.store(study)
+        store_signed(prior, study)
         if first:
             enqueue_suggestion(study, spec, prior)
     # The curve after the lock: its upload takes the artifacts lock, and a worker's storage has two
     # connections. Evidence, not the prior: the search range is stored already.
     try:
         prior.curve = store_curve(storage, study, prior)
-        prior.store(study)
+        store_signed(prior, study)
     except Exception as e:
         events.line(f"could not store the LR-finder curve on the study ({type(e).__name__}: {one_line(e, 120)})")
     attach_prior(study, storage, prior, events.line)
     return prior, True
+
+
+def _stored_prior(study: optuna.Study) -> tuple[LRPrior | None, str | None]:
+    """The prior stored on the study, and why it is not to be sampled from (None: signed for this
+    study with this process's key, or no key is set)."""
+    prior = LRPrior.read(study.user_attrs)
+    return prior, (prior_refusal(study.study_name, prior) if prior is not None else None)
+
+
+def _drawn_trials(study: optuna.Study) -> int:
+    """Trials drawn from the stored range: a waiting one (the queued suggestion, a warm start) holds its own lr."""
+    return len(study.get_trials(deepcopy=False, states=tuple(s for s in TrialState if s != TrialState.WAITING)))
+
+
+def _replace_untrusted(study: optuna.Study, why: str, events: Listener) -> None:
+    """A prior this worker may not sample from: computed again (one line says so) while no trial was
+    drawn from its range, as the first computation would be; refused once trials were."""
+    name = study.study_name
+    n = _drawn_trials(study)
+    if n:
+        raise UserError(
+            f"{untrusted_prior(name, why)}, and {n} trial(s) were drawn from its range; run "
+            f"`kmnist-tune lr-find --study {name} --force` with the key to compute and sign it again "
+            "(later trials come from the new range)"
+        )
+    events.line(f"{untrusted_prior(name, why)}; no trial was drawn from it yet, so this worker runs the LR finder again")
 
 
 def resolve_spec(
@@ -165,8 +197,7 @@ def rerun_prior(
     study, spec = open_study(storage, name)
     require_lr_finder(name, spec)
     old = LRPrior.read(study.user_attrs)
-    # Trials drawn from the range: a waiting one (the queued suggestion, a warm start) holds its own lr.
-    n_trials = len(study.get_trials(deepcopy=False, states=tuple(s for s in TrialState if s != TrialState.WAITING)))
+    n_trials = _drawn_trials(study)
     if n_trials and not force:
         searched = f"lr {old.low:.3g} .. {old.high:.3g}" if old is not None else "the stored lr range"
         raise UserError(

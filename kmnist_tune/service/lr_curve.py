@@ -1,7 +1,8 @@
 """The LR finder's curve, kept as an artifact of its study (a small JSON file) rather than in the
 study's user attributes: two hundred floats there made every row of `optuna studies` thousands of
 characters wide. The study's LRPrior record keeps what workers need (the suggestions and the range)
-and names the artifact with its sha256 (and, with KMNIST_TUNE_SIGNING_KEY, its signature).
+and names the artifact with its sha256 (and, with KMNIST_TUNE_SIGNING_KEY, its signature for the
+study; the record itself is signed too, range and curve entry included: `prior_refusal`).
 
 What is read back is data written by anyone who shares the study database: the artifact id is
 checked against the forms this project writes (artifacts.py), the file is size-bounded and hashed as
@@ -19,9 +20,9 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from ..contract.records import LRPrior
+from ..contract.records import PRIOR_ATTR, LRPrior
 from ..errors import UserError
-from ..signing import signer
+from ..signing import ENV_KEY, signer
 from .artifacts import BadDownload, artifact_store, download_checked, upload_file
 
 CURVE_FILE = "lr-find-curve.json"
@@ -30,8 +31,20 @@ MAX_CURVE_BYTES = 64 * MAX_POINTS  # two floats of at most ~30 characters each p
 _SIGNED_AS = "lr-curve"
 
 
+def prior_refusal(study_name: str, prior: LRPrior) -> str | None:
+    """None when the prior read from study `study_name` is signed for it with this process's key (or
+    no key is set); else why not, in a few words."""
+    return signer().record_refusal(PRIOR_ATTR, study_name, prior.as_dict())
+
+
+def untrusted_prior(study_name: str, why: str) -> str:
+    """The first half of the line that refuses a study's prior: what is wrong with it."""
+    return f"the LR-finder prior of study {study_name!r} is unsigned or not signed with your {ENV_KEY} ({why})"
+
+
 def store_curve(storage: BaseStorage, study: optuna.Study, prior: LRPrior) -> dict[str, Any]:
-    """Upload the prior's curve onto the study; the record of it that the prior keeps."""
+    """Upload the prior's curve onto the study; the record of it that the prior keeps (its signature
+    names the study)."""
     data = json.dumps({"lrs": prior.lrs, "losses": prior.losses}).encode()
     digest = hashlib.sha256(data).hexdigest()
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,23 +55,28 @@ def store_curve(storage: BaseStorage, study: optuna.Study, prior: LRPrior) -> di
         "artifact": artifact_id,
         "sha256": digest,
         "points": len(prior.lrs),
-        "signature": signer().sign(_SIGNED_AS, artifact_id, digest),
+        "signature": signer().sign(_SIGNED_AS, study.study_name, artifact_id, digest),
     }
 
 
 def with_curve(storage: BaseStorage, study_name: str, prior: LRPrior) -> LRPrior:
     """The prior with its curve: kept in the attributes by an older kmnist-tune, or fetched from its
-    artifact and checked. One line saying why when it cannot be had."""
+    artifact and checked. One line saying why when it cannot be had (or, with the signing key, when the
+    prior or its curve is not signed for this study)."""
+    again = f"run `kmnist-tune lr-find --study {study_name} --force` to compute it again"
+    why = prior_refusal(study_name, prior)
+    if why is not None:
+        raise UserError(f"{untrusted_prior(study_name, why)}; {again} (with the key, which signs it)")
     if prior.lrs:
         return prior
-    again = f"run `kmnist-tune lr-find --study {study_name} --force` to compute it again"
     curve = prior.curve if isinstance(prior.curve, dict) else None
     if curve is None:
         raise UserError(f"study {study_name!r} keeps no LR-finder curve (it could not be stored); {again}")
     artifact_id, digest = curve.get("artifact"), curve.get("sha256")
-    if not signer().check(curve.get("signature"), _SIGNED_AS, str(artifact_id), str(digest)):
+    why = signer().refusal(curve.get("signature"), _SIGNED_AS, study_name, str(artifact_id), str(digest))
+    if why is not None:
         raise UserError(
-            f"the LR-finder curve of study {study_name!r} is unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY; refused"
+            f"the LR-finder curve of study {study_name!r} is unsigned or not signed with your {ENV_KEY} ({why}); refused"
         )
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / CURVE_FILE  # a fixed local name: nothing stored names a path here

@@ -42,6 +42,7 @@ from ..contract.wandb import to_wandb
 from ..errors import UserError
 from ..masking import mask
 from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
+from .evaluations import signed_evaluations
 from .lock import storage_lock
 from .lr_curve import with_curve
 from .retry import RetryingRDBStorage, RetryingStorage, open_worker_storage
@@ -534,11 +535,15 @@ class StudySummary:
     stopped: StudyStop | None = None
     workers: list[WorkerRow] | None = None  # None: not asked for (summarize(with_trials=False))
     retried: list[dict[str, Any]] | None = None
+    # With the signing key: one line for each stored score left out as unsigned (service/evaluations.py).
+    withheld: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         """`run`, `worker` and `study show --json`: every key always there (null where unset: no best yet,
         no test score, not stopped, workers not asked for), every state counted (zeros too)."""
-        return {**asdict(self), "states": all_states(self.states)}
+        full = {**asdict(self), "states": all_states(self.states)}
+        del full["withheld"]  # said on stderr, not a key of the JSON
+        return full
 
     def best_json(self) -> dict[str, Any]:
         """`best --json`: the same names as `as_json` (best.value, test_evaluation, ensemble_evaluation),
@@ -554,6 +559,7 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
     storage = internals.study_storage(study)
     attrs = study.user_attrs
     best = best_or_none(study)
+    test, ensemble, withheld = signed_evaluations(study.study_name, attrs)
     summary = StudySummary(
         study=study.study_name,
         storage=describe(storage),
@@ -564,9 +570,10 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
         best=None
         if best is None
         else BestTrial(best.number, best.value, without_quantiles(best.params), TrialRecord.of(best).config),
-        test_evaluation=TestEvaluation.read(attrs),
-        ensemble_evaluation=EnsembleEvaluation.read(attrs),
+        test_evaluation=test,
+        ensemble_evaluation=ensemble,
         stopped=StudyStop.read(attrs),
+        withheld=withheld,
     )
     if with_trials:
         summary.workers, summary.retried = _by_worker(study.get_trials(deepcopy=False))

@@ -8,11 +8,18 @@ black as in KMNIST, normalising them, and returning the class logits:
 - `model.pt2`: a `torch.export` program (TorchScript is deprecated), for PyTorch alone. Its loader
   unpickles parts of the archive (payloads it marks `use_pickle`, and its sample inputs when they do
   not load as weights), so it is safe only from someone you trust; `predict` never opens it.
+
+A directory is checked as a whole before anything in it is used (`check_model_dir`, which `predict`
+and `export` share): the card's signature (with KMNIST_TUNE_SIGNING_KEY), every file the card lists
+against its sha256, and no file it does not list. The weights file's header (names, dtypes, shapes,
+sizes) is then checked against the network the card describes before any network is built, so a card
+that asks for 32 resnet50s beside a resnet18's weights costs a header read, not gigabytes.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -28,12 +35,18 @@ from torch import nn
 
 from ..contract.spec import ARCHS, STEMS
 from ..errors import UserError, one_line
-from ..signing import signer
+from ..masking import printable
+from ..signing import ENV_KEY, signer
 from .inputs import Inputs, read_inputs
 
 PROGRAM, WEIGHTS, CARD_JSON, CLASSES = "model.pt2", "weights.safetensors", "model.json", "classes.csv"
+CARD_MD, FASTAI = "model-card.md", "fastai-learner.pkl"
+# What a card's `files` may list (with each one's sha256): fixed names, never a path.
+LISTED_FILES = (WEIGHTS, PROGRAM, FASTAI, CLASSES, CARD_MD)
 FORMAT = "kmnist-tune model directory"
 MAX_CARD_BYTES = 1 << 20  # a card is a few kB of JSON
+# A weights file's JSON header: 32 resnet50 members' is about 1.2 MB (330 tensors of ~110 bytes each).
+MAX_HEADER_BYTES = 16 << 20
 MAX_CLASSES = 1000
 
 
@@ -209,9 +222,11 @@ def load_network(card: dict[str, Any], weights: Path, device: torch.device, wher
     net: nn.Module
     if isinstance(card.get("model"), dict) and "ensemble" in card["model"]:
         members, shifts = _ensemble(card, where)
+        _check_weights(weights, members, True, where)  # before any member is built
         net = Averaged([Classifier(build_model(a, n, s, d), m, sd) for a, s, n, d, m, sd in members], shifts)
     else:
         arch, stem, n_classes, dropout, mean, std = _constructor(card, where)
+        _check_weights(weights, [(arch, stem, n_classes, dropout, mean, std)], False, where)
         net = Classifier(build_model(arch, n_classes, stem, dropout), mean, std)
     try:
         net.load_state_dict(load_file(str(weights)), strict=True)
@@ -219,6 +234,79 @@ def load_network(card: dict[str, Any], weights: Path, device: torch.device, wher
         why = one_line(e, 120)
         raise UserError(f"{where}: {WEIGHTS} does not hold the weights of its card's network ({why}); export it again") from None
     return net.to(device).eval()
+
+
+# safetensors' names of the dtypes our networks hold, and their sizes in bytes.
+_DTYPES = {torch.float32: ("F32", 4), torch.int64: ("I64", 8)}
+
+
+@functools.lru_cache(maxsize=8)
+def _tensors_of(arch: str, n_classes: int, stem: str) -> tuple[tuple[str, str, tuple[int, ...], int], ...]:
+    """(name, dtype, shape, bytes) of each tensor a Classifier of this constructor saves, from a network
+    built on PyTorch's meta device: shapes only, no memory for its weights."""
+    from .model import build_model
+
+    with torch.device("meta"):
+        net = Classifier(build_model(arch, n_classes, stem), 0.0, 1.0)
+    out = []
+    for name, t in net.state_dict().items():
+        dtype, size = _DTYPES.get(t.dtype, (str(t.dtype), t.element_size()))
+        out.append((name, dtype, tuple(t.shape), t.numel() * size))
+    return tuple(out)
+
+
+def _check_weights(weights: Path, built: list[Built], ensemble: bool, where: Path) -> None:
+    """The weights file's header against the tensors the card's network needs (their names, dtypes,
+    shapes and sizes, and the file's length), read without its data: a mismatch is one line before any
+    network is built."""
+    expected: dict[str, tuple[str, list[int], int]] = {}
+    for i, (arch, stem, n, *_) in enumerate(built):
+        prefix = f"members.{i}." if ensemble else ""
+        for name, dtype, shape, size in _tensors_of(arch, n, stem):
+            expected[prefix + name] = (dtype, list(shape), size)
+    archs = sorted({b[0] for b in built})
+    what = f"{len(built)} {'/'.join(archs)} members" if ensemble else archs[0]
+    header, data_bytes = _safetensors_header(weights, where)
+    problem = None
+    if set(header) != set(expected):
+        problem = f"it holds {len(header)} tensors, the card's {what} {len(expected)}"
+    else:
+        for name, (dtype, shape, size) in expected.items():
+            entry = header[name]
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or entry.get("dtype") != dtype or entry.get("shape") != shape:
+                problem = f"{printable(name)[:80]} is not {dtype} {shape} as the card's {what} need"
+            elif not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+                problem = f"{printable(name)[:80]} has no place in the file"
+            elif offsets[1] - offsets[0] != size:
+                problem = f"{printable(name)[:80]} is not {size} bytes long"
+            if problem:
+                break
+        need = sum(size for _, _, size in expected.values())
+        if problem is None and data_bytes != need:
+            problem = f"it holds {data_bytes} bytes of tensors, the card's {what} {need}"
+    if problem is not None:
+        raise UserError(f"{where}: {WEIGHTS} does not hold the weights of its card's network ({problem}); export it again")
+
+
+def _safetensors_header(weights: Path, where: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and the bytes of data
+    after it: the format's 8-byte length, then that much JSON; the data is not read."""
+    bad = UserError(f"{where}: {WEIGHTS} is not a safetensors file; export it again")
+    try:
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                raise bad
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    header.pop("__metadata__", None)
+    return header, size - 8 - n
 
 
 @torch.no_grad()
@@ -279,37 +367,64 @@ class Model:
 
 
 def load_model_dir(folder: Path, device: torch.device) -> Model:
-    """A model directory written by `best --evaluate --export` (or `export`), checked file by file.
-    Everything in it is data: the card is JSON (bounded), the classes CSV, the weights safetensors."""
-    hint = "export one with `kmnist-tune best --study NAME --evaluate --export DIR`"
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such model directory; {hint}")
-    card_path = folder / CARD_JSON
-    try:
-        if card_path.stat().st_size > MAX_CARD_BYTES:
-            raise UserError(f"{folder}: {CARD_JSON} is larger than {MAX_CARD_BYTES >> 10} kB; it is not a model card of ours")
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        raise UserError(f"{folder}: not a kmnist-tune model directory ({CARD_JSON} missing or unreadable); {hint}") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise UserError(f"{folder}: {CARD_JSON} is not a kmnist-tune model card; {hint}")
-    if not signer().check(card.get("signature"), "model-card", _canonical(card)):
-        raise UserError(
-            f"{folder}: its model card is unsigned or not signed with your KMNIST_TUNE_SIGNING_KEY; "
-            "use a model your team exported, or unset the key to trust this one"
-        )
-    files = card.get("files") if isinstance(card.get("files"), dict) else {}
-    if WEIGHTS not in files:
-        raise UserError(f"{folder}: it has no {WEIGHTS} (an older kmnist-tune wrote it); run `best --evaluate` again")
-    for name in (WEIGHTS, CLASSES):  # fixed names: nothing the card says is taken as a path
-        path = folder / name
-        if not path.is_file():
-            raise UserError(f"{folder}: {name} is missing; copy the whole model directory")
-        if sha256(path) != files.get(name):
-            raise UserError(f"{folder}: {name} does not match its checksum in {CARD_JSON}; the directory is damaged")
+    """A model directory written by `best --evaluate --export` (or `export`), checked as a whole
+    (check_model_dir), then loaded: the card is JSON (bounded), the classes CSV, the weights safetensors
+    (their header checked against the card's network first)."""
+    card = check_model_dir(folder)
     net = load_network(card, folder / WEIGHTS, device, folder)
     classes = _read_classes(folder / CLASSES, n_classes_of(card), folder)
     return Model(net, classes, card, device)
+
+
+def check_model_dir(folder: Path, where: str | None = None, again: str = "export it again") -> dict[str, Any]:
+    """The card of a model directory, once the directory is what the card says: with the signing key,
+    the card's signature; every file the card lists present and matching its sha256; no other file
+    (an older export's unlisted model-card.md aside: text no loader reads). `where` names the directory
+    in the lines that refuse it, `again` says how to get a good one. Reads no file but the card by a
+    name from the card: the names it may list are fixed."""
+    said = where or str(folder)
+    hint = "export one with `kmnist-tune best --study NAME --evaluate --export DIR`"
+    if not folder.is_dir():
+        raise UserError(f"{said}: no such model directory; {hint}")
+    card_path = folder / CARD_JSON
+    try:
+        if card_path.is_symlink() or card_path.stat().st_size > MAX_CARD_BYTES:
+            raise UserError(f"{said}: {CARD_JSON} is a link or over {MAX_CARD_BYTES >> 10} kB; it is not a model card of ours")
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise UserError(f"{said}: not a kmnist-tune model directory ({CARD_JSON} missing or unreadable); {hint}") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise UserError(f"{said}: {CARD_JSON} is not a kmnist-tune model card; {hint}")
+    why = signer().refusal(card.get("signature"), "model-card", _canonical(card))
+    if why is not None:
+        raise UserError(
+            f"{said}: its model card is unsigned or not signed with your {ENV_KEY} ({why}); "
+            "use a model your team exported, or unset the key to trust this one"
+        )
+    files = card.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise UserError(f"{said}: {CARD_JSON} lists no files with their sha256; {again}")
+    unknown = sorted(printable(repr(k))[:40] for k in files if k not in LISTED_FILES)
+    if unknown:
+        raise UserError(f"{said}: {CARD_JSON} lists {', '.join(unknown)}, which a model directory does not have; {again}")
+    if WEIGHTS not in files:
+        raise UserError(f"{said}: it has no {WEIGHTS} (an older kmnist-tune wrote it); run `best --evaluate` again")
+    if CLASSES not in files:
+        raise UserError(f"{said}: {CARD_JSON} does not list {CLASSES}; {again}")
+    allowed = {CARD_JSON, *files} | ({CARD_MD} if CARD_MD not in files else set())
+    unlisted = sorted(printable(repr(p.name))[:60] for p in folder.iterdir() if p.name not in allowed)
+    if unlisted:
+        raise UserError(
+            f"{said}: it holds {', '.join(unlisted[:5])}, which its model card does not list; a model directory "
+            f"holds only the files its card lists: remove the others, or {again}"
+        )
+    for name, digest in files.items():  # each a fixed name (checked above): nothing the card says is a path
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise UserError(f"{said}: {name} is missing (or a link); copy the whole model directory")
+        if sha256(path) != digest:
+            raise UserError(f"{said}: {name} does not match its checksum in {CARD_JSON}; the directory is damaged")
+    return card
 
 
 def _read_classes(path: Path, n_classes: int, folder: Path) -> list[dict[str, str]]:
@@ -380,8 +495,23 @@ def score(metric: str, guessed: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(guessed == truth))
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (`=HYPERLINK(...)`, `@SUM(...)`,
+# and tab or carriage return before them): OWASP's CSV-injection advice.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that starts like a formula gets a leading
+    single quote, as OWASP advises (class names come from a model directory, input names from whoever
+    named the files). Numbers are written as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_predictions(predictions: list[Prediction], path: Path) -> None:
-    """`--out`: a CSV (one row per input and rank) or a JSON list, chosen by the suffix."""
+    """`--out`: a CSV (one row per input and rank; cells that would start a formula quoted: csv_cell) or
+    a JSON list, chosen by the suffix."""
     rows = [
         {"input": p.name, "rank": rank, "index": i, "char": c, "probability": round(prob, 6)}
         for p in predictions
@@ -393,6 +523,6 @@ def write_predictions(predictions: list[Prediction], path: Path) -> None:
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["input", "rank", "index", "char", "probability"])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     else:
         raise UserError(f"--out {path}: end the name in .csv or .json")
