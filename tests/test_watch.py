@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import REPO, WHOLE_FIXTURE, browse, cli_env, deprecation_free, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import REPO, WHOLE_FIXTURE, browse, cli_env, deprecation_free, render, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from shared_trained import FINDER_STEPS
 from wandb_records import read_run
@@ -110,6 +110,25 @@ def test_a_real_browser_renders_the_study_page(dashboard: str, watched: dict[str
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     assert f"prior (id={sid})" in dom  # the app rendered the study, not just its loading page
     assert "History" in dom
+
+
+def test_the_dashboards_pages_render_under_its_content_security_policy(dashboard: str) -> None:
+    """Every page optuna-dashboard's UI has (the list, a study's History, Analytics, Trials and Note) runs
+    under the policy the dashboard sends, and the browser's console reports no violation of it."""
+    sid = _study_id(dashboard, "prior")
+    with urllib.request.urlopen(f"{dashboard}/dashboard/studies/{sid}", timeout=10) as r:
+        policy = r.headers.get_all("Content-Security-Policy")
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+    assert len(policy) == 1 and "frame-ancestors 'none'" in policy[0], policy
+    scripts = next(d for d in policy[0].split(";") if d.split()[0] == "script-src")
+    assert "'unsafe-inline'" not in scripts and "data:" not in scripts and "*" not in scripts, scripts
+    pages = {"/dashboard": "halve", f"/dashboard/studies/{sid}": "Study Artifacts"}
+    pages |= {f"/dashboard/studies/{sid}/{tab}": f"prior (id={sid})" for tab in ("analytics", "trials", "note")}
+    for path, shown in pages.items():
+        dom, console = render(dashboard + path)
+        assert shown in dom, f"{path} did not render"
+        violations = [line for line in console if "Content Security Policy" in line or "Content-Security-Policy" in line]
+        assert not violations, f"{path}: {violations}"
 
 
 def test_one_offline_wandb_run_per_trial_with_epochs_and_halving(watched: dict[str, Any]) -> None:
