@@ -31,6 +31,7 @@ from optuna.storages import BaseStorage
 
 from ..errors import UserError
 from ..service.artifacts import artifact_store
+from ..service.listing import BoundedListing
 
 ENV_ALLOW_HOSTS = "KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -294,7 +295,10 @@ def serve(
     from optuna_dashboard import wsgi
 
     def app_for(st: BaseStorage) -> WSGIApp:
-        return guarded(wsgi(st, artifact_store=artifact_store(st, artifacts)), policy, lambda path: artifact_file_name(st, path))
+        # optuna-dashboard lists the studies, and finds each one it shows, through get_all_studies:
+        # given a storage that reads their attributes bounded (service/listing.py).
+        app = wsgi(BoundedListing(st), artifact_store=artifact_store(st, artifacts))
+        return guarded(app, policy, lambda path: artifact_file_name(st, path))
 
     try:
         ipv6 = ipaddress.ip_address(host).version == 6
