@@ -418,8 +418,9 @@ def _shown(value: Any) -> str:
 
 def _misfit(value: Any, hint: Any, path: str = "") -> str | None:
     """What is wrong with `value` as a `hint` (None: it fits). Written out rather than left to a
-    validator: a record's missing fields (an older version's) read as None at every level, and a
-    stored value is never converted (JSON's 5.0 for an int, "5" for a number are wrong, not coerced)."""
+    validator: a record's field with a default may be absent (an older version's record), read as
+    None as ever, and a stored value is never converted ("5" for a number, true for an integer are
+    wrong, not coerced)."""
     where = f" in {path}" if path else ""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
