@@ -115,6 +115,8 @@ class BoundedListing(BaseStorage):
         self.inner = inner
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being built): no lookup through itself
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def get_all_studies(self) -> list[internals.FrozenStudy]:
