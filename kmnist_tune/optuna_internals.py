@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage
 
 from .contract.records import FINISHED_STATES
+
+if TYPE_CHECKING:
+    from optuna.study._frozen import FrozenStudy
 
 # RDBStorage's schema head (`get_head_version()`) these queries were written against.
 SCHEMA_VERSION = "v3.2.0.a"
@@ -155,6 +158,79 @@ def study_user_attrs(run: Run, study_id: int, keys: tuple[str, ...]) -> dict[str
         "SELECT key, value_json FROM study_user_attributes WHERE study_id = :sid AND key IN :keys"
     ).bindparams(sqlalchemy.bindparam("keys", expanding=True))
     return {k: json.loads(v) for k, v in run(query, {"sid": study_id, "keys": list(keys)})}
+
+
+# A value's size, as each backend measures it without handing the value over: PostgreSQL's
+# octet_length reads a TOASTed value's stored size (nothing is decompressed); SQLite (3.40 has no
+# octet_length) loads each value once, in its own memory, to count its characters.
+_SIZE_OF = {"postgresql": "octet_length({})", "sqlite": "length({})"}
+# The two tables of study attributes, and their id columns.
+STUDY_ATTR_TABLES = {
+    "user": ("study_user_attributes", "study_user_attribute_id"),
+    "system": ("study_system_attributes", "study_system_attribute_id"),
+}
+_IDS_PER_QUERY = 500
+
+
+def bounded_study_attrs(
+    run: Run, backend: str, which: str, most_bytes: int, keys: tuple[str, ...] | None = None, most_per_study: int | None = None
+) -> list[tuple[int, str, str | None, int]]:
+    """(study id, key, value's JSON text, its size) of the studies' user or system attributes
+    (`which`): only `keys` (None: all), at most `most_per_study` per study (the first by key), and the
+    text only where the size is at most `most_bytes` (None where larger: the database never sends it).
+
+    Two queries: the sizes (computed before anything sorts the rows, so no sort ever holds a value),
+    then the values small enough."""
+    table, id_column = STUDY_ATTR_TABLES[which]
+    where = "WHERE key IN :keys" if keys is not None else ""
+    sizes = sqlalchemy.text(
+        f"WITH s AS MATERIALIZED (SELECT {id_column} AS id, study_id, key, {_SIZE_OF[backend].format('value_json')} AS size "
+        f"FROM {table} {where}) SELECT id, study_id, key, size FROM "
+        "(SELECT id, study_id, key, size, row_number() OVER (PARTITION BY study_id ORDER BY key) AS n FROM s) AS a "
+        "WHERE n <= :rows ORDER BY study_id, key"
+    )
+    params: dict[str, Any] = {"rows": most_per_study if most_per_study is not None else 2**62}
+    if keys is not None:
+        sizes = sizes.bindparams(sqlalchemy.bindparam("keys", expanding=True))
+        params["keys"] = list(keys)
+    rows = [
+        (int(i), int(sid), str(key), int(n or 0)) for i, sid, key, n in run(sizes, params) if sid is not None and key is not None
+    ]
+    wanted = [i for i, _, _, n in rows if n <= most_bytes]
+    values = sqlalchemy.text(f"SELECT {id_column}, value_json FROM {table} WHERE {id_column} IN :ids").bindparams(
+        sqlalchemy.bindparam("ids", expanding=True)
+    )
+    texts: dict[int, str] = {}
+    for start in range(0, len(wanted), _IDS_PER_QUERY):
+        texts.update((int(i), v) for i, v in run(values, {"ids": wanted[start : start + _IDS_PER_QUERY]}))
+    return [(sid, key, texts.get(i) if n <= most_bytes else None, n) for i, sid, key, n in rows]
+
+
+def study_directions(run: Run) -> dict[int, list[optuna.study.StudyDirection]]:
+    """Every study's objectives' directions, in objective order."""
+    query = sqlalchemy.text("SELECT study_id, objective, direction FROM study_directions ORDER BY study_id, objective")
+    out: dict[int, list[optuna.study.StudyDirection]] = {}
+    for sid, _, direction in run(query, {}):
+        name = direction if isinstance(direction, str) else direction.name
+        out.setdefault(int(sid), []).append(optuna.study.StudyDirection[str(name).split(".")[-1]])
+    return out
+
+
+def study_ids_and_names(run: Run) -> list[tuple[int, str]]:
+    return [(int(i), str(n)) for i, n in run(sqlalchemy.text("SELECT study_id, study_name FROM studies ORDER BY study_id"), {})]
+
+
+def frozen_study(
+    study_id: int,
+    name: str,
+    directions: list[optuna.study.StudyDirection],
+    user_attrs: dict[str, Any],
+    system_attrs: dict[str, Any],
+) -> FrozenStudy:
+    """A study as `get_all_studies` lists it (Optuna's FrozenStudy, which it does not export)."""
+    from optuna.study._frozen import FrozenStudy
+
+    return FrozenStudy(name, None, user_attrs, system_attrs, study_id, directions=directions)
 
 
 def study_id_by_name(run: Run, name: str) -> int | None:

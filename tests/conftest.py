@@ -332,33 +332,43 @@ def pooled_pg_url(pg_url: str) -> str:
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+_BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--virtual-time-budget=15000",
+]
+
+
 def browse(page: str, shot: Path) -> str:
     """Render `page` in headless Chromium: a screenshot into `shot`, and the DOM after its scripts ran."""
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-        "--virtual-time-budget=15000",
-    ]
     assert Path(CHROMIUM).exists(), "chromium is not installed; scripts/ci-deps installs Debian's chromium"
     shot.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
-            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--window-size=1400,1000", f"--screenshot={shot}", page],
+            [CHROMIUM, *_BROWSER_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000", f"--screenshot={shot}", page],
             capture_output=True,
             timeout=120,
             check=True,
         )
+    return render(page)[0]
+
+
+def render(page: str) -> tuple[str, list[str]]:
+    """`page` in headless Chromium: the DOM after its scripts ran, and the messages of its console (a
+    Content-Security-Policy violation is one), as Chromium logs them."""
+    assert Path(CHROMIUM).exists(), "chromium is not installed; scripts/ci-deps installs Debian's chromium"
     with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [CHROMIUM, *flags, f"--user-data-dir={profile}", "--dump-dom", page],
+        done = subprocess.run(
+            [CHROMIUM, *_BROWSER_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", page],
             capture_output=True,
             text=True,
             timeout=120,
             check=True,
-        ).stdout
+        )
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]

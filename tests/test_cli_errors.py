@@ -195,7 +195,7 @@ def test_a_study_is_named_the_same_way_in_every_command(tmp_path: Path, sqlite_s
         "until_stopped": False,
     }
     assert set(budget) == {"n_trials", "timeout", "until_stopped", "at", "by"} and "@" in budget["by"]  # who set it, when
-    assert listed == [{"study": "exists", "finished": 0, "budget": budget, "states": no_trials, "best": None}]
+    assert listed == [{"study": "exists", "finished": 0, "budget": budget, "states": no_trials, "best": None, "problem": None}]
     shown = json.loads(cli_here("study", "show", "exists", "--storage", url, "--json").stdout)
     assert set(shown) == {*SUMMARY_KEYS, "spec"} and shown["states"] == no_trials and shown["budget"] == budget
     assert (shown["best"], shown["test_evaluation"], shown["ensemble_evaluation"], shown["stopped"]) == (None,) * 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import json
 import math
 import re
 import time
@@ -135,6 +136,35 @@ def test_study_lookups_by_name_match_the_public_ones(url: str) -> None:
     assert internals.study_id_by_name(run, "second") == internals.study_id(other)
     assert internals.study_id_by_name(run, "ghost") is None
     assert internals.study_names(run) == optuna.get_all_study_names(url) == ["door", "second"]
+
+
+def test_bounded_listing_queries_are_optunas_listing_within_their_bounds(url: str) -> None:
+    """bounded_study_attrs, study_directions, study_ids_and_names and frozen_study give what
+    get_all_studies gives, where nothing is over the bounds; over them, sizes instead of values."""
+    study = mixed_study(url)
+    storage = internals.study_storage(study)
+    other = optuna.create_study(study_name="second", storage=storage, directions=["minimize", "maximize"])
+    other.set_user_attr("a", "second's")
+    storage.set_study_system_attr(internals.study_id(other), "sys", {"k": [1, 2]})
+    run, backend = run_on(storage), engine(storage).url.get_backend_name()
+    public = storage.get_all_studies()
+    assert internals.study_ids_and_names(run) == [(internals.study_id(s), s.study_name) for s in public]
+    assert internals.study_directions(run) == {internals.study_id(s): list(s.directions) for s in public}
+    attrs: dict[str, dict[int, dict[str, object]]] = {"user": {}, "system": {}}
+    for which, found in attrs.items():
+        for sid, key, text, size in internals.bounded_study_attrs(run, backend, which, 1 << 20):
+            assert text is not None and size == len(text.encode())
+            found.setdefault(sid, {})[key] = json.loads(text)
+    for s in public:
+        sid = internals.study_id(s)
+        rebuilt = internals.frozen_study(sid, s.study_name, list(s.directions), attrs["user"][sid], attrs["system"].get(sid, {}))
+        assert rebuilt == s
+    # Over the size bound: the size, not the text; only the keys asked for; at most so many per study, by key.
+    big = json.dumps(study.user_attrs["big"])
+    small = internals.bounded_study_attrs(run, backend, "user", len(big) - 1, ("big", "b"))
+    assert small == [(internals.study_id(study), "b", json.dumps("text"), 6), (internals.study_id(study), "big", None, len(big))]
+    first = internals.bounded_study_attrs(run, backend, "user", 1 << 20, None, 1)
+    assert [(sid, key) for sid, key, _, _ in first] == [(internals.study_id(study), "a"), (internals.study_id(other), "a")]
 
 
 def test_the_claims_count_is_the_public_count(url: str) -> None:

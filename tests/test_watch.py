@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import REPO, WHOLE_FIXTURE, browse, cli_env, deprecation_free, run_cli, spawn_cli, tiny_spec, write_spec
+from conftest import REPO, WHOLE_FIXTURE, browse, cli_env, deprecation_free, render, run_cli, spawn_cli, tiny_spec, write_spec
 from helpers import free_port, wait_until
 from shared_trained import FINDER_STEPS
 from wandb_records import read_run
@@ -112,6 +112,25 @@ def test_a_real_browser_renders_the_study_page(dashboard: str, watched: dict[str
     assert "History" in dom
 
 
+def test_the_dashboards_pages_render_under_its_content_security_policy(dashboard: str) -> None:
+    """Every page optuna-dashboard's UI has (the list, a study's History, Analytics, Trials and Note) runs
+    under the policy the dashboard sends, and the browser's console reports no violation of it."""
+    sid = _study_id(dashboard, "prior")
+    with urllib.request.urlopen(f"{dashboard}/dashboard/studies/{sid}", timeout=10) as r:
+        policy = r.headers.get_all("Content-Security-Policy")
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+    assert len(policy) == 1 and "frame-ancestors 'none'" in policy[0], policy
+    scripts = next(d for d in policy[0].split(";") if d.split()[0] == "script-src")
+    assert "'unsafe-inline'" not in scripts and "data:" not in scripts and "*" not in scripts, scripts
+    pages = {"/dashboard": "halve", f"/dashboard/studies/{sid}": "Study Artifacts"}
+    pages |= {f"/dashboard/studies/{sid}/{tab}": f"prior (id={sid})" for tab in ("analytics", "trials", "note")}
+    for path, shown in pages.items():
+        dom, console = render(dashboard + path)
+        assert shown in dom, f"{path} did not render"
+        violations = [line for line in console if "Content Security Policy" in line or "Content-Security-Policy" in line]
+        assert not violations, f"{path}: {violations}"
+
+
 def test_one_offline_wandb_run_per_trial_with_epochs_and_halving(watched: dict[str, Any]) -> None:
     files = sorted((watched["tmp"] / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     runs = {r["name"]: r for r in map(read_run, files)}
@@ -146,7 +165,8 @@ def test_report_writes_pngs_and_an_html_page_linking_them(watched: dict[str, Any
             assert f'src="{p.name}"' in page and f'href="{p.name}"' in page
         assert f"Study {name}" in page
         # Read as text, not Python reprs: `budget 1 trials`, `parameters lr=0.005, ...`.
-        assert "{" not in page.split("<body>")[1] and "&#x27;" not in page and re.search(r"budget \d+ trials", page), page
+        assert "{" not in page.split("<body>")[1] and "&#x27;" not in page and "&#39;" not in page, page
+        assert re.search(r"budget \d+ trials", page), page
     # The LR finder's curve (an artifact of the study) is drawn: a real plot, not the placeholder.
     assert (tmp_path / "prior" / "lr-finder.png").stat().st_size > 2 * (tmp_path / "halve" / "lr-finder.png").stat().st_size
 

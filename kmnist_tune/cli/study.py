@@ -75,7 +75,8 @@ def study_list(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
     elif not studies:
         out(f"no studies in {url}")
     for s in [] if as_json else studies:
-        out(f"{s.study}\t{listed_progress(s.finished, s.budget)}\tbest {'-' if s.best is None else f'{s.best:.4f}'}")
+        problem = f"\t{s.problem}" if s.problem else ""  # a record of this study that does not read: said in its row
+        out(f"{s.study}\t{listed_progress(s.finished, s.budget)}\tbest {'-' if s.best is None else f'{s.best:.4f}'}{problem}")
 
 
 def listed_progress(finished: int, budget: dict | None) -> str:

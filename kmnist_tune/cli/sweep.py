@@ -56,13 +56,15 @@ def run(
     from ..contract.load import load_spec
     from ..observe.summary import summary_lines
     from ..recipe.session import DataOptions, run_sweep
+    from ..service.studies import records_of
 
     slots = plan_slots(gpus, per_gpu)
     use_threads(threads)
     spec = load_spec(spec_path).with_budget(n_trials, timeout)
     for note in spec.notes:
         say(note)
-    summary = run_sweep(spec, storage_url(storage), slots, DataOptions(data_dir, mirror))
+    with records_of(spec.name):  # a malformed record of the study: its line names the study
+        summary = run_sweep(spec, storage_url(storage), slots, DataOptions(data_dir, mirror))
     work_is_done()
     if as_json:
         out_json(summary.as_json())
@@ -106,22 +108,23 @@ def worker(
     """
     from ..observe.summary import summary_lines
     from ..recipe.session import DataOptions, attach_worker
-    from ..service.studies import summarize
+    from ..service.studies import records_of, summarize
 
     name, url = study_name(study_arg, study), storage_url(storage)
     slots = [] if in_process else plan_slots(gpus, per_gpu)
     use_threads(threads)
-    result = attach_worker(
-        url,
-        name,
-        slots,
-        DataOptions(data_dir, mirror),
-        in_process=in_process,
-        n_trials=n_trials,
-        max_trials=max_trials,
-        timeout=timeout,
-        max_failures=max_failures,
-    )
+    with records_of(name):  # a malformed record of the study: its line names the study
+        result = attach_worker(
+            url,
+            name,
+            slots,
+            DataOptions(data_dir, mirror),
+            in_process=in_process,
+            n_trials=n_trials,
+            max_trials=max_trials,
+            timeout=timeout,
+            max_failures=max_failures,
+        )
     work_is_done()
     if result is None:  # supervised slots: each reported itself
         return

@@ -9,10 +9,15 @@ anything with Optuna's `set_user_attr` / `user_attrs`, so it imports neither Opt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .spec import SweepSpec
@@ -100,9 +105,15 @@ class StudyRecord:
     @classmethod
     def read(cls, study_attrs: dict[str, Any]) -> Any:
         """The record stored in a study's user attributes, or None. Unknown keys (a newer version's)
-        are left out, missing ones (an older version's) are None."""
+        are left out, missing ones (an older version's) are None. A record of another shape (anyone
+        who shares the database can write one) raises MalformedRecord."""
         data = study_attrs.get(cls.ATTR)
-        return cls(**{k: data.get(k) for k in _names(cls)}) if data else None
+        if not data:
+            return None
+        problem = _misfit(data, cls)
+        if problem is not None:
+            raise MalformedRecord(cls.ATTR, problem)
+        return _built(data, cls)
 
 
 @dataclass
@@ -238,10 +249,13 @@ class TrialRecord:
     # Not a trial attribute (Optuna freezes a finished trial's attributes): attached by `of` from the
     # study's test evaluation when it is of this trial.
     test_evaluation: TestEvaluation | None = None
+    # Not stored either: the keys whose stored value had another shape (key -> what is wrong), read as
+    # absent. Workers carry on without them; what shows a trial says so (`malformed_line`).
+    malformed: dict[str, str] = field(default_factory=dict)
 
     # Field -> user-attribute key, where they differ (keys of studies written by earlier versions).
     KEYS: ClassVar[dict[str, str]] = {"enqueued": "kmnist_tune.enqueued"}
-    NOT_STORED: ClassVar[frozenset[str]] = frozenset({"test_evaluation"})
+    NOT_STORED: ClassVar[frozenset[str]] = frozenset({"test_evaluation", "malformed"})
 
     @classmethod
     def key(cls, name: str) -> str:
@@ -260,18 +274,31 @@ class TrialRecord:
         """The record of a trial (a FrozenTrial, a Trial, or its user-attrs dict)."""
         attrs: dict[str, Any] = trial if isinstance(trial, dict) else trial.user_attrs
         rec = cls()
-        for name in _names(cls) - cls.NOT_STORED:
+        hints = _hints(cls)
+        for name in [f.name for f in dataclasses.fields(cls) if f.name not in cls.NOT_STORED]:
             key = cls.KEYS.get(name, name)
-            if key in attrs:
-                setattr(rec, name, attrs[key])
-        rec.halving_events = [e if isinstance(e, HalvingEvent) else HalvingEvent(**e) for e in rec.halving_events or []]
-        if isinstance(rec.worker, dict):
-            rec.worker = WorkerInfo(**{k: rec.worker.get(k) for k in _names(WorkerInfo)})
+            if attrs.get(key) is None:
+                continue  # absent: the field's default
+            problem = _misfit(attrs[key], hints[name])
+            if problem is None:
+                setattr(rec, name, _built(attrs[key], hints[name]))
+            else:
+                rec.malformed[key] = problem
+        rec.halving_events = rec.halving_events or []
         number = getattr(trial, "number", None)
         test = TestEvaluation.read(study_attrs or {})
         if test is not None and test.trial == number:
             rec.test_evaluation = test
         return rec
+
+    def malformed_line(self, number: int) -> str | None:
+        """One line about the fields of this trial's record that had another shape (None: none had).
+        A finished trial's attributes cannot be changed, so they are shown as left out, never fatal."""
+        if not self.malformed:
+            return None
+        key, problem = next(iter(self.malformed.items()))
+        more = f" (and {len(self.malformed) - 1} more of its attributes)" if len(self.malformed) > 1 else ""
+        return f"trial {number}: its attribute {key} {problem}{more}; {_UNWRITTEN}: left out"
 
     @classmethod
     def fresh(cls) -> dict[str, Any]:
@@ -348,6 +375,112 @@ class LRPrior(StudyRecord):
 
 def _names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+# -- records read from storage: checked against their fields' types ----------------------------------
+
+# How to set each study record right, by key ({study}: the study's name).
+_FIXES = {
+    BUDGET_ATTR: "`kmnist-tune study extend {study} --n-trials N` writes it again",
+    STOP_ATTR: "`kmnist-tune study resume {study}` clears it",
+    TEST_ATTR: "`kmnist-tune best --study {study} --evaluate` writes it again",
+    ENSEMBLE_ATTR: "`kmnist-tune best --study {study} --evaluate --ensemble K` writes it again",
+    MODEL_ATTR: "`kmnist-tune best --study {study} --evaluate` writes it again",
+    PRIOR_ATTR: "set it to null (Optuna's `study.set_user_attr`) and the next worker computes it again",
+}
+_UNWRITTEN = "kmnist-tune never writes that (someone who shares the study database did)"
+
+
+class MalformedRecord(UserError):
+    """A study's record that is not of its kind's shape (anyone who shares the study database can
+    write one): one line saying which study and attribute, what is wrong and how to set it right."""
+
+    def __init__(self, key: str, problem: str, study: str | None = None) -> None:
+        self.key, self.problem, self.study = key, problem, study
+        where = f"study {study!r}" if study is not None else "the study"
+        fix = _FIXES.get(key, "set it to null to clear it").format(study=study if study is not None else "STUDY")
+        super().__init__(f"{where}: its attribute {key} {problem}; {_UNWRITTEN}: {fix}")
+
+    def in_study(self, name: str) -> MalformedRecord:
+        """The same line, naming the study."""
+        return self if self.study is not None else MalformedRecord(self.key, self.problem, name)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# JSON's names for what a stored value is, and what a field asks for.
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def _shown(value: Any) -> str:
+    """A stored value in a line: a short, escaped form (no control characters, no newline) and its type."""
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({_JSON_NAMES.get(type(value), 'null' if value is None else type(value).__name__)})"
+
+
+def _misfit(value: Any, hint: Any, path: str = "") -> str | None:
+    """What is wrong with `value` as a `hint` (None: it fits). Written out rather than left to a
+    validator: a record's field with a default may be absent (an older version's record), read as
+    None as ever, and a stored value is never converted ("5" for a number, true for an integer are
+    wrong, not coerced)."""
+    where = f" in {path}" if path else ""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_misfit(value, a, path) for a in args if a is not type(None)]
+        return None if None in problems else problems[0]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return f"is {_shown(value)}{where}, not an object with {', '.join(sorted(_names(hint)))}"
+        hints = _hints(hint)
+        for f in dataclasses.fields(hint):
+            inner = f"{path}.{f.name}" if path else f.name
+            if value.get(f.name) is not None:
+                problem = _misfit(value[f.name], hints[f.name], inner)
+                if problem is not None:
+                    return problem
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and _misfit(None, hints[f.name]):
+                return f"has no {inner}"  # a field every version writes (one with a default may be absent)
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            return f"holds {_shown(value)}{where}, not a list"
+        return next((p for i, v in enumerate(value) if (p := _misfit(v, args[0], f"{path}[{i}]")) is not None), None)
+    if origin is dict:
+        if not isinstance(value, dict):
+            return f"holds {_shown(value)}{where}, not an object"
+        return next((p for k, v in value.items() if (p := _misfit(v, args[1], f"{path}.{k}")) is not None), None)
+    fits = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # JSON writes 2.0 as 2 too
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(hint)
+    if fits is None or fits(value):
+        return None
+    return f"holds {_shown(value)}{where}, not {_JSON_NAMES[hint]}"
+
+
+def _built(value: Any, hint: Any) -> Any:
+    """A value that fits `hint` (_misfit), its records made objects (missing fields None)."""
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = _hints(hint)
+        return hint(**{k: _built(value.get(k), hints[k]) for k in _names(hint)})
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for a in typing.get_args(hint):
+            if a is not type(None) and value is not None and _misfit(value, a) is None:
+                return _built(value, a)
+        return value
+    if typing.get_origin(hint) is list and isinstance(value, list):
+        return [_built(v, typing.get_args(hint)[0]) for v in value]
+    return value
 
 
 def _encode(value: Any) -> Any:

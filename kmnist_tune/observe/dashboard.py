@@ -4,14 +4,19 @@ optuna-dashboard has no login, answers any Host header and serves artifacts with
 header. Here its WSGI app runs behind a guard that answers only the Host names this server is
 known by (a web page that rebinds its own name to this address then gets a 403, not the studies),
 refuses writes that a foreign page's origin sent, and drops `Access-Control-Allow-Origin`, so no
-other origin reads a response. Who may change a study is still the database role's matter: compose
-and Kubernetes run it with the read-only dashboard role (storage/initdb).
+other origin reads a response. The guard also sets the security headers of every response (its own,
+whatever the app or the stored data said): the dashboard's pages run under a Content-Security-Policy
+that its own UI works under, everything else under one that runs and loads nothing, and an artifact
+(whose content type anyone sharing the database chooses) is always a download, never a page of this
+origin. Who may change a study is still the database role's matter: compose and Kubernetes run it
+with the read-only dashboard role (storage/initdb).
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import re
 import socket
 import socketserver
@@ -26,6 +31,7 @@ from optuna.storages import BaseStorage
 
 from ..errors import UserError
 from ..service.artifacts import artifact_store
+from ..service.listing import BoundedListing
 
 ENV_ALLOW_HOSTS = "KMNIST_TUNE_DASHBOARD_ALLOW_HOSTS"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -33,6 +39,50 @@ WILDCARDS = ("0.0.0.0", "[::]", "")
 # A DNS name (labels of letters, digits, - and _) or an IPv4 address; IPv6 ones come in brackets.
 _NAME = re.compile(r"[a-z0-9_][a-z0-9_-]{0,62}(\.[a-z0-9_][a-z0-9_-]{0,62})*")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+# The policy of the dashboard's own pages (/dashboard/...): the one optuna-dashboard 0.21 sends itself,
+# which its UI is built for (MUI and Plotly set inline styles; Plotly's parallel coordinates compile
+# WebGL shaders with eval; plots are data: and blob: images), with framing, <base> and form targets
+# closed. tests/test_watch.py renders each page in Chromium under it and finds no violation.
+PAGE_CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-eval'",
+        "style-src 'self' data: 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "connect-src 'self'",
+        "frame-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+# Everything else (the API's JSON, static files, artifacts, error pages): opened as a page, it runs
+# nothing, loads nothing and has no origin of its own (sandbox).
+LOCKED_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
+# Sent with every response, in place of any the app set.
+_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),  # no other site embeds a response (an artifact as <img>)
+)
+# Headers the guard decides alone: dropped from the app's answer (optuna-dashboard's own CSP, an
+# artifact's stored encoding, CORS), then set as above.
+_REPLACED = frozenset(
+    {
+        "content-security-policy",
+        "content-security-policy-report-only",
+        "content-disposition",
+        "content-encodings",  # optuna-dashboard's name for an artifact's stored `encoding`
+        *(k.lower() for k, _ in _SECURITY_HEADERS),
+    }
+)
+# optuna-dashboard's two artifact routes: /artifacts/STUDY/ID and /artifacts/STUDY/TRIAL/ID.
+_ARTIFACT_PATH = re.compile(r"/artifacts/([0-9]{1,18})/(?:([0-9]{1,18})/)?([0-9a-fA-F-]{1,100})/*")
+# A media type as `type/subtype` (RFC 6838's characters), without parameters.
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -128,18 +178,54 @@ def _printable(value: str) -> str:
     return "".join(c if c.isprintable() and c.isascii() else "?" for c in value)[:100]
 
 
-def guarded(app: WSGIApp, policy: HostPolicy) -> WSGIApp:
-    """`app` answering only requests whose Host is one of `policy`'s, with no CORS header."""
+def safe_filename(name: Any, fallback: str) -> str:
+    """A download's file name from stored data: letters, digits, `._-` (others become `_`), no leading
+    dot, at most 100 characters; `fallback` when nothing is left."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", name if isinstance(name, str) else "")[:100].lstrip(".")
+    return text if text.strip("_") else fallback
+
+
+def artifact_headers(content_type: str | None, filename: str) -> list[tuple[str, str]]:
+    """An artifact's headers: always a download (attachment, under a sandboxing CSP); its content
+    type as stored when it is a plain media type, else application/octet-stream."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return [
+        ("Content-Type", media if _MEDIA_TYPE.fullmatch(media) else "application/octet-stream"),
+        ("Content-Disposition", f'attachment; filename="{filename}"'),
+    ]
+
+
+def security_headers(path: str) -> list[tuple[str, str]]:
+    page = path.rstrip("/") == "/dashboard" or path.startswith("/dashboard/")
+    return [("Content-Security-Policy", PAGE_CSP if page else LOCKED_CSP), *_SECURITY_HEADERS]
+
+
+def artifact_file_name(storage: BaseStorage, path: str) -> str | None:
+    """The stored file name of the artifact at `path` (one of optuna-dashboard's artifact routes),
+    made safe for a header; None when `path` is not an artifact's. Read where optuna-dashboard reads
+    an artifact's record (the study's or trial's system attributes, Optuna's `artifacts:ID` key)."""
+    m = _ARTIFACT_PATH.fullmatch(path)
+    if m is None:
+        return None
+    study, trial, artifact = m.groups()
+    key = f"artifacts:{artifact}"
+    try:
+        attrs = storage.get_trial_system_attrs(int(trial)) if trial else storage.get_study_system_attrs(int(study))
+        meta = json.loads(attrs[key]) if isinstance(attrs.get(key), str) else None
+    except Exception:  # no such study, trial or record, or a record that is not JSON: the app answers 404
+        meta = None
+    return safe_filename(meta.get("filename") if isinstance(meta, dict) else None, f"artifact-{artifact}")
+
+
+def guarded(app: WSGIApp, policy: HostPolicy, file_name: Callable[[str], str | None] | None = None) -> WSGIApp:
+    """`app` answering only requests whose Host is one of `policy`'s, with no CORS header and with the
+    guard's security headers. `file_name(path)`: an artifact's download name (None: not an artifact)."""
 
     def refuse(start_response: StartResponse, why: str) -> list[bytes]:
         body = f"{why}\n".encode()
         start_response(
             "403 Forbidden",
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-                ("X-Content-Type-Options", "nosniff"),
-            ],
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *security_headers("")],
         )
         return [body]
 
@@ -160,8 +246,18 @@ def guarded(app: WSGIApp, policy: HostPolicy) -> WSGIApp:
         if unsafe and origin is not None and not policy.origin_allowed(origin):
             return refuse(start_response, f"kmnist-tune dashboard: a write from origin {_printable(origin)} is refused")
 
+        path = environ.get("PATH_INFO", "")
+        # Whatever optuna-dashboard serves under /artifacts/ (any id form it may accept) is a download.
+        download = None
+        if path.startswith("/artifacts/"):
+            download = (file_name(path) if file_name is not None else None) or "artifact"
+
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            kept = [(k, v) for k, v in headers if k.lower() != "access-control-allow-origin"]
+            kept = [(k, v) for k, v in headers if k.lower() not in _REPLACED and not k.lower().startswith("access-control-")]
+            if download is not None:  # an artifact: its stored content type decides nothing about how it is opened
+                stored = next((v for k, v in kept if k.lower() == "content-type"), None)
+                kept = [(k, v) for k, v in kept if k.lower() != "content-type"] + artifact_headers(stored, download)
+            kept += security_headers(path)
             return start_response(status, kept, exc_info) if exc_info is not None else start_response(status, kept)
 
         return app(environ, start)
@@ -199,7 +295,10 @@ def serve(
     from optuna_dashboard import wsgi
 
     def app_for(st: BaseStorage) -> WSGIApp:
-        return guarded(wsgi(st, artifact_store=artifact_store(st, artifacts)), policy)
+        # optuna-dashboard lists the studies, and finds each one it shows, through get_all_studies:
+        # given a storage that reads their attributes bounded (service/listing.py).
+        app = wsgi(BoundedListing(st), artifact_store=artifact_store(st, artifacts))
+        return guarded(app, policy, lambda path: artifact_file_name(st, path))
 
     try:
         ipv6 = ipaddress.ip_address(host).version == 6

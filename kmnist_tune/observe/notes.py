@@ -12,7 +12,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from ..contract.events import Listener, TrialEnd
-from ..contract.records import Budget, LRPrior, StudyStop, TrialRecord
+from ..contract.records import Budget, LRPrior, MalformedRecord, StudyRecord, StudyStop, TrialRecord
 from ..errors import one_line
 
 
@@ -73,10 +73,20 @@ def prior_note(prior: LRPrior, study_name: str) -> str:
 
 
 def study_note(study_name: str, attrs: dict[str, Any]) -> str:
-    """The study's note: its state (budget, stopped?) and, when there is one, the LR-finder evidence."""
-    budget = Budget.read(attrs)
-    stopped = StudyStop.read(attrs)
-    lines = [f"## Study {study_name}"]
+    """The study's note: its state (budget, stopped?) and, when there is one, the LR-finder evidence.
+    A record of another shape (anyone who shares the database can write one) is a line of the note:
+    the note is written after `study extend`, `stop` and `resume`, which must not fail on it."""
+    problems: list[str] = []
+
+    def read(record: type[StudyRecord]) -> Any:
+        try:
+            return record.read(attrs)
+        except MalformedRecord as e:
+            problems.append(f"- {e.in_study(study_name)}")
+            return None
+
+    budget, stopped, prior = read(Budget), read(StudyStop), read(LRPrior)
+    lines = [f"## Study {study_name}", *problems]
     if budget is not None:
         lines.append(f"- budget: {budget.describe()}" + (f" (set at {budget.at} by {budget.by})" if budget.by else ""))
     lines.append(
@@ -84,7 +94,6 @@ def study_note(study_name: str, attrs: dict[str, Any]) -> str:
         if stopped
         else "- running: workers may claim trials"
     )
-    prior = LRPrior.read(attrs)
     return "\n".join(lines) + ("\n\n" + prior_note(prior, study_name) if prior else "")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import html
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..contract.spec import SweepSpec
 from ..errors import UserError
 from ..optuna_internals import study_storage
 from ..service.lr_curve import with_curve
-from ..service.studies import summarize
+from ..service.studies import malformed_trials, records_of, summarize
 from .plots import finish, placeholder, plot_prior, pyplot, save_axes, writable_folder
 
 
@@ -90,8 +89,8 @@ def top_trials_plot(study: optuna.Study, spec: SweepSpec, path: Path, k: int = 5
     )
 
 
-def halving_plot(study: optuna.Study, path: Path) -> Path:
-    records = [(t.number, TrialRecord.of(t)) for t in study.trials]
+def halving_plot(records: list[tuple[int, TrialRecord]], path: Path) -> Path:
+    """The batch sizes each trial started with and used, from the trials' records (number, record)."""
     rows = [
         (n, r.batch_size_initial, r.batch_size_used, len(r.halving_events)) for n, r in records if r.batch_size_used is not None
     ]
@@ -126,48 +125,73 @@ def prior_plot(study: optuna.Study, prior: LRPrior | None, path: Path) -> Path:
         return placeholder(path, "LR finder", str(e))
 
 
+# The page: every value is put in by Jinja2 with autoescape on, so nothing read from the study (its
+# name, parameters, records: anyone who shares the database writes them) can add markup or script.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kmnist-tune report: {{ name }}</title>
+<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}figure{margin:1.5em 0}</style></head>
+<body><h1>Study {{ name }}</h1>
+<p>{{ dataset }}, metric {{ metric }} ({{ direction }}); trials: {{ states }};
+budget {{ budget }}.</p>
+{% if best -%}
+<p>Best: trial {{ best.trial }}, validation {{ metric }} <b>{{ best.value }}</b>,
+parameters <code>{{ best.params }}</code></p>
+{% else -%}
+<p>No completed trial yet.</p>
+{% endif -%}
+{% if test -%}
+<p>Official test split (trial {{ test.trial }} retrained): {{ test.metric }} <b>{{ test.value }}</b>
+on {{ test.n_test }} images.</p>
+{% endif -%}
+{% if prior %}<p>{{ prior }}</p>
+{% endif -%}
+{% if malformed %}<p><small>{{ malformed }}</small></p>
+{% endif -%}
+{% for title, file in figures -%}
+<figure><a href="{{ file }}"><img src="{{ file }}" alt="{{ title }}" width="720"></a>
+<figcaption>{{ title }}</figcaption></figure>
+{% endfor -%}
+<p><small>Written {{ written }} by kmnist-tune.</small></p>
+</body></html>
+"""
+
+
 def write_report(study: optuna.Study, spec: SweepSpec, out: Path) -> Path:
     """Writes the PNGs and index.html into `out`; returns the HTML page's path."""
+    import jinja2
+
+    # The study's records first: one that does not read is one line, before anything is written.
+    with records_of(study.study_name):
+        prior = LRPrior.read(study.user_attrs)
+    summary = summarize(study, spec, with_trials=False)
+    records = [(t.number, TrialRecord.of(t)) for t in study.trials]
     writable_folder(out, "--out")
-    prior = LRPrior.read(study.user_attrs)
     figures = [
         ("Optimisation history", history_plot(study, out / "history.png")),
         ("Parameter importances", importance_plot(study, out / "importances.png")),
         ("LR finder", prior_plot(study, prior, out / "lr-finder.png")),
         ("Validation per epoch (top trials)", top_trials_plot(study, spec, out / "top-trials.png")),
-        ("Batch halving", halving_plot(study, out / "halving.png")),
+        ("Batch halving", halving_plot(records, out / "halving.png")),
     ]
-    summary = summarize(study, spec, with_trials=False)
     best, test = summary.best, summary.test_evaluation
-    best_html = (
-        f"<p>Best: trial {best.trial}, validation {html.escape(spec.metric)} "
-        f"<b>{best.value:.4f}</b>, parameters <code>{html.escape(shown_params(best.params))}</code></p>"
-        if best
-        else "<p>No completed trial yet.</p>"
+    page = (
+        jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+        .from_string(PAGE)
+        .render(
+            name=study.study_name,
+            dataset=spec.data.dataset,
+            metric=spec.metric,
+            direction=spec.direction,
+            states=summary.states.describe(),
+            budget=Budget(summary.budget["n_trials"], summary.budget["timeout"]).describe(),
+            best=best and {"trial": best.trial, "value": f"{best.value:.4f}", "params": shown_params(best.params)},
+            test=test and {"trial": test.trial, "metric": test.metric, "value": f"{test.test_value:.4f}", "n_test": test.n_test},
+            prior=prior.summary() if prior else None,
+            malformed=malformed_trials(dict(records)),
+            figures=[(title, p.name) for title, p in figures],
+            written=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
     )
-    test_html = (
-        f"<p>Official test split (trial {test.trial} retrained): {html.escape(test.metric)} "
-        f"<b>{test.test_value:.4f}</b> on {test.n_test} images.</p>"
-        if test
-        else ""
-    )
-    prior_html = f"<p>{html.escape(prior.summary())}</p>" if prior else ""
-    figs = "\n".join(
-        f'<figure><a href="{p.name}"><img src="{p.name}" alt="{html.escape(t)}" width="720"></a>'
-        f"<figcaption>{html.escape(t)}</figcaption></figure>"
-        for t, p in figures
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>kmnist-tune report: {html.escape(study.study_name)}</title>
-<style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}}figure{{margin:1.5em 0}}</style></head>
-<body><h1>Study {html.escape(study.study_name)}</h1>
-<p>{html.escape(spec.data.dataset)}, metric {html.escape(spec.metric)} ({spec.direction}); trials: {summary.states.describe()};
-budget {html.escape(Budget(summary.budget["n_trials"], summary.budget["timeout"]).describe())}.</p>
-{best_html}{test_html}{prior_html}
-{figs}
-<p><small>Written {dt.datetime.now(dt.UTC).isoformat(timespec="seconds")} by kmnist-tune.</small></p>
-</body></html>
-"""
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

@@ -58,7 +58,7 @@ def ensemble_lines(s: StudySummary) -> list[str]:
 
 
 def summary_lines(s: StudySummary) -> list[str]:
-    return [counts_line(s), *best_lines(s)]
+    return [counts_line(s), *best_lines(s), *([s.malformed] if s.malformed else [])]
 
 
 def show_lines(s: StudySummary) -> list[str]:

@@ -338,7 +338,9 @@ def first_line(e: BaseException) -> str:
 
 
 def study_names(storage: BaseStorage) -> list[str]:
-    return [s.study_name for s in storage.get_all_studies()]
+    """The studies' names (one small query: Optuna's get_all_studies reads every study's attributes)."""
+    run = _runner(storage)
+    return internals.study_names(run) if run is not None else [s.study_name for s in storage.get_all_studies()]
 
 
 def require_study(storage: BaseStorage, name: str) -> int:

@@ -4,13 +4,13 @@ pruner, and summarise them (the one summary `study show`, `study list`, `best` a
 from __future__ import annotations
 
 import collections.abc
-import contextlib
 import datetime as dt
 import inspect
 import json
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,12 +25,14 @@ from .. import __version__
 from .. import optuna_internals as internals
 from ..contract.load import parse_spec
 from ..contract.records import (
+    BUDGET_ATTR,
     CREATED_ATTR,
     FINISHED_STATES,
     SPEC_ATTR,
     Budget,
     EnsembleEvaluation,
     LRPrior,
+    MalformedRecord,
     StudyStop,
     TestEvaluation,
     TrialRecord,
@@ -39,10 +41,11 @@ from ..contract.records import (
 from ..contract.space import fit_into, grid_space, without_quantiles
 from ..contract.spec import SpecError, SweepSpec, spec_to_dict
 from ..contract.wandb import to_wandb
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..masking import mask
 from .artifacts import artifact_store, artifacts_lock, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .evaluations import signed_evaluations
+from .listing import ListedStudy, listed_studies
 from .lock import storage_lock
 from .lr_curve import with_curve
 from .retry import RetryingRDBStorage, RetryingStorage, open_worker_storage
@@ -51,6 +54,7 @@ from .storage import (
     StateCounts,
     count_states,
     describe,
+    finished_and_best,
     is_grpc,
     open_grpc,
     open_storage,
@@ -179,6 +183,15 @@ def stored_spec(study_name: str, attrs: dict[str, Any]) -> SweepSpec:
     # Anyone sharing the database can write this: parse_spec bounds its size, nesting and option values
     # (a RecursionError or a giant option there is one line here, not a crash in every worker).
     return parse_spec(data, f"spec stored in study {study_name!r}")
+
+
+@contextmanager
+def records_of(name: str) -> Iterator[None]:
+    """A malformed record read inside names its study (records.py knows only the attribute)."""
+    try:
+        yield
+    except MalformedRecord as e:
+        raise e.in_study(name) from None
 
 
 def create_study(spec: SweepSpec, storage: BaseStorage, *, resume: bool, seed: int | None = None) -> tuple[optuna.Study, bool]:
@@ -317,7 +330,8 @@ def spec_differences(stored: SweepSpec, given: SweepSpec, most: int = 3) -> str:
 def raise_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeout: float | None) -> Budget:
     """The study's budget, grown to `n_trials` / `timeout` where they are larger (`run --n-trials`,
     `worker --n-trials`): running the same spec file again never shrinks an extended study."""
-    current = Budget.of(study.user_attrs, spec)
+    with records_of(study.study_name):
+        current = Budget.of(study.user_attrs, spec)
     grown_n = current.n_trials if n_trials is None or (current.n_trials or 0) >= n_trials else n_trials
     grown_t = current.timeout if timeout is None or (current.timeout or 0) >= timeout else timeout
     if (grown_n, grown_t) == (current.n_trials, current.timeout):
@@ -328,8 +342,12 @@ def raise_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, tim
 
 
 def set_budget(study: optuna.Study, spec: SweepSpec, n_trials: int | None, timeout: float | None) -> Budget:
-    """`study extend`: the new total (and/or timeout). Every worker reads it before its next claim."""
-    current = Budget.of(study.user_attrs, spec)
+    """`study extend`: the new total (and/or timeout). Every worker reads it before its next claim.
+    A budget record of another shape is replaced (what it does not give comes from the spec)."""
+    try:
+        current = Budget.of(study.user_attrs, spec)
+    except MalformedRecord:
+        current = Budget.of({}, spec)
     if n_trials is not None:
         done = count_states(internals.study_storage(study), internals.study_id(study)).finished
         if n_trials < done:
@@ -350,8 +368,12 @@ def stop_study(study: optuna.Study, *, now: bool, reason: str | None = None) -> 
 
 
 def resume_study(study: optuna.Study) -> StudyStop | None:
-    """Workers may claim again; returns the stop that was lifted, if there was one."""
-    stop = StudyStop.read(study.user_attrs)
+    """Workers may claim again; returns the stop that was lifted, if there was one (None also for a
+    stop record of another shape, which this clears)."""
+    try:
+        stop = StudyStop.read(study.user_attrs)
+    except MalformedRecord:
+        stop = None
     study.set_user_attr(StudyStop.ATTR, {})
     return stop
 
@@ -474,8 +496,9 @@ def wandb_sweep(url: str, name: str) -> tuple[dict[str, Any], list[str]]:
     """`study show --as-wandb`: the study's spec as a W&B sweep config, with its current budget and
     LR-finder range (contract/wandb.py), and what W&B has no key for."""
     study, spec = read_study(url, name)
-    budget = Budget.of(study.user_attrs, spec)
-    prior = LRPrior.read(study.user_attrs)
+    with records_of(name):
+        budget = Budget.of(study.user_attrs, spec)
+        prior = LRPrior.read(study.user_attrs)
     return to_wandb(spec, budget.n_trials, budget.timeout, (prior.low, prior.high) if prior is not None else None)
 
 
@@ -483,7 +506,8 @@ def read_prior(url: str, name: str) -> LRPrior:
     """The LR-finder prior stored on a study; one line saying why when there is none."""
     study, spec = read_study(url, name)
     require_lr_finder(name, spec)
-    prior = LRPrior.read(study.user_attrs)
+    with records_of(name):
+        prior = LRPrior.read(study.user_attrs)
     if prior is None:
         raise UserError(f"study {name!r} has no stored LR-finder prior yet; run `kmnist-tune lr-find --study {name}`")
     return with_curve(internals.study_storage(study), name, prior)
@@ -537,12 +561,15 @@ class StudySummary:
     retried: list[dict[str, Any]] | None = None
     # With the signing key: one line for each stored score left out as unsigned (service/evaluations.py).
     withheld: list[str] = field(default_factory=list)
+    # One line about the trials whose records had fields of another shape (left out), None when none
+    # had (of the trials read: the best one, and every one with_trials). Not in the JSON.
+    malformed: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """`run`, `worker` and `study show --json`: every key always there (null where unset: no best yet,
         no test score, not stopped, workers not asked for), every state counted (zeros too)."""
         full = {**asdict(self), "states": all_states(self.states)}
-        del full["withheld"]  # said on stderr, not a key of the JSON
+        del full["withheld"], full["malformed"]  # said on stderr, not keys of the JSON
         return full
 
     def best_json(self) -> dict[str, Any]:
@@ -559,25 +586,36 @@ def summarize(study: optuna.Study, spec: SweepSpec, *, with_trials: bool = True)
     storage = internals.study_storage(study)
     attrs = study.user_attrs
     best = best_or_none(study)
-    test, ensemble, withheld = signed_evaluations(study.study_name, attrs)
-    summary = StudySummary(
-        study=study.study_name,
-        storage=describe(storage),
-        metric=spec.metric,
-        direction=spec.direction,
-        states=count_states(storage, internals.study_id(study)),
-        budget=budget_json(Budget.of(attrs, spec)),
-        best=None
-        if best is None
-        else BestTrial(best.number, best.value, without_quantiles(best.params), TrialRecord.of(best).config),
-        test_evaluation=test,
-        ensemble_evaluation=ensemble,
-        stopped=StudyStop.read(attrs),
-        withheld=withheld,
-    )
+    trials = study.get_trials(deepcopy=False) if with_trials else [best] if best is not None else []
+    records = {t.number: TrialRecord.of(t) for t in trials}
+    best_config = records[best.number].config if best is not None and best.number in records else None
+    with records_of(study.study_name):
+        test, ensemble, withheld = signed_evaluations(study.study_name, attrs)
+        summary = StudySummary(
+            study=study.study_name,
+            storage=describe(storage),
+            metric=spec.metric,
+            direction=spec.direction,
+            states=count_states(storage, internals.study_id(study)),
+            budget=budget_json(Budget.of(attrs, spec)),
+            best=None if best is None else BestTrial(best.number, best.value, without_quantiles(best.params), best_config),
+            test_evaluation=test,
+            ensemble_evaluation=ensemble,
+            stopped=StudyStop.read(attrs),
+            withheld=withheld,
+        )
+    summary.malformed = malformed_trials(records)
     if with_trials:
-        summary.workers, summary.retried = _by_worker(study.get_trials(deepcopy=False))
+        summary.workers, summary.retried = _by_worker(trials, records)
     return summary
+
+
+def malformed_trials(records: dict[int, TrialRecord]) -> str | None:
+    """One line about the trials whose records had fields of another shape, or None."""
+    lines = [line for n, r in sorted(records.items()) if (line := r.malformed_line(n)) is not None]
+    if not lines:
+        return None
+    return lines[0] + (f"; and {len(lines) - 1} more trial(s) like it" if len(lines) > 1 else "")
 
 
 def budget_json(budget: Budget) -> dict[str, Any]:
@@ -597,18 +635,18 @@ def read_summary(url: str, name: str, *, with_trials: bool = True) -> tuple[Stud
     return summarize(study, spec, with_trials=with_trials), spec
 
 
-def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[str, Any]]]:
+def _by_worker(trials: list[FrozenTrial], records: dict[int, TrialRecord]) -> tuple[list[WorkerRow], list[dict[str, Any]]]:
     """Trials grouped by the worker process (host, pid, GPU) that ran them, and the retried ones with
     both states: the retry's and its original's."""
     groups: dict[tuple[str, int, str], WorkerRow] = {}
     retried = []
     states = {t.number: t.state.name for t in trials}
     for t in trials:
-        rec = TrialRecord.of(t)
+        rec = records[t.number]
         if rec.worker is None:
             continue
         w = rec.worker
-        pid = w.pid if isinstance(w.pid, int) and not isinstance(w.pid, bool) else -1  # stored data: any type
+        pid = w.pid if w.pid is not None else -1  # an older record without it
         row = groups.setdefault((str(w.host), pid, str(w.gpu)), WorkerRow(str(w.host), pid, str(w.gpu)))
         if t.state == TrialState.RUNNING:
             row.running.append(t.number)
@@ -625,32 +663,52 @@ def _by_worker(trials: list[FrozenTrial]) -> tuple[list[WorkerRow], list[dict[st
 @dataclass
 class StudyListing:
     """One row of `study list`: finished trials against the budget (what the budget counts), every
-    state's count, and the best value."""
+    state's count, the best value, and why the budget could not be read, when it could not."""
 
     study: str
     finished: int
-    budget: dict[str, Any] | None  # budget_json; None: not a study of kmnist-tune's
+    budget: dict[str, Any] | None  # budget_json; None: not a study of kmnist-tune's, or `problem`
     states: dict[str, int]
     best: float | None
+    problem: str | None = None  # one line: a record of this study that does not read (malformed, too long)
+
+
+# What a row shows of a study's attributes: its budget, and its spec for a study made before budgets
+# were study state. Nothing else is read (listing.py: each bounded in size).
+LISTED_ATTRS = (BUDGET_ATTR, SPEC_ATTR)
 
 
 def list_studies(storage: BaseStorage) -> list[StudyListing]:
+    """Every study's row. A study whose records do not read (anyone who shares the database can write
+    them) gets the line that says so in its row; the other rows are as ever."""
     out = []
-    for s in storage.get_all_studies():
-        counts = count_states(storage, internals.study_id(s))
+    for s in listed_studies(storage, LISTED_ATTRS):
+        counts = count_states(storage, s.study_id)
         best = None
         if len(s.directions) == 1:  # another tool's multi-objective study has no single best
-            with contextlib.suppress(ValueError):  # no completed trial yet
-                best = storage.get_best_trial(internals.study_id(s)).value
-        record = Budget.read(s.user_attrs)
-        if record is None:  # a study made before budgets were study state: its spec's
-            try:
-                record = Budget.of(s.user_attrs, stored_spec(s.study_name, s.user_attrs))
-            except UserError:  # another tool's study, or a spec that no longer reads: no budget to show
-                record = None
-        budget = None if record is None else budget_json(record)
-        out.append(StudyListing(s.study_name, counts.finished, budget, all_states(counts), best))
+            maximize = s.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+            best = finished_and_best(storage, s.study_id, maximize)[1]
+        budget, problem = _listed_budget(s)
+        out.append(StudyListing(s.name, counts.finished, budget, all_states(counts), best, problem))
     return out
+
+
+def _listed_budget(s: ListedStudy) -> tuple[dict[str, Any] | None, str | None]:
+    """(the row's budget, None) or (None, the line saying why it does not read)."""
+    try:
+        with records_of(s.name):
+            if BUDGET_ATTR in s.unread:
+                raise MalformedRecord(BUDGET_ATTR, s.unread[BUDGET_ATTR])
+            record = Budget.read(s.user_attrs)
+        if record is None:  # a study made before budgets were study state: its spec's
+            if SPEC_ATTR in s.unread:
+                raise UserError(f"study {s.name!r}: its attribute {SPEC_ATTR} {s.unread[SPEC_ATTR]}")
+            if SPEC_ATTR not in s.user_attrs:
+                return None, None  # another tool's study
+            record = Budget.of({}, stored_spec(s.name, s.user_attrs))
+    except UserError as e:
+        return None, one_line(e, 400)
+    return budget_json(record), None
 
 
 def all_states(counts: StateCounts) -> dict[str, int]:

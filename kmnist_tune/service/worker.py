@@ -31,8 +31,8 @@ from ..optuna_internals import study_id, trial_id
 from .artifacts import artifact_store, checkpoint_ids, remove_artifacts, remove_checkpoints
 from .claims import budget_slot, make_trial, pending_claims
 from .retry import is_transient
-from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs
-from .studies import seed_sampler, stop_study
+from .storage import StateCounts, count_states, finished_and_best, first_line, running_without_heartbeat, study_attrs, study_names
+from .studies import records_of, seed_sampler, stop_study
 
 POLL_S = 2.0  # how often an idle worker looks again while other workers' trials may still fail
 
@@ -159,7 +159,8 @@ class Worker:
         """The study's budget and stop, as they are now: `study extend` and `study stop` change them
         while workers run, and every worker reads them before each claim."""
         attrs = study_attrs(self.storage, self.study_id, (Budget.ATTR, StudyStop.ATTR))
-        return Budget.of(attrs, self.spec), StudyStop.read(attrs)
+        with records_of(self.study.study_name):
+            return Budget.of(attrs, self.spec), StudyStop.read(attrs)
 
     def claim(self) -> optuna.Trial | StudyStop | None:
         """Atomically: if the budget allows, create (or pop a waiting retry) and return a trial; the
@@ -341,7 +342,7 @@ class Worker:
             return self._loop(max_trials, timeout)
         except KeyError as e:
             # Optuna's storages raise KeyError for a study id that no longer exists.
-            if self.study.study_name not in {s.study_name for s in self.storage.get_all_studies()}:
+            if self.study.study_name not in study_names(self.storage):
                 raise StudyGone(f"study {self.study.study_name!r} was deleted while this worker ran; it stops") from None
             raise e
 
