@@ -13,6 +13,8 @@ from typing import Any
 import psycopg
 from conftest import PG_ADMIN
 
+from kmnist_tune.service.users import users_group
+
 ADMIN = psycopg.conninfo.conninfo_to_dict(PG_ADMIN)
 PG_HOST, PG_PORT, PG_SUPERUSER = str(ADMIN.get("host", "127.0.0.1")), int(ADMIN.get("port", 5432)), str(ADMIN["user"])
 
@@ -28,6 +30,7 @@ class Cluster:
     def database(self) -> str:
         name = f"kt_deploy_{uuid.uuid4().hex[:10]}"
         self.databases.append(name)
+        self.roles.append(users_group(name))  # storage/initdb's group of its users, when it runs for it
         self.admin.execute(f'CREATE DATABASE "{name}"')
         return name
 
@@ -50,6 +53,10 @@ def run_init_scripts(initdb: Path, env: dict[str, str]) -> list[subprocess.Compl
     order, execute an executable *.sh, source any other *.sh, feed *.sql to psql, ignore the rest."""
     done = []
     full_env = {**os.environ, **env, "PGHOST": PG_HOST, "PGPORT": str(PG_PORT)}
+    # The image's own file_env first: POSTGRES_PASSWORD_FILE (compose's secret) becomes POSTGRES_PASSWORD.
+    for var in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        if full_env.get(f"{var}_FILE"):
+            full_env[var] = Path(full_env.pop(f"{var}_FILE")).read_text().rstrip("\n")
     for f in sorted(initdb.iterdir()):
         if f.suffix == ".sh":
             argv = [str(f)] if os.access(f, os.X_OK) else ["bash", "-c", 'set -Eeo pipefail; source "$1"', "init", str(f)]
