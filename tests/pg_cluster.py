@@ -4,9 +4,13 @@ first start (test_deploy.py, test_container.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +52,13 @@ class Cluster:
         return name
 
 
-def run_init_scripts(initdb: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
+def run_init_scripts(
+    initdb: Path, env: dict[str, str], host: str = PG_HOST, port: int = PG_PORT
+) -> list[subprocess.CompletedProcess[str]]:
     """What the postgres image does with /docker-entrypoint-initdb.d on a first start: in name
     order, execute an executable *.sh, source any other *.sh, feed *.sql to psql, ignore the rest."""
     done = []
-    full_env = {**os.environ, **env, "PGHOST": PG_HOST, "PGPORT": str(PG_PORT)}
+    full_env = {**os.environ, **env, "PGHOST": host, "PGPORT": str(port)}
     # The image's own file_env first: POSTGRES_PASSWORD_FILE (compose's secret) becomes POSTGRES_PASSWORD.
     for var in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
         if full_env.get(f"{var}_FILE"):
@@ -83,3 +89,52 @@ def run_init_scripts(initdb: Path, env: dict[str, str]) -> list[subprocess.Compl
 
 def pg_url(user: str, password: str, db: str) -> str:
     return f"postgresql+psycopg://{user}:{password}@{PG_HOST}:{PG_PORT}/{db}"
+
+
+@contextlib.contextmanager
+def scram_server(bindir: Path) -> Iterator[tuple[Path, int]]:
+    """A private PostgreSQL server, as a deployment's: every TCP client proves its password with SCRAM
+    (the machine's own server trusts loopback); its superuser `postgres` gets in through its socket only.
+    Yields (the socket's folder, the TCP port on 127.0.0.1). In memory, gone afterwards."""
+    from helpers import free_port
+
+    home = Path(tempfile.mkdtemp(prefix="kt-scram-pg-", dir="/dev/shm"))
+    home.chmod(0o755)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(home, "postgres", "postgres")
+    port = free_port()
+    data = home / "data"
+    try:
+        subprocess.run(
+            [
+                *as_postgres,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        try:
+            yield home, port
+        finally:
+            subprocess.run(
+                [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

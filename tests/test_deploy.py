@@ -48,7 +48,7 @@ from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
+from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts, scram_server
 from pgbouncer_proc import PgBouncer, entrypoint, image_files, start_pgbouncer
 from pgbouncer_proc import dockerfile_instructions as read_dockerfile
 from secret_dir import SecretDir
@@ -811,12 +811,13 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     assert cluster.admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db,)).fetchone() == (1,)
 
 
-def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path) -> list[Path]:
+def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path | Sequence[Path]) -> list[Path]:
     """Files under `roots` written since `since` (not under `skip`) that contain `secret`."""
     needle, found = secret.encode(), []
+    skipped = {skip} if isinstance(skip, Path) else set(skip)
     for root in roots:
         for folder, dirs, names in os.walk(root):
-            dirs[:] = [d for d in dirs if Path(folder, d) != skip and d not in (".venv", ".git")]
+            dirs[:] = [d for d in dirs if Path(folder, d) not in skipped and d not in (".venv", ".git")]
             for name in names:
                 path = Path(folder, name)
                 try:
@@ -910,7 +911,7 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_holds_no_user_pa
         users = {role: password, dashboard: dashboard_password, person: person_password}
         since = time.time() - 1
         bouncer = start_pgbouncer(service_env("pgbouncer", values, secret_dir), tmp_path / "pgbouncer.log")
-        check_pgbouncer(bouncer, db, users, lookup, lookup_password, tmp_path, since)
+        check_pgbouncer(bouncer, db, users, lookup, lookup_password, tmp_path, since, secret_dir.path)
         # Where the look-up cannot be made (an owner that is no superuser), users listed in a file instead:
         # its lines join the auth_file.
         secret_dir.write("pgbouncer_users", f'"{person}" "{person_password}"')
@@ -926,8 +927,51 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_holds_no_user_pa
         secret_dir.remove()
 
 
+def test_pgbouncer_logs_in_to_a_server_that_asks_for_scram_with_each_users_own_proof(tmp_path: Path) -> None:
+    """SCRAM pass-through, against a private server that asks every TCP client for SCRAM (as compose's
+    postgres does; the machine's own trusts loopback): PgBouncer, holding no user's password, logs each
+    user in with the proof that user gave it, and the server lets in the right password only."""
+    bindir = Path(postgres_binary()).parent
+    secret_dir = SecretDir()
+    try:
+        with scram_server(bindir) as (socket_dir, port):
+            db, user, person = "kmnist", "kmnist_worker", "gpu_host_2"
+            subprocess.run(["createdb", "-h", str(socket_dir), "-p", str(port), "-U", "postgres", db], check=True, timeout=60)
+            values = {"POSTGRES_USER": "postgres", "POSTGRES_DB": db, "KMNIST_TUNE_WORKER_USER": user}
+            env = service_env("postgres", values, secret_dir)
+            init = run_init_scripts(STORAGE / "initdb", env, host=str(socket_dir), port=port)
+            assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
+            person_password = "pw-" + secrets.token_hex(12)
+            owner = f"postgresql+psycopg://postgres@/{db}?host={socket_dir}&port={port}"
+            run_cli("db", "add-user", person, "--storage", owner, env=cli_env(KMNIST_TUNE_NEW_PASSWORD=person_password))
+            bouncer_env = {**service_env("pgbouncer", values, secret_dir), "KMNIST_TUNE_DB_PORT": str(port)}
+            bouncer_env["KMNIST_TUNE_DB_HOST"] = "127.0.0.1"
+            bouncer = start_pgbouncer(bouncer_env, tmp_path / "pgbouncer.log")
+            try:
+                dsn = {"host": "127.0.0.1", "port": bouncer.port, "dbname": db, "connect_timeout": 10}
+                for login, password in ((user, secret_dir.values["worker_password"]), (person, person_password)):
+                    with psycopg.connect(**dsn, user=login, password=password, require_auth="scram-sha-256") as conn:
+                        assert conn.execute("SELECT current_user, inet_server_port()").fetchone() == (login, port)
+                    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+                        psycopg.connect(**dsn, user=login, password=password + "x")
+            finally:
+                assert bouncer.stop() == 0, bouncer.output()
+            # The server asked PgBouncer for each user's SCRAM proof (its own log of each connection).
+            log = (socket_dir / "log").read_text()
+            assert "password authentication failed" not in log, log[-2000:]
+    finally:
+        secret_dir.remove()
+
+
 def check_pgbouncer(
-    bouncer: PgBouncer, db: str, users: dict[str, str], lookup: str, lookup_password: str, tmp_path: Path, since: float
+    bouncer: PgBouncer,
+    db: str,
+    users: dict[str, str],
+    lookup: str,
+    lookup_password: str,
+    tmp_path: Path,
+    since: float,
+    secret_dir: Path,
 ) -> None:
     role, dashboard, person = users
     password = users[role]
@@ -1003,7 +1047,8 @@ def check_pgbouncer(
             assert "ro" in root[5].split(","), root  # it ran, and runs, with / read-only
         roots = [tmp_path, REPO, Path("/tmp"), Path("/var/tmp"), Path("/run")]
         for secret in users.values():
-            assert files_holding(secret, [*roots, Path("/dev/shm")], since, skip=bouncer.run_dir) == []
+            # (where they come from, compose's secret files, aside)
+            assert files_holding(secret, [*roots, Path("/dev/shm")], since, skip=(bouncer.run_dir, secret_dir)) == []
     finally:
         for c in clients:
             c.close()

@@ -69,7 +69,13 @@ case $sslmode in disable | allow | prefer | require | verify-ca | verify-full) ;
 case $ca_file in *[!A-Za-z0-9_./-]*) die "PGBOUNCER_SERVER_TLS_CA_FILE='$ca_file' is not a plain path" ;; esac
 case $sslmode in verify-ca | verify-full) [ -r "$ca_file" ] || die "PGBOUNCER_SERVER_TLS_SSLMODE=$sslmode needs the server's CA: PGBOUNCER_SERVER_TLS_CA_FILE='$ca_file' cannot be read" ;; esac
 [ -r "$pool_ini" ] || die "cannot read the pooling settings $pool_ini"
-[ -z "$users_file" ] || [ -r "$users_file" ] || die "PGBOUNCER_USERS_FILE=$users_file: this user ($(id -u)) cannot read that file"
+if [ -n "$users_file" ]; then
+  [ -r "$users_file" ] || die "PGBOUNCER_USERS_FILE=$users_file: this user ($(id -u)) cannot read that file"
+  # auth_file lines only ("user" "password"; blank lines and ; comments skipped), checked before anything is written
+  while IFS= read -r line || [ -n "$line" ]; do
+    case $line in '' | ';'* | '"'*'" "'*'"') ;; *) die "PGBOUNCER_USERS_FILE: a line is not \"user\" \"password\"" ;; esac
+  done <"$users_file"
+fi
 
 # The password file must never reach a disk.
 [ -d "$run" ] && [ -w "$run" ] || die "$run must be a folder this user ($(id -u)) may write: mount a tmpfs there"
@@ -111,9 +117,8 @@ entry() {
 {
   entry "$user" "$password" KMNIST_TUNE_PGBOUNCER_PASSWORD
   if [ -n "$users_file" ]; then
-    # already in auth_file's format; a blank line or a comment (;) is skipped
     while IFS= read -r line || [ -n "$line" ]; do
-      case $line in '' | ';'*) ;; '"'*'" "'*'"') printf '%s\n' "$line" ;; *) die "PGBOUNCER_USERS_FILE: a line is not \"user\" \"password\"" ;; esac
+      case $line in '' | ';'*) ;; *) printf '%s\n' "$line" ;; esac
     done <"$users_file"
   fi
 } >"$auth"
