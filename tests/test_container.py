@@ -247,7 +247,7 @@ def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its
     # Signed end to end: the first container signed its checkpoint with the key from its secret file, and
     # the second, with the same file, checked that signature and resumed from it.
     checkpoint = TrialRecord.of(stopped).checkpoint
-    assert checkpoint is not None and checkpoint.get("signatures"), stopped.user_attrs
+    assert checkpoint is not None and any(v for k, v in checkpoint.items() if k.startswith("signature")), checkpoint
     assert TrialRecord.of(retry).resumed_from is not None, retry.user_attrs
     # ... logged in through PgBouncer's container, as the worker role.
     bouncer = next(c for c in d.containers if "-pgbouncer-" in c)
