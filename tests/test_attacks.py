@@ -71,6 +71,7 @@ from kmnist_tune.errors import UserError
 from kmnist_tune.masking import mask
 from kmnist_tune.service.artifacts import TABLE, artifact_store, checkpoint_base
 from kmnist_tune.service.storage import open_storage
+from kmnist_tune.service.users import add_user, users_group
 from kmnist_tune.training import data as data_files
 from kmnist_tune.training.inputs import image_to_28
 
@@ -89,7 +90,7 @@ class Shared:
 
     db: str
     owner: str
-    roles: dict[str, tuple[str, str]]  # "worker" / "dashboard" -> (role, password)
+    roles: dict[str, tuple[str, str]]  # "worker" / "dashboard" / "alice" / "bob" -> (role, password)
     init_env: dict[str, str]
     viewed: dict[str, Any]
 
@@ -147,6 +148,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     roles = {
         "worker": (f"kt_attacker_{tag}", secrets.token_hex(16)),
         "dashboard": (f"kt_attack_dash_{tag}", secrets.token_hex(16)),
+        # Two people, each with a login of their own in the users group (`kmnist-tune db add-user`).
+        "alice": (f"kt_alice_{tag}", secrets.token_hex(16)),
+        "bob": (f"kt_bob_{tag}", secrets.token_hex(16)),
     }
     admin.execute(f'CREATE DATABASE "{db}"')
     init_env = {
@@ -167,6 +171,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         assert init.returncode == 0, init.stderr
         made = cli_here("schema", "--storage", s.url("owner"))  # the owner's tables, as compose's `schema` service makes them
         assert "ready" in made.stdout
+        for who in ("alice", "bob"):
+            add_user(s.url("owner"), *roles[who])
+        # A study alice made with her own login, for bob's worker to work (before any test plants records).
+        alices = write_spec(tmp_path_factory.mktemp("alice") / "alices.yaml", tiny_spec("alices", budget={"n_trials": 1}))
+        cli_here("study", "create", str(alices), "--storage", s.url("alice"))
         # A study the worker role made, one finished trial and one artifact of it: what the dashboard shows.
         storage = open_storage(s.url("worker"))
         study = optuna.create_study(study_name="viewed", storage=storage, direction="maximize")
@@ -183,7 +192,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         yield s
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        for role, _ in roles.values():
+        for role in [r for r, _ in roles.values()] + [users_group(db)]:
             admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         admin.close()
 
@@ -1940,3 +1949,249 @@ def test_the_report_escapes_everything_it_writes_into_its_page(shared: Shared, t
     assert "<script" not in page and "<img src=x" not in page, page
     assert page.count("&lt;script&gt;") >= 2 and "&lt;img src=x onerror=alert(1)&gt;" in page, page
     assert "trial 0: its attribute halving_events" in page and "on 7 images" in page
+
+
+# -- issue 34: one login per user ---------------------------------------------------------------------
+# Everyone shared the worker login: one user could change its password or make it read-only for all, and
+# end anyone's session. Now each user logs in as a role of their own in the group that holds the rights.
+
+
+def test_a_user_cannot_change_another_users_password_or_settings(shared: Shared) -> None:
+    bob, worker, group = shared.roles["bob"][0], shared.roles["worker"][0], users_group(shared.db)
+    with shared.connect("alice") as alice:
+        for victim in (bob, worker):  # another person's login, and the deployment's
+            refused_sql(alice, f"ALTER ROLE \"{victim}\" PASSWORD 'locked-out-{victim}'")
+            refused_sql(alice, f'ALTER ROLE "{victim}" SET default_transaction_read_only = on')
+            refused_sql(alice, f'ALTER ROLE "{victim}" IN DATABASE "{shared.db}" SET statement_timeout = 1')
+            refused_sql(alice, f'ALTER ROLE "{victim}" NOLOGIN')
+            refused_sql(alice, f'GRANT "{victim}" TO "{shared.roles["alice"][0]}"')
+        # Nor can she make anyone a member of the group (the dashboard would write), or make roles at all.
+        refused_sql(alice, f'GRANT "{group}" TO "{shared.roles["dashboard"][0]}"')
+        refused_sql(alice, f'CREATE ROLE "{bob}_x" LOGIN')
+        # PostgreSQL 15 lets a member SET ROLE to the group: as the group she changes the group's own
+        # settings, which no login uses (settings apply at login, to the login role), and cannot let it log in.
+        alice.execute(f'SET ROLE "{group}"')
+        alice.execute(f'ALTER ROLE "{group}" SET default_transaction_read_only = on')
+        refused_sql(alice, f'ALTER ROLE "{group}" LOGIN')
+        refused_sql(alice, f"ALTER ROLE \"{bob}\" PASSWORD 'x'")
+    try:
+        with shared.connect("bob") as b, shared.connect("worker") as w:
+            for conn in (b, w):  # both still log in, write, and are not read-only
+                assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+                conn.execute("INSERT INTO studies (study_name) VALUES (%s)", (f"by-{uuid.uuid4().hex[:6]}",))
+    finally:
+        assert shared.init().returncode == 0  # (the group's setting: a re-run of initdb resets it, next test)
+
+
+def test_a_user_cannot_end_another_users_sessions(shared: Shared) -> None:
+    with shared.connect("bob") as bob, shared.connect("worker") as worker, shared.connect("alice") as alice:
+        for victim in (bob, worker):
+            pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            for fn in ("pg_terminate_backend", "pg_cancel_backend"):
+                refused_sql(alice, f"SELECT {fn}({pid})")
+            assert victim.execute("SELECT 1").fetchone() == (1,)
+        # Her own she may end: it is her own session to lose.
+        own = alice.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        with shared.connect("alice") as alice2:
+            assert alice2.execute("SELECT pg_terminate_backend(%s)", (own,)).fetchone() == (True,)
+
+
+def test_initdb_undoes_every_setting_users_put_on_the_roles(shared: Shared) -> None:
+    """A user may set their own role read-only (and whoever holds the deployment's password, that one's);
+    re-running initdb (storage/README.md) puts every role it made, and every user, back."""
+    worker, alice, group = shared.roles["worker"][0], shared.roles["alice"][0], users_group(shared.db)
+    try:
+        for who, role in (("worker", worker), ("alice", alice)):
+            with shared.connect(who) as conn:
+                conn.execute(f'ALTER ROLE "{role}" IN DATABASE "{shared.db}" SET statement_timeout = 1')
+                conn.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+            with shared.connect(who) as conn:
+                refused_sql(conn, "INSERT INTO studies (study_name) VALUES ('x')", psycopg.errors.ReadOnlySqlTransaction)
+        with shared.connect("bob") as bob:
+            bob.execute(f'SET ROLE "{group}"')
+            bob.execute(f'ALTER ROLE "{group}" SET work_mem = 64')
+    finally:
+        again = shared.init()
+    assert again.returncode == 0, again.stderr
+    with shared.connect("owner") as conn:
+        left = conn.execute(
+            "SELECT r.rolname FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = ANY(%s)",
+            ([worker, alice, group],),
+        ).fetchall()
+    assert left == []
+    for who in ("worker", "alice"):
+        with shared.connect(who) as conn:
+            assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+            conn.execute("INSERT INTO studies (study_name) VALUES (%s)", (f"after-{uuid.uuid4().hex[:6]}",))
+    with shared.connect("dashboard") as conn:  # the dashboard's own guard is set again, not reset away
+        assert conn.execute("SHOW default_transaction_read_only").fetchone() == ("on",)
+
+
+def test_the_group_lets_every_user_work_every_study(shared: Shared, tmp_path: Path) -> None:
+    """alice creates a study with her login; bob's worker works it with his (claims, heartbeats,
+    checkpoints, the result); the dashboard's role reads it."""
+    name = "alices"  # alice created it in the fixture, with `study create` and her own login
+    ran = run_cli("worker", "--study", name, "--storage", shared.url("bob"), "--gpus", "none", cwd=tmp_path)
+    assert "worker ran 1 trial(s)" in ran.stdout, ran.stderr[-2000:]
+    (trial,) = optuna.load_study(study_name=name, storage=shared.url("dashboard")).trials
+    assert trial.state == TrialState.COMPLETE
+    with shared.connect("alice") as alice:  # and alice may stop or delete what bob's worker wrote
+        assert alice.execute(
+            "SELECT count(*) FROM trials t JOIN studies s USING (study_id) WHERE s.study_name = %s", (name,)
+        ).fetchone() == (1,)
+    cli_here("study", "delete", name, "--yes", "--storage", shared.url("alice"))
+
+
+def test_db_add_user_is_the_owners_and_takes_the_password_from_the_environment_only(shared: Shared) -> None:
+    owner = shared.url("owner")
+    password = "pw-" + secrets.token_hex(12)
+    name = f"kt_carol_{uuid.uuid4().hex[:8]}"
+    try:
+        added = cli_here(
+            "db",
+            "add-user",
+            name,
+            "--storage",
+            owner,
+            "--address",
+            "db-host:6432",
+            env=cli_env(KMNIST_TUNE_NEW_PASSWORD=password),
+        )
+        assert (
+            added.stdout.splitlines()[-1]
+            == f"give them: postgresql+psycopg://{name}:***@db-host:6432/{shared.db} (and the password, apart)"
+        )
+        assert password not in added.stdout + added.stderr
+        with shared.connect("owner") as conn:
+            row = conn.execute(
+                "SELECT rolcanlogin, rolsuper, rolcreaterole, pg_has_role(oid, %s, 'MEMBER'), rolpassword "
+                "FROM pg_authid WHERE rolname = %s",
+                (users_group(shared.db), name),
+            ).fetchone()
+        assert row is not None and row[:4] == (True, False, False, True) and row[4].startswith("SCRAM-SHA-256$")
+        # One line each: a user (not the owner) adding one, no password (no terminal), a role that is no user.
+        cases = {
+            f"role {shared.roles['alice'][0]} may not create roles": (
+                shared.url("alice"),
+                name,
+                {"KMNIST_TUNE_NEW_PASSWORD": password},
+            ),
+            "no password for": (owner, name, {}),
+            "is not a user of this database": (owner, shared.roles["dashboard"][0], {"KMNIST_TUNE_NEW_PASSWORD": password}),
+            "shorter than 12 characters": (owner, name, {"KMNIST_TUNE_NEW_PASSWORD": "short"}),
+        }
+        for why, (url, who, env) in cases.items():
+            line = error_line(cli_here("db", "add-user", who, "--storage", url, env=cli_env(**env), check=False))
+            assert why in line and password not in line, line
+        # No way to give it on the command line.
+        assert "--password" not in cli_here("db", "add-user", "--help").stdout
+    finally:
+        with shared.connect("owner") as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+# -- issue 34: PgBouncer hands a server connection from one client to the next -------------------------
+
+
+def test_session_state_one_client_leaves_never_reaches_the_next_client_of_pgbouncer() -> None:
+    """On the suite's PgBouncer (transaction pooling, storage/pgbouncer/pool.ini): client A leaves a
+    session-level SET, a session advisory lock and a prepared statement on its server connection; client B,
+    given that same server connection next, sees none of them (pool.ini's server_reset_query_always)."""
+    from conftest import PGBOUNCER
+
+    admin = pg_admin()
+    db = f"kt_leak_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{db}"')  # a pool of its own, with nobody else's clients in it
+    try:
+        url = make_url(PGBOUNCER)
+        dsn = {
+            "host": url.host,
+            "port": url.port,
+            "user": url.username,
+            "dbname": db,
+            "autocommit": True,
+            "prepare_threshold": None,
+        }
+        with psycopg.connect(**dsn) as a, psycopg.connect(**dsn) as b:  # type: ignore[arg-type]
+            (pid,) = a.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+            a.execute("SET statement_timeout = '4242ms'")
+            a.execute("SELECT set_config('kmnist.left', 'by-a', false)")
+            a.execute("SELECT pg_advisory_lock(4242)")
+            a.execute("PREPARE left_by_a AS SELECT 1")
+            assert b.execute("SELECT pg_backend_pid()").fetchone() == (pid,), "B did not get A's server connection"
+            state = b.execute(
+                "SELECT current_setting('statement_timeout'), current_setting('kmnist.left', true),"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242),"
+                " (SELECT count(*) FROM pg_prepared_statements)"
+            ).fetchone()
+            fix = "the PgBouncer at 6432 runs an older pool.ini: `sudo scripts/pgbouncer-local` reloads it"
+            assert state in (("0", "", 0, 0), ("0", None, 0, 0)), f"{state}: {fix}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+# -- issue 34: secrets from files (compose's and Kubernetes' secrets) -----------------------------------
+
+
+def test_secret_files_become_the_secrets_and_leave_the_environment(tmp_path: Path) -> None:
+    from kmnist_tune.secret_files import load_secret_files
+
+    (tmp_path / "key").write_text(KEY + "\n")
+    (tmp_path / "pw").write_text("p@ss word:/#\n")  # characters a URL must escape
+    (tmp_path / "wandb").write_text("")
+    env = {
+        "KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path / "key"),
+        "WANDB_API_KEY_FILE": str(tmp_path / "wandb"),
+        "KMNIST_TUNE_STORAGE": "postgresql+psycopg://kmnist_worker@pgbouncer:6432/kmnist",
+        "KMNIST_TUNE_STORAGE_PASSWORD_FILE": str(tmp_path / "pw"),
+    }
+    load_secret_files(env)
+    # an empty W&B key file: not set (offline runs); no *_FILE left for the slot processes to read again
+    assert set(env) == {"KMNIST_TUNE_SIGNING_KEY", "KMNIST_TUNE_STORAGE"} and env["KMNIST_TUNE_SIGNING_KEY"] == KEY
+    stored = make_url(env["KMNIST_TUNE_STORAGE"])
+    assert (stored.username, stored.host, stored.port, stored.database) == ("kmnist_worker", "pgbouncer", 6432, "kmnist")
+    assert make_url(env["KMNIST_TUNE_STORAGE"]).password == "p@ss word:/#"
+    # One line each, the secret in none.
+    (tmp_path / "two").write_text("a\nb\n")
+    (tmp_path / "empty").write_text("")
+    cases = {
+        "both KMNIST_TUNE_SIGNING_KEY and KMNIST_TUNE_SIGNING_KEY_FILE are set": {
+            "KMNIST_TUNE_SIGNING_KEY": KEY,
+            "KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path / "key"),
+        },
+        "cannot read it": {"KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path / "none")},
+        "is empty": {"KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path / "empty")},
+        "is not a file": {"KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path)},
+        "holds more than one line": {"KMNIST_TUNE_SIGNING_KEY_FILE": str(tmp_path / "two")},
+        "KMNIST_TUNE_STORAGE is not": {"KMNIST_TUNE_STORAGE_PASSWORD_FILE": str(tmp_path / "pw")},
+        "holds a password": {
+            "KMNIST_TUNE_STORAGE": "postgresql://u:x@h/d",
+            "KMNIST_TUNE_STORAGE_PASSWORD_FILE": str(tmp_path / "pw"),
+        },
+        "must name one": {"KMNIST_TUNE_STORAGE": "sqlite:///x.db", "KMNIST_TUNE_STORAGE_PASSWORD_FILE": str(tmp_path / "pw")},
+    }
+    for why, env in cases.items():
+        line = error_line(cli_here("study", "list", env=cli_env(**env), check=False))
+        assert why in line and "p@ss" not in line and KEY not in line, line
+
+
+def test_a_signing_key_from_a_file_signs_and_refuses_as_the_variable_does(shared: Shared, tmp_path: Path) -> None:
+    """compose's workers get KMNIST_TUNE_SIGNING_KEY_FILE: with it, an unsigned kept model is refused."""
+    # (made with Optuna's API: `study create` reads every study's attributes, and a test above leaves one
+    # that no decoder reads)
+    from kmnist_tune.contract.load import parse_spec
+    from kmnist_tune.contract.spec import spec_to_dict
+
+    name = f"unsigned-file-{uuid.uuid4().hex[:6]}"
+    study = optuna.create_study(study_name=name, storage=shared.storage(), direction="maximize")
+    study.set_user_attr(SPEC_ATTR, spec_to_dict(parse_spec(tiny_spec(name))))
+    good = {"weights.safetensors": b"w", "classes.csv": b"c", "model.json": b"{}"}
+    ids = {name: str(uuid.uuid4()) for name in good}
+    for name, data in good.items():
+        shared.plant(ids[name], data)
+    study.set_user_attr(MODEL_ATTR, {"trial": 0, "at": "now", "artifacts": ids, "sha256": {n: sha(d) for n, d in good.items()}})
+    (tmp_path / "key").write_text(KEY + "\n")
+    env = cli_env(KMNIST_TUNE_SIGNING_KEY_FILE=str(tmp_path / "key"))
+    args = ("export", "--study", study.study_name, str(tmp_path / "u"), "--storage", shared.worker_url)
+    assert "unsigned or not signed" in error_line(cli_here(*args, env=env, check=False))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,7 @@ from conftest import FIXTURE, REPO, browse, pg_admin, tiny_spec
 from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
+from secret_dir import SecretDir
 
 from kmnist_tune.contract.records import TrialRecord
 
@@ -68,6 +68,8 @@ class Deployment:
     env_file: Path
     project: str
     services: dict[str, Any]
+    secret_files: dict[str, str]  # secret -> its file here, as compose resolved $KMNIST_TUNE_SECRETS
+    secrets: SecretDir
     values: dict[str, str]
     sweeps: Path  # the folder mounted where compose mounts ./sweeps
     ports: dict[str, int]  # service -> the port it listens on here (pgbouncer, dashboard)
@@ -75,7 +77,7 @@ class Deployment:
 
     @property
     def owner_url(self) -> str:
-        return pg_url(PG_SUPERUSER, self.values["POSTGRES_PASSWORD"], self.values["POSTGRES_DB"])
+        return pg_url(PG_SUPERUSER, self.secrets.values["postgres_password"], self.values["POSTGRES_DB"])
 
     def host(self, value: str) -> str:
         """A service's own name and port, as compose's network resolves them, as they are here."""
@@ -109,6 +111,9 @@ class Deployment:
             elif not source.startswith("/"):
                 source = f"{self.project}_{source}"  # a named volume, named as compose names it
             argv += ["--volume", ":".join([source, target, *mode])]
+        for secret in svc.get("secrets", []):  # compose's file secrets: bind mounts at /run/secrets/NAME, read-only
+            name = secret if isinstance(secret, str) else secret["source"]
+            argv += ["--volume", f"{self.secret_files[name]}:/run/secrets/{name}:ro"]
         env = {k: self.host(str(v)) for k, v in (svc.get("environment") or {}).items()}
         if service == "pgbouncer":
             env |= {"KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
@@ -131,16 +136,20 @@ def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     spec = tiny_spec(STUDY, budget={"n_trials": 2})
     spec["parameters"]["epochs"] = {"value": 4}  # a trial lasts long enough to be stopped in its middle
     spec["workers"] = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 3}
+    # One checkpoint a trial, after its second epoch of four: the stopped trial hands back a signed one, and
+    # its retry runs the last two only (each checkpoint goes through PgBouncer into PostgreSQL: few of them).
+    spec["checkpoints"] = {"min_interval_s": 0, "every": 2}
     (sweeps / "boxed.yaml").write_text(yaml.safe_dump(spec))
     (sweeps / "boxed.yaml").chmod(0o644)
+    # The secret files compose mounts (a signing key among them: the study is signed end to end).
+    secret_dir = SecretDir()
     values = {
+        "KMNIST_TUNE_SECRETS": str(secret_dir.path),
         "POSTGRES_USER": PG_SUPERUSER,  # this server's superuser is the owner, as POSTGRES_USER is in the image
-        "POSTGRES_PASSWORD": secrets.token_hex(12),
         "POSTGRES_DB": cluster.database(),
         "KMNIST_TUNE_WORKER_USER": cluster.role_name(),
-        "KMNIST_TUNE_WORKER_PASSWORD": secrets.token_hex(16),
         "KMNIST_TUNE_DASHBOARD_USER": cluster.role_name(),
-        "KMNIST_TUNE_DASHBOARD_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_PGBOUNCER_USER": cluster.role_name(),
         "KMNIST_TUNE_SPEC": "boxed.yaml",
         "KMNIST_TUNE_STUDY": STUDY,
         "KMNIST_TUNE_GPUS": "none",  # no GPU here: the worker trains on the CPU
@@ -155,15 +164,23 @@ def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env_file.chmod(0o600)
     d = None
     try:
-        inits = run_init_scripts(REPO / "storage" / "initdb", values)  # the postgres image's first start
-        assert all(p.returncode == 0 for p in inits), [p.stderr for p in inits]
         config = subprocess.run(
             ["docker-compose", "--env-file", str(env_file), "-f", str(REPO / "docker-compose.yml"), "-p", project, "config"],
             capture_output=True,
             text=True,
             check=True,
         )
-        d = Deployment(env_file, project, yaml.safe_load(config.stdout)["services"], values, sweeps, ports)
+        resolved = yaml.safe_load(config.stdout)
+        files = {name: spec["file"] for name, spec in resolved["secrets"].items()}
+        assert {Path(f).parent for f in files.values()} == {secret_dir.path}
+        d = Deployment(env_file, project, resolved["services"], files, secret_dir, values, sweeps, ports)
+        # The postgres image's first start, with its service's environment and secret files.
+        pg_env = {
+            k: str(v).replace("/run/secrets/", f"{secret_dir.path}/")
+            for k, v in resolved["services"]["postgres"]["environment"].items()
+        }
+        inits = run_init_scripts(REPO / "storage" / "initdb", pg_env)
+        assert all(p.returncode == 0 for p in inits), [p.stderr for p in inits]
         # The data volume, holding the fixture's images as a volume that downloaded them would.
         docker("volume", "create", f"{project}_data")
         docker("volume", "create", f"{project}_artifacts")
@@ -186,6 +203,7 @@ def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 docker("rm", "-f", name, check=False)
         docker("volume", "rm", "-f", f"{project}_data", f"{project}_artifacts", check=False)
         cluster.drop()
+        secret_dir.remove()
         subprocess.run(["rm", "-rf", str(shared)], check=False)
 
 
@@ -208,9 +226,9 @@ def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its
     argv, env = d.run_argv("worker", detach=True)
     worker = docker(*argv, env=env).stdout.strip()
     wait_until(
-        lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials(d)),
+        lambda: any(t.state == TrialState.RUNNING and TrialRecord.of(t).checkpoint for t in trials(d)),
         300,
-        "the worker container's first epoch",
+        "the worker container's checkpoint",
     )
     grace = int(re.fullmatch(r"(\d+)m", d.services["worker"]["stop_grace_period"]).group(1)) * 60  # type: ignore[union-attr]
     docker("stop", "--time", str(grace), worker, timeout=grace + 30)  # SIGTERM, as `docker compose stop` sends it
@@ -227,11 +245,25 @@ def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its
     after = trials(d)
     finished = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 2 and {t.state for t in after} <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
-    assert any(t.user_attrs.get("retry_of") == stopped.number for t in finished)
+    (retry,) = [t for t in finished if t.user_attrs.get("retry_of") == stopped.number]
+    # Signed end to end: the first container signed its checkpoint with the key from its secret file, and
+    # the second, with the same file, checked that signature and resumed from it.
+    checkpoint = TrialRecord.of(stopped).checkpoint
+    assert checkpoint is not None and any(v for k, v in checkpoint.items() if k.startswith("signature")), checkpoint
+    assert TrialRecord.of(retry).resumed_from is not None, retry.user_attrs
     # ... logged in through PgBouncer's container, as the worker role.
     bouncer = next(c for c in d.containers if "-pgbouncer-" in c)
     role, db = d.values["KMNIST_TUNE_WORKER_USER"], d.values["POSTGRES_DB"]
     assert f"login attempt: db={db} user={role}" in docker("logs", bouncer).stderr
+    # No container shows a password or key: `docker inspect` of each (its environment, its arguments) holds
+    # none of the secrets, only where their files are.
+    seen = 0
+    for name in d.containers:  # the detached ones are still there (PgBouncer, the first worker)
+        inspected = docker("inspect", name, check=False).stdout
+        seen += "/run/secrets/" in inspected
+        for secret, value in d.secrets.values.items():
+            assert not value or value not in inspected, f"{name}: docker inspect shows {secret}"
+    assert seen >= 2
     # The image's user, not root; compose's worker runs it read-only with a tmpfs /tmp.
     assert docker("image", "inspect", "--format", "{{.Config.User}}", d.services["worker"]["image"]).stdout.strip() == "kmnist"
     assert d.services["worker"]["read_only"] is True and d.services["worker"]["tmpfs"] == ["/tmp"]
@@ -278,16 +310,21 @@ def test_the_dashboard_container_serves_the_study_with_gunicorn(deployment: Depl
 
 
 def test_compose_file_is_read_by_a_real_compose_implementation(tmp_path: Path) -> None:
-    """Debian's docker-compose reads the file with the .env a user copies, and refuses it, naming the
-    fix, when a password is missing."""
+    """Debian's docker-compose reads the file with the .env a user copies: every secret a file in
+    $KMNIST_TUNE_SECRETS, none in any service's environment; and it refuses the file, naming the fix, when
+    a required setting is missing."""
     example = (REPO / ".env.example").read_text()
-    filled = re.sub(r"^(\w+_PASSWORD)=.*$", lambda m: f"{m.group(1)}={secrets.token_hex(8)}", example, flags=re.M)
-    (tmp_path / ".env").write_text(filled)
+    (tmp_path / ".env").write_text(example)
     argv = ["docker-compose", "--env-file", str(tmp_path / ".env"), "-f", str(REPO / "docker-compose.yml"), "config"]
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
+    resolved = yaml.safe_load(out.stdout)
+    services = resolved["services"]
     assert {"postgres", "pgbouncer", "schema", "dashboard", "worker"} <= set(services)
-    (tmp_path / ".env").write_text(re.sub(r"^KMNIST_TUNE_WORKER_PASSWORD=.*\n", "", filled, flags=re.M))
+    assert {Path(spec["file"]).parent for spec in resolved["secrets"].values()} == {REPO / "secrets"}
+    for name, svc in services.items():
+        for key in svc.get("environment") or {}:
+            assert not re.search(r"PASSWORD|SIGNING_KEY|API_KEY", key) or key.endswith("_FILE"), (name, key)
+    (tmp_path / ".env").write_text(re.sub(r"^KMNIST_TUNE_STUDY=.*\n", "", example, flags=re.M))
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
-    assert out.returncode != 0 and "set KMNIST_TUNE_WORKER_PASSWORD in .env" in out.stderr, out.stderr
+    assert out.returncode != 0 and "set KMNIST_TUNE_STUDY in .env" in out.stderr, out.stderr

@@ -48,12 +48,14 @@ from helpers import free_port, wait_until
 from optuna.trial import TrialState
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
+from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts, scram_server
 from pgbouncer_proc import PgBouncer, entrypoint, image_files, start_pgbouncer
 from pgbouncer_proc import dockerfile_instructions as read_dockerfile
+from secret_dir import SecretDir
 from sqlalchemy.engine import make_url
 
 from kmnist_tune.observe.dashboard import ENV_ALLOW_HOSTS, HostPolicy
+from kmnist_tune.service.users import users_group
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -65,7 +67,8 @@ README = REPO / "README.md"
 OUR_SERVICES = ("schema", "dashboard", "worker", "create", "storage-proxy")  # run the image built from Dockerfile
 KMNIST_COMMANDS = ("dashboard", "worker", "create", "storage-proxy")  # ... with its entry point, kmnist-tune
 POOLED = ("dashboard", "worker", "create", "storage-proxy")  # log in through PgBouncer (the dashboard with its own role)
-PASSWORDS = ("POSTGRES_PASSWORD", "KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|SIGNING_KEY")
+RUN_SECRETS = "/run/secrets/"  # where compose mounts a service's secret files
 
 
 # -- reading the files as Docker and Compose do ----------------------------------------------------
@@ -268,35 +271,36 @@ def test_compose_file_is_valid_by_the_compose_specification_schema() -> None:
 def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     example = read_dotenv(ENV_EXAMPLE)
     # Published ports: loopback only, with .env.example's values and with Compose's defaults alone.
-    required = {k: example[k] for k in (*PASSWORDS, "KMNIST_TUNE_STUDY", "KMNIST_TUNE_SPEC")}
+    required = {k: example[k] for k in ("KMNIST_TUNE_STUDY", "KMNIST_TUNE_SPEC")}
     for env in (example, required):
         for name, svc in compose(env)["services"].items():
             for port in svc.get("ports", []):
                 assert isinstance(port, str) and port.count(":") == 2, f"{name}: write ports as 'IP:HOST:CONTAINER'"
                 assert port.split(":")[0] == "127.0.0.1", f"{name} publishes {port} beyond loopback"
-    # No literal secrets: every password in a URL and every secret-named variable is ${...} from .env.
-    sentinels = {v: f"from-env-{v}" for v in compose_variables()}
-    secret_vars = {f"from-env-{v}" for v in sentinels if "PASSWORD" in v}
-    for name, svc in compose(sentinels)["services"].items():
+    # No secret in any container's environment (what `docker inspect` shows): no URL holds a password, and
+    # every secret-named variable is NAME_FILE, the path of a secret file compose mounts into that service.
+    raw = compose_raw()
+    declared = raw["secrets"]
+    for name, svc in compose(example)["services"].items():
+        mounted = secret_names(svc)
         for key, value in env_dict(svc).items():
             if "://" in value:
-                password = make_url(value).password
-                assert password is None or password in secret_vars, f"{name}: {key} holds a literal password"
-    assert not [k for k in dockerfile_env() if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", k)], "secrets in the image"
-    raw = compose_raw()
-    for name, svc in raw["services"].items():
-        for key, value in env_dict(svc).items():
-            if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
-                assert value.startswith("${"), f"{name}: {key} must come from .env, not the file"
-    # ... and Compose refuses to start without the passwords.
-    for var in PASSWORDS:
-        with pytest.raises(MissingVariable, match=var):
-            compose({k: v for k, v in example.items() if k != var})
-    # .env.example: every variable the compose file uses, nothing else, placeholders only.
+                assert make_url(value).password is None, f"{name}: {key} holds a password"
+            if SECRET_NAME.search(key):
+                assert key.endswith("_FILE") and value.startswith(RUN_SECRETS), f"{name}: {key} must be a secret file"
+                assert value.removeprefix(RUN_SECRETS) in mounted, f"{name}: {key} names a secret it does not mount"
+        assert mounted <= set(declared), name
+    assert not [k for k in dockerfile_env() if SECRET_NAME.search(k)], "secrets in the image"
+    # Each secret is a file in $KMNIST_TUNE_SECRETS (./secrets, which git and the build context ignore).
+    for secret, spec in declared.items():
+        assert spec == {"file": f"${{KMNIST_TUNE_SECRETS:-./secrets}}/{secret}"}, secret
+    assert example["KMNIST_TUNE_SECRETS"] == "./secrets"
+    for path in ("secrets/worker_password", "secrets/signing_key"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, f"{path} must be git-ignored"
+        assert dockerignored(path, dockerignore_patterns())
+    # .env.example: every variable the compose file uses, nothing else, and no secret among them.
     assert compose_variables() == set(example), "docker-compose.yml and .env.example name different variables"
-    for key, value in example.items():
-        if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
-            assert value == "" or value.startswith("change-me"), f".env.example: {key} must be a placeholder"
+    assert not [k for k in example if SECRET_NAME.search(k) and k != "KMNIST_TUNE_SECRETS"], ".env.example holds secrets"
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
     assert ignored.returncode == 0, ".env must be git-ignored"
     assert dockerignored(".env", dockerignore_patterns())
@@ -350,8 +354,19 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
         assert make_url(env_dict(services[name])["KMNIST_TUNE_STORAGE"]).username == example[role], name
     assert "KMNIST_TUNE_WORKER" not in json.dumps(raw["services"]["dashboard"]), "the dashboard holds the worker's credentials"
     assert make_url(env_dict(services["schema"])["KMNIST_TUNE_STORAGE"]).username == example["POSTGRES_USER"]
-    owner_password = {n for n, svc in raw["services"].items() if "POSTGRES_PASSWORD" in json.dumps(svc)}
-    assert owner_password == {"postgres", "schema"}, f"the owner's password reaches {sorted(owner_password)}"
+    holders = {secret: {n for n, svc in services.items() if secret in secret_names(svc)} for secret in raw["secrets"]}
+    assert holders["postgres_password"] == {"postgres", "schema"}, "the owner's password reaches more"
+    # The deployment's login: postgres makes it, the worker-role services log in with it.
+    assert holders["worker_password"] == {"postgres", "worker", "create", "storage-proxy"}
+    assert holders["dashboard_password"] == {"postgres", "dashboard"}
+    assert holders["pgbouncer_password"] == {"postgres", "pgbouncer"}  # PgBouncer holds no user's password
+    # The signing key (and the W&B key) reach what trains, evaluates or exports: the workers and `create`,
+    # which runs any command as the deployment's login.
+    assert holders["signing_key"] == holders["wandb_api_key"] == {"worker", "create"}
+    for name in ("worker", "create"):
+        env = env_dict(services[name])
+        assert env["KMNIST_TUNE_SIGNING_KEY_FILE"] == RUN_SECRETS + "signing_key", name
+        assert env["WANDB_API_KEY_FILE"] == RUN_SECRETS + "wandb_api_key", name
     create = services["create"]
     assert create["profiles"] == ["tools"]
     assert as_argv(create["command"]) == ["study", "create", f"/app/sweeps/{example['KMNIST_TUNE_SPEC']}"]
@@ -359,6 +374,11 @@ def test_compose_file_keeps_ports_local_secrets_out_and_gpus_reserved() -> None:
     spec = yaml.safe_load((REPO / "sweeps" / example["KMNIST_TUNE_SPEC"]).read_text())
     assert spec["name"] == example["KMNIST_TUNE_STUDY"], ".env.example: KMNIST_TUNE_STUDY must be the spec's name"
     assert services["storage-proxy"]["profiles"] == ["proxy"]
+
+
+def secret_names(service: dict[str, Any]) -> set[str]:
+    """The secrets a service mounts (short or long syntax)."""
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
 
 
 def dashboard_policy(argv: list[str], env: dict[str, str]) -> HostPolicy:
@@ -372,7 +392,6 @@ def dashboard_policy(argv: list[str], env: dict[str, str]) -> HostPolicy:
 
 def test_compose_sends_every_worker_role_client_through_a_locked_down_pgbouncer() -> None:
     example = read_dotenv(ENV_EXAMPLE)
-    raw = compose_raw()
     services = compose()["services"]
     pgb = services["pgbouncer"]
     # Its own image, built from storage/pgbouncer/ (Debian's package), named with the version pool.ini is for.
@@ -396,18 +415,18 @@ def test_compose_sends_every_worker_role_client_through_a_locked_down_pgbouncer(
     assert pgb["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert pgb["restart"] == "unless-stopped" and pgb["stop_signal"] == "SIGINT"  # its safe shutdown
     assert int(pgb["ulimits"]["nofile"]) > max_client_conn() + 50  # pool.ini's clients fit
-    # It logs in to postgres as the worker role, never as the owner.
+    # Its own look-up role and that role's password file, nothing else: it logs in to postgres as each
+    # client's own role (SCRAM pass-through), never as the owner, and holds no user's password.
     env = env_dict(pgb)
     assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"], env["KMNIST_TUNE_DB_NAME"]) == (
         "postgres",
         "5432",
         example["POSTGRES_DB"],
     )
-    assert env["KMNIST_TUNE_WORKER_USER"] == example["KMNIST_TUNE_WORKER_USER"]
-    assert env["KMNIST_TUNE_DASHBOARD_USER"] == example["KMNIST_TUNE_DASHBOARD_USER"]  # ... and as the dashboard role
-    for var in ("KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD"):
-        assert raw["services"]["pgbouncer"]["environment"][var].startswith(f"${{{var}:?")
-    assert "POSTGRES_PASSWORD" not in json.dumps(raw["services"]["pgbouncer"])
+    assert env["KMNIST_TUNE_PGBOUNCER_USER"] == example["KMNIST_TUNE_PGBOUNCER_USER"]
+    assert env["KMNIST_TUNE_PGBOUNCER_PASSWORD_FILE"] == RUN_SECRETS + "pgbouncer_password"
+    assert secret_names(pgb) == {"pgbouncer_password"}
+    assert not [k for k in env if "WORKER" in k or "DASHBOARD" in k or "POSTGRES" in k]
     # Every worker-role client and the dashboard go through it and wait for it; `schema`, the owner, goes
     # straight to postgres.
     for name in POOLED:
@@ -468,7 +487,7 @@ def test_pgbouncer_image_is_debian_s_package_run_by_a_non_root_user_with_no_pass
     assert os.access(entrypoint(), os.X_OK) and entrypoint().read_text().startswith("#!/bin/sh\n")
     # The password is written with shell builtins only, and leaves the environment before PgBouncer.
     script = entrypoint().read_text()
-    assert re.search(r"^unset [^\n]*KMNIST_TUNE_WORKER_PASSWORD", script, re.M)
+    assert re.search(r"^unset [^\n]*KMNIST_TUNE_PGBOUNCER_PASSWORD", script, re.M)
     assert script.rstrip().endswith('exec pgbouncer "$ini"')
 
 
@@ -667,22 +686,35 @@ def test_postgresql_conf_is_read_by_the_server() -> None:
 def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_more(tmp_path: Path, cluster: Cluster) -> None:
     db, role, password = cluster.database(), cluster.role_name(), secrets.token_hex(16)
     dashboard, dashboard_password = cluster.role_name(), secrets.token_hex(16)
+    pgbouncer, pgbouncer_password = cluster.role_name(), secrets.token_hex(16)
+    group = users_group(db)
     initdb = STORAGE / "initdb"
+    # The passwords as compose gives them: files (its secrets), named by *_FILE.
+    files = {}
+    for var, value in (
+        ("KMNIST_TUNE_WORKER_PASSWORD", password),
+        ("KMNIST_TUNE_DASHBOARD_PASSWORD", dashboard_password),
+        ("KMNIST_TUNE_PGBOUNCER_PASSWORD", pgbouncer_password),
+    ):
+        files[f"{var}_FILE"] = str(tmp_path / var.lower())
+        (tmp_path / var.lower()).write_text(value + "\n")
     env = {
         "POSTGRES_USER": PG_SUPERUSER,
         "POSTGRES_DB": db,
         "POSTGRES_PASSWORD": secrets.token_hex(8),
         "KMNIST_TUNE_WORKER_USER": role,
-        "KMNIST_TUNE_WORKER_PASSWORD": password,
         "KMNIST_TUNE_DASHBOARD_USER": dashboard,
-        "KMNIST_TUNE_DASHBOARD_PASSWORD": dashboard_password,
+        "KMNIST_TUNE_PGBOUNCER_USER": pgbouncer,
+        **files,
     }
-    # Refused: the .env.example placeholders, a missing dashboard password, and the owner named as the
-    # worker role, or the worker as the dashboard role.
-    for var in ("KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD"):
-        (bad,) = run_init_scripts(initdb, {**env, var: "change-me-password"})
+    # Refused: the .env.example placeholders, a password given twice, a missing dashboard password, and the
+    # owner named as the worker role, or the worker as the dashboard role.
+    for var in ("KMNIST_TUNE_WORKER_PASSWORD", "KMNIST_TUNE_DASHBOARD_PASSWORD", "KMNIST_TUNE_PGBOUNCER_PASSWORD"):
+        (bad,) = run_init_scripts(initdb, {**{k: v for k, v in env.items() if k != f"{var}_FILE"}, var: "change-me-password"})
         assert bad.returncode != 0 and "placeholder" in bad.stderr and var in bad.stderr
-    (bad,) = run_init_scripts(initdb, {k: v for k, v in env.items() if k != "KMNIST_TUNE_DASHBOARD_PASSWORD"})
+        (bad,) = run_init_scripts(initdb, {**env, var: "another"})
+        assert bad.returncode != 0 and f"both {var} and {var}_FILE are set" in bad.stderr
+    (bad,) = run_init_scripts(initdb, {k: v for k, v in env.items() if k != "KMNIST_TUNE_DASHBOARD_PASSWORD_FILE"})
     assert bad.returncode != 0 and "KMNIST_TUNE_DASHBOARD_PASSWORD is not set" in bad.stderr
     (bad,) = run_init_scripts(initdb, {**env, "KMNIST_TUNE_DASHBOARD_USER": role})
     assert bad.returncode != 0 and "KMNIST_TUNE_DASHBOARD_USER must differ from KMNIST_TUNE_WORKER_USER" in bad.stderr
@@ -697,14 +729,28 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     assert password not in "".join(p.stdout + p.stderr for p in procs)
     assert dashboard_password not in "".join(p.stdout + p.stderr for p in procs)
 
-    for name, secret in ((role, password), (dashboard, dashboard_password)):
+    for name, secret in ((role, password), (dashboard, dashboard_password), (pgbouncer, pgbouncer_password), (group, None)):
         row = cluster.admin.execute(
-            "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolpassword "
+            "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolpassword, rolinherit "
             "FROM pg_authid WHERE rolname = %s",
             (name,),
         ).fetchone()
-        assert row is not None and row[:6] == (True, False, False, False, False, False)
-        assert row[6].startswith("SCRAM-SHA-256$") and secret not in row[6]  # stored hashed
+        assert row is not None and row[:6] == (secret is not None, False, False, False, False, False), name
+        if secret is None:
+            assert row[6] is None  # the group: no login, no password
+        else:
+            assert row[6].startswith("SCRAM-SHA-256$") and secret not in row[6]  # stored hashed
+        # Only a user inherits (the group's rights); a membership given to the dashboard's or PgBouncer's
+        # role would give it nothing.
+        assert row[7] is (name != dashboard and name != pgbouncer), name
+    # The worker role is a member of the group, and has no right of its own: every right is the group's.
+    members = cluster.admin.execute(
+        "SELECT m.rolname, g.rolname FROM pg_auth_members a "
+        "JOIN pg_roles m ON m.oid = a.member JOIN pg_roles g ON g.oid = a.roleid "
+        "WHERE %s IN (m.rolname, g.rolname) OR m.rolname IN (%s, %s, %s)",
+        (group, role, dashboard, pgbouncer),
+    ).fetchall()
+    assert members == [(role, group)]
 
     worker_url = pg_url(role, password, db)
     # Before the owner has created Optuna's tables a reader sees no studies and writes nothing, and
@@ -725,6 +771,12 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     # privileges that step set up, stores a study in them (`create`) and works it (the README test).
     spec = write_spec(tmp_path / "s.yaml", tiny_spec("grants"))
     cli_here("study", "create", str(spec), "--storage", worker_url)
+    # ... through the group: no table, sequence or default privilege names the worker role itself.
+    direct = cluster.admin.execute(
+        "SELECT count(*) FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a WHERE a.grantee = %s::regrole",
+        (role,),
+    ).fetchone()
+    assert direct == (0,)
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=role, dbname=db, autocommit=True) as w:
         assert w.execute("SELECT count(*) FROM studies").fetchone() == (1,)
         (sid,) = w.execute("INSERT INTO studies (study_name) VALUES ('by-the-worker') RETURNING study_id").fetchone()
@@ -759,12 +811,13 @@ def test_init_scripts_make_a_worker_role_that_can_use_the_tables_and_nothing_mor
     assert cluster.admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db,)).fetchone() == (1,)
 
 
-def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path) -> list[Path]:
+def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path | Sequence[Path]) -> list[Path]:
     """Files under `roots` written since `since` (not under `skip`) that contain `secret`."""
     needle, found = secret.encode(), []
+    skipped = {skip} if isinstance(skip, Path) else set(skip)
     for root in roots:
         for folder, dirs, names in os.walk(root):
-            dirs[:] = [d for d in dirs if Path(folder, d) != skip and d not in (".venv", ".git")]
+            dirs[:] = [d for d in dirs if Path(folder, d) not in skipped and d not in (".venv", ".git")]
             for name in names:
                 path = Path(folder, name)
                 try:
@@ -776,75 +829,170 @@ def files_holding(secret: str, roots: Sequence[Path], since: float, skip: Path) 
     return found
 
 
-def pgbouncer_env(values: dict[str, str]) -> dict[str, str]:
-    """The compose pgbouncer service's environment with these .env values, its `postgres` this machine's."""
-    env = env_dict(compose({**read_dotenv(ENV_EXAMPLE), **values})["services"]["pgbouncer"])
-    assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"]) == ("postgres", "5432")
-    return {**env, "KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
+def service_env(name: str, values: dict[str, str], secret_dir: SecretDir) -> dict[str, str]:
+    """A compose service's environment with these .env values, its secret files (/run/secrets/NAME) the
+    test's, its `postgres` this machine's server."""
+    svc = compose({**read_dotenv(ENV_EXAMPLE), **values})["services"][name]
+    env = env_dict(svc)
+    for key, value in env.items():
+        if value.startswith(RUN_SECRETS):
+            assert value.removeprefix(RUN_SECRETS) in secret_names(svc), (name, key)
+            env[key] = str(secret_dir.file(value.removeprefix(RUN_SECRETS)))
+    if name == "pgbouncer":
+        assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"]) == ("postgres", "5432")
+        env.update(KMNIST_TUNE_DB_HOST=PG_HOST, KMNIST_TUNE_DB_PORT=str(PG_PORT))
+    return env
 
 
 def test_pgbouncer_entrypoint_refuses_a_disk_folder_and_a_missing_password(tmp_path: Path) -> None:
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
     assert fs not in ("tmpfs", "ramfs"), "this test needs tmp_path on a disk"
     password = "pw-" + secrets.token_hex(8)
+    users_file = tmp_path / "users.txt"
+    users_file.write_text('"alice" "pw"\nauth_type = trust\n')  # a setting is no auth_file line
     base = {
         "PATH": os.environ["PATH"],
         "PGBOUNCER_POOL_INI": str(STORAGE / "pgbouncer" / "pool.ini"),
         "PGBOUNCER_RUN_DIR": str(tmp_path),
-        "KMNIST_TUNE_WORKER_PASSWORD": password,
+        "KMNIST_TUNE_PGBOUNCER_PASSWORD": password,
     }
     cases = {
         f"is on {fs}, not in memory": base,  # the password must not reach a disk
-        "KMNIST_TUNE_WORKER_PASSWORD is not set": {k: v for k, v in base.items() if k != "KMNIST_TUNE_WORKER_PASSWORD"},
+        "KMNIST_TUNE_PGBOUNCER_PASSWORD is not set": {k: v for k, v in base.items() if k != "KMNIST_TUNE_PGBOUNCER_PASSWORD"},
+        "cannot read that file": {
+            **base,
+            "KMNIST_TUNE_PGBOUNCER_PASSWORD": "",
+            "KMNIST_TUNE_PGBOUNCER_PASSWORD_FILE": "/nonexistent",
+        },
+        "both KMNIST_TUNE_PGBOUNCER_PASSWORD and": {**base, "KMNIST_TUNE_PGBOUNCER_PASSWORD_FILE": "/etc/hostname"},
         "is not a plain name": {**base, "PGBOUNCER_RUN_DIR": "/dev/shm", "KMNIST_TUNE_DB_NAME": "kmnist auth_type=trust"},
+        "needs the server's CA": {**base, "PGBOUNCER_RUN_DIR": "/dev/shm", "PGBOUNCER_SERVER_TLS_SSLMODE": "verify-full"},
+        "a line is not": {**base, "PGBOUNCER_RUN_DIR": "/dev/shm", "PGBOUNCER_USERS_FILE": str(users_file)},
     }
     for why, env in cases.items():
         proc = subprocess.run([str(entrypoint())], env=env, capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and why in proc.stderr and proc.stderr.count("\n") == 1, (why, proc.stderr)
         assert password not in proc.stderr
-    assert not list(tmp_path.iterdir()), "the entry point wrote into a folder on the disk"
+    assert not [p for p in tmp_path.iterdir() if p != users_file], "the entry point wrote into a folder on the disk"
 
 
-def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_password_in_memory(
-    tmp_path: Path, cluster: Cluster
+def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_holds_no_user_password(tmp_path: Path, cluster: Cluster) -> None:
+    """The image's entry point with compose's environment and secret files, for real: it writes the
+    configuration and the auth_file into a memory-only folder and runs PgBouncer 1.18 (a read-only root
+    when the tests run as root, as `read_only: true`). Every user logs in as their own role with SCRAM and
+    their own password only (the deployment's login, the dashboard's, one `db add-user` made), which
+    PgBouncer looks up in PostgreSQL: the auth_file holds its look-up role's password alone. Transaction
+    pooling shares one server connection among clients, reset after each transaction; its admin console
+    answers the look-up role's SHOW commands, no user's. No password is in the config, the command line,
+    the environment, the log or any other file written meanwhile."""
+    db = cluster.database()
+    roles = {"KMNIST_TUNE_WORKER_USER": cluster.role_name(), "KMNIST_TUNE_DASHBOARD_USER": cluster.role_name()}
+    roles["KMNIST_TUNE_PGBOUNCER_USER"] = cluster.role_name()
+    role, dashboard, lookup = roles.values()
+    person = cluster.role_name()
+    # A " in PgBouncer's own password, quoted in the auth_file.
+    secret_dir = SecretDir(pgbouncer_password='pw-"' + secrets.token_hex(16), worker_password="pw-" + secrets.token_hex(16))
+    try:
+        values = {"POSTGRES_USER": PG_SUPERUSER, "POSTGRES_DB": db, **roles}
+        init = run_init_scripts(STORAGE / "initdb", service_env("postgres", values, secret_dir))
+        assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
+        person_password = "pw-" + secrets.token_hex(16)
+        added = run_cli(
+            "db",
+            "add-user",
+            person,
+            "--storage",
+            pg_url(PG_SUPERUSER, "", db),
+            env=cli_env(KMNIST_TUNE_NEW_PASSWORD=person_password),
+        )
+        assert f"user {person}: created" in added.stdout and person_password not in added.stdout
+        password, dashboard_password = secret_dir.values["worker_password"], secret_dir.values["dashboard_password"]
+        lookup_password = secret_dir.values["pgbouncer_password"]
+        users = {role: password, dashboard: dashboard_password, person: person_password}
+        since = time.time() - 1
+        bouncer = start_pgbouncer(service_env("pgbouncer", values, secret_dir), tmp_path / "pgbouncer.log")
+        check_pgbouncer(bouncer, db, users, lookup, lookup_password, tmp_path, since, secret_dir.path)
+        # Where the look-up cannot be made (an owner that is no superuser), users listed in a file instead:
+        # its lines join the auth_file.
+        secret_dir.write("pgbouncer_users", f'"{person}" "{person_password}"')
+        env = {**service_env("pgbouncer", values, secret_dir), "PGBOUNCER_USERS_FILE": str(secret_dir.file("pgbouncer_users"))}
+        bouncer = start_pgbouncer(env, tmp_path / "pgbouncer-listed.log")
+        try:
+            assert (bouncer.run_dir / "userlist.txt").read_text().splitlines()[1:] == [f'"{person}" "{person_password}"']
+            with psycopg.connect(host="127.0.0.1", port=bouncer.port, dbname=db, user=person, password=person_password) as conn:
+                assert conn.execute("SELECT current_user").fetchone() == (person,)
+        finally:
+            assert bouncer.stop() == 0, bouncer.output()
+    finally:
+        secret_dir.remove()
+
+
+def test_pgbouncer_logs_in_to_a_server_that_asks_for_scram_with_each_users_own_proof(tmp_path: Path) -> None:
+    """SCRAM pass-through, against a private server that asks every TCP client for SCRAM (as compose's
+    postgres does; the machine's own trusts loopback): PgBouncer, holding no user's password, logs each
+    user in with the proof that user gave it, and the server lets in the right password only."""
+    bindir = Path(postgres_binary()).parent
+    secret_dir = SecretDir()
+    try:
+        with scram_server(bindir) as (socket_dir, port):
+            db, user, person = "kmnist", "kmnist_worker", "gpu_host_2"
+            subprocess.run(["createdb", "-h", str(socket_dir), "-p", str(port), "-U", "postgres", db], check=True, timeout=60)
+            values = {"POSTGRES_USER": "postgres", "POSTGRES_DB": db, "KMNIST_TUNE_WORKER_USER": user}
+            env = service_env("postgres", values, secret_dir)
+            init = run_init_scripts(STORAGE / "initdb", env, host=str(socket_dir), port=port)
+            assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
+            person_password = "pw-" + secrets.token_hex(12)
+            owner = f"postgresql+psycopg://postgres@/{db}?host={socket_dir}&port={port}"
+            run_cli("db", "add-user", person, "--storage", owner, env=cli_env(KMNIST_TUNE_NEW_PASSWORD=person_password))
+            bouncer_env = {**service_env("pgbouncer", values, secret_dir), "KMNIST_TUNE_DB_PORT": str(port)}
+            bouncer_env["KMNIST_TUNE_DB_HOST"] = "127.0.0.1"
+            bouncer = start_pgbouncer(bouncer_env, tmp_path / "pgbouncer.log")
+            try:
+                dsn = {"host": "127.0.0.1", "port": bouncer.port, "dbname": db, "connect_timeout": 10}
+                for login, password in ((user, secret_dir.values["worker_password"]), (person, person_password)):
+                    with psycopg.connect(**dsn, user=login, password=password, require_auth="scram-sha-256") as conn:
+                        assert conn.execute("SELECT current_user, inet_server_port()").fetchone() == (login, port)
+                    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+                        psycopg.connect(**dsn, user=login, password=password + "x")
+            finally:
+                assert bouncer.stop() == 0, bouncer.output()
+            # The server asked PgBouncer for each user's SCRAM proof (its own log of each connection).
+            log = (socket_dir / "log").read_text()
+            assert "password authentication failed" not in log, log[-2000:]
+    finally:
+        secret_dir.remove()
+
+
+def check_pgbouncer(
+    bouncer: PgBouncer,
+    db: str,
+    users: dict[str, str],
+    lookup: str,
+    lookup_password: str,
+    tmp_path: Path,
+    since: float,
+    secret_dir: Path,
 ) -> None:
-    """The image's entry point with compose's environment, for real: it writes the configuration and
-    the auth_file into a memory-only folder and runs PgBouncer 1.18 (a read-only root when the tests
-    run as root, as `read_only: true`), which lets the worker role in with SCRAM and its password
-    only, shares one server connection among clients in transaction pooling, and says so on its
-    admin console. The password is in the auth_file only: not in the config, the command line, the
-    environment, the log or any other file written meanwhile."""
-    db, role, password = cluster.database(), cluster.role_name(), "pw-" + secrets.token_hex(16)
-    dashboard, dashboard_password = cluster.role_name(), 'pw-"' + secrets.token_hex(16)  # a " to quote
-    roles = {
-        "KMNIST_TUNE_WORKER_USER": role,
-        "KMNIST_TUNE_WORKER_PASSWORD": password,
-        "KMNIST_TUNE_DASHBOARD_USER": dashboard,
-        "KMNIST_TUNE_DASHBOARD_PASSWORD": dashboard_password,
-    }
-    init = run_init_scripts(STORAGE / "initdb", {"POSTGRES_USER": PG_SUPERUSER, "POSTGRES_DB": db, **roles})
-    assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
-    since = time.time() - 1
-    env = pgbouncer_env({"POSTGRES_DB": db, **roles})
-    bouncer = start_pgbouncer(env, tmp_path / "pgbouncer.log")
+    role, dashboard, person = users
+    password = users[role]
     clients: list[psycopg.Connection[Any]] = []
     try:
-        dsn = {"host": "127.0.0.1", "port": bouncer.port, "dbname": db, "user": role, "connect_timeout": 10}
-        # SCRAM (libpq refuses any other method here), and only with the right password.
-        with psycopg.connect(**dsn, password=password, require_auth="scram-sha-256", autocommit=True) as conn:
-            assert conn.execute("SELECT current_user, current_database()").fetchone() == (role, db)
-        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
-            psycopg.connect(**dsn, password=password + "x")
-        # The dashboard role too, with its own password (a " in it, quoted in the auth_file), which reads only.
-        as_dashboard = {**dsn, "user": dashboard}
-        with psycopg.connect(**as_dashboard, password=dashboard_password, require_auth="scram-sha-256", autocommit=True) as conn:
-            assert conn.execute("SELECT current_user, current_setting('transaction_read_only')").fetchone() == (dashboard, "on")
-        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
-            psycopg.connect(**as_dashboard, password=password)
-        with pytest.raises(psycopg.OperationalError, match="no such database|not allowed"):
-            psycopg.connect(**{**dsn, "dbname": "postgres"}, password=password)  # the study database only
+        dsn = {"host": "127.0.0.1", "port": bouncer.port, "dbname": db, "connect_timeout": 10}
+        # Each user with SCRAM (libpq refuses any other method here) and their own password only.
+        for user, secret in users.items():
+            with psycopg.connect(**dsn, user=user, password=secret, require_auth="scram-sha-256", autocommit=True) as conn:
+                assert conn.execute("SELECT current_user, current_database()").fetchone() == (user, db)
+                read_only = conn.execute("SELECT current_setting('transaction_read_only')").fetchone()
+                assert read_only == ("on" if user == dashboard else "off",)  # the dashboard's role reads only
+            with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+                psycopg.connect(**dsn, user=user, password=users[dashboard] if user != dashboard else password)  # another's
+        # Not the owner (a superuser: the look-up returns none), and no database but the study's.
+        with pytest.raises(psycopg.OperationalError, match="no such user|authentication failed"):
+            psycopg.connect(**dsn, user=PG_SUPERUSER, password="anything")
+        with pytest.raises(psycopg.OperationalError, match="no such database|not allowed|authentication failed"):
+            psycopg.connect(**{**dsn, "dbname": "postgres"}, user=role, password=password)  # the study database only
         # Transaction pooling: six clients, one transaction each in turn, all on one server connection.
-        clients = [psycopg.connect(**dsn, password=password, autocommit=True) for _ in range(6)]
+        clients = [psycopg.connect(**dsn, user=role, password=password, autocommit=True) for _ in range(6)]
         backends = set()
         for c in clients:
             with c.transaction():
@@ -852,51 +1000,74 @@ def test_pgbouncer_entrypoint_pools_transactions_with_scram_and_keeps_the_passwo
                 assert row is not None
                 backends.add(row[0])
         assert len(backends) == 1, backends
-        # The admin console, as a stats user: pool_mode transaction from pool.ini, SCRAM, no changes allowed.
-        with psycopg.connect(**{**dsn, "dbname": "pgbouncer"}, password=password, autocommit=True) as admin:
+        # The admin console: the look-up role's SHOW commands (no user's: every user's connections show
+        # there); pool_mode transaction from pool.ini, each server connection reset after each transaction,
+        # idle transactions bounded, SCRAM, no changes allowed.
+        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+            psycopg.connect(**{**dsn, "dbname": "pgbouncer"}, user=role, password=password)
+        with psycopg.connect(**{**dsn, "dbname": "pgbouncer"}, user=lookup, password=lookup_password, autocommit=True) as admin:
             config = {r[0]: r[1] for r in admin.execute("SHOW CONFIG").fetchall()}
             assert config["pool_mode"] == "transaction" and config["auth_type"] == "scram-sha-256"
             assert config["max_db_connections"] == "25" and config["listen_port"] == str(bouncer.port)
+            assert (config["server_reset_query"], config["server_reset_query_always"]) == ("DISCARD ALL", "1")
+            assert config["stats_users"] == lookup and config["admin_users"] == ""
+            assert config["auth_query"] == "SELECT usename, passwd FROM kmnist_auth.user_secret($1)"
+            assert 0 < int(config["idle_transaction_timeout"]) <= int(postgresql_conf("idle_in_transaction_session_timeout"))
             cur = admin.execute("SHOW POOLS")
             names = [d.name for d in cur.description or []]
             pools = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-            assert {p["user"] for p in pools if p["database"] == db} == {role, dashboard}  # a pool per role
+            assert {p["user"] for p in pools if p["database"] == db} >= {role, dashboard, person}  # a pool per role
             (pool,) = [p for p in pools if p["database"] == db and p["user"] == role]
             assert pool["pool_mode"] == "transaction" and pool["cl_active"] == len(clients)
-            assert pool["sv_active"] + pool["sv_idle"] + pool["sv_used"] == 1
+            # one server connection (tested: being reset after a transaction, pool.ini's DISCARD ALL)
+            assert sum(v for k, v in pool.items() if k.startswith("sv_") and k != "sv_active_cancel") == 1, pool
             with pytest.raises(psycopg.Error, match="admin access needed"):
                 admin.execute("PAUSE")
 
-        # Where the password is: the auth_file, mode 0600, in the memory-only folder, and nowhere else.
+        # Where a password is: the look-up role's in the auth_file, mode 0600, in the memory-only folder, and
+        # nowhere else; no user's anywhere.
         files = {p.name: p for p in bouncer.run_dir.iterdir()}
         assert set(files) == {"pgbouncer.ini", "userlist.txt"}
         for f in files.values():
             assert f.stat().st_mode & 0o777 == 0o600, f
-        quoted = dashboard_password.replace('"', '""')
-        assert files["userlist.txt"].read_text() == f'"{role}" "{password}"\n"{dashboard}" "{quoted}"\n'
-        assert password not in files["pgbouncer.ini"].read_text() and "pw-" not in files["pgbouncer.ini"].read_text()
+        quoted = lookup_password.replace('"', '""')
+        assert files["userlist.txt"].read_text() == f'"{lookup}" "{quoted}"\n'
+        assert "pw-" not in files["pgbouncer.ini"].read_text()
         fs = subprocess.run(["stat", "-f", "-c", "%T", str(bouncer.run_dir)], capture_output=True, text=True).stdout
         assert fs.strip() == "tmpfs"
         proc = Path(f"/proc/{bouncer.proc.pid}")
         cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"pgbouncer", str(bouncer.run_dir / "pgbouncer.ini").encode()], cmdline
-        for secret in (password, dashboard_password):
+        for secret in (lookup_password, *users.values()):
             assert secret.encode() not in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
         uids = next(ln.split()[1:] for ln in (proc / "status").read_text().splitlines() if ln.startswith("Uid:"))
         assert "0" not in uids, uids  # PgBouncer as a non-root user
         if bouncer.read_only_root:
             root = next(ln.split() for ln in (proc / "mountinfo").read_text().splitlines() if ln.split()[4] == "/")
             assert "ro" in root[5].split(","), root  # it ran, and runs, with / read-only
-        roots = [tmp_path, REPO, Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm")]
-        assert files_holding(password, roots, since, skip=bouncer.run_dir) == []
-        assert files_holding(dashboard_password, roots, since, skip=bouncer.run_dir) == []
+        roots = [tmp_path, REPO, Path("/tmp"), Path("/var/tmp"), Path("/run")]
+        for secret in users.values():
+            # (where they come from, compose's secret files, aside)
+            assert files_holding(secret, [*roots, Path("/dev/shm")], since, skip=(bouncer.run_dir, secret_dir)) == []
     finally:
         for c in clients:
             c.close()
         rc = bouncer.stop()
     assert rc == 0, bouncer.output()
-    assert password not in bouncer.output() and "process up: PgBouncer 1.18" in bouncer.output()
-    assert dashboard_password.removeprefix('pw-"') not in bouncer.output()
+    assert "process up: PgBouncer 1.18" in bouncer.output()
+    for secret in (lookup_password.removeprefix('pw-"'), *users.values()):
+        assert secret not in bouncer.output()
+
+
+def postgresql_conf(name: str) -> str:
+    """A setting of storage/postgresql.conf as written (ms for a bare number of a time setting's unit: min -> s)."""
+    m = re.search(rf"^{name}\s*=\s*(\S+)", (STORAGE / "postgresql.conf").read_text(), re.M)
+    assert m, name
+    value = m.group(1).strip("'")
+    units = {"min": 60, "s": 1, "h": 3600}
+    unit = re.fullmatch(r"(\d+)(min|s|h)?", value)
+    assert unit, value
+    return str(int(unit.group(1)) * units[unit.group(2) or "s"])
 
 
 # -- the README's scale-out steps, played without Docker -------------------------------------------
@@ -911,12 +1082,19 @@ class Stack:
     """The compose services as processes on this machine: the same commands and environment
     (interpolated from the test's .env), with the container's names mapped to this machine —
     the `postgres` host to the local server, `pgbouncer` to PgBouncer run from its image's entry
-    point (pgbouncer_proc), the volumes to folders, the GPUs to the CPU."""
+    point (pgbouncer_proc), the volumes to folders, each service's secret files (/run/secrets/NAME)
+    to the files in the test's $KMNIST_TUNE_SECRETS, the GPUs to the CPU."""
 
-    def __init__(self, tmp: Path, env_values: dict[str, str], sweeps: Path):
-        self.tmp, self.values = tmp, env_values
+    def __init__(self, tmp: Path, env_values: dict[str, str], sweeps: Path, cluster: Cluster):
+        self.tmp, self.values, self.cluster = tmp, env_values, cluster
         self.example = read_dotenv(ENV_EXAMPLE)
         self.env_file = tmp / ".env"
+        # Where the README's commands make secrets/ (compose reads $KMNIST_TUNE_SECRETS): a folder the
+        # postgres user (PgBouncer's here) may enter, as a container's bind mount needs no folder rights.
+        self.secrets_home = Path(tempfile.mkdtemp(prefix="kt-stack-", dir="/dev/shm"))
+        self.secrets_home.chmod(0o755)
+        self.values["KMNIST_TUNE_SECRETS"] = str(self.secrets_home / "secrets")
+        self.users: dict[str, str] = {}  # a user name in the README -> this test's role for it
         self.paths = {"/data": str(FIXTURE), "/artifacts": str(tmp / "artifacts"), "/app/sweeps": str(sweeps)}
         self.workdir = tmp / "app"
         self.workdir.mkdir()
@@ -964,14 +1142,50 @@ class Stack:
                 out[i + 1] = str(here)
         return out
 
+    def secret(self, name: str) -> str:
+        """A secret's value, as the stack's secrets/ holds it."""
+        return (Path(self.values["KMNIST_TUNE_SECRETS"]) / name).read_text().rstrip("\n")
+
+    def make_secrets(self) -> None:
+        """secrets/, as .env.example says to make it, unless the README's commands made it already."""
+        folder = Path(self.values["KMNIST_TUNE_SECRETS"])
+        if not folder.exists():
+            steps = [ln.strip().removeprefix("#").strip() for ln in ENV_EXAMPLE.read_text().splitlines()]
+            self.shell([ln for ln in steps if ln.startswith(SECRET_STEPS)])
+        folder.chmod(0o755)  # (see __init__)
+        assert {p.name for p in folder.iterdir()} >= set(compose_raw()["secrets"]), "secrets/ lacks a file compose mounts"
+
+    def shell(self, commands: list[str]) -> None:
+        """Shell lines of the README or .env.example that make secrets/, run where $KMNIST_TUNE_SECRETS is."""
+        for line in commands:
+            proc = subprocess.run(["bash", "-c", line], cwd=self.secrets_home, capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, f"{line}: {proc.stderr}"
+
+    def service_env(self, svc: dict[str, Any]) -> dict[str, str]:
+        """The service's environment, its names mapped; a secret file that the service does not mount is an error."""
+        env = {}
+        for key, value in env_dict(svc).items():
+            if value.startswith(RUN_SECRETS):
+                name = value.removeprefix(RUN_SECRETS)
+                assert name in secret_names(svc), f"{key}={value}: the service does not mount secret {name}"
+                value = str(Path(self.values["KMNIST_TUNE_SECRETS"]) / name)
+            env[key] = self.map_value(value)
+        return env
+
     def process_env(self, svc: dict[str, Any]) -> dict[str, str]:
         env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         env.update({k: self.map_value(v) for k, v in dockerfile_env().items()})  # the image's ENV
-        env.update({k: self.map_value(v) for k, v in env_dict(svc).items()})  # the service's environment
+        env.update(self.service_env(svc))  # the service's environment
         return env
 
-    def start(self, name: str, *, oneshot: bool = False) -> None:
+    def start(
+        self, name: str, *, oneshot: bool = False, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """Start a service as compose does (what it depends on first); `args` and `env`: `docker compose
+        run --rm [-e VAR] NAME ARGS`, another command with more environment."""
         svc = self.services()[name]
+        if args:
+            svc = {**svc, "command": args}
         for dep, how in svc.get("depends_on", {}).items():  # compose starts what a service depends on
             if how["condition"] == "service_completed_successfully":
                 self.start(dep, oneshot=True)  # a one-shot runs again each time
@@ -982,6 +1196,7 @@ class Stack:
             if inside in command:
                 assert inside in mounts(svc), f"{name} uses {inside} without mounting it"
         if name == "postgres":
+            self.make_secrets()
             self.start_postgres(svc)
         elif name == "pgbouncer":
             self.start_pgbouncer(svc)
@@ -995,7 +1210,12 @@ class Stack:
             self.logs.append(log)
             with open(log, "w") as fh:
                 proc = subprocess.Popen(
-                    argv, cwd=self.workdir, env=self.process_env(svc), stdout=fh, stderr=subprocess.STDOUT, text=True
+                    argv,
+                    cwd=self.workdir,
+                    env={**self.process_env(svc), **(env or {})},
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    text=True,
                 )
             self.procs.setdefault(name, []).append(proc)
             if oneshot:
@@ -1010,7 +1230,7 @@ class Stack:
 
     def start_postgres(self, svc: dict[str, Any]) -> None:
         initdb = REPO / mounts(svc)["/docker-entrypoint-initdb.d"]
-        env = env_dict(svc)
+        env = self.service_env(svc)
         assert env["POSTGRES_DB"] == self.values["POSTGRES_DB"]  # the image creates it; the test did
         procs = run_init_scripts(initdb, env)
         assert procs and all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
@@ -1018,7 +1238,7 @@ class Stack:
 
     def start_pgbouncer(self, svc: dict[str, Any]) -> None:
         """The image's entry point with the service's environment, `postgres` the local server."""
-        env = env_dict(svc)
+        env = self.service_env(svc)
         assert (env["KMNIST_TUNE_DB_HOST"], env["KMNIST_TUNE_DB_PORT"]) == ("postgres", "5432")
         env.update(KMNIST_TUNE_DB_HOST=PG_HOST, KMNIST_TUNE_DB_PORT=str(PG_PORT))
         log = self.tmp / f"pgbouncer-{len(self.logs)}.log"
@@ -1064,6 +1284,7 @@ class Stack:
         if self.bouncer is not None:  # last: the others' connections end first
             self.bouncer.stop()
             self.bouncer = None
+        shutil.rmtree(self.secrets_home, ignore_errors=True)
 
     def play(self, commands: list[str], host_env: dict[str, str]) -> list[subprocess.Popen[str]]:
         """Carry out README commands; returns the kmnist-tune processes started on "another host"."""
@@ -1072,23 +1293,43 @@ class Stack:
             compose_cmd = re.fullmatch(r"docker compose (?:--profile (\S+) )?(up -d|run --rm|stop) (.+)", cmd)
             if cmd == "cp .env.example .env":
                 self.write_env()
+            elif cmd.startswith(SECRET_STEPS):
+                self.shell([cmd])
             elif compose_cmd:
-                profile, action, names = compose_cmd.groups()
-                for name in names.split():
+                profile, action, rest = compose_cmd.groups()
+                words = shlex.split(rest)
+                if action == "run --rm":  # one service, maybe `-e VAR` (from the shell) and another command
+                    env = {}
+                    while words[0] == "-e":
+                        env[words[1]] = host_env[words[1]]
+                        words = words[2:]
+                    name, args = words[0], [self.readme_user(a) for a in words[1:]]
+                    self.start(name, oneshot=True, args=args, env=env)
+                    continue
+                for name in words:
                     svc = self.services()[name]
                     if action == "up -d" and svc.get("profiles"):
                         assert profile in svc["profiles"], f"`{cmd}` does not enable {name}'s profile"
                     if action == "stop":
                         self.stop(name)
                     else:
-                        self.start(name, oneshot=action == "run --rm")
+                        self.start(name)
             elif cmd.startswith("export "):
                 key, _, value = cmd.removeprefix("export ").partition("=")
                 value = shlex.split(value)[0]
-                host_env[key] = self.values[key] if value == "..." else expand(value, host_env)
+                if key == "KMNIST_TUNE_SIGNING_KEY_FILE":  # a copy of the stack's key on the worker host: the key itself here
+                    host_env[key] = str(Path(self.values["KMNIST_TUNE_SECRETS"]) / "signing_key")
+                elif m := re.fullmatch(r"\$\(openssl rand -hex (\d+)\)", value):
+                    host_env[key] = secrets.token_hex(int(m.group(1)))
+                elif value == "...":  # "the one in the stack's secrets/": KMNIST_TUNE_WORKER_PASSWORD -> worker_password
+                    host_env[key] = self.secret(key.removeprefix("KMNIST_TUNE_").lower())
+                else:
+                    host_env[key] = expand(value, host_env)
             elif cmd.startswith("kmnist-tune "):
                 argv = [self.readme_value(expand(a, host_env)) for a in shlex.split(cmd)[1:]]
                 argv = self.map_argv("readme", argv)
+                env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                env.update({k: self.readme_value(v) for k, v in host_env.items() if k.startswith("KMNIST_TUNE_")})
                 log = self.tmp / f"readme-{len(self.logs)}.log"
                 self.logs.append(log)
                 with open(log, "w") as fh:
@@ -1096,7 +1337,7 @@ class Stack:
                         subprocess.Popen(
                             [sys.executable, "-m", "kmnist_tune", *argv],
                             cwd=self.tmp,
-                            env=cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+                            env=env,
                             stdout=fh,
                             stderr=subprocess.STDOUT,
                             text=True,
@@ -1108,19 +1349,29 @@ class Stack:
                 raise AssertionError(f"README step the test cannot play: {cmd}")
         return spawned
 
+    def readme_user(self, word: str) -> str:
+        """A user name the README gives `db add-user` (a role is the whole server's): this test's own for it."""
+        if re.fullmatch(r"[a-z_][a-z0-9_]*", word) and word not in ("db", "add-user"):
+            if word not in self.users:
+                self.users[word] = self.cluster.role_name()
+            return self.users[word]
+        return self.readme_value(word)
+
     def readme_value(self, value: str) -> str:
         """The README is written with .env.example's values and `db-host`: swap in this test's."""
         if value.startswith("postgresql"):
             url = make_url(value)
-            assert url.host == "db-host" and url.username == self.example["KMNIST_TUNE_WORKER_USER"], value
-            assert url.database == self.example["POSTGRES_DB"], value
+            assert url.host == "db-host" and url.database == self.example["POSTGRES_DB"], value
+            # The deployment's login, or one the README made with `db add-user`.
+            users = {self.example["KMNIST_TUNE_WORKER_USER"]: self.values["KMNIST_TUNE_WORKER_USER"], **self.users}
+            assert url.username in users, value
             # The published ports: PgBouncer's (the workers' way in), or postgres' itself.
             published = {int(self.example["PGBOUNCER_PORT"]): ("127.0.0.1", self.ports.get("pgbouncer", {}).get(6432))}
             published[int(self.example["POSTGRES_PORT"])] = (PG_HOST, PG_PORT)
             host, port = published[int(url.port or 0)]
             assert port is not None, f"{value}: PgBouncer is not running"
             return url.set(
-                host=host, port=port, username=self.values["KMNIST_TUNE_WORKER_USER"], database=self.values["POSTGRES_DB"]
+                host=host, port=port, username=users[url.username], database=self.values["POSTGRES_DB"]
             ).render_as_string(hide_password=False)
         if value.startswith("grpc://db-host:"):
             inside = int(value.rsplit(":", 1)[1])
@@ -1128,6 +1379,10 @@ class Stack:
         if value == self.example["KMNIST_TUNE_STUDY"]:
             return self.values["KMNIST_TUNE_STUDY"]
         return value
+
+
+# The shell lines (README, .env.example) that make the secret files.
+SECRET_STEPS = ("mkdir -m 700 secrets", "for f in ", "openssl rand ", ": > secrets/", "chmod 644 secrets/")
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -1150,18 +1405,16 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
     write_spec(sweeps / "deploy.yaml", spec)
     values = {
         "POSTGRES_USER": PG_SUPERUSER,  # this server's superuser is the owner, as POSTGRES_USER is in the image
-        "POSTGRES_PASSWORD": secrets.token_hex(12),
         "POSTGRES_DB": db,
         "POSTGRES_PORT": str(PG_PORT),
         "KMNIST_TUNE_WORKER_USER": role,
-        "KMNIST_TUNE_WORKER_PASSWORD": secrets.token_hex(16),
         "KMNIST_TUNE_DASHBOARD_USER": cluster.role_name(),
-        "KMNIST_TUNE_DASHBOARD_PASSWORD": secrets.token_hex(16),
+        "KMNIST_TUNE_PGBOUNCER_USER": cluster.role_name(),
         "KMNIST_TUNE_SPEC": "deploy.yaml",
         "KMNIST_TUNE_STUDY": study,
         "KMNIST_TUNE_MIRROR": "http://127.0.0.1:9/nowhere",  # the fixture verifies: nothing is downloaded
     }
-    stack = Stack(tmp_path, values, sweeps)
+    stack = Stack(tmp_path, values, sweeps, cluster)
     section = readme_section()
     other_host: dict[str, str] = {}
     try:
@@ -1179,7 +1432,7 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
         # ... through PgBouncer, which the worker role logged in to, with SCRAM (auth_type) and transaction pooling
         assert stack.bouncer is not None and f"login attempt: db={db} user={role}" in stack.bouncer.output()
 
-        owner_url = pg_url(PG_SUPERUSER, values["POSTGRES_PASSWORD"], db)
+        owner_url = pg_url(PG_SUPERUSER, stack.secret("postgres_password"), db)
         trials = optuna.load_study(study_name=study, storage=owner_url).trials
         assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"], [t.state for t in trials]
         dash_port = stack.ports["dashboard"][8080]
@@ -1201,7 +1454,7 @@ def test_readme_scale_out_steps_run_against_a_real_postgresql(tmp_path: Path, cl
         assert study in studies_listed(stack.ports["dashboard"][8080])
         assert stack.procs["worker"][-1].wait(timeout=180) == 0
         assert "worker ran 0 trial(s)" in stack.logs[-1].read_text()  # the budget was restored as used
-        restored = optuna.load_study(study_name=study, storage=pg_url(role, values["KMNIST_TUNE_WORKER_PASSWORD"], db))
+        restored = optuna.load_study(study_name=study, storage=pg_url(role, stack.secret("worker_password"), db))
         assert sorted((t.number, t.state) for t in restored.trials) == sorted((t.number, t.state) for t in trials)
         assert all(t.state == TrialState.COMPLETE for t in restored.trials)
     finally:

@@ -13,14 +13,17 @@ import functools
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO, cli_env, cli_here, run_cli
+from conftest import REPO, cli_env, cli_here, pg_admin, run_cli
+from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, run_init_scripts
 from pgbouncer_proc import dockerfile_instructions, image_files, start_pgbouncer
+from sqlalchemy.engine import make_url
 
 from kmnist_tune.observe.dashboard import ENV_ALLOW_HOSTS, HostPolicy
 
@@ -173,10 +176,7 @@ def test_the_dashboard_reads_as_its_own_role_and_answers_only_its_names(overlay:
     # The read-only role of storage/initdb, from its own Secret; PgBouncer holds its password too.
     for var, key in (("KMNIST_TUNE_DB_USER", "username"), ("PGPASSWORD", "password")):
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-dashboard", "key": key}
-    assert "kmnist-tune-worker" not in yaml.safe_dump(c)
-    bouncer = {e["name"]: e for e in containers(one(docs, "Deployment", PGBOUNCER)["spec"]["template"]["spec"])[0]["env"]}
-    for var, key in (("KMNIST_TUNE_DASHBOARD_USER", "username"), ("KMNIST_TUNE_DASHBOARD_PASSWORD", "password")):
-        assert bouncer[var]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-dashboard", "key": key}
+    assert "kmnist-tune-worker" not in yaml.safe_dump(c) and "kmnist-tune-signing" not in yaml.safe_dump(c)
     # Host names: its readiness probe's, kubectl port-forward's (any local port) and the Service's.
     args = c["args"]
     opts = dict(zip(args[1::2], args[2::2], strict=True))
@@ -306,10 +306,13 @@ def test_pgbouncer_reads_pool_ini_from_storage_and_holds_its_password_only_in_me
     ini = PurePosixPath(env["PGBOUNCER_POOL_INI"]["value"])
     assert mounts[str(ini.parent)]["configMap"]["name"] == cm["metadata"]["name"] and ini.name == "pool.ini"
     assert f"kubectl apply -k deploy/overlays/{overlay}" in (REPO / "README.md").read_text()
-    # The password: from the worker Secret into the entry point's environment, then into the auth_file
-    # in an emptyDir in memory, the one writable folder of a read-only container.
-    assert env["KMNIST_TUNE_WORKER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-worker", "key": "password"}
-    assert env["KMNIST_TUNE_WORKER_USER"]["valueFrom"]["secretKeyRef"] == {"name": "kmnist-tune-worker", "key": "username"}
+    # Its one password, its look-up role's: from its own Secret into the entry point's environment, then into
+    # the auth_file in an emptyDir in memory, the one writable folder of a read-only container. No user's
+    # password (the users' SCRAM secrets are looked up in PostgreSQL): no other Secret reaches it.
+    assert env["KMNIST_TUNE_PGBOUNCER_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": PGBOUNCER, "key": "password"}
+    assert env["KMNIST_TUNE_PGBOUNCER_USER"]["valueFrom"]["secretKeyRef"] == {"name": PGBOUNCER, "key": "username"}
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {PGBOUNCER}
     run = mounts[env["PGBOUNCER_RUN_DIR"]["value"]]
     assert run["emptyDir"]["medium"] == "Memory"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -320,7 +323,23 @@ def test_pgbouncer_reads_pool_ini_from_storage_and_holds_its_password_only_in_me
         assert env[var]["valueFrom"]["configMapKeyRef"]["key"] == var
     assert env["PGBOUNCER_SERVER_TLS_SSLMODE"]["valueFrom"]["configMapKeyRef"]["key"] == "KMNIST_TUNE_DB_SSLMODE"
     settings = one(docs, "ConfigMap", "kmnist-tune-settings")["data"]
-    assert settings["KMNIST_TUNE_DB_SSLMODE"] == ("require" if overlay == "external" else "prefer")
+    if overlay == "external":
+        # TLS that checks the server's certificate and name against the CA mounted read-only from the
+        # ConfigMap the user creates (not secret); the schema Job, which connects there too, checks the same.
+        assert settings["KMNIST_TUNE_DB_SSLMODE"] == "verify-full"
+        ca = PurePosixPath(env["PGBOUNCER_SERVER_TLS_CA_FILE"]["value"])
+        assert mounts[str(ca.parent)] == {"name": "db-ca", "configMap": {"name": "kmnist-tune-db-ca"}}
+        schema = one(docs, "Job", "kmnist-tune-schema")["spec"]["template"]["spec"]
+        (job,) = containers(schema)
+        job_env = {e["name"]: e for e in job["env"]}
+        assert job_env["PGSSLROOTCERT"]["value"] == str(ca)
+        assert job_env["PGSSLMODE"]["valueFrom"]["configMapKeyRef"]["key"] == "KMNIST_TUNE_DB_SSLMODE"
+        job_mounts = {m["mountPath"]: m for m in job["volumeMounts"]}
+        assert job_mounts[str(ca.parent)]["readOnly"] is True
+        assert {v["name"]: v for v in schema["volumes"]}["db-ca"]["configMap"]["name"] == "kmnist-tune-db-ca"
+    else:
+        # The in-cluster server has no certificate; the traffic stays between the pods its policies name.
+        assert settings["KMNIST_TUNE_DB_SSLMODE"] == "prefer" and "PGBOUNCER_SERVER_TLS_CA_FILE" not in env
     (port,) = c["ports"]
     assert port["containerPort"] == 6432 and "PGBOUNCER_LISTEN_PORT" not in env
     assert c["readinessProbe"]["tcpSocket"]["port"] == port["name"] == service_port(docs)["targetPort"]
@@ -396,55 +415,90 @@ def expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_workers_and_the_create_job_get_the_signing_key_from_its_secret(overlay: str) -> None:
+    """KMNIST_TUNE_SIGNING_KEY reaches the workers and the create Job (a required Secret: a missing one
+    stops the pod, never lets it run unsigned), and no other pod; never as a value in a manifest."""
+    docs = render(overlay)
+    holders = set()
+    for where, _, pod in pod_specs(docs):
+        for c in containers(pod):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+                if ref.get("name") == "kmnist-tune-signing" or e["name"].startswith("KMNIST_TUNE_SIGNING_KEY"):
+                    assert e["name"] == "KMNIST_TUNE_SIGNING_KEY" and "value" not in e, (where, e)
+                    assert ref == {"name": "kmnist-tune-signing", "key": "signing-key"}, (where, ref)  # not optional
+                    holders.add(f"{where}/{c['name']}")
+    assert holders == {"Job/kmnist-tune-workers/worker", "Job/kmnist-tune-create/create"}
+
+
 @pytest.mark.postgres
-def test_the_storage_url_the_pods_build_opens_a_real_database_through_pgbouncer(pg_url: str, tmp_path: Path) -> None:
-    """What the pods build, run here: PgBouncer's entry point with the environment its pod spec gives it
-    (settings, the worker Secret; the server this machine's), the schema Job's owner URL straight to
-    the server, and a worker's URL (PgBouncer's Service, the user from its Secret, the password in
-    libpq's PGPASSWORD) that kmnist-tune opens through PgBouncer. The named commands exist."""
-    from sqlalchemy.engine import make_url
-
-    real = make_url(pg_url)
-    docs = render("external")
-    settings = dict(one(docs, "ConfigMap", "kmnist-tune-settings")["data"])
-    settings.update(KMNIST_TUNE_DB_HOST=str(real.host), KMNIST_TUNE_DB_PORT=str(real.port))
-    settings["KMNIST_TUNE_DB_NAME"] = str(real.database)
-    settings["KMNIST_TUNE_DB_SSLMODE"] = "disable"  # the test server has no TLS
-    password = "the-password"
-    account = {"username": str(real.username), "password": password}
-    # the server trusts loopback; the dashboard's role only has to differ from the worker's (no client uses it here)
-    dashboard = {"username": "kt_dashboard_unused", "password": "the-dashboard-password"}
-    secrets = {"kmnist-tune-worker": account, "kmnist-tune-owner": account, "kmnist-tune-dashboard": dashboard}
-
-    def pod_env(kind: str, name: str, container: str | None = None) -> dict[str, str]:
-        pod = one(docs, kind, name)["spec"]["template"]["spec"]
-        (c,) = [c for c in containers(pod) if container in (None, c["name"])]
-        return container_env(c, settings, secrets)
-
-    # The schema Job: the owner, straight to the server; it makes the tables.
-    schema = pod_env("Job", "kmnist-tune-schema")
-    assert make_url(schema["KMNIST_TUNE_STORAGE"]).host == real.host and schema["PGSSLMODE"] == "disable"
-    keep = {k: v for k, v in schema.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG"))}
-    made = run_cli("schema", env=cli_env(**keep), cwd=tmp_path)
-    assert password not in made.stdout + made.stderr
-
-    bouncer_env = pod_env("Deployment", PGBOUNCER)
-    assert bouncer_env.pop("PGBOUNCER_POOL_INI").endswith("/pool.ini")  # the ConfigMap: pool.ini's text (test above)
-    bouncer = start_pgbouncer(bouncer_env, tmp_path / "pgbouncer.log", pool_ini=POOL_INI)
+def test_the_storage_url_the_pods_build_opens_a_real_database_through_pgbouncer(tmp_path: Path) -> None:
+    """What the pods build, run here: the in-cluster PostgreSQL's first start (storage/initdb with the
+    environment its StatefulSet gives it: the Secrets' roles), PgBouncer's entry point with the environment
+    its pod spec gives it (settings, its own Secret; the server this machine's), the schema Job's owner
+    URL straight to the server, and the URLs a worker and the dashboard build (PgBouncer's Service, the user
+    from their Secret, the password in libpq's PGPASSWORD), which kmnist-tune opens through PgBouncer: it
+    looks their SCRAM secrets up and holds neither password. The named commands exist."""
+    cluster = Cluster(pg_admin())
     try:
-        # A worker pod's URL, with the Service's name and port resolved to PgBouncer here.
-        worker = pod_env("Job", "kmnist-tune-workers", "worker")
-        url = make_url(worker["KMNIST_TUNE_STORAGE"])
-        assert (url.host, url.port, url.password) == (PGBOUNCER, 6432, None) and url.drivername == "postgresql+psycopg"
-        worker["KMNIST_TUNE_STORAGE"] = url.set(host="127.0.0.1", port=bouncer.port).render_as_string()
-        keep = {k: v for k, v in worker.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG"))}
-        assert keep["PGPASSWORD"] == password and keep["PGSSLMODE"] == "prefer"
-        listed = run_cli("study", "list", env=cli_env(**keep), cwd=tmp_path)
-        assert listed.returncode == 0 and password not in listed.stdout + listed.stderr
-        assert f"login attempt: db={real.database} user={real.username}" in bouncer.output()
+        db = cluster.database()
+        docs = render("external")
+        settings = dict(one(docs, "ConfigMap", "kmnist-tune-settings")["data"])
+        settings.update(KMNIST_TUNE_DB_HOST=PG_HOST, KMNIST_TUNE_DB_PORT=str(PG_PORT), KMNIST_TUNE_DB_NAME=db)
+        settings["KMNIST_TUNE_DB_SSLMODE"] = "disable"  # the test server has no TLS (verify-full: the test above)
+        secrets = {
+            "kmnist-tune-owner": {"username": PG_SUPERUSER, "password": "the-owner-password"},  # the server trusts loopback
+            **{
+                f"kmnist-tune-{who}": {"username": cluster.role_name(), "password": f"pw-{who}-{uuid.uuid4().hex}"}
+                for who in ("worker", "dashboard", "pgbouncer")
+            },
+            "kmnist-tune-signing": {"signing-key": "s" * 32},
+        }
+
+        def pod_env(docs: list[dict[str, Any]], kind: str, name: str, container: str = "") -> dict[str, str]:
+            pod = one(docs, kind, name)["spec"]["template"]["spec"]
+            (c,) = [c for c in containers(pod) if container in ("", c["name"])]
+            return container_env(c, settings, secrets)
+
+        # The database's first start, as the in-cluster overlay's StatefulSet runs it.
+        postgres = pod_env(render("in-cluster"), "StatefulSet", "postgres")
+        init_env = {k: v for k, v in postgres.items() if k.startswith(("POSTGRES_", "KMNIST_"))}
+        init = run_init_scripts(REPO / "storage" / "initdb", init_env)
+        assert init and all(p.returncode == 0 for p in init), [p.stderr for p in init]
+
+        # The schema Job: the owner, straight to the server; it makes the tables.
+        schema = pod_env(docs, "Job", "kmnist-tune-schema")
+        assert make_url(schema["KMNIST_TUNE_STORAGE"]).host == PG_HOST and schema["PGSSLMODE"] == "disable"
+        keep = {k: v for k, v in schema.items() if k.startswith(("KMNIST_TUNE_STORAGE", "PG")) and k != "PGSSLROOTCERT"}
+        made = run_cli("schema", env=cli_env(**keep), cwd=tmp_path)
+        assert "ready" in made.stdout
+
+        bouncer_env = pod_env(docs, "Deployment", PGBOUNCER)
+        assert bouncer_env.pop("PGBOUNCER_POOL_INI").endswith("/pool.ini")  # the ConfigMap: pool.ini's text (test above)
+        assert bouncer_env.pop("PGBOUNCER_SERVER_TLS_CA_FILE")  # the CA's ConfigMap; no TLS here (sslmode above)
+        bouncer = start_pgbouncer(bouncer_env, tmp_path / "pgbouncer.log", pool_ini=POOL_INI)
+        try:
+            pods = (("worker", "Job", "kmnist-tune-workers", "worker"), ("dashboard", "Deployment", "kmnist-tune-dashboard", ""))
+            for who, kind, name, container in pods:
+                env = pod_env(docs, kind, name, container)
+                url = make_url(env["KMNIST_TUNE_STORAGE"])
+                assert (url.host, url.port, url.password) == (PGBOUNCER, 6432, None) and url.drivername == "postgresql+psycopg"
+                env["KMNIST_TUNE_STORAGE"] = url.set(host="127.0.0.1", port=bouncer.port).render_as_string()
+                keep = {k: v for k, v in env.items() if k.startswith(("KMNIST_TUNE_STORAGE", "KMNIST_TUNE_SIGNING", "PG"))}
+                assert keep["PGPASSWORD"] == secrets[f"kmnist-tune-{who}"]["password"] and keep["PGSSLMODE"] == "prefer"
+                assert ("KMNIST_TUNE_SIGNING_KEY" in keep) == (who == "worker")
+                listed = run_cli("study", "list", env=cli_env(**keep), cwd=tmp_path)
+                assert listed.returncode == 0 and keep["PGPASSWORD"] not in listed.stdout + listed.stderr
+                assert f"login attempt: db={db} user={url.username}" in bouncer.output()
+            auth_file = (bouncer.run_dir / "userlist.txt").read_text()
+            assert auth_file.splitlines() == [f'"{secrets[PGBOUNCER]["username"]}" "{secrets[PGBOUNCER]["password"]}"']
+        finally:
+            assert bouncer.stop() == 0, bouncer.output()
+        for who in ("worker", "dashboard", "pgbouncer"):
+            assert secrets[f"kmnist-tune-{who}"]["password"] not in bouncer.output()
     finally:
-        assert bouncer.stop() == 0, bouncer.output()
-    assert password not in bouncer.output() and dashboard["password"] not in bouncer.output()
+        cluster.drop()
     for _, _, pod in pod_specs(docs):
         for c in [c for c in containers(pod) if c["image"].startswith("kmnist-tune:")]:
             words = c.get("args", [])[:1] if "command" not in c else re.findall(r"kmnist-tune (\w+(?: \w+)?)", c["args"][0])

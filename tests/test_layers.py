@@ -28,7 +28,20 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
         set(),
     ),
     "cli": (
-        {"cli", "recipe", "training", "service", "observe", "contract", "errors", "masking", "signing", "optuna_internals", ""},
+        {
+            "cli",
+            "recipe",
+            "training",
+            "service",
+            "observe",
+            "contract",
+            "errors",
+            "masking",
+            "signing",
+            "secret_files",
+            "optuna_internals",
+            "",
+        },
         set(),
     ),
     # The package's top-level modules (errors, masking, signing, the door): below every layer. The

@@ -15,7 +15,8 @@ import typer
 from .. import __version__
 from ..errors import UserError, one_line
 from ..masking import install_log_masking, mask
-from . import data, study, sweep, watch  # noqa: F401  (each adds its commands to the apps)
+from ..secret_files import load_secret_files
+from . import data, study, sweep, users, watch  # noqa: F401  (each adds its commands to the apps)
 from .apps import app
 from .env_file import ENV_FILE_VAR, read_env_file
 from .options import out
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[1:] = [mask(a) for a in sys.argv[1:]]
     command = typer.main.get_command(app)
     try:
+        load_secret_files()  # compose's and Kubernetes' secret files (*_FILE) into this process's environment
         rc = command.main(args=args, prog_name="kmnist-tune", standalone_mode=False)
     except UserError as e:
         print(f"error: {mask(str(e))}", file=sys.stderr)

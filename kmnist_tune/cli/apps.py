@@ -17,8 +17,12 @@ app = typer.Typer(
 )
 study_app = typer.Typer(help="Create, list, inspect and delete studies.", context_settings=_SETTINGS, rich_markup_mode=None)
 data_app = typer.Typer(help="Download, verify and describe the data sets.", context_settings=_SETTINGS, rich_markup_mode=None)
+db_app = typer.Typer(
+    help="Manage who may use a PostgreSQL study database (as its owner).", context_settings=_SETTINGS, rich_markup_mode=None
+)
 app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
+app.add_typer(db_app, name="db")
 
 
 def help_without_command(ctx: typer.Context) -> None:
@@ -30,3 +34,4 @@ def help_without_command(ctx: typer.Context) -> None:
 
 study_app.callback(invoke_without_command=True)(help_without_command)
 data_app.callback(invoke_without_command=True)(help_without_command)
+db_app.callback(invoke_without_command=True)(help_without_command)
