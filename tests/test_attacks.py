@@ -1274,6 +1274,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatc
     """os.environ as it is now, put back after the test (read_env_file writes into it)."""
     for key in ("WANDB_BASE_URL", "KMNIST_TUNE_ARTIFACTS", "PYTHONSTARTUP", "HTTPS_PROXY", "LD_PRELOAD", "KT_PLAIN"):
         monkeypatch.delenv(key, raising=False)
+    for key in ("KMNIST_TUNE_STORAGE_PASSWORD_FILE",):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("KMNIST_TUNE_ENV_FILE", raising=False)
     saved = dict(os.environ)
     yield monkeypatch
@@ -1289,14 +1291,16 @@ def test_a_dotenv_in_the_folder_cannot_set_endpoints_or_import_settings(tmp_path
     dotenv.write_text(
         "WANDB_BASE_URL=http://127.0.0.1:9/steal\nHTTPS_PROXY=http://127.0.0.1:9\nPYTHONSTARTUP=/tmp/x.py\n"
         f"LD_PRELOAD=/tmp/x.so\nKMNIST_TUNE_ARTIFACTS={tmp_path / 'art'}\nKT_PLAIN=1\n"
+        "KMNIST_TUNE_STORAGE_PASSWORD_FILE=/etc/passwd\n"  # a file's text sent as a password
     )
     dotenv.chmod(0o600)
     result = read_env_file()
-    for key in ("WANDB_BASE_URL", "HTTPS_PROXY", "PYTHONSTARTUP", "LD_PRELOAD"):
+    for key in ("WANDB_BASE_URL", "HTTPS_PROXY", "PYTHONSTARTUP", "LD_PRELOAD", "KMNIST_TUNE_STORAGE_PASSWORD_FILE"):
         assert key not in os.environ
     assert os.environ["KT_PLAIN"] == "1" and os.environ["KMNIST_TUNE_ARTIFACTS"] == str(tmp_path / "art")
     warning, note = result.lines
-    assert warning.startswith("warning: HTTPS_PROXY, LD_PRELOAD, PYTHONSTARTUP, WANDB_BASE_URL from ") and "--env-file" in warning
+    ignored = "HTTPS_PROXY, KMNIST_TUNE_STORAGE_PASSWORD_FILE, LD_PRELOAD, PYTHONSTARTUP, WANDB_BASE_URL"
+    assert warning.startswith(f"warning: {ignored} from ") and "--env-file" in warning
     assert note == f"note: from {dotenv}: KMNIST_TUNE_ARTIFACTS={tmp_path / 'art'}"
 
 

@@ -38,6 +38,7 @@ def _root(
     # Before any command runs: the passwords, the storage URL and the signing key may come from it.
     for line in read_env_file(env_file).lines:
         print(mask(line), file=sys.stderr)
+    load_secret_files()  # compose's and Kubernetes' secret files (*_FILE), after a .env that may name them
     if version:
         out(f"kmnist-tune {__version__}")
         raise typer.Exit()
@@ -70,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[1:] = [mask(a) for a in sys.argv[1:]]
     command = typer.main.get_command(app)
     try:
-        load_secret_files()  # compose's and Kubernetes' secret files (*_FILE) into this process's environment
         rc = command.main(args=args, prog_name="kmnist-tune", standalone_mode=False)
     except UserError as e:
         print(f"error: {mask(str(e))}", file=sys.stderr)

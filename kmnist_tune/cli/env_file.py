@@ -28,10 +28,13 @@ DEFAULT_NAME = ".env"
 # What code runs: Python's and the loader's import settings, compilers and the caches of compiled code
 # that torch.compile loads, shell start-up files, matplotlib's configuration (its backend is a module).
 _RUNS_CODE = re.compile(r"(PYTHON.*|LD_.*|DYLD_.*|PATH|CC|CXX|TORCHINDUCTOR_.*|TRITON_.*|BASH_ENV|ENV|MPLCONFIGDIR|MPLBACKEND)")
-# Where data (and the W&B API key with it) is sent, and whom TLS trusts on the way.
+# Where data (and the W&B API key with it) is sent, whom TLS trusts on the way, and what files are read as secrets.
 _SENDS_ELSEWHERE = re.compile(
     r"(WANDB_BASE_URL|WANDB_HOST|KMNIST_TUNE_MIRROR|(HTTPS?|ALL|NO)_PROXY|SSL_CERT_(FILE|DIR)|REQUESTS_CA_BUNDLE"
-    r"|CURL_CA_BUNDLE|PG(HOST|HOSTADDR|PORT|SERVICE|SERVICEFILE|PASSFILE|SSL.*|SYSCONFDIR))",
+    r"|CURL_CA_BUNDLE|PG(HOST|HOSTADDR|PORT|SERVICE|SERVICEFILE|PASSFILE|SSL.*|SYSCONFDIR)"
+    # A secret read from a file (secret_files.py): a folder's .env naming ~/.ssh/id_rsa as the storage
+    # password, beside a storage URL of its own, would send that file's text to its server.
+    r"|.*_FILE)",
     re.IGNORECASE,
 )
 # Where studies, artifacts, data and W&B runs live: taken from any file, and said.
