@@ -268,3 +268,5 @@ RECORDED_ARTIFACT_KEYS = sqlalchemy.text(
     "UNION SELECT key FROM trial_system_attributes WHERE key LIKE 'artifacts:%'"
 )
 ALL_TRIAL_IDS = sqlalchemy.text("SELECT trial_id FROM trials")
+# Every study's id, as a subquery (claims.py drops the claim tickets of studies that are gone).
+ALL_STUDY_IDS_SQL = "SELECT study_id FROM studies"

@@ -619,17 +619,21 @@ def test_readme_scale_out_section_names_the_stack_and_its_commands() -> None:
     text = README.read_text()
     assert text.index("\n## Scale out\n") < text.index("\n## CLI reference\n")
     start = bash_commands(section, "Start the stack")
-    assert start == [
-        "cp .env.example .env",
+    assert start[0] == "cp .env.example .env" and start[-3:] == [
         "docker compose up -d postgres dashboard",
         "docker compose run --rm create",
         "docker compose up -d worker",
     ]
+    # In between: the secret files compose reads (.env.example names them), made with the folder private.
+    assert start[1] == "mkdir -m 700 secrets" and all(c.startswith(SECRET_STEPS) for c in start[1:-3]), start
     runs = [c for c in bash_commands(section) if c.startswith("docker run ")]
     assert runs, "README: the image on another host with `docker run --gpus`"
     options, image, _ = docker_run_args(runs[0])
     assert image == read_dotenv(ENV_EXAMPLE)["KMNIST_TUNE_IMAGE"]
-    assert "--gpus" in options and "KMNIST_TUNE_STORAGE" in options
+    assert "--gpus" in options and any(o.partition("=")[0] == "KMNIST_TUNE_STORAGE" for o in options)
+    # The password and the key as files: `docker inspect` shows where they are, not what they hold.
+    assert {"KMNIST_TUNE_STORAGE_PASSWORD_FILE", "KMNIST_TUNE_SIGNING_KEY_FILE"} <= {o.partition("=")[0] for o in options}
+    assert not any(SECRET_NAME.search(o.partition("=")[0]) and not o.partition("=")[0].endswith("_FILE") for o in options)
     # The data cache only: artifacts live in the study's database, so no artifact volume is needed there.
     assert {o.split(":")[-1] for o in options if o.startswith("kmnist-")} == {"/data"}
     assert "docker compose --profile proxy up -d storage-proxy" in bash_commands(section, "The storage proxy")

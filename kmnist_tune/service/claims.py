@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..contract.records import FINISHED_STATES
 from ..errors import UserError
-from ..optuna_internals import counted_trials_sql, new_trial
+from ..optuna_internals import ALL_STUDY_IDS_SQL, counted_trials_sql, new_trial
 from .lock import lock_key, storage_lock
 from .storage import autocommitted, backend, count_states, engine, retried
 from .tables import CLAIMS_TABLE as TABLE
@@ -119,7 +119,7 @@ def prune_tickets(storage: BaseStorage) -> int:
     of every study and of studies that are gone. Returns how many went."""
     query = sqlalchemy.text(
         f"WITH gone AS (DELETE FROM {TABLE} WHERE {DEAD.format(ttl=int(TICKET_TTL_S))}"
-        f" OR study_id NOT IN (SELECT study_id FROM studies) RETURNING 1) SELECT count(*) FROM gone"
+        f" OR study_id NOT IN ({ALL_STUDY_IDS_SQL}) RETURNING 1) SELECT count(*) FROM gone"
     )
     return int(autocommitted(storage, query, {})[0][0])
 

@@ -130,7 +130,7 @@ def describe(storage: BaseStorage) -> str:
 
 
 # -- bounded waits ---------------------------------------------------------------------------------
-# Everyone who shares a study database can take a lock on its tables (`LOCK TABLE studies` needs only
+# Everyone who shares a study database can take a lock on its tables (`LOCK TABLE` needs only
 # UPDATE), and without a bound every other client would wait for it forever. Each of our PostgreSQL
 # sessions bounds its waits: a lock is waited for at most lock_timeout, a statement runs at most
 # statement_timeout. Ours take milliseconds, the longest legitimate ones seconds (a study's DELETE
