@@ -373,17 +373,6 @@ def test_with_a_signing_key_a_checkpoint_resumes_only_when_signed_by_it(
         "stem": "imagenet",
     }
 
-    def upload(trial: optuna.Trial) -> None:
-        import tempfile
-
-        ck = TrialCheckpoints(trial, spec, lambda m: None)
-        staging = tempfile.TemporaryDirectory()
-        weights, meta = Path(staging.name) / "w.pth", Path(staging.name) / "m.json"
-        weights.write_bytes(b"weights")
-        meta.write_text(json.dumps(info))
-        ck._upload(staging, weights, meta, 0, 32)
-        ck.close()
-
     def retry_of(trial: optuna.Trial) -> tuple[list[str], Any]:
         frozen = study.tell(trial, state=TrialState.FAIL)
         optuna.storages.RetryHeartbeatStaleTrialCallback()(study, frozen)
@@ -397,7 +386,7 @@ def test_with_a_signing_key_a_checkpoint_resumes_only_when_signed_by_it(
             study.tell(retry, state=TrialState.FAIL)
 
     first = study.ask()
-    upload(first)
+    _checkpoint(study, first, params)
     lines, resume = retry_of(first)
     assert resume is not None and resume.epoch == 0 and not lines  # signed by this key: resumed
     # The attacker's own checkpoint under the right name, with a matching checksum and no signature.
