@@ -1378,6 +1378,15 @@ def test_every_session_bounds_its_waits_directly_and_through_the_database_defaul
             assert got == ["30s", "2min"], (who, got)
     with shared.connect("dashboard") as conn:
         assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"  # type: ignore[index]
+    # Through the suite's PgBouncer (transaction pooling; it drops our startup options): the same bounds.
+    from conftest import PGBOUNCER
+
+    through = make_url(PGBOUNCER).set(drivername="postgresql+psycopg", database=shared.db)
+    pooled = open_storage(through.render_as_string(hide_password=False), timeouts=Timeouts.from_env(lock_s=7))
+    with engine(pooled).connect() as conn:
+        got = [conn.exec_driver_sql(f"SHOW {s}").scalar() for s in ("lock_timeout", "statement_timeout")]
+        assert got == ["30s", "2min"], got  # the database's, not the 7 s this client asked for
+    engine(pooled).dispose()
     bad = cli_here("study", "list", "--storage", shared.worker_url, env=cli_env(KMNIST_TUNE_DB_LOCK_TIMEOUT="soon"), check=False)
     assert "KMNIST_TUNE_DB_LOCK_TIMEOUT='soon' is not a number of seconds" in error_line(bad)
 
