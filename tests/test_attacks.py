@@ -1335,8 +1335,11 @@ def test_a_table_lock_held_by_one_user_ends_each_command_in_one_line_and_workers
     )
     try:
         attacker.execute("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")  # psycopg began a transaction: held
-        for command in (("study", "list"), ("study", "show", "wedged")):
-            proc = run_cli(*command, "--storage", shared.worker_url, env=env, check=False, timeout=120)
+        # A process of its own (with a time limit: without bounded waits it would wait forever), then one
+        # more command in this process.
+        listed = run_cli("study", "list", "--storage", shared.worker_url, env=env, check=False, timeout=120)
+        shown = cli_here("study", "show", "wedged", "--storage", shared.worker_url, env=env, check=False)
+        for proc in (listed, shown):
             line = error_line(proc)
             assert "the storage is busy" in line and "lock timeout" in line and "pg_locks" in line, line
         worker = spawn_cli("worker", "--study", "wedged", "--storage", shared.worker_url, "--gpus", "none", env=env)
