@@ -1,0 +1,199 @@
+"""`kmnist-tune doctor`'s checks of what trains: torch and CUDA, every GPU, the compile, the data files.
+
+GPUs: a host with none is a warning (CPU workers work), a GPU that torch cannot use or that fails
+one uncompiled step is a failure. A compile that fails is a warning: a worker trains uncompiled, as
+issue 35 has it fall back. The compile runs in a child process, so that a slow or stuck compile is
+bounded and a crash in it is a reason, not the end of this command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..contract.checks import FAIL, OK, SKIP, WARN, Check
+from ..errors import one_line
+from . import data as kdata
+from .compile_probe import DeviceBroken, check_eager
+
+GIB = 1 << 30
+BUSY_SHARE = 0.10  # a GPU with more than this share of its memory taken by others: another job is on it
+NVIDIA_SMI_S = 15.0
+
+
+def python_check() -> Check:
+    v = platform.python_version()
+    status = OK if sys.version_info >= (3, 11) else FAIL
+    return Check("python", status, f"{v} ({sys.executable})", {"version": v, "executable": sys.executable})
+
+
+def _nvidia_smi() -> tuple[list[dict[str, str]], str]:
+    """nvidia-smi's GPUs (uuid, name, memory used and total in MiB, driver) and a note when it is
+    absent or fails: it counts what other processes hold, which torch's own view cannot tell apart."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return [], "nvidia-smi not found"
+    fields = "uuid,name,memory.used,memory.total,driver_version"
+    try:
+        done = subprocess.run(
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"nvidia-smi failed: {type(e).__name__}"
+    if done.returncode != 0:
+        return [], f"nvidia-smi failed: {one_line(Exception(done.stdout + done.stderr), 160)}"
+    rows = [dict(zip(fields.split(","), (p.strip() for p in line.split(",")), strict=False)) for line in done.stdout.splitlines()]
+    return [r for r in rows if r.get("uuid")], ""
+
+
+def _cuda_reason() -> str:
+    """Why torch has no CUDA: its own error from initialising it, or what its build lacks."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build"
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        return one_line(e, 200)
+    return "torch sees no CUDA device (CUDA_VISIBLE_DEVICES?)"
+
+
+def torch_check() -> Check:
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    detail = f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none (a CPU build)'}"
+    detail += f", cuDNN {cudnn}" if cudnn else ""
+    return Check("torch", OK, detail, {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn})
+
+
+def gpu_checks() -> list[Check]:
+    """The CUDA row (driver, how many GPUs), then one row per GPU torch sees."""
+    smi, smi_note = _nvidia_smi()
+    driver = smi[0].get("driver_version") if smi else None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    data: dict[str, Any] = {"driver": driver, "available": torch.cuda.is_available(), "cuda_visible_devices": visible}
+    if not torch.cuda.is_available():
+        if smi and visible not in ("", "-1"):
+            why = _cuda_reason()
+            detail = f"nvidia-smi lists {len(smi)} GPU(s) (driver {driver}) but torch cannot use them: {why}"
+            return [Check("cuda", FAIL, detail, data)]
+        hidden = " (CUDA_VISIBLE_DEVICES hides them)" if smi else ""
+        return [Check("cuda", WARN, f"no GPU{hidden}: workers train on the CPU", data)]
+    count = torch.cuda.device_count()
+    data["count"] = count
+    rows = [Check("cuda", OK, f"CUDA {torch.version.cuda}, driver {driver or f'unknown ({smi_note})'}, {count} GPU(s)", data)]
+    by_uuid = {r["uuid"].removeprefix("GPU-"): r for r in smi}
+    for i in range(count):
+        rows.append(_gpu_row(i, by_uuid))
+    return rows
+
+
+def _gpu_row(i: int, by_uuid: dict[str, dict[str, str]]) -> Check:
+    name = f"gpu {i}"
+    try:
+        p = torch.cuda.get_device_properties(i)
+        smi = by_uuid.get(str(getattr(p, "uuid", "")).removeprefix("GPU-"))
+        if smi is not None and smi.get("memory.used", "").isdigit():
+            busy = int(smi["memory.used"]) * (1 << 20)  # other processes' use, before this one touches it
+        else:
+            free, total = torch.cuda.mem_get_info(i)  # includes this process's own context
+            busy = total - free
+        check_eager(torch.device("cuda", i))
+    except DeviceBroken as e:
+        return Check(name, FAIL, f"fails one uncompiled step: {e}; fix or reset this GPU, or leave it out of --gpus")
+    except Exception as e:
+        return Check(name, FAIL, f"cannot be used: {type(e).__name__}: {one_line(e, 200)}")
+    bf16 = p.major >= 8  # bf16 in hardware from Ampere on (torch.cuda.is_bf16_supported asks the current device only)
+    data = {
+        "name": p.name,
+        "memory_gib": round(p.total_memory / GIB, 1),
+        "busy_gib": round(busy / GIB, 1),
+        "capability": f"{p.major}.{p.minor}",
+        "bf16": bf16,
+    }
+    detail = (
+        f"{p.name}, {data['memory_gib']} GiB, compute capability {p.major}.{p.minor}, "
+        f"bf16 {'yes' if bf16 else 'no (trains in fp32)'}, busy {data['busy_gib']} GiB"
+    )
+    if busy > BUSY_SHARE * p.total_memory:
+        return Check(name, WARN, detail + ": another job holds its memory; trials there may run out of memory", data)
+    return Check(name, OK, detail, data)
+
+
+def compile_device() -> str:
+    """Where a worker compiles by default: the first GPU; on a CPU-only host, the CPU (where only a
+    spec's `performance: {compile: true}` compiles)."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def compile_check(device: str, timeout_s: float) -> Check:
+    """A real tiny compile on `device`, in a child process bounded by `timeout_s`."""
+    name = "compile"
+    cpu_note = "" if device.startswith("cuda") else " (a CPU worker compiles only with performance: {compile: true})"
+    fallback = "; workers train uncompiled (slower)" + cpu_note
+    cmd = [sys.executable, "-m", "kmnist_tune.training.compile_probe", device]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return Check(name, WARN, f"no answer from a tiny compile on {device} in {timeout_s:.0f} s{fallback}", {"device": device})
+    last = done.stdout.strip().splitlines()[-1:] or [""]
+    try:
+        result = json.loads(last[0])
+    except json.JSONDecodeError:
+        err = done.stderr.strip().splitlines()
+        tail = one_line(Exception(err[-1] if err else f"exit status {done.returncode}"), 200)
+        return Check(name, WARN, f"the compile probe on {device} died: {tail}{fallback}", {"device": device})
+    if not result.get("eager", True):
+        return Check(name, FAIL, f"{device} fails an uncompiled step: {result['reason']}", result)
+    secs = float(result.get("seconds", 0.0))
+    if result.get("ok"):
+        return Check(name, OK, f"works on {device}: a tiny conv+BN net's forward and backward compiled in {secs:.1f} s", result)
+    return Check(name, WARN, f"fails on {device}: {result.get('reason', '?')}{fallback}", result)
+
+
+def compile_skipped() -> Check:
+    return Check("compile", SKIP, "not probed (--no-compile)")
+
+
+def data_check(dataset: str, data_dir: Path) -> Check:
+    """The data set's files in the data folder: every present file must verify (md5: the official
+    sums, or the folder's MD5SUMS); missing ones a worker downloads at its first trial."""
+    name = f"data {dataset}"
+    info = kdata.get_dataset(dataset)
+    try:
+        statuses = kdata.verify(dataset, data_dir)
+    except kdata.DataError as e:
+        return Check(name, FAIL, str(e), {"data_dir": str(data_dir)})
+    files = {s.path.name: s.state for s in statuses}
+    data = {"data_dir": str(data_dir), "files": files}
+    bad = [s for s in statuses if s.state not in ("ok", "missing")]
+    if bad:
+        s = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return Check(name, FAIL, f"{kdata._problem(s)}{more}", data)
+    complete = [fm for fm, splits in info.formats.items() if all(files.get(f.name) == "ok" for s in splits.values() for f in s)]
+    if complete:
+        sums = "MD5SUMS" if (data_dir / kdata.MD5SUMS_NAME).is_file() else "official md5s"
+        n = sum(st == "ok" for st in files.values())
+        return Check(name, OK, f"{n} files in {data_dir} match their {sums} ({', '.join(complete)})", data)
+    try:
+        mirror = kdata.resolve_mirror(None)
+    except kdata.DataError as e:
+        return Check(name, FAIL, f"not in {data_dir}, and no download possible: {e}", data)
+    return Check(
+        name,
+        WARN,
+        f"not (all) in {data_dir}: a worker downloads it from {mirror} at its first trial "
+        f"(or now: `kmnist-tune data fetch --dataset {dataset}`)",
+        data,
+    )
