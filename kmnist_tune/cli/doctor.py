@@ -37,14 +37,14 @@ def doctor(
     if dataset != "all" and dataset not in kdata.DATASETS:
         raise UserError(f"--dataset {dataset!r}: use kmnist, k49 or all")
     folder = kdata.resolve_data_dir(data_dir)
+    compiling = None if no_compile else dev.CompileRun("auto", compile_timeout)  # runs while the rest is checked
     checks = [dev.python_check(), dev.torch_check(), *dev.gpu_checks()]
     gpus = sum(c.name.startswith("gpu ") for c in checks)
     checks.append(host.mps_check(gpus))
     checks.append(host.compiler_check())
-    checks.append(dev.compile_skipped() if no_compile else dev.compile_check(dev.compile_device(), compile_timeout))
-    checks.append(host.storage_check(storage))
-    checks += [dev.data_check(name, folder) for name in names]
-    checks += [host.wandb_check(), host.signing_check(storage), host.disk_check(folder)]
+    later = [host.storage_check(storage), *(dev.data_check(name, folder) for name in names)]
+    later += [host.wandb_check(), host.signing_check(storage), host.disk_check(folder)]
+    checks += [dev.compile_skipped() if compiling is None else compiling.check(), *later]
     ok, line = verdict(checks)
     if as_json:
         out_json({"ok": ok, "verdict": line, "checks": [c.as_json() for c in checks]})

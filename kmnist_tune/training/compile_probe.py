@@ -4,7 +4,7 @@ autograd splits it and inductor generates and builds its kernels (C++ on a CPU, 
 with the host's compiler). `kmnist-tune doctor` runs it in a child process (bounded in time); a
 worker's preflight may call `probe_compile` itself.
 
-    python -m kmnist_tune.training.compile_probe [DEVICE] [MODE]   # one JSON line: ok, reason, seconds, eager
+    python -m kmnist_tune.training.compile_probe [DEVICE|auto] [MODE]   # one JSON line: ok, reason, seconds, eager
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def _reason(e: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
-    device = argv[0] if argv else "cpu"
+    device = argv[0] if argv else "auto"
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
     mode = argv[1] if len(argv) > 1 else None
     result: dict[str, object] = {"device": device}
     try:

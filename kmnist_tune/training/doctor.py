@@ -3,7 +3,8 @@
 GPUs: a host with none is a warning (CPU workers work), a GPU that torch cannot use or that fails
 one uncompiled step is a failure. A compile that fails is a warning: a worker trains uncompiled, as
 issue 35 has it fall back. The compile runs in a child process, so that a slow or stuck compile is
-bounded and a crash in it is a reason, not the end of this command.
+bounded and a crash in it is a reason, not the end of this command. torch is imported by the checks
+that use it, so that the compile's child process starts (and imports it) while this one does.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..contract.checks import FAIL, OK, SKIP, WARN, Check
 from ..errors import one_line
 from . import data as kdata
-from .compile_probe import DeviceBroken, check_eager
 
 GIB = 1 << 30
 BUSY_SHARE = 0.10  # a GPU with more than this share of its memory taken by others: another job is on it
@@ -59,6 +58,8 @@ def _nvidia_smi() -> tuple[list[dict[str, str]], str]:
 
 def _cuda_reason() -> str:
     """Why torch has no CUDA: its own error from initialising it, or what its build lacks."""
+    import torch
+
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build"
     try:
@@ -69,6 +70,8 @@ def _cuda_reason() -> str:
 
 
 def torch_check() -> Check:
+    import torch
+
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     detail = f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none (a CPU build)'}"
     detail += f", cuDNN {cudnn}" if cudnn else ""
@@ -77,6 +80,8 @@ def torch_check() -> Check:
 
 def gpu_checks() -> list[Check]:
     """The CUDA row (driver, how many GPUs), then one row per GPU torch sees."""
+    import torch
+
     smi, smi_note = _nvidia_smi()
     driver = smi[0].get("driver_version") if smi else None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -98,6 +103,10 @@ def gpu_checks() -> list[Check]:
 
 
 def _gpu_row(i: int, by_uuid: dict[str, dict[str, str]]) -> Check:
+    import torch
+
+    from .compile_probe import DeviceBroken, check_eager
+
     name = f"gpu {i}"
     try:
         p = torch.cuda.get_device_properties(i)
@@ -129,36 +138,47 @@ def _gpu_row(i: int, by_uuid: dict[str, dict[str, str]]) -> Check:
     return Check(name, OK, detail, data)
 
 
-def compile_device() -> str:
-    """Where a worker compiles by default: the first GPU; on a CPU-only host, the CPU (where only a
-    spec's `performance: {compile: true}` compiles)."""
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+class CompileRun:
+    """A real tiny compile in a child process (compile_probe.py), started at once so that it runs while
+    the other checks do, and bounded: `check` waits at most `timeout_s` from the start. `auto`: the
+    first GPU, where a worker compiles by default; on a CPU-only host the CPU (where only a spec's
+    `performance: {compile: true}` compiles)."""
+
+    def __init__(self, device: str = "auto", timeout_s: float = 300.0):
+        self.device, self.timeout_s, self.t0 = device, timeout_s, time.monotonic()
+        cmd = [sys.executable, "-m", "kmnist_tune.training.compile_probe", device]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def check(self) -> Check:
+        name, device = "compile", self.device
+        left = max(0.0, self.timeout_s - (time.monotonic() - self.t0))
+        try:
+            stdout, stderr = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            why = f"no answer from a tiny compile on {device} in {self.timeout_s:.0f} s"
+            return Check(name, WARN, f"{why}{_fallback(device)}", {"device": device})
+        try:
+            result = json.loads((stdout.strip().splitlines() or [""])[-1])
+        except json.JSONDecodeError:
+            err = stderr.strip().splitlines()
+            tail = one_line(Exception(err[-1] if err else f"exit status {self.proc.returncode}"), 200)
+            return Check(name, WARN, f"the compile probe on {device} died: {tail}{_fallback(device)}", {"device": device})
+        device = result.get("device", device)
+        if not result.get("eager", True):
+            return Check(name, FAIL, f"{device} fails an uncompiled step: {result['reason']}", result)
+        secs = float(result.get("seconds", 0.0))
+        if result.get("ok"):
+            detail = f"works on {device}: a tiny conv+BN net compiled, forward and backward, in {secs:.1f} s"
+            return Check(name, OK, detail, result)
+        return Check(name, WARN, f"fails on {device}: {result.get('reason', '?')}{_fallback(device)}", result)
 
 
-def compile_check(device: str, timeout_s: float) -> Check:
-    """A real tiny compile on `device`, in a child process bounded by `timeout_s`."""
-    name = "compile"
-    cpu_note = "" if device.startswith("cuda") else " (a CPU worker compiles only with performance: {compile: true})"
-    fallback = "; workers train uncompiled (slower)" + cpu_note
-    cmd = [sys.executable, "-m", "kmnist_tune.training.compile_probe", device]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return Check(name, WARN, f"no answer from a tiny compile on {device} in {timeout_s:.0f} s{fallback}", {"device": device})
-    last = done.stdout.strip().splitlines()[-1:] or [""]
-    try:
-        result = json.loads(last[0])
-    except json.JSONDecodeError:
-        err = done.stderr.strip().splitlines()
-        tail = one_line(Exception(err[-1] if err else f"exit status {done.returncode}"), 200)
-        return Check(name, WARN, f"the compile probe on {device} died: {tail}{fallback}", {"device": device})
-    if not result.get("eager", True):
-        return Check(name, FAIL, f"{device} fails an uncompiled step: {result['reason']}", result)
-    secs = float(result.get("seconds", 0.0))
-    if result.get("ok"):
-        return Check(name, OK, f"works on {device}: a tiny conv+BN net's forward and backward compiled in {secs:.1f} s", result)
-    return Check(name, WARN, f"fails on {device}: {result.get('reason', '?')}{fallback}", result)
+def _fallback(device: str) -> str:
+    cpu = "" if device.startswith("cuda") else " (a CPU worker compiles only with performance: {compile: true})"
+    return "; workers train uncompiled (slower)" + cpu
 
 
 def compile_skipped() -> Check:
