@@ -22,7 +22,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "contract": ({"contract", "errors", "masking", "optuna_internals"}, HEAVY),
     "training": ({"training", "contract.spec", "contract.records", "contract.checks", "errors", "masking", "signing"}, OPTUNA),
     "service": ({"service", "contract", "errors", "masking", "signing", "optuna_internals", ""}, HEAVY),
-    "observe": ({"observe", "service", "contract", "errors", "masking", "optuna_internals"}, HEAVY),
+    "observe": ({"observe", "service", "contract", "errors", "masking", "signing", "optuna_internals"}, HEAVY),
     "recipe": (
         {"recipe", "training", "service", "observe", "contract", "errors", "masking", "signing", "optuna_internals"},
         set(),
