@@ -164,8 +164,11 @@ def signing_check(storage: str | None) -> Check:
         return Check("signing", FAIL, str(e), {"set": True})
     if on:
         return Check("signing", OK, f"{ENV_KEY} set: workers sign what they store and refuse what is unsigned", {"set": True})
-    url = storage or os.environ.get(st.ENV_STORAGE) or ""
-    shared = bool(url) and not url.startswith("sqlite")
+    try:
+        url = st.resolve_url(storage) if storage or os.environ.get(st.ENV_STORAGE) else ""
+    except UserError:
+        url = ""  # the storage row says what is wrong with it
+    shared = bool(url) and not st.is_sqlite(url)  # PostgreSQL or the proxy: others write there too
     detail = f"{ENV_KEY} not set: what workers store is unsigned"
     if shared:
         detail += ", and anyone who can write the shared database can change it (README: Security)"
