@@ -49,6 +49,7 @@ SUMMARY="$OUT/summary.txt"
 STEPS="$OUT/steps.txt"
 : >"$STEPS"
 FAILED=0
+RAN=()  # the steps that ran, in order
 START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-565}"
 
@@ -66,6 +67,7 @@ step() {
     return 0
   fi
   echo "== $name: $* (limit ${limit}s)"
+  RAN+=("$name")
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   printf '%-24s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$*" >>"$STEPS"
@@ -79,7 +81,7 @@ step() {
   echo "date: $(date -Is)"
   echo "host: $(hostname)"
   echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
   echo "cpus: $(nproc)"
 } >"$OUT/env.txt"
 
@@ -160,12 +162,11 @@ nvidia-smi >"$OUT/nvidia-smi-end.txt" 2>&1 || true
   echo
   echo "## steps"
   cat "$STEPS"
-  for log in "$OUT"/*.log; do
-    name="$(basename "$log" .log)"
+  for name in "${RAN[@]}"; do
     [ "$name" = doctor ] && continue
     echo
     echo "## $name (last lines of $name.log)"
-    tail -n "${GPU_CHECK_TAIL:-25}" "$log"
+    tail -n "${GPU_CHECK_TAIL:-25}" "$OUT/$name.log"
   done
 } >"$SUMMARY"
 echo "== summary: $SUMMARY"
