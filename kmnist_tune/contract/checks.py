@@ -47,4 +47,4 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
     warned = sum(c.status == WARN for c in checks)
     if failed:
         return False, f"a worker would not work here: {len(failed)} check(s) failed ({', '.join(failed)})"
-    return True, "a worker would work here" + (f" ({warned} warning(s) above)" if warned else "")
+    return True, "a worker would work here" + (f" ({warned} warning{'s' if warned > 1 else ''})" if warned else "")

@@ -72,10 +72,17 @@ def _cuda_reason() -> str:
 def torch_check() -> Check:
     import torch
 
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    number = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    cudnn = _cudnn(number) if number else None
     detail = f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none (a CPU build)'}"
     detail += f", cuDNN {cudnn}" if cudnn else ""
     return Check("torch", OK, detail, {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn})
+
+
+def _cudnn(n: int) -> str:
+    """cuDNN's version number as it is written: 92400 -> 9.24.0 (from 9 on: major*10000), 8902 -> 8.9.2."""
+    major, rest = (n // 10000, n % 10000) if n >= 10000 else (n // 1000, n % 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
 
 
 def gpu_checks() -> list[Check]:
