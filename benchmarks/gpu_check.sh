@@ -34,7 +34,7 @@
 #     colorlog==6.12.0 cmaes==0.13.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
 #     typing-inspection==0.4.5 typing_extensions==4.16.0 python-dotenv==1.2.4 psycopg==3.3.9 psycopg-binary==3.3.9
 # (the versions this repository's .venv holds: `.venv/bin/pip list`), and the official KMNIST files:
-#   echo /shared/ >>.git/info/exclude; mkdir -p shared/data && cp -r ../shared/data/kmnist shared/data/
+#   echo /shared/ >>.git/info/exclude; mkdir -p shared/data/kmnist && cp ../shared/data/kmnist/*.npz shared/data/kmnist/
 # then, from the checkout the session started in, one device call (RESULTS_DIR outside $OUT: at most 8
 # files come back, so the summary and one archive of the logs do):
 #   run(command="bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.txt $OUT/; tar czf $OUT/gpu_check.tgz -C /tmp gc",
