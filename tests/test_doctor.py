@@ -1,7 +1,7 @@
 """`kmnist-tune doctor` run as a user runs it (a real process) against a SQLite file and the machine's
 PostgreSQL, with the fixture's KMNIST files: the table's rows, --json, a password that never shows, and
 the broken cases (a storage nobody answers on, a corrupt data file, no C++ compiler for the compile).
-Four runs in all, made once for the module; one of them compiles for real (seconds on a CPU)."""
+Three runs in all, made once for the module; one of them compiles for real (seconds on a CPU)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def runs(pg_schema_template: str, sqlite_schema_file: Path, tmp_path_factory: py
         # Two at a time (two cores): each run spends much of its time importing torch and waiting for its compile.
         started = {
             "sqlite": pool.submit(doctor, "--storage", sqlite),  # the one real compile
-            "pg_json": pool.submit(doctor, "--storage", with_password(pg), "--json", "--no-compile"),
-            "pg_no_cxx": pool.submit(doctor, "--storage", with_password(pg), CXX="/nonexistent"),
+            # PostgreSQL through a password, as JSON, with no C++ compiler for the compile
+            "pg_json": pool.submit(doctor, "--storage", with_password(pg), "--json", CXX="/nonexistent"),
             "broken": pool.submit(doctor, "--storage", closed, "--no-compile", KMNIST_TUNE_DATA=str(corrupt)),
         }
         done = {k: f.result() for k, f in started.items()}
@@ -93,25 +93,25 @@ def test_json_on_postgresql_parses_and_never_shows_the_password(runs: dict) -> N
     storage = checks["storage"]
     assert storage["status"] == "ok" and storage["data"]["url"].startswith("postgresql+psycopg://postgres:***@")
     assert storage["data"]["studies"] == 0
-    assert checks["compile"]["status"] == "skip"
     # a shared database without a signing key: said, as a warning
     assert checks["signing"]["status"] == "warn"
     if "gpu 0" in checks:  # on a GPU machine
         assert {"name", "memory_gib", "busy_gib", "capability", "bf16"} <= set(checks["gpu 0"]["data"])
-    for key in ("pg_json", "pg_no_cxx", "broken"):
+    for key in ("pg_json", "broken"):
         both = runs[key].stdout + runs[key].stderr
         assert PASSWORD not in both and "***@" in both, key
 
 
 def test_compile_without_a_cxx_compiler_is_a_warning_with_its_reason(runs: dict) -> None:
-    proc = runs["pg_no_cxx"]
+    proc = runs["pg_json"]
     assert proc.returncode == 0, proc.stdout + proc.stderr  # workers fall back to training uncompiled
-    table = rows(proc.stdout)
-    assert table["storage"][0] == "ok"
-    status, detail = table["compile"]
-    assert status == "warn" and detail.startswith("fails on cpu:") and "InvalidCxxCompiler" in detail, detail
-    assert "workers train uncompiled" in detail and "\n" not in detail
-    assert table["compiler"][0] == "warn" and "CXX=/nonexistent not found" in table["compiler"][1]
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    compiled = checks["compile"]
+    assert compiled["status"] == "warn" and compiled["data"]["ok"] is False and compiled["data"]["eager"] is True
+    detail = compiled["detail"]
+    assert detail.startswith("fails on cpu:") and "InvalidCxxCompiler" in detail and "\n" not in detail, detail
+    assert "workers train uncompiled" in detail
+    assert checks["compiler"]["status"] == "warn" and "CXX=/nonexistent not found" in checks["compiler"]["detail"]
 
 
 def test_broken_host_fails_with_the_failing_rows_first(runs: dict) -> None:
