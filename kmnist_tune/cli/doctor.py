@@ -37,8 +37,9 @@ def doctor(
     if dataset != "all" and dataset not in kdata.DATASETS:
         raise UserError(f"--dataset {dataset!r}: use kmnist, k49 or all")
     folder = kdata.resolve_data_dir(data_dir)
+    smi = dev.nvidia_smi()  # the GPUs' busy memory before the compile probe takes some
     compiling = None if no_compile else dev.CompileRun("auto", compile_timeout)  # runs while the rest is checked
-    checks = [dev.python_check(), dev.torch_check(), *dev.gpu_checks()]
+    checks = [dev.python_check(), dev.torch_check(), *dev.gpu_checks(smi)]
     gpus = sum(c.name.startswith("gpu ") for c in checks)
     checks.append(host.mps_check(gpus))
     checks.append(host.compiler_check())

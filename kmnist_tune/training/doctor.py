@@ -34,9 +34,10 @@ def python_check() -> Check:
     return Check("python", status, f"{v} ({sys.executable})", {"version": v, "executable": sys.executable})
 
 
-def _nvidia_smi() -> tuple[list[dict[str, str]], str]:
+def nvidia_smi() -> tuple[list[dict[str, str]], str]:
     """nvidia-smi's GPUs (uuid, name, memory used and total in MiB, driver) and a note when it is
-    absent or fails: it counts what other processes hold, which torch's own view cannot tell apart."""
+    absent or fails: it counts what other processes hold, which torch's own view cannot tell apart.
+    Taken before this command's compile probe or checks touch a GPU, so that their memory is not counted."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return [], "nvidia-smi not found"
@@ -85,11 +86,12 @@ def _cudnn(n: int) -> str:
     return f"{major}.{rest // 100}.{rest % 100}"
 
 
-def gpu_checks() -> list[Check]:
-    """The CUDA row (driver, how many GPUs), then one row per GPU torch sees."""
+def gpu_checks(smi_before: tuple[list[dict[str, str]], str] | None = None) -> list[Check]:
+    """The CUDA row (driver, how many GPUs), then one row per GPU torch sees. `smi_before`: nvidia_smi()
+    taken before anything of this process touched a GPU."""
     import torch
 
-    smi, smi_note = _nvidia_smi()
+    smi, smi_note = smi_before or nvidia_smi()
     driver = smi[0].get("driver_version") if smi else None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     data: dict[str, Any] = {"driver": driver, "available": torch.cuda.is_available(), "cuda_visible_devices": visible}
