@@ -7,7 +7,7 @@ attribute writes that first ask the Learner whether they shadow one of its names
 back to the host. Each class here keeps fastai's behaviour and says what it changes and why.
 
 They override fastai internals (FASTAI_INTERNALS), checked against the fastai that pyproject.toml
-pins (`fastai<=` the version tests/test_loop.py ran on). Where one is missing or has another shape
+pins (its upper bound is the fastai the suite ran on: tests/test_fastai_pin.py). Where one is missing or has another shape
 (a newer fastai), `loop_in_use` says so in one line and the trial trains on fastai's own Learner,
 Recorder and metrics, as `performance: {loop: fastai}` asks for.
 """
@@ -15,6 +15,8 @@ Recorder and metrics, as `performance: {loop: fastai}` asks for.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
 import inspect
 import sys
 from typing import Any
@@ -93,8 +95,6 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 def _lookup(dotted: str) -> Any:
     """The object a dotted name names (module, then attributes), or raise AttributeError/ImportError."""
-    import importlib
-
     parts = dotted.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
@@ -129,14 +129,12 @@ def fast_loop_problem_now() -> str | None:
     inner = fastai.callback.core._inner_loop
     if not isinstance(inner, list | tuple) or not {"before_batch", "after_batch"} <= set(inner):
         return "fastai.callback.core._inner_loop no longer lists the batch events"
-    from fastai.metrics import AccumMetric as _Accum
-
     made = {
         "Callback": Callback(),
         "Recorder": Recorder(),
         "AvgSmoothLoss": AvgSmoothLoss(),
         "AvgLoss": _reset(AvgLoss()),
-        "AccumMetric": _reset(_Accum(accuracy)),
+        "AccumMetric": _reset(AccumMetric(accuracy)),
     }
     for kind, names in _STATE.items():
         for name in names:
@@ -156,13 +154,12 @@ def fast_loop_problem() -> str | None:
     try:
         return fast_loop_problem_now()
     except Exception as e:  # a check that cannot run is a problem of its own, not a crash
-        return f"checking fastai's internals failed ({type(e).__name__}: {e})"
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"checking fastai's internals failed ({type(e).__name__}: {first})"
 
 
 @functools.cache
 def _say_fallback(problem: str) -> None:
-    import importlib.metadata
-
     version = importlib.metadata.version("fastai")
     print(
         f"warning: fastai {version}: {problem} (training/loop.py's fast loop overrides it); trials train with "
