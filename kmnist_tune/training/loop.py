@@ -74,10 +74,13 @@ FASTAI_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "fastai.learner.CastToTensor": None,
     "fastai.callback.core.TrainEvalCallback.before_fit": ("self",),
     "fastai.callback.core.TrainEvalCallback.after_batch": ("self",),
+    "fastai.callback.schedule.ParamScheduler.__init__": ("self", "scheds"),
     "fastai.callback.schedule.ParamScheduler._update_val": ("self", "pct"),
     "fastai.callback.schedule.ParamScheduler.before_batch": ("self",),
     "fastai.callback.schedule.ParamScheduler.after_batch": ("self",),
+    "fastai.metrics.AccumMetric.__init__": ("self", "func", "dim_argmax", "activation", "thresh", "to_np", "invert_arg"),
     "fastai.metrics.AccumMetric.accum_values": ("self", "preds", "targs", "learn"),
+    "fastai.learner.AvgMetric.__init__": ("self", "func"),
     "fastcore.xtras.modify_exception": ("e", "msg", "replace"),
 }
 # The state the overrides read or write on fastai's objects, made as a Learner makes them.
