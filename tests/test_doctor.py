@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fastai
 import pytest
 from conftest import FIXTURE, cli_env, copy_database, run_cli, sqlite_copy
 from helpers import free_port
 
-ROWS = ["python", "torch", "cuda", "mps", "compiler", "compile", "storage", "data kmnist", "wandb", "signing", "disk"]
+ROWS = ["python", "torch", "fastai", "cuda", "mps", "compiler", "compile", "storage", "data kmnist", "wandb", "signing", "disk"]
 PASSWORD = "Doctor-s3cret-pw"
 # name (one space at most: `data kmnist`), status, detail: columns two or more spaces apart
 ROW = re.compile(r"^(?P<name>\S+(?: \S+)?) {2,}(?P<status>ok|warn|FAIL|skip) {2,}(?P<detail>\S.*)$")
@@ -76,6 +77,7 @@ def test_sqlite_host_passes_with_every_row_and_a_real_compile(runs: dict) -> Non
     assert table["storage"][0] == "ok" and "Optuna schema" in table["storage"][1] and "(current)" in table["storage"][1]
     assert table["compile"][0] == "ok" and "works on cpu" in table["compile"][1], table["compile"]
     assert table["compiler"][0] == "ok" and "g++" in table["compiler"][1]
+    assert table["fastai"] == ("ok", f"{fastai.__version__}: the fast loop's overrides fit it")
     assert table["data kmnist"][0] == "ok" and "MD5SUMS" in table["data kmnist"][1]
     assert table["cuda"][0] in ("ok", "warn")  # no GPU here is a warning, not a failure
     assert table["wandb"] == ("ok", table["wandb"][1]) and "mode disabled" in table["wandb"][1]

@@ -39,7 +39,7 @@ def doctor(
     folder = kdata.resolve_data_dir(data_dir)
     smi = dev.nvidia_smi()  # the GPUs' busy memory before the compile probe takes some
     compiling = None if no_compile else dev.CompileRun("auto", compile_timeout)  # runs while the rest is checked
-    checks = [dev.python_check(), dev.torch_check(), *dev.gpu_checks(smi)]
+    checks = [dev.python_check(), dev.torch_check(), dev.fastai_check(), *dev.gpu_checks(smi)]
     gpus = sum(c.name.startswith("gpu ") for c in checks)
     checks.append(host.mps_check(gpus))
     checks.append(host.compiler_check())

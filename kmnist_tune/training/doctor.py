@@ -80,6 +80,20 @@ def torch_check() -> Check:
     return Check("torch", OK, detail, {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn})
 
 
+def fastai_check() -> Check:
+    """fastai's version, and whether the fast loop's overrides fit it (else trials use fastai's own loop)."""
+    import importlib.metadata
+
+    from .loop import fast_loop_problem
+
+    version = importlib.metadata.version("fastai")
+    problem = fast_loop_problem()
+    if problem is None:
+        return Check("fastai", OK, f"{version}: the fast loop's overrides fit it", {"version": version, "loop": "fast"})
+    detail = f"{version}: {problem}; trials train with fastai's own loop (slower per batch)"
+    return Check("fastai", WARN, detail, {"version": version, "loop": "fastai", "problem": problem})
+
+
 def _cudnn(n: int) -> str:
     """cuDNN's version number as it is written: 92400 -> 9.24.0 (from 9 on: major*10000), 8902 -> 8.9.2."""
     major, rest = (n // 10000, n % 10000) if n >= 10000 else (n // 1000, n % 1000)
