@@ -292,9 +292,9 @@ def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its
         for secret, value in d.secrets.values.items():
             assert not value or value not in inspected, f"{name}: docker inspect shows {secret}"
     assert seen >= 2
-    # The image's user, not root; compose's worker runs it read-only with a tmpfs /tmp.
+    # The image's user, not root; compose's worker runs it read-only with a tmpfs /tmp (exec: compiled kernels).
     assert docker("image", "inspect", "--format", "{{.Config.User}}", d.services["worker"]["image"]).stdout.strip() == "kmnist"
-    assert d.services["worker"]["read_only"] is True and d.services["worker"]["tmpfs"] == ["/tmp"]
+    assert d.services["worker"]["read_only"] is True and d.services["worker"]["tmpfs"] == ["/tmp:exec"]
 
 
 def test_the_dashboard_container_serves_the_study_with_gunicorn(deployment: Deployment, tmp_path: Path) -> None:
