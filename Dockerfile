@@ -25,7 +25,7 @@ ENV PYTHONUNBUFFERED=1 \
 # launcher on a GPU with gcc, both against the running Python's headers (Python.h). The CUDA runtime
 # base has no compiler (its conda Python brings its headers); the local Debian base has neither.
 # Installed only where missing, from the base's own packages, so that any Debian or Ubuntu base works:
-# on the local Debian base it adds 295 MB (6.73 -> 7.03 GB; README, "Container").
+# on the local Debian base it adds 295 MB (6.73 -> 7.03 GB; README, "Scale out").
 RUN set -eu; \
     include=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
     missing=""; \

@@ -9,7 +9,12 @@ host network changes is the only difference: dockerd runs here with --bridge=non
 --network host, the service names (postgres, pgbouncer) become 127.0.0.1 and a free port, and nothing
 is published. What cannot run here is validated, not run (test_deploy.py): the GPU reservation (the
 worker trains on the CPU: KMNIST_TUNE_GPUS=none) and the official postgres image (this machine's
-PostgreSQL stands in, its roles made by storage/initdb as on that image's first start)."""
+PostgreSQL stands in, its roles made by storage/initdb as on that image's first start).
+
+Besides what compose runs: a trial compiled with torch.compile in the worker image (its compiler), a write
+the dashboard's read-only login may not make (a 403), and, last, no container's log holding an ERROR line
+or a traceback (every cache and control folder in the tmpfs /tmp). `run_in_image` runs any other command
+in the worker image."""
 
 from __future__ import annotations
 
