@@ -21,6 +21,25 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/etc/kmnist-tune/pip-constraints.txt
 
+# torch.compile builds code when a trial starts: inductor's C++ kernels on a CPU with g++, Triton's
+# launcher on a GPU with gcc, both against the running Python's headers (Python.h). The CUDA runtime
+# base has no compiler (its conda Python brings its headers); the local Debian base has neither.
+# Installed only where missing, from the base's own packages, so that any Debian or Ubuntu base works:
+# on the local Debian base it adds 295 MB (6.73 -> 7.03 GB; README, "Scale out").
+RUN set -eu; \
+    include=$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+    missing=""; \
+    command -v gcc >/dev/null || missing="$missing gcc"; \
+    command -v g++ >/dev/null || missing="$missing g++"; \
+    [ -f "$include/Python.h" ] || missing="$missing python$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev"; \
+    if [ -n "$missing" ]; then \
+      echo "installing:$missing"; \
+      apt-get update -q; \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing; \
+      apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    printf '#include <Python.h>\nint main(void) { return 0; }\n' | g++ -x c++ -I"$include" -fsyntax-only -
+
 RUN mkdir -p /etc/kmnist-tune \
  && python -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('torch', 'torchvision')), sep='\n')" \
       > /etc/kmnist-tune/pip-constraints.txt \
@@ -55,11 +74,23 @@ COPY sweeps /app/sweeps
 
 # Study artifacts (LR plots, checkpoints, kept models) live in the study's PostgreSQL database, which
 # every host reaches; /artifacts only holds this container's W&B offline runs.
-# MPLCONFIGDIR: matplotlib's cache in /tmp, so that the root filesystem may be read-only (compose's
-# read_only with a tmpfs at /tmp; Kubernetes' readOnlyRootFilesystem with an emptyDir there).
+# Every cache and control folder in /tmp, so that the root filesystem may be read-only (compose's
+# read_only with a tmpfs at /tmp; Kubernetes' readOnlyRootFilesystem with an emptyDir there): the XDG
+# folders (W&B's service, pip, anything else that follows them), W&B's own, matplotlib's, and the
+# compilers' (inductor's and Triton's; they fill again in each new container).
 ENV KMNIST_TUNE_DATA=/data \
     WANDB_DIR=/artifacts \
-    MPLCONFIGDIR=/tmp/matplotlib
+    WANDB_CACHE_DIR=/tmp/wandb/cache \
+    WANDB_CONFIG_DIR=/tmp/wandb/config \
+    WANDB_DATA_DIR=/tmp/wandb/data \
+    XDG_CACHE_HOME=/tmp/cache \
+    XDG_CONFIG_HOME=/tmp/config \
+    XDG_DATA_HOME=/tmp/share \
+    XDG_STATE_HOME=/tmp/state \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_HOME=/tmp \
+    TRITON_CACHE_DIR=/tmp/triton
 VOLUME ["/data", "/artifacts"]
 WORKDIR /app
 USER kmnist

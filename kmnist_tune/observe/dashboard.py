@@ -15,8 +15,10 @@ with the read-only dashboard role (storage/initdb).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
+import logging
 import re
 import socket
 import socketserver
@@ -265,6 +267,72 @@ def guarded(app: WSGIApp, policy: HostPolicy, file_name: Callable[[str], str | N
     return guard
 
 
+# SQLSTATEs of a write the database refused to this login: a read-only transaction (the dashboard role's
+# default) and a missing grant (what stays when a client turns that default off).
+_REFUSED_WRITE = {"25006": "read-only transaction", "42501": "permission denied"}
+
+
+def refused_write(e: BaseException) -> str | None:
+    """Why the database refused a write, when `e` (or an error it wraps: Optuna's StorageInternalError
+    over SQLAlchemy's over the driver's) is such a refusal; else None."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        state = getattr(cur, "sqlstate", None) or getattr(cur, "pgcode", None)  # psycopg 3, psycopg2
+        if state in _REFUSED_WRITE:
+            return _REFUSED_WRITE[state]
+        cur = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
+    return None
+
+
+_REFUSED_REASON = "the database refused this change: the dashboard's login may only read"
+
+
+def _refusing(view: Callable[..., Any]) -> Callable[..., Any]:
+    """`view`, with a write its database refused turned into a 403 (bottle.HTTPError) and one log line."""
+    import bottle
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return view(*args, **kwargs)
+        except Exception as e:
+            why = refused_write(e)
+            if why is None:
+                raise
+            environ = bottle.request.environ
+            where = f"{environ.get('REQUEST_METHOD', '?')} {_printable(environ.get('PATH_INFO', ''))}"
+            environ["wsgi.errors"].write(
+                f"kmnist-tune dashboard: {where} refused by the database ({why}): its login may only read\n"
+            )
+            environ["wsgi.errors"].flush()
+            raise bottle.HTTPError(403, _REFUSED_REASON) from None
+
+    return wrapper
+
+
+def _quiet_refusals(record: logging.LogRecord) -> bool:
+    """A logging filter: drops optuna-dashboard's own traceback of a refused write (its rename view logs one
+    before it answers), which `_refusing` says in one line."""
+    return not (record.exc_info and record.exc_info[1] is not None and refused_write(record.exc_info[1]))
+
+
+def refused_writes(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """A Bottle plugin for optuna-dashboard's routes: a change its database login may not make (compose and
+    Kubernetes run it with the read-only role) answers 403 with a short reason, which its UI shows, and
+    says one line in the server's log; any other error stays a 500 with its traceback in the log."""
+    from optuna_dashboard._bottle_util import json_api_view
+
+    view = getattr(callback, "__wrapped__", None)
+    if view is not None and callback.__code__ is json_api_view(lambda: {}).__code__:
+        # optuna-dashboard's API views catch every error themselves (a 500, its traceback logged) except
+        # bottle.HTTPError, which they answer with its status and {"reason": ...}: the refusal is raised
+        # as one inside that wrapper.
+        return functools.wraps(view)(json_api_view(_refusing(view)))
+    return _refusing(callback)
+
+
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     # A browser loads a page's API calls in parallel; threads that never outlive Ctrl-C.
     daemon_threads = True
@@ -298,6 +366,8 @@ def serve(
         # optuna-dashboard lists the studies, and finds each one it shows, through get_all_studies:
         # given a storage that reads their attributes bounded (service/listing.py).
         app = wsgi(BoundedListing(st), artifact_store=artifact_store(st, artifacts))
+        app.install(refused_writes)  # type: ignore[attr-defined]  # wsgi() returns its Bottle app
+        logging.getLogger("optuna_dashboard._app").addFilter(_quiet_refusals)  # added once: the same object
         return guarded(app, policy, lambda path: artifact_file_name(st, path))
 
     try:
@@ -391,6 +461,10 @@ def _serve_gunicorn(make_app: Callable[[], WSGIApp], listener: int, workers: int
                 "proc_name": "kmnist-tune-dashboard",
                 "when_ready": lambda _server: on_ready() if on_ready is not None else None,
             }
+            # gunicorn >= 25.1's control server (for its `gunicornc` tool, which nothing here uses) makes
+            # ~/.gunicorn/ for its socket: on a read-only root that is an error line at every start.
+            if "control_socket_disable" in self.cfg.settings:
+                settings["control_socket_disable"] = True
             for key, value in settings.items():
                 self.cfg.set(key, value)
 
