@@ -30,13 +30,16 @@ class CompileOutcome:
     ok: bool
     reason: str = ""
     seconds: float = 0.0
+    note: str = ""  # what a compile that worked left out (mode="reduce-overhead": CUDA graphs skipped)
     # The compiled module (None when it fell back); not part of what is compared or shown.
     model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def record(self) -> str:
         """What a trial records as `compile`."""
-        return "compiled" if self.ok else f"fell back: {self.reason}"
+        if not self.ok:
+            return f"fell back: {self.reason}"
+        return f"compiled ({self.note})" if self.note else "compiled"
 
 
 def is_oom(e: BaseException) -> bool:
@@ -97,6 +100,7 @@ def try_compiled_step(model: nn.Module, batch_shape: tuple[int, ...], device: to
     # keys would change: checkpoints and exports read the module's own).
     compiled.compile(mode=None if perf.compile_mode == "default" else perf.compile_mode)
     x_shape = tuple(batch_shape)
+    skips = _cudagraph_skips()
     try:
         # The batch dimension dynamic from the first compile: halving (32 -> 16 -> ...) then reuses
         # the graph instead of compiling one per size, each filling dynamo's cache (8 entries per
@@ -111,7 +115,11 @@ def try_compiled_step(model: nn.Module, batch_shape: tuple[int, ...], device: to
     compiled.load_state_dict(model.state_dict())  # the same tensors the compiled code holds
     for p in compiled.parameters():
         p.grad = None
-    return CompileOutcome(True, "", round(time.perf_counter() - t0, 2), compiled)
+    # mode="reduce-overhead" skips CUDA graphs for a graph that mutates its inputs (batch norm's running
+    # statistics in training): inductor counts each skip (and logs why), the trial says so.
+    skipped = _cudagraph_skips() - skips
+    note = f"CUDA graphs skipped for {skipped} graph(s)" if skipped else ""
+    return CompileOutcome(True, "", round(time.perf_counter() - t0, 2), note, compiled)
 
 
 def _mark_batch_dynamic(model: nn.Module, shape: tuple[int, ...]) -> None:
@@ -123,6 +131,12 @@ def _mark_batch_dynamic(model: nn.Module, shape: tuple[int, ...]) -> None:
             torch._dynamo.mark_dynamic(args[0], 0)
 
     handle = model.register_forward_pre_hook(hook)
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def compiled_graphs() -> int:
@@ -173,11 +187,13 @@ class CompiledModels:
         if decided is not None and (kept := self.get(key, fresh)) is not None:
             return kept, decided
         outcome = try_compiled_step(fresh, batch_shape, device, perf)
-        self.decisions[key] = CompileOutcome(outcome.ok, outcome.reason, outcome.seconds)  # without the module
+        self.decisions[key] = CompileOutcome(outcome.ok, outcome.reason, outcome.seconds, outcome.note)  # without the module
         if not outcome.ok:
             if self.say is not None:
                 self.say(f"compile: {what} on {device} failed ({outcome.reason}); training uncompiled")
             return fresh, self.decisions[key]
+        if outcome.note and self.say is not None:
+            self.say(f"compile: {what} on {device}: {outcome.note}")
         assert outcome.model is not None
         self.put(key, outcome.model)
         return outcome.model, self.decisions[key]
