@@ -19,7 +19,6 @@
 set -u -o pipefail
 # shellcheck source=benchmarks/gpu_common.sh
 source "$(dirname "$0")/gpu_common.sh"
-SITE=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || { echo "error: the carried wheels did not install" >&2; exit 1; }
 fi

@@ -20,9 +20,9 @@ OPTUNA = {"optuna", "optuna_dashboard", "optuna_integration"}
 # optuna_internals is the one door to Optuna's private parts: every layer that uses Optuna may use it.
 RULES: dict[str, tuple[set[str], set[str]]] = {
     "contract": ({"contract", "errors", "masking", "optuna_internals"}, HEAVY),
-    "training": ({"training", "contract.spec", "contract.records", "errors", "masking", "signing"}, OPTUNA),
+    "training": ({"training", "contract.spec", "contract.records", "contract.checks", "errors", "masking", "signing"}, OPTUNA),
     "service": ({"service", "contract", "errors", "masking", "signing", "optuna_internals", ""}, HEAVY),
-    "observe": ({"observe", "service", "contract", "errors", "masking", "optuna_internals"}, HEAVY),
+    "observe": ({"observe", "service", "contract", "errors", "masking", "signing", "optuna_internals"}, HEAVY),
     "recipe": (
         {"recipe", "training", "service", "observe", "contract", "errors", "masking", "signing", "optuna_internals"},
         set(),

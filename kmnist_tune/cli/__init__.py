@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import UserError, one_line
 from ..masking import install_log_masking, mask
 from ..secret_files import load_secret_files
-from . import data, study, sweep, users, watch  # noqa: F401  (each adds its commands to the apps)
+from . import data, doctor, study, sweep, users, watch  # noqa: F401  (each adds its commands to the apps)
 from .apps import app
 from .env_file import ENV_FILE_VAR, read_env_file
 from .options import out

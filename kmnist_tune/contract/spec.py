@@ -381,6 +381,11 @@ class PerformanceSpec(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         default="default", description="torch.compile's mode (reduce-overhead: CUDA graphs)"
     )
+    loop: Literal["fast", "fastai"] = Field(
+        default="fast",
+        description="fast: fastai's Learner and Recorder with less host time a batch (training/loop.py), falling back "
+        "to fastai's own with one line on a fastai it was not checked against; fastai: fastai's own loop and metrics",
+    )
     optimizer: Literal["torch", "fastai"] = Field(
         default="torch",
         description="torch: PyTorch's fused (CUDA) or foreach (CPU) Adam/SGD behind fastai's OptimWrapper; fastai: its own",

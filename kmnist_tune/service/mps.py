@@ -65,6 +65,14 @@ def _running(pipe_dir: str) -> bool:
     return _control("get_server_list", {"CUDA_MPS_PIPE_DIRECTORY": pipe_dir}) is not None
 
 
+def running_daemon() -> str | None:
+    """The pipe directory of an MPS control daemon that answers (the user's, else the system one), or None."""
+    for pipe_dir in filter(None, (os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), SYSTEM_PIPE_DIR)):
+        if _running(pipe_dir):
+            return pipe_dir
+    return None
+
+
 def share_gpus(gpus: list[int], per_gpu: int, say: Callable[[str], None]) -> Mps | None:
     """For `per_gpu > 1` slots on `gpus`: the MPS daemon they will share each GPU through (joined or
     started, said in one line), or None (time-slicing, said in one line; or nothing to share)."""
@@ -73,10 +81,10 @@ def share_gpus(gpus: list[int], per_gpu: int, say: Callable[[str], None]) -> Mps
     if shutil.which(CONTROL) is None:
         say(f"--per-gpu {per_gpu}: NVIDIA's MPS ({CONTROL}) is not installed; the {per_gpu} processes on each GPU take turns")
         return None
-    for pipe_dir in filter(None, (os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), SYSTEM_PIPE_DIR)):
-        if _running(pipe_dir):
-            say(f"--per-gpu {per_gpu}: the worker processes share each GPU through the MPS daemon at {pipe_dir}")
-            return Mps(pipe_dir, started=False, env={"CUDA_MPS_PIPE_DIRECTORY": pipe_dir})
+    pipe_dir = running_daemon()
+    if pipe_dir is not None:
+        say(f"--per-gpu {per_gpu}: the worker processes share each GPU through the MPS daemon at {pipe_dir}")
+        return Mps(pipe_dir, started=False, env={"CUDA_MPS_PIPE_DIRECTORY": pipe_dir})
     pipe_dir, log_dir = tempfile.mkdtemp(prefix="kt-mps-pipe-"), tempfile.mkdtemp(prefix="kt-mps-log-")
     env = {"CUDA_MPS_PIPE_DIRECTORY": pipe_dir, "CUDA_MPS_LOG_DIRECTORY": log_dir}
     try:

@@ -5,12 +5,25 @@ On a small model, or a GPU fast enough, fastai's own per-batch Python sets a tri
 (benchmarks/bench_loop.py): callback dispatch through fastcore's `GetAttr`, lists made per batch,
 attribute writes that first ask the Learner whether they shadow one of its names, and losses read
 back to the host. Each class here keeps fastai's behaviour and says what it changes and why.
+
+They override fastai internals (FASTAI_INTERNALS), checked against the fastai that pyproject.toml
+pins (its upper bound is the fastai the suite ran on: tests/test_fastai_pin.py). Where one is missing or has another shape
+(a newer fastai), `loop_in_use` says so in one line and the trial trains on fastai's own Learner,
+Recorder and metrics, as `performance: {loop: fastai}` asks for.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import sys
 from typing import Any
 
+import fastai.callback.core
+import fastai.learner
+import fastcore.xtras
 import torch
 from fastai.callback.core import (
     Callback,
@@ -22,14 +35,12 @@ from fastai.callback.core import (
     CancelTrainException,
     CancelValidException,
     TrainEvalCallback,
-    _inner_loop,
     event,
 )
 from fastai.callback.schedule import ParamScheduler
-from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, CastToTensor, Learner, Recorder
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, Learner, Recorder
 from fastai.metrics import AccumMetric, ActivationType, accuracy
 from fastai.torch_core import find_bs, flatten_check
-from fastcore.xtras import modify_exception
 
 from . import devices
 
@@ -42,7 +53,135 @@ _CANCELS = (
     CancelTrainException,
     CancelValidException,
 )
-_INNER = frozenset(_inner_loop)
+
+# What the classes below override or read of fastai's (and fastcore's) private side, with the
+# parameters each callable has in the fastai they were checked against (pyproject.toml's pin).
+# Looked up by name, not imported: a fastai without one still imports this module, and trains on
+# its own loop (loop_in_use).
+FASTAI_INTERNALS: dict[str, tuple[str, ...] | None] = {
+    "fastai.callback.core._inner_loop": None,  # the events Callback.__call__ filters by run_train/run_valid
+    "fastai.callback.core.Callback.__call__": ("self", "event_name"),  # what TrialLearner's dispatch repeats
+    "fastai.learner.Learner.__call__": ("self", "event_name"),
+    "fastai.learner.Learner._call_one": ("self", "event_name"),
+    "fastai.learner.Learner._split": ("self", "b"),
+    "fastai.learner.Learner._set_device": ("self", "b"),
+    "fastai.learner.Learner.add_cb": ("self", "cb"),
+    "fastai.learner.Learner.remove_cb": ("self", "cb"),
+    "fastai.learner.Learner.__getstate__": ("self",),
+    "fastai.learner.Recorder.__init__": ("self", "add_time", "train_metrics", "valid_metrics", "beta"),
+    "fastai.learner.Recorder.after_batch": ("self",),
+    "fastai.learner.Recorder._valid_mets": None,  # a property
+    "fastai.learner.CastToTensor": None,
+    "fastai.callback.core.TrainEvalCallback.before_fit": ("self",),
+    "fastai.callback.core.TrainEvalCallback.after_batch": ("self",),
+    "fastai.callback.schedule.ParamScheduler.__init__": ("self", "scheds"),
+    "fastai.callback.schedule.ParamScheduler._update_val": ("self", "pct"),
+    "fastai.callback.schedule.ParamScheduler.before_batch": ("self",),
+    "fastai.callback.schedule.ParamScheduler.after_batch": ("self",),
+    "fastai.metrics.AccumMetric.__init__": ("self", "func", "dim_argmax", "activation", "thresh", "to_np", "invert_arg"),
+    "fastai.metrics.AccumMetric.accum_values": ("self", "preds", "targs", "learn"),
+    "fastai.learner.AvgMetric.__init__": ("self", "func"),
+    "fastcore.xtras.modify_exception": ("e", "msg", "replace"),
+}
+# The state the overrides read or write on fastai's objects, made as a Learner makes them.
+_STATE = {
+    "Callback": ("run", "run_train", "run_valid"),
+    "Recorder": ("add_time", "train_metrics", "valid_metrics", "smooth_loss", "loss"),
+    "AvgSmoothLoss": ("beta", "count", "val"),
+    "AvgLoss": ("total", "count"),
+    "AccumMetric": ("preds", "targs", "flatten"),
+}
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _lookup(dotted: str) -> Any:
+    """The object a dotted name names (module, then attributes), or raise AttributeError/ImportError."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = inspect.getattr_static(obj, name) if isinstance(obj, type) else getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def fast_loop_problem_now() -> str | None:
+    """What keeps the fast loop from running on the fastai installed here, in a few words, or None."""
+    for dotted, params in FASTAI_INTERNALS.items():
+        try:
+            obj = _lookup(dotted)
+        except (AttributeError, ImportError):
+            return f"{dotted} is missing"
+        if params is None:
+            continue
+        fn = obj.__func__ if isinstance(obj, classmethod | staticmethod) else obj
+        try:
+            sig = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return f"{dotted} is no longer a function"
+        have = tuple(sig)
+        # The same parameters first; any more must be optional (our calls do not pass them).
+        extra = [p for p in list(sig.values())[len(params) :] if p.default is p.empty and p.kind in _POSITIONAL]
+        if have[: len(params)] != params or extra:
+            return f"{dotted} now takes ({', '.join(have)}), not ({', '.join(params)})"
+    inner = fastai.callback.core._inner_loop
+    if not isinstance(inner, list | tuple) or not {"before_batch", "after_batch"} <= set(inner):
+        return "fastai.callback.core._inner_loop no longer lists the batch events"
+    made = {
+        "Callback": Callback(),
+        "Recorder": Recorder(),
+        "AvgSmoothLoss": AvgSmoothLoss(),
+        "AvgLoss": _reset(AvgLoss()),
+        "AccumMetric": _reset(AccumMetric(accuracy)),
+    }
+    for kind, names in _STATE.items():
+        for name in names:
+            if not hasattr(made[kind], name):
+                return f"fastai's {kind} no longer has `{name}`"
+    return None
+
+
+def _reset(metric: Any) -> Any:
+    metric.reset()
+    return metric
+
+
+@functools.cache
+def fast_loop_problem() -> str | None:
+    """fast_loop_problem_now, checked once per process."""
+    try:
+        return fast_loop_problem_now()
+    except Exception as e:  # a check that cannot run is a problem of its own, not a crash
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"checking fastai's internals failed ({type(e).__name__}: {first})"
+
+
+@functools.cache
+def _say_fallback(problem: str) -> None:
+    version = importlib.metadata.version("fastai")
+    print(
+        f"warning: fastai {version}: {problem} (training/loop.py's fast loop overrides it); trials train with "
+        "fastai's own loop (set `performance: {loop: fastai}` to silence this)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def loop_in_use(asked: str) -> str:
+    """The loop a trial trains with: `fast` (the classes below) or `fastai` (fastai's own Learner,
+    Recorder and metrics). `fast` on a fastai whose internals the fast loop cannot use gives `fastai`,
+    said once per process in one line on stderr."""
+    if asked not in ("fast", "fastai"):
+        raise ValueError(f"unknown loop {asked!r}; use fast or fastai")
+    if asked == "fast" and (problem := fast_loop_problem()) is not None:
+        _say_fallback(problem)
+        return "fastai"
+    return asked
 
 
 class TrialCallback(Callback):
@@ -94,7 +233,7 @@ class TrialLearner(Learner):
                 for cb in self.cbs.sorted("order")
                 if hasattr(cb, event_name)
             ]
-            entry = dispatch[event_name] = (event_name in _INNER, handlers)
+            entry = dispatch[event_name] = (event_name in fastai.callback.core._inner_loop, handlers)
         inner, handlers = entry
         if not handlers:
             return
@@ -113,7 +252,7 @@ class TrialLearner(Learner):
                 # fastai's wording, its spelling included: users search for it
                 what = e.args[0] if e.args else e
                 msg = f"Exception occured in `{type(cb).__name__}` when calling event `{event_name}`:\n\t{what}"
-                raise modify_exception(e, msg, replace=True)  # noqa: B904  (fastai chains it the same way)
+                raise fastcore.xtras.modify_exception(e, msg, replace=True)  # noqa: B904  (fastai chains it the same way)
 
     def _split(self, b: Any) -> None:
         # fastai looks `n_inp` up on the loaders at every batch, through three levels of GetAttr;
@@ -322,5 +461,6 @@ def use_trial_callbacks(learn: Learner) -> None:
     old = learn.recorder
     rec = TrialRecorder(add_time=old.add_time, train_metrics=old.train_metrics, valid_metrics=old.valid_metrics)
     rec.smooth_loss, rec.loss = DeviceSmoothLoss(beta=old.smooth_loss.beta), DeviceAvgLoss()
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, Recorder | TrainEvalCallback | CastToTensor)])
+    cast = fastai.learner.CastToTensor
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, Recorder | TrainEvalCallback | cast)])
     learn.add_cbs([TrialTrainEval(), rec])

@@ -31,6 +31,7 @@ class Performance:
     compile: bool = False
     compile_mode: str = "default"
     optimizer: str = "torch"  # "torch" (PyTorch's fused/foreach where it matches fastai's) | "fastai"
+    loop: str = "fast"  # "fast" (training/loop.py) | "fastai" (fastai's own Learner, Recorder and metrics)
 
     def describe(self) -> str:
         named = ("channels_last", "cudnn_benchmark", "deterministic", "compile")
@@ -67,6 +68,7 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
         compile=cuda if compile_ == "auto" else bool(compile_),
         compile_mode=str(opt("compile_mode", "default")),
         optimizer=optimizer,
+        loop=str(opt("loop", "fast")),
     )
 
 

@@ -7,7 +7,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import minimum, steep, valley
+from fastai.callback.schedule import ParamScheduler, minimum, steep, valley
 from fastai.learner import Learner
+from fastai.metrics import BalancedAccuracy, accuracy
 
 from ..contract.records import EpochRecord
 from ..contract.spec import LR_FIND_ITERATIONS
 from ..errors import Interrupted
 from .augment import RandomAffine
 from .loader import TensorSplit, make_dls, make_split
-from .loop import DeviceAccuracy, TrialCallback, TrialLearner, balanced_accuracy, use_trial_callbacks
+from .loop import DeviceAccuracy, TrialCallback, TrialLearner, balanced_accuracy, loop_in_use, use_trial_callbacks
 from .model import build_model
 from .optim import knob, loss_func, mixing_callbacks, moms, one_cycle_scheduler, opt_func
 from .precision import Bf16Autocast, CompiledModels, close_leaked_autocast, prepare_model, resolve_performance
@@ -92,13 +93,13 @@ class EpochLog(TrialCallback):
             raise CancelFitException()
 
 
-def metric_for(metric: str) -> tuple[Any | None, str]:
-    """The fastai metric object and the name fastai's Recorder logs it under."""
-    # fastai's metrics, their sums kept on the device (training/loop.py)
+def metric_for(metric: str, fast: bool = True) -> tuple[Any | None, str]:
+    """The fastai metric object and the name fastai's Recorder logs it under: with the fast loop, fastai's
+    metrics with their sums kept on the device (training/loop.py); else fastai's own."""
     if metric == "balanced_accuracy":
-        return balanced_accuracy(), "balanced_accuracy_score"
+        return (balanced_accuracy() if fast else BalancedAccuracy()), "balanced_accuracy_score"
     if metric == "accuracy":
-        return DeviceAccuracy(), "accuracy"
+        return (DeviceAccuracy() if fast else accuracy), "accuracy"
     return None, "valid_loss"
 
 
@@ -120,7 +121,8 @@ def build_learner(
     augmentation. Only the training loader is augmented, with draws keyed by (seed, epoch).
     performance: a PerformanceSpec (or a dict with its keys); None = its defaults (`auto`: bf16 autocast,
     channels-last and cuDNN benchmark on CUDA; plain fp32 on a CPU). The resolved settings are left on
-    the Learner as `learn.kt_performance`.
+    the Learner as `learn.kt_performance`, with the loop in use (`loop: fast` where the fast loop fell back
+    to fastai's: `fastai`).
     compiled: a worker's CompiledModels, when the model is compiled: the compiled module of its earlier
     trials of the same architecture, with this attempt's fresh weights, or the decision to train this
     architecture uncompiled after its compiled step failed (compiling.py); left on the Learner as
@@ -128,6 +130,8 @@ def build_learner(
     """
     close_leaked_autocast()  # an earlier attempt that died mid-batch (out of memory) may have left one open
     perf = resolve_performance(performance, device)
+    perf = replace(perf, loop=loop_in_use(perf.loop))
+    fast = perf.loop == "fast"
     aug = augment if isinstance(augment, RandomAffine) else RandomAffine.from_spec(augment)
     mean, std = splits.mean_std
     train = make_split(splits.x_train, splits.y_train, device, mean, std, seed)
@@ -139,9 +143,9 @@ def build_learner(
     key = (params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
     bs = int(params["batch_size"])
     model, compile_outcome = prepare_model(model, device, perf, compiled, key, (bs, 1, *train.x.shape[1:]))
-    m, name = metric_for(metric)
+    m, name = metric_for(metric, fast)
     # fastai writes temporary weights (lr_find) under path/model_dir: keep them out of the user's cwd.
-    learn = TrialLearner(
+    learn = (TrialLearner if fast else Learner)(
         dls,
         model,
         loss_func=loss_func(params),
@@ -151,7 +155,8 @@ def build_learner(
         model_dir="models",
     )
     learn.logger = _quiet  # without fastprogress, Recorder would print raw metric lists
-    use_trial_callbacks(learn)
+    if fast:
+        use_trial_callbacks(learn)
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)  # our own progress display replaces fastprogress's
     if perf.precision == "bf16":
@@ -176,6 +181,8 @@ def fit(
     if knob(params, "one_cycle"):
         # fastai's fit_one_cycle, with its scheduler on optim.Phases (same curves, fewer host ops)
         sched = one_cycle_scheduler(lr, float(params["pct_start"]), moms(params))
+        if not isinstance(learn, TrialLearner):  # `loop: fastai`: fastai's own scheduler on the same curves
+            sched = ParamScheduler(sched.scheds)
         learn.fit(n, lr, wd=wd, cbs=[sched, *cbs], start_epoch=start_epoch)
     else:
         learn.fit(n, lr, wd=wd, cbs=cbs, start_epoch=start_epoch)
