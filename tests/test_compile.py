@@ -1,20 +1,30 @@
 """`performance.compile` (issue 23): compiled in place (the module's own state_dict keys, so checkpoints
 and exports are unchanged), compiled once per worker (CompiledModels hands a later trial of the same
 architecture the compiled module with its own fresh weights), and fits, checkpoints and exports work
-on it. On a CPU `auto` does not compile; these tests force it (set KMNIST_TUNE_TEST_COMPILE=1: the
-first compile takes about a minute on 2 cores)."""
+on it. On a CPU `auto` does not compile; these tests force it.
+
+Issue 35: a compile that fails (here: no C++ compiler for inductor) falls back to the plain module with
+one line, once per worker, and the trial records it; a halving under compile does not recompile per
+batch size. The fallback and halving tests run by default (a failing compile costs its tracing, about
+20 s; the halving test's compile hits inductor's cache after the first run on a machine); the longer
+compile-and-export test asks for KMNIST_TUNE_TEST_COMPILE=1."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import cli_env, run_cli, tiny_spec, write_spec
+from test_halving import InjectOOM, make_spec
 
 from kmnist_tune.contract.load import parse_spec
+from kmnist_tune.observe.progress import Reporter
+from kmnist_tune.recipe.objective import Objective
 from kmnist_tune.training.inference import export_program
 from kmnist_tune.training.precision import CompiledModels, resolve_performance
 from kmnist_tune.training.splits import Splits
@@ -62,3 +72,46 @@ def test_a_worker_compiles_once_and_each_trial_gets_fresh_weights(small_splits: 
     assert keys and not any(k.startswith("_orig_mod") for k in keys)  # compiled in place
     program = export_program(models[0], 0.2, 0.3, tmp_path / "model.pt2")
     assert program.stat().st_size > 100_000
+
+
+def test_a_compile_that_fails_trains_uncompiled_with_one_line(tmp_path: Path) -> None:
+    """Before (issue 35): trials 0, 1 and 2 failed with `InductorError: InvalidCxxCompiler`, then the
+    worker exited 3. Now the worker's preflight tries the compiled step once, says in one line that it
+    trains uncompiled, and every trial completes with the fallback recorded; no trial tries again."""
+    spec = tiny_spec("nocxx", performance={"compile": True}, parameters={"stem": {"value": "imagenet"}})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    # No C++ compiler for inductor (it reads CXX), and no cache of kernels an earlier compile built.
+    env = cli_env(CXX="/nonexistent", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    proc = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, "--gpus", "none", env=env)
+    said = [line for line in proc.stderr.splitlines() if "compile:" in line]
+    assert len(said) == 1, proc.stderr
+    assert "resnet18 on cpu failed (InvalidCxxCompiler: " in said[0] and said[0].endswith("training uncompiled"), said[0]
+    assert "Traceback" not in proc.stderr
+    trials = optuna.load_study(study_name="nocxx", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        assert t.user_attrs["compile"].startswith("fell back: InvalidCxxCompiler: "), t.user_attrs
+        assert t.user_attrs["recompiles"] == 0
+
+
+def test_a_halving_under_compile_reuses_the_graph_and_completes(small_splits: Splits, tmp_path: Path) -> None:
+    """An out-of-memory error at batch size 32 halves the trial to 16 under compile: the batch dimension
+    was marked dynamic at the first compile, so the new size recompiles at most once (training), and the
+    trial completes with its compile and recompile count recorded."""
+    spec = make_spec(lr=5e-3, trend_drop=0.0).model_copy(
+        update={"performance": parse_spec(tiny_spec(performance={"compile": True})).performance}
+    )
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'h.db'}", study_name="h", direction="maximize")
+    said: list[str] = []
+    compiled = CompiledModels()
+    objective = Objective(
+        spec, small_splits, CPU, Reporter(io.StringIO()), extra_cbs=lambda: [InjectOOM(limit=16)], compiled=compiled
+    )
+    objective.compiled.say = said.append
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs
+    assert [(e["from_bs"], e["to_bs"]) for e in trial.user_attrs["halving_events"]] == [(32, 16)]
+    assert trial.user_attrs["compile"] == "compiled" and not said
+    print(f"recompiles: {trial.user_attrs['recompiles']}")
+    assert trial.user_attrs["recompiles"] <= 1  # the new size, once; validation's size was compiled already

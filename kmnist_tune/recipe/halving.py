@@ -19,6 +19,7 @@ from ..contract.records import HalvingEvent
 from ..contract.spec import HalvingSpec
 from ..errors import one_line
 from ..training import devices
+from ..training.compiling import is_oom
 from ..training.loop import TrialCallback
 
 
@@ -150,13 +151,6 @@ class _HostCopy:
                 self._event.synchronize()
             self._floats = [float(x) for x in self._host.tolist()]
         return self._floats
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    # Other backends (MPS, ROCm builds) raise a plain RuntimeError with this text.
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 def release_memory() -> None:

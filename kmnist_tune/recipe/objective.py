@@ -20,8 +20,8 @@ from ..errors import one_line
 from ..masking import printable
 from ..service.cpu_share import CpuShare
 from ..training.checkpoint import load_checkpoint
+from ..training.compiling import CompiledModels, compiled_graphs
 from ..training.devices import device_name
-from ..training.precision import CompiledModels
 from ..training.splits import Splits
 from ..training.train import EpochLog, FitResult, ShareThreads, StopOnRequest, build_learner, fit
 from .checkpoints import Resume, TrialCheckpoints
@@ -45,12 +45,15 @@ class Objective:
         extra_cbs: Callable[[], Sequence[Callback]] | None = None,
         stop_requested: Callable[[], bool] | None = None,
         cpu_share: CpuShare | None = None,
+        compiled: CompiledModels | None = None,
     ):
         self.spec, self.splits, self.device, self.events = spec, splits, device, events
         self.extra_cbs, self.stop_requested = extra_cbs, stop_requested
         self.cpu_share = cpu_share
         self._said_share = ""
-        self.compiled = CompiledModels()  # compiled once per worker, not per trial
+        # Compiled once per worker, not per trial; with the decisions of its preflight, when it made one.
+        self.compiled = compiled if compiled is not None else CompiledModels()
+        self.compiled.say = events.line
 
     def __call__(self, trial: optuna.Trial) -> float:
         spec = self.spec
@@ -149,6 +152,7 @@ class Attempt:
         self.checkpoints, self.callbacks = checkpoints, callbacks
         self.n_epochs = int(params["epochs"])
         self.reported: set[int] = set()  # steps this trial has reported, across its attempts
+        self.recompiles = 0  # graphs dynamo compiled in this trial's fits, across its attempts
 
     def __call__(self, batch_size: int) -> FitResult:
         p = {**self.params, "batch_size": batch_size}
@@ -158,7 +162,17 @@ class Attempt:
         )
         saver = self.checkpoints.callback(learn, p, seed)
         cbs = [DivergenceGuard(self.spec.halving), *self.callbacks(), *([saver] if saver else [])]
-        return fit(learn, p, log, cbs, start_epoch=start)
+        outcome = learn.kt_compile
+        if outcome is None:
+            return fit(learn, p, log, cbs, start_epoch=start)
+        TrialRecord.write(self.trial, compile=outcome.record)
+        before = compiled_graphs()
+        try:
+            return fit(learn, p, log, cbs, start_epoch=start)
+        finally:
+            # Every attempt's: a halving's new batch size is where a recompile would show.
+            self.recompiles += compiled_graphs() - before
+            TrialRecord.write(self.trial, recompiles=self.recompiles)
 
     def start(self, batch_size: int) -> tuple[Resume | None, int]:
         """(the checkpoint this attempt continues, or None; its seed). The first attempt of a retry at

@@ -26,11 +26,13 @@ from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_ar
 from ..service.storage import count_states, release
 from ..service.studies import StudySummary, check_study, create_study, open_for_work, raise_budget, read_study, summarize
 from ..service.worker import StopFlag, Worker
+from ..training.compiling import CompiledModels
 from ..training.data import resolve_data_dir
 from ..training.devices import slot_device
 from ..training.splits import Splits, load_splits
 from .lr_prior import resolve_spec
 from .objective import Objective
+from .preflight import preflight
 
 
 @dataclass
@@ -76,9 +78,13 @@ def work_here(
         print(f"[{label}] {mask(m)}" if label else mask(m), file=sys.stderr, flush=True)
 
     storage, study, spec = open_for_work(url, study_name, log=log)
+    splits = splits if splits is not None else load_data(spec, data)
+    # Before anything of the study is written (its budget, the LR prior, a trial): a device that does
+    # not work ends this slot here with one line; a compile that fails is decided for its trials.
+    compiled = CompiledModels(say=log)
+    preflight(spec, splits.n_classes, device, compiled, log)
     if n_trials is not None:
         raise_budget(study, spec, n_trials, None)
-    splits = splits if splits is not None else load_data(spec, data)
     total, done = Budget.of(study.user_attrs, spec).n_trials, count_states(storage, study_id(study)).finished
     with CpuShare() as cpu_share, make_reporter(total, label=label, done=done) as reporter:
         events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
@@ -90,7 +96,9 @@ def work_here(
             f"images of {spec.data.dataset}, device {device}"
         )
         resolved = resolve_spec(study, storage, spec, splits, device, events)
-        objective = Objective(resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share)
+        objective = Objective(
+            resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share, compiled=compiled
+        )
         worker = Worker(study, storage, spec, objective, events, stop=stop, max_consecutive_failures=max_failures)
         ran = worker.run(max_trials=max_trials, timeout=timeout)
         if stop.requested:
@@ -154,6 +162,8 @@ def attach_worker(
             url,
             study_name,
             data,
+            # A supervisor's slot trains on the GPU it was pinned to; one CPU slot (--gpus none) on the CPU.
+            device=slot_device() if in_process else torch.device("cpu"),
             label=label,
             max_trials=max_trials,
             timeout=timeout,

@@ -32,8 +32,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def slot_device() -> torch.device:
-    """A worker slot's device: the GPU its supervisor pinned with CUDA_VISIBLE_DEVICES, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    """A supervised worker slot's device: the GPU its supervisor pinned with CUDA_VISIBLE_DEVICES, else
+    the CPU. Pinned to a GPU that CUDA cannot use, it is still CUDA: the slot's preflight says why it
+    does not work (recipe/preflight.py) rather than training on the CPU unasked."""
+    return torch.device("cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
 
 
 def visible_gpu_count() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,6 +16,8 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.foundation import L
 from torch import nn
 from torch.amp import GradScaler
+
+from .compiling import CompiledModels, CompileOutcome, try_compiled_step
 
 
 @dataclass(frozen=True)
@@ -70,52 +72,46 @@ def resolve_performance(spec: Any, device: torch.device) -> Performance:
     )
 
 
-class CompiledModels:
-    """A worker's compiled model, kept across its trials: compiling resnet18 takes most of a minute,
-    and a fresh module of the same architecture still recompiles (half of that, measured on a CPU;
-    benchmarks/RESULTS.md). A trial of the same architecture (same key) gets the compiled module
-    with its own fresh weights and buffers copied in, and no gradients left; another architecture
-    replaces it. One per Objective: its attempts run one at a time and drop their Learner before the
-    next is built, so nothing else holds the module (an evaluation or an ensemble builds its own)."""
-
-    def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
-        self._model: nn.Module | None = None
-
-    def get(self, key: tuple[Any, ...], fresh: nn.Module) -> nn.Module | None:
-        if self._model is None or key != self._key:
-            return None
-        self._model.load_state_dict(fresh.state_dict())  # copied into the same tensors: compiled code holds
-        for p in self._model.parameters():
-            p.grad = None  # an attempt that died mid-step may have left some
-            p.requires_grad_(True)
-        return self._model
-
-    def put(self, key: tuple[Any, ...], model: nn.Module) -> None:
-        self._key, self._model = key, model
-
-
 def prepare_model(
-    model: nn.Module, device: torch.device, perf: Performance, cache: CompiledModels | None = None, key: tuple[Any, ...] = ()
-) -> nn.Module:
+    model: nn.Module,
+    device: torch.device,
+    perf: Performance,
+    cache: CompiledModels | None = None,
+    key: tuple[Any, ...] = (),
+    batch_shape: tuple[int, ...] = (2, 1, 28, 28),
+) -> tuple[nn.Module, CompileOutcome | None]:
     """Move the model to its device in the memory format `perf` asks for; set cuDNN's autotuner; compile
-    if asked (reusing `cache`'s module for the same `key`: the architecture's constructor arguments)."""
+    if asked: a compiled step on a synthetic batch of `batch_shape` first (compiling.py), falling back to
+    the plain module on a compile error. `cache` keeps the compiled module and the decision for its
+    `key` (the architecture's constructor arguments) across a worker's trials. Returns the model and
+    the compile decision (None when not compiling)."""
     model = model.to(device)
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
         use_deterministic(perf.deterministic)
-    if perf.compile:
-        full_key = (*key, str(device), perf.channels_last, perf.compile_mode)
-        if cache is not None and (kept := cache.get(full_key, model)) is not None:
-            return kept
-        # nn.Module.compile compiles the module in place (torch.compile would wrap it, and its
-        # state_dict keys would change: checkpoints and exports read the module's own).
-        model.compile(mode=None if perf.compile_mode == "default" else perf.compile_mode)
-        if cache is not None:
-            cache.put(full_key, model)
-    return model
+    if not perf.compile:
+        return model, None
+    full_key = (*key, str(device), perf.channels_last, perf.compile_mode)
+    models = cache if cache is not None else CompiledModels()
+    return models.prepare(full_key, model, batch_shape, device, perf, str(key[0]) if key else type(model).__name__)
+
+
+def check_compile(
+    device: torch.device, performance: Any = None, *, arch: str = "resnet18", stem: str = "imagenet", batch_size: int = 32
+) -> CompileOutcome:
+    """Whether torch.compile works on `device`: a real compile of a fresh `arch` (10 classes) and one
+    compiled training and validation step on a synthetic batch, with `performance` (a PerformanceSpec
+    or a dict with its keys; compile forced on). `ok`, or the reason it fell back; and its seconds.
+    For `kmnist-tune doctor`; a worker's slots make the same check in their preflight."""
+    from .model import build_model
+
+    perf = replace(resolve_performance(performance, device), compile=True)
+    model = build_model(arch, 10, stem).to(device)
+    if perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return try_compiled_step(model, (batch_size, 1, 28, 28), device, perf)
 
 
 def use_deterministic(on: bool) -> None:

@@ -124,7 +124,9 @@ def build_learner(
     the Learner as `learn.kt_performance`, with the loop in use (`loop: fast` where the fast loop fell back
     to fastai's: `fastai`).
     compiled: a worker's CompiledModels, when the model is compiled: the compiled module of its earlier
-    trials of the same architecture, with this attempt's fresh weights (precision.CompiledModels).
+    trials of the same architecture, with this attempt's fresh weights, or the decision to train this
+    architecture uncompiled after its compiled step failed (compiling.py); left on the Learner as
+    `learn.kt_compile` (a CompileOutcome, or None when not compiling).
     """
     close_leaked_autocast()  # an earlier attempt that died mid-batch (out of memory) may have left one open
     perf = resolve_performance(performance, device)
@@ -139,7 +141,8 @@ def build_learner(
     torch.manual_seed(seed)
     model = build_model(params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
     key = (params["arch"], splits.n_classes, params["stem"], float(params["dropout"]))
-    model = prepare_model(model, device, perf, compiled, key)
+    bs = int(params["batch_size"])
+    model, compile_outcome = prepare_model(model, device, perf, compiled, key, (bs, 1, *train.x.shape[1:]))
     m, name = metric_for(metric, fast)
     # fastai writes temporary weights (lr_find) under path/model_dir: keep them out of the user's cwd.
     learn = (TrialLearner if fast else Learner)(
@@ -159,6 +162,7 @@ def build_learner(
     if perf.precision == "bf16":
         learn.add_cb(Bf16Autocast(device.type))
     learn.kt_performance = perf
+    learn.kt_compile = compile_outcome  # None: not compiled; else compiled or fell back (compiling.py)
     return learn, name
 
 
