@@ -31,6 +31,8 @@ from kmnist_tune.training.splits import Splits
 from kmnist_tune.training.train import EpochLog, build_learner, fit
 
 CPU = torch.device("cpu")
+# benchmarks/gpu_check.sh runs the fallback and halving tests on CUDA (KMNIST_TUNE_TEST_DEVICE=cuda).
+DEVICE = torch.device(os.environ.get("KMNIST_TUNE_TEST_DEVICE", "cpu"))
 
 
 def test_auto_compiles_on_cuda_only() -> None:
@@ -80,18 +82,22 @@ def test_a_compile_that_fails_trains_uncompiled_with_one_line(tmp_path: Path) ->
     trains uncompiled, and every trial completes with the fallback recorded; no trial tries again."""
     spec = tiny_spec("nocxx", performance={"compile": True}, parameters={"stem": {"value": "imagenet"}})
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    # No C++ compiler for inductor (it reads CXX), and no cache of kernels an earlier compile built.
-    env = cli_env(CXX="/nonexistent", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
-    proc = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, "--gpus", "none", env=env)
+    # No C++ compiler for inductor (it reads CXX), no C compiler for Triton (CC), and no cache of kernels
+    # an earlier compile built.
+    env = cli_env(CXX="/nonexistent", CC="/nonexistent", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    gpus = "0" if DEVICE.type == "cuda" else "none"
+    proc = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), "--storage", url, "--gpus", gpus, env=env)
     said = [line for line in proc.stderr.splitlines() if "compile:" in line]
     assert len(said) == 1, proc.stderr
-    assert "resnet18 on cpu failed (InvalidCxxCompiler: " in said[0] and said[0].endswith("training uncompiled"), said[0]
+    assert f"resnet18 on {DEVICE.type}" in said[0] and said[0].endswith("training uncompiled"), said[0]
+    cause = "InvalidCxxCompiler: " if DEVICE.type == "cpu" else ""  # Triton's own words on CUDA
     assert "Traceback" not in proc.stderr
     trials = optuna.load_study(study_name="nocxx", storage=url).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     for t in trials:
-        assert t.user_attrs["compile"].startswith("fell back: InvalidCxxCompiler: "), t.user_attrs
+        assert t.user_attrs["compile"].startswith(f"fell back: {cause}"), t.user_attrs
         assert t.user_attrs["recompiles"] == 0
+        assert t.user_attrs["loop"] == "fast"
 
 
 def test_a_halving_under_compile_reuses_the_graph_and_completes(small_splits: Splits, tmp_path: Path) -> None:
@@ -105,7 +111,7 @@ def test_a_halving_under_compile_reuses_the_graph_and_completes(small_splits: Sp
     said: list[str] = []
     compiled = CompiledModels()
     objective = Objective(
-        spec, small_splits, CPU, Reporter(io.StringIO()), extra_cbs=lambda: [InjectOOM(limit=16)], compiled=compiled
+        spec, small_splits, DEVICE, Reporter(io.StringIO()), extra_cbs=lambda: [InjectOOM(limit=16)], compiled=compiled
     )
     objective.compiled.say = said.append
     study.optimize(objective, n_trials=1)

@@ -366,9 +366,26 @@ def test_a_worker_container_compiles_its_trial_on_the_cpu(deployment: Deployment
     assert "worker ran 1 trial(s)" in worked.stdout, worked.stdout + worked.stderr[-3000:]
     (trial,) = optuna.load_study(study_name="compiled", storage=d.owner_url).trials
     assert trial.state == TrialState.COMPLETE, (trial.state, worked.stderr[-3000:])
-    # LEAD: tighten after merge: once the compile fallback records `compile` on every trial, require it to be
-    # "compiled" (a trial that fell back to eager also completes, so COMPLETE alone will not show the compiler).
-    assert trial.user_attrs.get("compile", "compiled") == "compiled", (trial.user_attrs, worked.stderr[-3000:])
+    # "compiled", not "fell back: ..." (a trial that fell back to eager completes too)
+    assert trial.user_attrs["compile"] == "compiled", (trial.user_attrs, worked.stderr[-3000:])
+
+
+DOCTOR_ROW = re.compile(r"^(\S+(?: \d+| kmnist)?)\s+(ok|warn|FAIL|skip)\s+(.*)$")
+
+
+def test_doctor_in_the_worker_image_says_a_worker_would_work_there(deployment: Deployment) -> None:
+    """`kmnist-tune doctor` as a user runs it in the image before attaching workers: with the worker's
+    login through PgBouncer and its signing key, on the read-only root, a real tiny compile with the
+    image's own compilers."""
+    done = run_in_image(deployment, "doctor", timeout=400, check=False)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = {m[1]: (m[2], m[3]) for line in done.stdout.splitlines() if (m := DOCTOR_ROW.match(line))}
+    for name in ("python", "torch", "fastai", "compiler", "compile", "storage", "signing"):
+        assert rows[name][0] == "ok", (name, done.stdout)
+    assert "works on cpu" in rows["compile"][1] and "g++" in rows["compiler"][1]
+    assert "(current)" in rows["storage"][1] and "***" in rows["storage"][1]  # the login's password masked
+    assert done.stdout.splitlines()[-1].startswith("a worker would work here")
 
 
 def test_no_container_logged_an_error_or_a_traceback(deployment: Deployment) -> None:

@@ -448,6 +448,7 @@ def test_a_trial_on_fastais_loop_keeps_every_trial_feature(tmp_path) -> None:  #
     events = trial.user_attrs["halving_events"]
     assert [(e["from_bs"], e["to_bs"], e["reason"]) for e in events] == [(32, 16, "non_finite")]
     assert trial.user_attrs["batch_size_used"] == 16
+    assert trial.user_attrs["loop"] == "fastai"  # recorded on the trial
     assert trial.state == optuna.trial.TrialState.PRUNED and set(trial.intermediate_values) == {1, 2}
     assert all(0 <= v <= 1 for v in trial.intermediate_values.values())
     assert trial.user_attrs["checkpoint"]["meta"] and trial.user_attrs["checkpoint"]["batch_size"] == 16

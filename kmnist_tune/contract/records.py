@@ -231,6 +231,7 @@ class TrialRecord:
     device: str | None = None
     compile: str | None = None  # "compiled", or "fell back: <reason>" (training/compiling.py); None: not asked
     recompiles: int | None = None  # graphs dynamo compiled during the trial's fits, beyond the compile check
+    loop: str | None = None  # the training loop used: "fast" (training/loop.py) or "fastai" (asked, or fallen back to)
     threads: int | None = None  # CPU threads at the start: this process's share of the host (service/cpu_share.py)
     worker: WorkerInfo | None = None
     retry_of: int | None = None  # the trial this one retries (a dead, stale or stopped worker's)

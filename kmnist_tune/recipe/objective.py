@@ -164,8 +164,9 @@ class Attempt:
         cbs = [DivergenceGuard(self.spec.halving), *self.callbacks(), *([saver] if saver else [])]
         outcome = learn.kt_compile
         if outcome is None:
+            TrialRecord.write(self.trial, loop=learn.kt_performance.loop)
             return fit(learn, p, log, cbs, start_epoch=start)
-        TrialRecord.write(self.trial, compile=outcome.record)
+        TrialRecord.write(self.trial, loop=learn.kt_performance.loop, compile=outcome.record)
         before = compiled_graphs()
         try:
             return fit(learn, p, log, cbs, start_epoch=start)

@@ -1,8 +1,8 @@
 """Does `torch.compile` work on a device? A real, tiny compile: a conv + BatchNorm net's forward and
 backward through `nn.Module.compile` (as prepare_model compiles), so that dynamo traces it, AOT
 autograd splits it and inductor generates and builds its kernels (C++ on a CPU, Triton on CUDA, each
-with the host's compiler). `kmnist-tune doctor` runs it in a child process (bounded in time); a
-worker's preflight may call `probe_compile` itself.
+with the host's compiler), through the same compiled step a worker's trial tries first
+(compiling.try_compiled_step). `kmnist-tune doctor` runs it in a child process (bounded in time).
 
     python -m kmnist_tune.training.compile_probe [DEVICE|auto] [MODE]   # one JSON line: ok, reason, seconds, eager
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import one_line
+from .compiling import root_cause, synthetic_step, try_compiled_step
+from .precision import resolve_performance
+
+SHAPE = (4, 1, 28, 28)
 
 
 class CompileProbe(NamedTuple):
@@ -41,43 +43,25 @@ def _tiny_net() -> nn.Module:
     )
 
 
-def _step(model: nn.Module, device: torch.device) -> None:
-    x = torch.randn(4, 1, 28, 28, device=device)
-    y = torch.arange(4, device=device)
-    nn.functional.cross_entropy(model(x), y).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def check_eager(device: torch.device | str) -> None:
     """One uncompiled forward and backward on `device`; DeviceBroken with the reason if it fails."""
     device = torch.device(device)
     try:
-        _step(_tiny_net().to(device), device)
+        synthetic_step(_tiny_net().to(device), SHAPE, device, resolve_performance({"compile": False}, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as e:
-        raise DeviceBroken(f"{type(e).__name__}: {one_line(e, 200)}") from e
+        raise DeviceBroken(root_cause(e)) from e
 
 
 def probe_compile(device: torch.device | str, mode: str | None = None) -> CompileProbe:
-    """Compile the tiny net on `device` and run one forward and backward. A compile error of any kind
-    (dynamo, AOT autograd, inductor, the C/C++ compiler, Triton) is (False, "<Type>: <first words>",
-    seconds), never raised. Dynamo's caches are left alone: a worker's compiled models stay compiled."""
+    """The worker's own compile check (compiling.try_compiled_step: what a trial's first compiled step
+    goes through) on the tiny net: a compile error of any kind (dynamo, AOT autograd, inductor, the
+    C/C++ compiler, Triton) is (False, its root cause, seconds), never raised."""
     device = torch.device(device)
-    model = _tiny_net().to(device)
-    model.compile(mode=None if mode in (None, "default") else mode)
-    t0 = time.perf_counter()
-    try:
-        _step(model, device)
-    except Exception as e:
-        return CompileProbe(False, _reason(e), time.perf_counter() - t0)
-    return CompileProbe(True, "", time.perf_counter() - t0)
-
-
-def _reason(e: BaseException) -> str:
-    # Inductor wraps the cause (InductorError: InvalidCxxCompiler: ...); its message's first line
-    # names it, the rest is a stack trace and advice about TORCHDYNAMO_VERBOSE.
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return one_line(Exception(f"{type(e).__name__}: {first}" if first else type(e).__name__), 240)
+    perf = resolve_performance({"compile": True, "compile_mode": mode or "default"}, device)
+    outcome = try_compiled_step(_tiny_net().to(device), SHAPE, device, perf)
+    return CompileProbe(outcome.ok, outcome.reason, outcome.seconds)
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from fastcore.foundation import L
 from torch import nn
 from torch.amp import GradScaler
 
-from .compiling import CompiledModels, CompileOutcome, try_compiled_step
+from .compiling import CompiledModels, CompileOutcome
 
 
 @dataclass(frozen=True)
@@ -96,22 +96,6 @@ def prepare_model(
     full_key = (*key, str(device), perf.channels_last, perf.compile_mode)
     models = cache if cache is not None else CompiledModels()
     return models.prepare(full_key, model, batch_shape, device, perf, str(key[0]) if key else type(model).__name__)
-
-
-def check_compile(
-    device: torch.device, performance: Any = None, *, arch: str = "resnet18", stem: str = "imagenet", batch_size: int = 32
-) -> CompileOutcome:
-    """Whether torch.compile works on `device`: a real compile of a fresh `arch` (10 classes) and one
-    compiled training and validation step on a synthetic batch, with `performance` (a PerformanceSpec
-    or a dict with its keys; compile forced on). `ok`, or the reason it fell back; and its seconds.
-    For `kmnist-tune doctor`; a worker's slots make the same check in their preflight."""
-    from .model import build_model
-
-    perf = replace(resolve_performance(performance, device), compile=True)
-    model = build_model(arch, 10, stem).to(device)
-    if perf.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return try_compiled_step(model, (batch_size, 1, 28, 28), device, perf)
 
 
 def use_deterministic(on: bool) -> None:
