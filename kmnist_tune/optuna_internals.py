@@ -270,3 +270,15 @@ RECORDED_ARTIFACT_KEYS = sqlalchemy.text(
 ALL_TRIAL_IDS = sqlalchemy.text("SELECT trial_id FROM trials")
 # Every study's id, as a subquery (claims.py drops the claim tickets of studies that are gone).
 ALL_STUDY_IDS_SQL = "SELECT study_id FROM studies"
+
+
+def dashboard_api_view(callback: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """(the view inside it, optuna-dashboard's own JSON-API wrapper) when `callback` is one of
+    optuna-dashboard's API views (its private `_bottle_util.json_api_view`, which answers every error
+    itself, as a 500, except bottle.HTTPError); None for its other routes."""
+    from optuna_dashboard._bottle_util import json_api_view
+
+    view = getattr(callback, "__wrapped__", None)
+    if view is not None and callback.__code__ is json_api_view(lambda: {}).__code__:
+        return view, json_api_view
+    return None

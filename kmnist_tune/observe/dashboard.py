@@ -322,13 +322,14 @@ def refused_writes(callback: Callable[..., Any]) -> Callable[..., Any]:
     """A Bottle plugin for optuna-dashboard's routes: a change its database login may not make (compose and
     Kubernetes run it with the read-only role) answers 403 with a short reason, which its UI shows, and
     says one line in the server's log; any other error stays a 500 with its traceback in the log."""
-    from optuna_dashboard._bottle_util import json_api_view
+    from ..optuna_internals import dashboard_api_view
 
-    view = getattr(callback, "__wrapped__", None)
-    if view is not None and callback.__code__ is json_api_view(lambda: {}).__code__:
+    api = dashboard_api_view(callback)
+    if api is not None:
         # optuna-dashboard's API views catch every error themselves (a 500, its traceback logged) except
         # bottle.HTTPError, which they answer with its status and {"reason": ...}: the refusal is raised
         # as one inside that wrapper.
+        view, json_api_view = api
         return functools.wraps(view)(json_api_view(_refusing(view)))
     return _refusing(callback)
 

@@ -26,7 +26,7 @@ from .lr_prior import prior_config
 
 class DeviceUnusable(WorkerStopped):
     """The slot's device failed its preflight: exit status 4, which a supervisor or container can tell
-    from bad input (2) and from trials that kept failing (3). No trial was claimed."""
+    from bad input (2) and from a run of failed trials (3). No trial was claimed."""
 
     exit_code = 4
 
