@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from ..contract.spec import SweepSpec
 from ..errors import WorkerStopped
-from ..training.compiling import CompiledModels, is_oom, root_cause
-from ..training.loader import to_channels_last
+from ..training.compiling import CompiledModels, is_oom, root_cause, synthetic_batch
 from ..training.model import build_model
 from ..training.optim import opt_func
 from ..training.precision import Performance, prepare_model, resolve_performance
@@ -83,10 +82,7 @@ def preflight(
 def step(model: torch.nn.Module, params: dict[str, Any], bs: int, device: torch.device, perf: Performance) -> None:
     """One training step on a random batch: forward (under bf16 autocast when asked), backward, and
     the trial's optimizer implementation (fused or foreach PyTorch, or fastai's)."""
-    x = torch.randn(bs, 1, 28, 28, device=device)
-    if perf.channels_last:
-        x = to_channels_last(x)
-    y = torch.zeros(bs, dtype=torch.long, device=device)
+    x, y = synthetic_batch((bs, 1, 28, 28), device, perf)
     opt = opt_func(params, perf.optimizer)(list(model.parameters()), lr=1e-3)
     model.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=perf.precision == "bf16"):

@@ -63,14 +63,20 @@ def root_cause(e: BaseException) -> str:
     return f"{type(inner).__name__}: {one_line(Exception(text), 200)}"
 
 
+def synthetic_batch(batch_shape: tuple[int, ...], device: torch.device, perf: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of `batch_shape` and its labels on `device`, in `perf`'s memory format (the strides
+    the loader hands over)."""
+    x = torch.randn(batch_shape, device=device)
+    if perf.channels_last:
+        x = to_channels_last(x)
+    return x, torch.zeros(batch_shape[0], dtype=torch.long, device=device)
+
+
 def synthetic_step(model: nn.Module, batch_shape: tuple[int, ...], device: torch.device, perf: Any) -> float:
     """One training forward and backward and one validation forward (no gradients) on a random batch
     of `batch_shape`, as a fit runs them: in `perf`'s memory format, under bf16 autocast when it asks
     for bf16. Leaves gradients and batch-norm statistics changed; returns the loss."""
-    x = torch.randn(batch_shape, device=device)
-    if perf.channels_last:
-        x = to_channels_last(x)  # the strides the loader hands over
-    y = torch.zeros(batch_shape[0], dtype=torch.long, device=device)
+    x, y = synthetic_batch(batch_shape, device, perf)
     was_training = model.training
     try:
         model.train()

@@ -331,7 +331,7 @@ def _fix_hint(name: str, md5: str) -> str:
     return f"restore the file {MD5SUMS_NAME} describes, or fix that {MD5SUMS_NAME} line"
 
 
-def _problem(st: FileStatus) -> str:
+def file_problem(st: FileStatus) -> str:
     """One-line description of a file that does not verify, with the fix."""
     if st.state == "missing":
         return f"{st.path.name} is missing from {st.path.parent}"
@@ -683,7 +683,7 @@ def load_split(
                 f"({', '.join(sorted({st.path.name for st in problems}))} missing); "
                 f"run `{FETCH_HINT}` or copy the official files there"
             )
-        raise DataError(_problem(first))
+        raise DataError(file_problem(first))
     fetch(info.name, data_dir, fmt=want, mirror=mirror)
     return _load_files(info, want, split, data_dir)
 

@@ -223,7 +223,7 @@ def data_check(dataset: str, data_dir: Path) -> Check:
     if bad:
         s = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return Check(name, FAIL, f"{kdata._problem(s)}{more}", data)
+        return Check(name, FAIL, f"{kdata.file_problem(s)}{more}", data)
     complete = [fm for fm, splits in info.formats.items() if all(files.get(f.name) == "ok" for s in splits.values() for f in s)]
     if complete:
         sums = "MD5SUMS" if (data_dir / kdata.MD5SUMS_NAME).is_file() else "official md5s"
