@@ -169,7 +169,9 @@ class CompileRun:
 
     def __init__(self, device: str = "auto", timeout_s: float = 300.0):
         self.device, self.timeout_s, self.t0 = device, timeout_s, time.monotonic()
-        cmd = [sys.executable, "-m", "kmnist_tune.training.compile_probe", device]
+        # -P: the working directory is not on the child's sys.path (a torch.py or kmnist_tune/ there is
+        # data, never an import), as for a worker's slot processes (service/slots.py).
+        cmd = [sys.executable, "-P", "-m", "kmnist_tune.training.compile_probe", device]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
