@@ -372,3 +372,75 @@ def render(page: str) -> tuple[str, list[str]]:
             check=True,
         )
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+# -- parallel runs: `pytest -n 2` (pytest-xdist), as scripts/test runs the suite ---------------------
+# One pytest process leaves a core idle while the process it started imports torch or waits on a
+# server; two fill it. Files that build one expensive session fixture run in the same pytest worker
+# (built once), and a test marked `alone` holds the machine to itself (a shared/exclusive flock).
+EXPENSIVE_SHARED = frozenset(
+    {"evaluated_study", "ensembled_study", "lr_prior_study", "sigterm_scenario", "killed_scenario", "pg_workers_scenario"}
+)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test's xdist group: its file, joined with every file that shares one of its expensive
+    session fixtures (a union-find over files and fixture names)."""
+    if not XDIST_WORKER:
+        return
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for item in items:
+        for name in EXPENSIVE_SHARED & set(getattr(item, "fixturenames", ())):
+            parent[find(item.nodeid.split("::")[0])] = find(name)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(find(item.nodeid.split("::")[0]).replace("/", ".")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_trainer_per_pytest_worker() -> Iterator[None]:
+    """In a parallel run each pytest process trains on one thread and counts as a trainer in the
+    host's registry (service/cpu_share.py), so the workers and runs it starts take their share of the
+    cores too: two OpenMP teams of 2 threads on 2 cores spin against each other (a 4 s test took 42 s)."""
+    if not XDIST_WORKER:
+        yield
+        return
+    import fcntl
+
+    import torch
+
+    from kmnist_tune.service.cpu_share import registry_dir
+
+    torch.set_num_threads(1)
+    folder = registry_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{os.getpid()}.pytest-{XDIST_WORKER}"
+    with open(path, "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"kt-xdist-{run}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

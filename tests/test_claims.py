@@ -24,6 +24,9 @@ from kmnist_tune.service.claims import TABLE, TICKET_TTL_S, budget_slot, make_tr
 from kmnist_tune.service.lock import storage_lock
 from kmnist_tune.service.storage import engine, open_storage
 
+# Forty workers, and more lock waiters than the server has connections: nothing else beside them.
+pytestmark = pytest.mark.alone
+
 
 def advisory_locks(database: str) -> int:
     with pg_admin() as admin:

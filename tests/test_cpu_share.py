@@ -21,6 +21,9 @@ from kmnist_tune.contract.records import TrialRecord
 from kmnist_tune.service.cpu_share import CpuShare, machine_cores
 from kmnist_tune.service.storage import open_storage, release
 
+# Thread shares among this test's own trainers: no other test's training beside them.
+pytestmark = pytest.mark.alone
+
 HOLD = """
 import sys, time
 from pathlib import Path
