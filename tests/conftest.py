@@ -376,20 +376,39 @@ def render(page: str) -> tuple[str, list[str]]:
 
 # -- parallel runs: `pytest -n 2` (pytest-xdist), as scripts/test runs the suite ---------------------
 # One pytest process leaves a core idle while the process it started imports torch or waits on a
-# server; two fill it. Files that build one expensive session fixture run in the same pytest worker
-# (built once), and a test marked `alone` holds the machine to itself (a shared/exclusive flock).
+# server; two fill it. Tests that share a fixture built once per file (module scope) or one of the
+# expensive trained studies (session scope) run in the same pytest process, so it is built once;
+# every other test goes wherever a process is free. A test marked `alone` holds the machine to
+# itself (a shared/exclusive flock).
 EXPENSIVE_SHARED = frozenset(
     {"evaluated_study", "ensembled_study", "lr_prior_study", "sigterm_scenario", "killed_scenario", "pg_workers_scenario"}
 )
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test's xdist group: its file, joined with every file that shares one of its expensive
-    session fixtures (a union-find over files and fixture names)."""
+def _shared_fixtures(item: pytest.Item) -> list[str]:
+    """What `item` shares with other tests that is costly to build twice: its module- and
+    class-scoped fixtures (per file) and the expensive session fixtures (by name)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest's own record of the test's fixture closure
+    if info is None:  # not a Python test function: keep its file together
+        return [item.nodeid.split("::")[0]]
+    file = item.nodeid.split("::")[0]
+    keys = [name for name in info.names_closure if name in EXPENSIVE_SHARED]
+    for name, defs in info.name2fixturedefs.items():
+        if defs and defs[-1].scope in ("module", "class", "package") and name not in EXPENSIVE_SHARED:
+            keys.append(f"{file}::{name}")
+    return keys
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    """Each test's xdist group: the union (a union-find) of what it shares with other tests; a test
+    that shares nothing costly has none. After xdist's own hook has written the groups into the test
+    ids, every grouped test must carry its group: pytest 9.2 ignores what xdist 3.8 writes
+    (pytest-dev/pytest-xdist#1386), the groups would silently be lost and each trained study built in
+    both processes (hence pytest<9.2 in the dev extra)."""
     if not XDIST_WORKER:
-        return
+        return (yield)
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -397,11 +416,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             x = parent[x]
         return x
 
-    for item in items:
-        for name in EXPENSIVE_SHARED & set(getattr(item, "fixturenames", ())):
-            parent[find(item.nodeid.split("::")[0])] = find(name)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(find(item.nodeid.split("::")[0]).replace("/", ".")))
+    shared = {item.nodeid: _shared_fixtures(item) for item in items}
+    for keys in shared.values():
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+    grouped = [item for item in items if shared[item.nodeid]]
+    for item in grouped:
+        item.add_marker(pytest.mark.xdist_group(find(shared[item.nodeid][0]).replace("/", ".").replace("::", ".")))
+    result = yield
+    if config.getvalue("loadgroup") and any("@" not in item.nodeid for item in grouped):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} drops pytest-xdist's test groups (pytest-xdist#1386): "
+            "install the dev extra's pytest (pip install -e '.[dev]'), or run with -n 0"
+        )
+    return result
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -412,35 +440,33 @@ def _one_trainer_per_pytest_worker() -> Iterator[None]:
     if not XDIST_WORKER:
         yield
         return
-    import fcntl
-
     import torch
 
-    from kmnist_tune.service.cpu_share import registry_dir
+    from kmnist_tune.service.cpu_share import CpuShare
 
     torch.set_num_threads(1)
-    folder = registry_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{os.getpid()}.pytest-{XDIST_WORKER}"
-    with open(path, "wb") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+    with CpuShare():  # the same registration a worker makes (none when KMNIST_TUNE_THREADS fixes the count)
+        yield
+
+
+_XDIST_LOCK: list[Any] = []  # the run's lock file, opened once per pytest process
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    """Tests marked `alone` hold the run's lock exclusively, the others share it: an `alone` test
+    waits for the other process's test to end and keeps the machine to itself."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if not run:
         yield
         return
     import fcntl
 
-    with open(Path(tempfile.gettempdir()) / f"kt-xdist-{run}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    if not _XDIST_LOCK:
+        _XDIST_LOCK.append(open(Path(tempfile.gettempdir()) / f"kt-xdist-{run}.lock", "a"))  # noqa: SIM115 (held for the session)
+    fh = _XDIST_LOCK[0]
+    fcntl.flock(fh, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
