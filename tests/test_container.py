@@ -126,6 +126,10 @@ class Deployment:
             name = secret if isinstance(secret, str) else secret["source"]
             argv += ["--volume", f"{self.secret_files[name]}:/run/secrets/{name}:ro"]
         env = {k: self.host(str(v)) for k, v in (svc.get("environment") or {}).items()}
+        if os.environ.get("PYTEST_XDIST_WORKER") and service != "pgbouncer":
+            # A container counts trainers in a registry of its own (its /tmp): in a parallel run it would
+            # take both cores beside the two pytest processes' trainers, OpenMP teams spinning on each other.
+            env["KMNIST_TUNE_THREADS"] = "1"
         if service == "pgbouncer":
             env |= {"KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
             env |= {"PGBOUNCER_LISTEN_ADDR": "127.0.0.1", "PGBOUNCER_LISTEN_PORT": str(self.ports["pgbouncer"])}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.storages import BaseStorage
 
 from .. import __version__
@@ -43,6 +44,7 @@ from ..masking import printable
 from ..observe.plots import writable_folder
 from ..observe.progress import make_reporter
 from ..service.artifacts import BadDownload, CheckedArtifactStore, artifact_store, download_checked, upload_file
+from ..service.cpu_share import CpuShare
 from ..service.storage import backend, open_storage
 from ..service.studies import StudySummary, open_study, summarize
 from ..signing import ENV_KEY, record_refusal, store_signed
@@ -403,7 +405,10 @@ def evaluate_best(
     folder = resolve_data_dir(data_dir)
     if ensemble is not None:
         top_trials(study, spec, ensemble)  # too few trials is one line before any data is read
-    with make_reporter(label="evaluate") as reporter:
+    # A retraining is a training process like a worker's: it takes its share of the host's cores, and
+    # workers training beside it take theirs (service/cpu_share.py).
+    with CpuShare() as cpu_share, make_reporter(label="evaluate") as reporter:
+        torch.set_num_threads(cpu_share.share().threads)
         model: Retrained | Ensemble
         if ensemble is not None:
             model = evaluate_ensemble(
