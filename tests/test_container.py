@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,12 @@ class Deployment:
     @property
     def owner_url(self) -> str:
         return pg_url(PG_SUPERUSER, self.secrets.values["postgres_password"], self.values["POSTGRES_DB"])
+
+    @cached_property
+    def storage(self) -> optuna.storages.RDBStorage:
+        """One storage for the test's reads: a storage per poll kept a pooled connection each until the
+        garbage collector came, and PostgreSQL ran out of connections (100) beside the other tests."""
+        return optuna.storages.RDBStorage(self.owner_url)
 
     def host(self, value: str) -> str:
         """A service's own name and port, as compose's network resolves them, as they are here."""
@@ -239,6 +246,8 @@ def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         if d is not None:
             for name in d.containers:
                 docker("rm", "-f", name, check=False)
+            if "storage" in d.__dict__:
+                d.storage.engine.dispose()
         docker("volume", "rm", "-f", f"{project}_data", f"{project}_artifacts", check=False)
         cluster.drop()
         secret_dir.remove()
@@ -253,7 +262,7 @@ def port_open(port: int) -> bool:
 
 
 def trials(d: Deployment) -> list[optuna.trial.FrozenTrial]:
-    return sorted(optuna.load_study(study_name=STUDY, storage=d.owner_url).trials, key=lambda t: t.number)
+    return sorted(optuna.load_study(study_name=STUDY, storage=d.storage).trials, key=lambda t: t.number)
 
 
 def test_a_worker_container_works_the_study_through_pgbouncer_and_hands_back_its_trial_on_sigterm(
@@ -339,7 +348,7 @@ def test_the_dashboard_container_serves_the_study_with_gunicorn(deployment: Depl
     wrote = docker("exec", name, "touch", "/app/x", check=False)
     assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr, wrote
     assert docker("exec", name, "touch", "/tmp/x", check=False).returncode == 0
-    sid = optuna.load_study(study_name=STUDY, storage=d.owner_url)._study_id
+    sid = optuna.load_study(study_name=STUDY, storage=d.storage)._study_id
     # A change its read-only login may not make: a 403 with the reason its UI shows, one line in its log.
     note = json.dumps({"version": 1, "body": "mine"}).encode()
     put = urllib.request.Request(
@@ -368,7 +377,7 @@ def test_a_worker_container_compiles_its_trial_on_the_cpu(deployment: Deployment
     assert "compiled" in created.stdout, created.stdout + created.stderr
     worked = run_in_image(d, "worker", "--study", "compiled", "--gpus", "none", timeout=600)
     assert "worker ran 1 trial(s)" in worked.stdout, worked.stdout + worked.stderr[-3000:]
-    (trial,) = optuna.load_study(study_name="compiled", storage=d.owner_url).trials
+    (trial,) = optuna.load_study(study_name="compiled", storage=d.storage).trials
     assert trial.state == TrialState.COMPLETE, (trial.state, worked.stderr[-3000:])
     # "compiled", not "fell back: ..." (a trial that fell back to eager completes too)
     assert trial.user_attrs["compile"] == "compiled", (trial.user_attrs, worked.stderr[-3000:])
