@@ -19,11 +19,12 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import cli_env, run_cli, tiny_spec, write_spec
+from conftest import FIXTURE, cli_env, run_cli, tiny_spec, write_spec
 from test_halving import InjectOOM, make_spec
 
 from kmnist_tune.contract.load import parse_spec
 from kmnist_tune.observe.progress import Reporter
+from kmnist_tune.recipe.evaluate import official_splits, retrain
 from kmnist_tune.recipe.objective import Objective
 from kmnist_tune.training.inference import export_program
 from kmnist_tune.training.precision import CompiledModels, resolve_performance
@@ -130,3 +131,27 @@ def test_a_halving_under_compile_reuses_the_graph_and_completes(small_splits: Sp
     assert trial.user_attrs["compile"] == "compiled" and not said
     print(f"recompiles: {trial.user_attrs['recompiles']}")
     assert trial.user_attrs["recompiles"] <= 1  # the new size, once; validation's size was compiled already
+
+
+def test_best_evaluate_says_when_its_retraining_falls_back(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`best --evaluate` retrains the winner compiled as its study asks; a compile that fails there
+    falls back with the worker's one line (before: silently). The failure is injected: dynamo traces
+    the model and hands the graph to a backend that raises."""
+
+    def broken_backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("injected compile failure")
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, **kw, backend=broken_backend))
+    spec = parse_spec(tiny_spec("ev", performance={"compile": True}, parameters={"lr": {"value": 3e-3}}))
+    study = optuna.create_study(study_name="ev", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    splits = official_splits(spec, FIXTURE, None, 64)
+    lines: list[str] = []
+    events = Reporter(io.StringIO())
+    monkeypatch.setattr(events, "line", lines.append)
+    retrained = retrain(study, spec, study.best_trial, splits, CPU, events)
+    assert [ln for ln in lines if ln.startswith("compile:")] == [
+        "compile: resnet18 on cpu failed (RuntimeError: injected compile failure); training uncompiled"
+    ], lines
+    assert 0.0 <= retrained.evaluation.test_value <= 1.0

@@ -20,6 +20,7 @@ from ..contract.spec import SweepSpec
 from ..errors import UserError
 from ..service.studies import no_completed_trial, require_best
 from ..signing import store_signed
+from ..training.compiling import CompiledModels
 from ..training.splits import Splits, load_splits
 from ..training.train import EpochLog, build_learner, fit
 
@@ -77,6 +78,9 @@ def retrain(
         valid=(splits.x_test, splits.y_test),
         augment=spec.augment,
         performance=spec.performance,
+        # Its own per retraining (an ensemble's members each keep their module): a compile that fails
+        # falls back to training uncompiled with one line, as in a worker.
+        compiled=CompiledModels(say=events.line),
     )
     metric = f"test {spec.metric}"
     events.trial_started(TrialStart(study.study_name, trial.number, params, [], int(params["epochs"]), str(device), metric))
