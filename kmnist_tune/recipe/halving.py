@@ -63,7 +63,7 @@ class DivergenceGuard(TrialCallback):
         self.smooth_min: Any = None
         self.after_warmup: Any = None
         self.last_smooth: Any = None
-        self._pending: _HostCopy | None = None
+        self._pending: HostCopy | None = None
 
     def after_loss(self) -> None:
         learn = self.learn
@@ -84,7 +84,7 @@ class DivergenceGuard(TrialCallback):
         if self.n == self.cfg.warmup_batches:
             self.after_warmup = smooth
         watched = self.n > self.cfg.warmup_batches
-        self._pending = _HostCopy((loss, smooth, self.smooth_min), watched, learn.epoch, learn.iter)
+        self._pending = HostCopy((loss, smooth, self.smooth_min), watched, learn.epoch, learn.iter)
         self.smooth_min = min(self.smooth_min, smooth) if on_host else torch.minimum(self.smooth_min, smooth)
         self.last_smooth = smooth
 
@@ -126,7 +126,7 @@ def trend_detail(drop: float, wanted: float, start: float, end: float) -> str:
 _SUM_DTYPE = {"mps": torch.float32}
 
 
-class _HostCopy:
+class HostCopy:
     """A batch's (loss, smoothed loss, minimum before it) on their way to the host: from CUDA a
     non-blocking copy into pinned memory and an event after it, which the next batch's read finds
     long passed; from other devices a plain copy; Python floats as they are."""

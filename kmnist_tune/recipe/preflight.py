@@ -19,7 +19,7 @@ from ..training.compiling import CompiledModels, is_oom, root_cause, synthetic_b
 from ..training.model import build_model
 from ..training.optim import opt_func
 from ..training.precision import Performance, prepare_model, resolve_performance
-from .halving import _HostCopy
+from .halving import HostCopy
 from .lr_prior import prior_config
 
 
@@ -69,7 +69,7 @@ def preflight(
         step(model, params, bs, device, perf)
         # The divergence guard's path on this device: a copy to pinned host memory and an event (CUDA).
         loss = torch.ones((), device=device, dtype=torch.float64)
-        _HostCopy((loss, loss, loss), True, 0, 0).values()
+        HostCopy((loss, loss, loss), True, 0, 0).values()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here, not in a trial
     except Exception as e:
