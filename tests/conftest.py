@@ -90,6 +90,10 @@ def cli_env(**extra: str) -> dict[str, str]:
             "WANDB_MODE": "disabled",
         }
     )
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Inductor's pool of compile processes (one per core, each importing torch) is more work for a
+        # machine the other pytest process keeps busy: in a parallel run, a compile builds in its process.
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     env.update(extra)
     return env
 

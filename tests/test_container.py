@@ -137,6 +137,7 @@ class Deployment:
             # A container counts trainers in a registry of its own (its /tmp): in a parallel run it would
             # take both cores beside the two pytest processes' trainers, OpenMP teams spinning on each other.
             env["KMNIST_TUNE_THREADS"] = "1"
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # as conftest.cli_env gives the processes it starts
         if service == "pgbouncer":
             env |= {"KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
             env |= {"PGBOUNCER_LISTEN_ADDR": "127.0.0.1", "PGBOUNCER_LISTEN_PORT": str(self.ports["pgbouncer"])}
