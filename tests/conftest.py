@@ -5,6 +5,7 @@ where the process is not what a test checks), PostgreSQL databases, and Optuna's
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -90,10 +91,6 @@ def cli_env(**extra: str) -> dict[str, str]:
             "WANDB_MODE": "disabled",
         }
     )
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Inductor's pool of compile processes (one per core, each importing torch) is more work for a
-        # machine the other pytest process keeps busy: in a parallel run, a compile builds in its process.
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     env.update(extra)
     return env
 
@@ -453,7 +450,10 @@ def _one_trainer_per_pytest_worker() -> Iterator[None]:
         yield
 
 
-_XDIST_LOCK: list[Any] = []  # the run's lock file, opened once per pytest process
+@functools.cache
+def _run_lock(run: str) -> IO[str]:
+    """The run's lock file, opened once per pytest process and held for its life."""
+    return open(Path(tempfile.gettempdir()) / f"kt-xdist-{run}.lock", "a")  # noqa: SIM115
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -466,9 +466,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
         return
     import fcntl
 
-    if not _XDIST_LOCK:
-        _XDIST_LOCK.append(open(Path(tempfile.gettempdir()) / f"kt-xdist-{run}.lock", "a"))  # noqa: SIM115 (held for the session)
-    fh = _XDIST_LOCK[0]
+    fh = _run_lock(run)
     fcntl.flock(fh, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
     try:
         yield

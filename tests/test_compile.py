@@ -131,6 +131,10 @@ def test_a_halving_under_compile_reuses_the_graph_and_completes(small_splits: Sp
     assert trial.user_attrs["compile"] == "compiled" and not said
     print(f"recompiles: {trial.user_attrs['recompiles']}")
     assert trial.user_attrs["recompiles"] <= 1  # the new size, once; validation's size was compiled already
+    import torch._inductor.config as inductor_config
+
+    # Inductor's compile pool is this process's share of the cores, not a process per core.
+    assert inductor_config.compile_threads == torch.get_num_threads()
 
 
 def test_best_evaluate_says_when_its_retraining_falls_back(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

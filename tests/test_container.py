@@ -38,11 +38,13 @@ import pytest
 import yaml
 from conftest import FIXTURE, REPO, browse, pg_admin, tiny_spec
 from helpers import free_port, wait_until
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 from pg_cluster import PG_HOST, PG_PORT, PG_SUPERUSER, Cluster, pg_url, run_init_scripts
 from secret_dir import SecretDir
 
 from kmnist_tune.contract.records import TrialRecord
+from kmnist_tune.service.storage import open_storage, release
 
 pytestmark = pytest.mark.postgres
 STUDY = "boxed"
@@ -89,10 +91,11 @@ class Deployment:
         return pg_url(PG_SUPERUSER, self.secrets.values["postgres_password"], self.values["POSTGRES_DB"])
 
     @cached_property
-    def storage(self) -> optuna.storages.RDBStorage:
-        """One storage for the test's reads: a storage per poll kept a pooled connection each until the
-        garbage collector came, and PostgreSQL ran out of connections (100) beside the other tests."""
-        return optuna.storages.RDBStorage(self.owner_url)
+    def storage(self) -> BaseStorage:
+        """One storage for the test's reads, opened as the product opens one: a storage per poll kept a
+        pooled connection each until the garbage collector came, and PostgreSQL ran out of connections
+        (100) beside the other tests."""
+        return open_storage(self.owner_url)
 
     def host(self, value: str) -> str:
         """A service's own name and port, as compose's network resolves them, as they are here."""
@@ -136,8 +139,7 @@ class Deployment:
         if os.environ.get("PYTEST_XDIST_WORKER") and service != "pgbouncer":
             # A container counts trainers in a registry of its own (its /tmp): in a parallel run it would
             # take both cores beside the two pytest processes' trainers, OpenMP teams spinning on each other.
-            env["KMNIST_TUNE_THREADS"] = "1"
-            env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # as conftest.cli_env gives the processes it starts
+            env["KMNIST_TUNE_THREADS"] = "1"  # and a compile in one process (training/compiling.py)
         if service == "pgbouncer":
             env |= {"KMNIST_TUNE_DB_HOST": PG_HOST, "KMNIST_TUNE_DB_PORT": str(PG_PORT)}
             env |= {"PGBOUNCER_LISTEN_ADDR": "127.0.0.1", "PGBOUNCER_LISTEN_PORT": str(self.ports["pgbouncer"])}
@@ -248,7 +250,7 @@ def deployment(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             for name in d.containers:
                 docker("rm", "-f", name, check=False)
             if "storage" in d.__dict__:
-                d.storage.engine.dispose()
+                release(d.storage)
         docker("volume", "rm", "-f", f"{project}_data", f"{project}_artifacts", check=False)
         cluster.drop()
         secret_dir.remove()

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.storages import BaseStorage
 
 from .. import __version__
@@ -44,7 +43,6 @@ from ..masking import printable
 from ..observe.plots import writable_folder
 from ..observe.progress import make_reporter
 from ..service.artifacts import BadDownload, CheckedArtifactStore, artifact_store, download_checked, upload_file
-from ..service.cpu_share import CpuShare
 from ..service.storage import backend, open_storage
 from ..service.studies import StudySummary, open_study, summarize
 from ..signing import ENV_KEY, record_refusal, store_signed
@@ -67,6 +65,7 @@ from ..training.inference import (
     sha256,
 )
 from ..training.splits import Splits
+from .cpu_threads import training_process
 from .ensemble import Ensemble, evaluate_ensemble
 from .evaluate import Retrained, evaluate_on_test, top_trials
 
@@ -407,8 +406,7 @@ def evaluate_best(
         top_trials(study, spec, ensemble)  # too few trials is one line before any data is read
     # A retraining is a training process like a worker's: it takes its share of the host's cores, and
     # workers training beside it take theirs (service/cpu_share.py).
-    with CpuShare() as cpu_share, make_reporter(label="evaluate") as reporter:
-        torch.set_num_threads(cpu_share.share().threads)
+    with training_process(), make_reporter(label="evaluate") as reporter:
         model: Retrained | Ensemble
         if ensemble is not None:
             model = evaluate_ensemble(

@@ -25,7 +25,6 @@ from ..contract.spec import SweepSpec
 from ..errors import UserError, one_line
 from ..observe.notes import attach_prior
 from ..observe.progress import make_reporter
-from ..service.cpu_share import CpuShare
 from ..service.lock import storage_lock
 from ..service.lr_curve import prior_refusal, store_curve, untrusted_prior
 from ..service.storage import open_storage
@@ -35,6 +34,7 @@ from ..training.data import resolve_data_dir
 from ..training.devices import resolve_device
 from ..training.splits import Splits, load_splits
 from ..training.train import build_learner, find_lr
+from .cpu_threads import training_process
 
 
 def prior_config(spec: SweepSpec) -> dict[str, Any]:
@@ -205,7 +205,6 @@ def rerun_prior(
             "so later trials would come from another one. Pass --force to re-run it anyway"
         )
     splits = load_splits(spec.data, resolve_data_dir(data_dir), mirror=mirror)
-    with CpuShare() as cpu_share, make_reporter(label="lr-find") as reporter:
-        torch.set_num_threads(cpu_share.share().threads)
+    with training_process(), make_reporter(label="lr-find") as reporter:
         prior, _ = ensure_prior(study, storage, spec, splits, dev, reporter, rerun=True)
     return prior, old

@@ -23,7 +23,7 @@ from ..training.checkpoint import load_checkpoint
 from ..training.compiling import CompiledModels, compiled_graphs
 from ..training.devices import device_name
 from ..training.splits import Splits
-from ..training.train import EpochLog, FitResult, ShareThreads, StopOnRequest, build_learner, fit
+from ..training.train import EpochLog, FitResult, ShareThreads, StopOnRequest, build_learner, fit, use_threads
 from .checkpoints import Resume, TrialCheckpoints
 from .halving import DivergenceGuard, train_with_halving
 
@@ -62,7 +62,7 @@ class Objective:
         TrialRecord.write(trial, config=params, device=device, batch_size_initial=int(params["batch_size"]))
         if self.cpu_share is not None:
             share = self.cpu_share.share()
-            torch.set_num_threads(share.threads)
+            use_threads(share.threads)
             TrialRecord.write(trial, threads=share.threads)
             if share.line() != self._said_share:  # said when it changes, not for every trial
                 self._said_share = share.line()

@@ -20,7 +20,6 @@ from ..observe.notes import NoteListener
 from ..observe.progress import SlotBoard, make_reporter
 from ..observe.tracking import WandbListener
 from ..optuna_internals import study_id, study_storage
-from ..service.cpu_share import CpuShare
 from ..service.schema import create_storage
 from ..service.slots import Slot, Stopped, in_this_process, run_slots, worker_args
 from ..service.storage import count_states, release
@@ -30,6 +29,7 @@ from ..training.compiling import CompiledModels
 from ..training.data import resolve_data_dir
 from ..training.devices import slot_device
 from ..training.splits import Splits, load_splits
+from .cpu_threads import training_process
 from .lr_prior import resolve_spec
 from .objective import Objective
 from .preflight import preflight
@@ -79,30 +79,32 @@ def work_here(
 
     storage, study, spec = open_for_work(url, study_name, log=log)
     splits = splits if splits is not None else load_data(spec, data)
-    # Before anything of the study is written (its budget, the LR prior, a trial): a device that does
-    # not work ends this slot here with one line; a compile that fails is decided for its trials.
-    compiled = CompiledModels(say=log)
-    preflight(spec, splits.n_classes, device, compiled, log)
-    if n_trials is not None:
-        raise_budget(study, spec, n_trials, None)
-    total, done = Budget.of(study.user_attrs, spec).n_trials, count_states(storage, study_id(study)).finished
-    with CpuShare() as cpu_share, make_reporter(total, label=label, done=done) as reporter:
-        events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
-        torch.set_num_threads(cpu_share.share().threads)  # the LR finder too, if this worker runs it
-        stop = StopFlag(log=reporter.line)
-        stop.install()
-        reporter.line(
-            f"study {study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
-            f"images of {spec.data.dataset}, device {device}"
-        )
-        resolved = resolve_spec(study, storage, spec, splits, device, events)
-        objective = Objective(
-            resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share, compiled=compiled
-        )
-        worker = Worker(study, storage, spec, objective, events, stop=stop, max_consecutive_failures=max_failures)
-        ran = worker.run(max_trials=max_trials, timeout=timeout)
-        if stop.requested:
-            reporter.line(f"stopped by {stop.reason}")
+    # Registered as a trainer on this host, its share of the cores applied, before the preflight: that
+    # trains (and may compile) too, as the LR finder does if this worker runs it.
+    with training_process() as cpu_share:
+        # Before anything of the study is written (its budget, the LR prior, a trial): a device that does
+        # not work ends this slot here with one line; a compile that fails is decided for its trials.
+        compiled = CompiledModels(say=log)
+        preflight(spec, splits.n_classes, device, compiled, log)
+        if n_trials is not None:
+            raise_budget(study, spec, n_trials, None)
+        total, done = Budget.of(study.user_attrs, spec).n_trials, count_states(storage, study_id(study)).finished
+        with make_reporter(total, label=label, done=done) as reporter:
+            events = Events(reporter, WandbListener(spec.tracking.wandb, reporter.line), NoteListener())
+            stop = StopFlag(log=reporter.line)
+            stop.install()
+            reporter.line(
+                f"study {study_name}: {len(splits.y_train)} train / {len(splits.y_valid)} valid "
+                f"images of {spec.data.dataset}, device {device}"
+            )
+            resolved = resolve_spec(study, storage, spec, splits, device, events)
+            objective = Objective(
+                resolved, splits, device, events, stop_requested=lambda: stop.requested, cpu_share=cpu_share, compiled=compiled
+            )
+            worker = Worker(study, storage, spec, objective, events, stop=stop, max_consecutive_failures=max_failures)
+            ran = worker.run(max_trials=max_trials, timeout=timeout)
+            if stop.requested:
+                reporter.line(f"stopped by {stop.reason}")
     return WorkResult(ran, getattr(storage, "stalled_s", 0.0), study, spec, label, stop)
 
 

@@ -10,6 +10,7 @@ raises inside fastai's fit and fails every trial of the worker.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ def try_compiled_step(model: nn.Module, batch_shape: tuple[int, ...], device: to
     anything else the compiled code raised; a device that fails plainly fails again in the
     uncompiled step after it. `perf` is a precision.Performance."""
     t0 = time.perf_counter()
+    _size_compile_pool()
     compiled = copy.deepcopy(model)
     # nn.Module.compile compiles the module in place (torch.compile would wrap it, and its state_dict
     # keys would change: checkpoints and exports read the module's own).
@@ -126,6 +128,18 @@ def try_compiled_step(model: nn.Module, batch_shape: tuple[int, ...], device: to
     skipped = _cudagraph_skips() - skips
     note = f"CUDA graphs skipped for {skipped} graph(s)" if skipped else ""
     return CompileOutcome(True, "", round(time.perf_counter() - t0, 2), note, compiled)
+
+
+def _size_compile_pool() -> None:
+    """Inductor's compile pool as large as this process's share of the cores (torch's threads follow
+    it, recipe/cpu_threads.py), not one torch-importing process per core in every worker that compiles:
+    four workers on 16 cores would start 64 while the others train. A share of 1 compiles in this
+    process. TORCHINDUCTOR_COMPILE_THREADS, when a user sets it, decides instead."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    import torch._inductor.config as inductor_config  # imported by the compile anyway; it takes seconds
+
+    inductor_config.compile_threads = torch.get_num_threads()
 
 
 def _mark_batch_dynamic(model: nn.Module, shape: tuple[int, ...]) -> None:

@@ -189,6 +189,12 @@ def fit(
     return log.result
 
 
+def use_threads(n: int) -> None:
+    """torch's CPU threads for this process's math (its share of the cores, recipe/cpu_threads.py)."""
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
 class ShareThreads(TrialCallback):
     """Before every epoch, sets torch's CPU threads to `threads()`: this process's share of the cores
     (service/cpu_share.py), which changes as other training processes on the host come and go."""
@@ -199,9 +205,7 @@ class ShareThreads(TrialCallback):
         self.threads = threads
 
     def before_epoch(self) -> None:
-        n = self.threads()
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
+        use_threads(self.threads())
 
 
 class StopOnRequest(TrialCallback):
