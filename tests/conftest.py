@@ -4,6 +4,7 @@ where the process is not what a test checks), PostgreSQL databases, and Optuna's
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -385,6 +386,19 @@ EXPENSIVE_SHARED = frozenset(
     {"evaluated_study", "ensembled_study", "lr_prior_study", "sigterm_scenario", "killed_scenario", "pg_workers_scenario"}
 )
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# Handed out first, longest first: a long group handed out last runs alone at the end while the other
+# process idles (longest-processing-time-first). Wall seconds beside the other process (`--durations`,
+# benchmarks/RESULTS.md): the containers' ~350, the trained studies of test_attacks' group 80-220, the
+# workers' scenarios 60-100, the dashboard's 70, doctor's 40-55. Then larger groups, single tests last.
+LONGEST_FIRST = (
+    "tests/test_container.py::deployment",
+    "lr_prior_study",
+    "pg_workers_scenario",
+    "killed_scenario",
+    "tests/test_watch.py::dashboard",
+    "sigterm_scenario",
+    "tests/test_doctor.py::runs",
+)
 
 
 def _shared_fixtures(item: pytest.Item) -> list[str]:
@@ -424,6 +438,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     grouped = [item for item in items if shared[item.nodeid]]
     for item in grouped:
         item.add_marker(pytest.mark.xdist_group(find(shared[item.nodeid][0]).replace("/", ".").replace("::", ".")))
+    # xdist hands groups out in the order of the collection (scripts/test: --no-loadscope-reorder).
+    roots = {item.nodeid: find(shared[item.nodeid][0]) for item in grouped}
+    size = collections.Counter(roots.values())
+    rank = {root: len(LONGEST_FIRST) for root in size}
+    for key, root in ((k, find(k)) for keys in shared.values() for k in keys):
+        if key in LONGEST_FIRST:
+            rank[root] = min(rank[root], LONGEST_FIRST.index(key))
+    unranked = (len(LONGEST_FIRST), 0)
+    items.sort(key=lambda i: (rank[roots[i.nodeid]], -size[roots[i.nodeid]]) if i.nodeid in roots else unranked)
     result = yield
     if config.getvalue("loadgroup") and any("@" not in item.nodeid for item in grouped):
         raise pytest.UsageError(
