@@ -39,6 +39,11 @@ def test_sqlite_sweep_default_storage_then_best_evaluate(evaluated_study: Evalua
         assert t.intermediate_values[1] == pytest.approx(t.value)
     assert f"best trial {study.best_trial.number}: validation accuracy {study.best_value:.4f}" in s.first.stdout
     assert "trial 0 epoch 1/1" in s.first.stderr  # plain progress lines when not on a terminal
+    # Before any test score, the summary says where the figure to compare with published ones comes from.
+    assert (
+        f"no test score yet (validation picks the trials; published figures are on the official test split); "
+        f"for one: kmnist-tune best --study {s.name} --evaluate" in s.first.stdout
+    )
 
     # The second `run` of the same spec resumed: the budget was already used, nothing new ran.
     assert f"resuming study {s.name}" in s.again.stderr
@@ -50,6 +55,7 @@ def test_sqlite_sweep_default_storage_then_best_evaluate(evaluated_study: Evalua
     assert CHANCE < test["test_value"] <= 1.0
     assert study.user_attrs[TEST_ATTR]["test_value"] == test["test_value"]
     assert re.search(r"test accuracy of trial \d+ \(official test split, 300 images.*\): 0\.\d{4}", s.shown), s.shown
+    assert "no test score yet" not in s.shown
 
 
 @pytest.mark.postgres
